@@ -1,0 +1,40 @@
+# One command each: `make setup`, `make demo`, `make test`.
+PY ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEMO_DATA := .imgclf/data/digits
+
+.PHONY: setup demo test test-all lint lock clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements/train.txt requirements/serve.txt requirements/dev.txt requirements/constraints.txt pyproject.toml
+	test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install --quiet --disable-pip-version-check --no-cache-dir -r requirements/dev.txt
+	$(VPY) -m pip install --quiet --disable-pip-version-check --no-cache-dir --no-deps -e .
+	touch $(STAMP)
+
+demo: setup
+	$(VPY) launch.py data sample $(DEMO_DATA)
+	$(VPY) launch.py data check $(DEMO_DATA)
+	$(VPY) launch.py train --data $(DEMO_DATA) --job-name demo --hp arch=resnet18 pretrained=false \
+		epochs=6 image_size=32 batch_size=64 lr=0.003 hflip=false
+
+lint: setup
+	$(VPY) -m ruff check src tests benchmarks launch.py
+	$(VPY) -m ruff format --check src tests benchmarks launch.py
+
+test: setup lint
+	$(VPY) -m pytest
+
+test-all: setup lint
+	$(VPY) -m pytest -m ''
+
+lock: setup
+	{ echo "# Full lock of every package the images and CI install (pip freeze of a working venv)."; \
+	  echo "# Regenerate with: make lock"; \
+	  $(VPY) -m pip freeze --exclude-editable; } > requirements/constraints.txt
+
+clean:
+	rm -rf .imgclf .pytest_cache .ruff_cache

@@ -1,0 +1,30 @@
+#!/usr/bin/env python3
+"""imgclf launcher: data checks, training, and (in later releases) tuning and serving.
+
+Run `python launch.py --help`. When started with a Python that lacks imgclf, it re-runs itself
+with the project's .venv (made by `make setup`).
+"""
+
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+
+
+def _ensure_environment() -> None:
+    try:
+        import imgclf  # noqa: F401
+    except ImportError:
+        venv = ROOT / ".venv"
+        venv_python = venv / "bin" / "python"
+        if venv_python.exists() and Path(sys.prefix).resolve() != venv.resolve():
+            os.execv(str(venv_python), [str(venv_python), *sys.argv])
+        sys.exit("imgclf is not installed: run `make setup` first (creates .venv)")
+
+
+if __name__ == "__main__":
+    _ensure_environment()
+    from imgclf.cli import main
+
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""launch.py's commands. Importing this module does not import torch: `--help` is instant."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from imgclf.config import describe, parse_assignments, parse_hyperparameters
+from imgclf.errors import UserError
+
+
+def _print_table(rows: list[list[str]], header: list[str]) -> None:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(str(cell).rjust(w) if i else str(cell).ljust(w)
+                        for i, (cell, w) in enumerate(zip(row, widths))))
+
+
+# ---------------------------------------------------------------- data
+
+
+def cmd_data_sample(args) -> int:
+    from imgclf.sample import write_digits
+
+    root = Path(args.dir)
+    if root.exists() and any(root.iterdir()) and not args.force:
+        if (root / "train").is_dir():
+            print(f"{root} already holds a dataset (use --force to write it again)")
+            return 0
+        raise UserError(f"{root} exists and is not empty; choose an empty folder or --force")
+    counts = write_digits(root, size=args.size, seed=args.seed)
+    print(f"wrote scikit-learn digits to {root}: "
+          + ", ".join(f"{k} {v}" for k, v in counts.items()) + " images, 10 classes")
+    return 0
+
+
+def _split_dirs(root: Path) -> dict[str, Path]:
+    from imgclf.contract import resolve_splits
+
+    return resolve_splits({"training": root})
+
+
+def cmd_data_check(args) -> int:
+    from imgclf.data import scan_dataset
+
+    root = Path(args.dir)
+    if not root.is_dir():
+        raise UserError(f"{root} is not a directory")
+    scan = scan_dataset(_split_dirs(root))
+    names = list(scan.splits)
+    print(f"dataset {root}: {len(scan.classes)} classes, splits: {', '.join(names)}")
+    counts = {name: s.counts() for name, s in scan.splits.items()}
+    if len(scan.classes) <= args.max_rows:
+        rows = [[c, *(counts[n][i] for n in names)] for i, c in enumerate(scan.classes)]
+        _print_table(rows, ["class", *names])
+    total_row = [["total", *(sum(counts[n]) for n in names)]]
+    _print_table(total_row, ["", *names])
+    for name in names:
+        c = [x for x in counts[name] if x > 0] or [0]
+        ratio = max(c) / max(min(c), 1)
+        note = "  (consider --hp class_weights=true)" if ratio >= 3 and name == "train" else ""
+        print(f"{name}: per class min {min(c)}, max {max(c)}, imbalance {ratio:.1f}x{note}")
+    bad = scan.bad
+    ignored = [f"{n}/{p}" for n, s in scan.splits.items() for p in s.ignored]
+    if ignored:
+        print(f"{len(ignored)} files ignored (not images by name): "
+              + ", ".join(ignored[:10]) + (" ..." if len(ignored) > 10 else ""))
+    if bad:
+        print(f"{len(bad)} unreadable images (training skips them):")
+        for b in bad:
+            print(f"  {root / b.split / b.path}: {b.reason}")
+        return 1 if args.strict else 0
+    print("all images readable")
+    return 0
+
+
+# ---------------------------------------------------------------- train
+
+
+def _hyperparameters(args) -> dict[str, str]:
+    hps: dict[str, str] = {}
+    if args.hp_from:
+        loaded = json.loads(Path(args.hp_from).read_text())
+        loaded = loaded.get("hyperparameters", loaded) if isinstance(loaded, dict) else loaded
+        if not isinstance(loaded, dict):
+            raise UserError(f"--hp-from {args.hp_from} must hold a JSON object of hyperparameters")
+        hps.update({str(k).replace("-", "_"): str(v) for k, v in loaded.items()})
+    hps.update(parse_assignments(args.hp or []))
+    parse_hyperparameters(hps)  # fail here, before a job is laid out
+    return hps
+
+
+def cmd_train(args) -> int:
+    from imgclf.targets import local
+
+    hps = _hyperparameters(args)
+    home = Path(args.home).resolve() if args.home else local.default_home()
+    name = args.job_name or local.new_job_name()
+    if args.docker:
+        local.require_docker()
+    job = local.prepare_job(home, name, data_dir=Path(args.data), hyperparameters=hps,
+                            nproc=args.nproc, link_data=not args.docker)
+    print(f"job {name}: {job.layout.base}")
+    if args.docker:
+        command = local.docker_command(job, args.docker)
+        env = None
+    else:
+        command = local.train_command()
+        env = local.job_environment(job)
+    code = local.run_job(job, command, env)
+    failure = local.read_failure(job)
+    if code != 0 or failure:
+        print(f"\njob {name} failed (exit {code}): {failure or 'see ' + str(job.log_file)}",
+              file=sys.stderr)
+        return code or 1
+    metrics_file = job.layout.model_dir / "metrics.json"
+    summary = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
+    print(f"\njob {name} finished")
+    print(f"  model:   {job.layout.model_dir}")
+    print(f"  outputs: {job.layout.output_data_dir}")
+    print(f"  log:     {job.log_file}")
+    if "test_acc" in summary:
+        print(f"  test accuracy {summary['test_acc']:.2%}, top-5 {summary['test_top5']:.2%} "
+              f"on {summary['test_images']} images (best epoch {summary['best_epoch']})")
+    return 0
+
+
+# ---------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="launch.py",
+        description="Fine-tune torchvision classifiers through the SageMaker container "
+                    "contract, locally (default) or on SageMaker.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="sample datasets and dataset checks")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    sample = data_sub.add_parser("sample", help="write scikit-learn's digits as an ImageFolder")
+    sample.add_argument("dir")
+    sample.add_argument("--size", type=int, default=32, help="image side in pixels (32)")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--force", action="store_true", help="write into a non-empty folder")
+    sample.set_defaults(func=cmd_data_sample)
+    check = data_sub.add_parser("check", help="classes, counts, imbalance, unreadable images")
+    check.add_argument("dir", help="a folder holding train/ valid/ [test/]")
+    check.add_argument("--strict", action="store_true", help="exit 1 if any image is unreadable")
+    check.add_argument("--max-rows", type=int, default=40, help="print per-class rows up to this")
+    check.set_defaults(func=cmd_data_check)
+
+    train = sub.add_parser(
+        "train", help="run a training job",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="hyperparameters (--hp key=value):\n" + describe())
+    train.add_argument("--data", required=True, help="folder with train/ valid/ [test/]")
+    train.add_argument("--hp", nargs="*", metavar="KEY=VALUE", help="hyperparameters")
+    train.add_argument("--hp-from", help="JSON file of hyperparameters (e.g. a tuner's best.json)")
+    train.add_argument("--job-name", help="job name; an existing local job resumes from its "
+                       "checkpoint")
+    train.add_argument("--target", choices=["local"], default="local")
+    train.add_argument("--nproc", type=int, default=1, help="processes under torchrun (local)")
+    train.add_argument("--docker", metavar="IMAGE", help="run the training image under Docker")
+    train.add_argument("--home", help="where local jobs live (default .imgclf, or $IMGCLF_HOME)")
+    train.set_defaults(func=cmd_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,211 @@
+"""Every training hyperparameter: name, type, default, accepted values and help, parsed once.
+
+SageMaker delivers hyperparameters as strings (JSON-encoded by the Python SDK since 2.110,
+plain otherwise); `parse_hyperparameters` turns such a mapping into one frozen `TrainConfig`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from imgclf.errors import ConfigError
+
+# Keys SageMaker and its SDK add on their own; they are not ours to validate.
+_PLATFORM_PREFIXES = ("sagemaker_", "_tuning_objective_metric", "_sagemaker")
+
+# The architectures models.py can build; a unit test keeps the two lists equal. Kept here so the
+# launcher validates `arch` without importing torch.
+ARCHITECTURES = (
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnet152",
+    "efficientnet_b0",
+    "convnext_tiny",
+    "mobilenet_v3_large",
+)
+
+_TRUE = {"true", "1", "yes", "y", "on"}
+_FALSE = {"false", "0", "no", "n", "off"}
+
+
+def _hp(default: Any, help: str, *, choices: tuple[str, ...] | None = None,
+        minimum: float | None = None, maximum: float | None = None) -> Any:
+    meta = {"help": help, "choices": choices, "minimum": minimum, "maximum": maximum}
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The training job's hyperparameters, validated. Build it with `parse_hyperparameters`."""
+
+    arch: str = _hp("resnet50", "torchvision architecture", choices=ARCHITECTURES)
+    pretrained: bool = _hp(True, "start from ImageNet weights (torch cache or weights_path)")
+    weights_path: str = _hp("", "file with pretrained weights (a state_dict) to start from")
+    freeze: bool = _hp(False, "freeze the backbone and train only the new head")
+    epochs: int = _hp(10, "number of epochs", minimum=1, maximum=10_000)
+    batch_size: int = _hp(32, "images per batch on each process", minimum=1, maximum=65_536)
+    lr: float = _hp(1e-3, "peak learning rate", minimum=0.0, maximum=10.0)
+    weight_decay: float = _hp(1e-4, "weight decay", minimum=0.0, maximum=1.0)
+    optimizer: str = _hp("adamw", "optimizer", choices=("adamw", "sgd"))
+    momentum: float = _hp(0.9, "momentum for sgd", minimum=0.0, maximum=1.0)
+    scheduler: str = _hp("cosine", "learning-rate schedule (cosine has a linear warmup)",
+                         choices=("cosine", "none"))
+    warmup_epochs: float = _hp(1.0, "linear warmup length in epochs (cosine only)",
+                               minimum=0.0, maximum=1_000.0)
+    label_smoothing: float = _hp(0.0, "label smoothing of the cross-entropy loss",
+                                 minimum=0.0, maximum=0.99)
+    class_weights: bool = _hp(False, "weight the loss by inverse class frequency (balanced)")
+    image_size: int = _hp(224, "square input size in pixels", minimum=16, maximum=2048)
+    hflip: bool = _hp(True, "random horizontal flips in training")
+    min_crop_scale: float = _hp(0.25, "smallest area fraction of a random-resized crop",
+                                minimum=0.01, maximum=1.0)
+    workers: int = _hp(-1, "data loader workers per process (-1: from the CPU count)",
+                       minimum=-1, maximum=256)
+    amp: str = _hp("auto", "mixed precision: auto (bf16/fp16 on GPU, off on CPU), bf16, fp16, off",
+                   choices=("auto", "bf16", "fp16", "off"))
+    channels_last: bool = _hp(False, "use the channels_last memory format")
+    seed: int = _hp(0, "random seed (data order, augmentation, init)", minimum=0,
+                    maximum=2**31 - 1)
+    patience: int = _hp(5, "early stopping: epochs without a better valid loss (0: off)",
+                        minimum=0, maximum=10_000)
+    max_bad_images: int = _hp(100, "unreadable images skipped before the job fails",
+                              minimum=0, maximum=10**9)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_hyperparameters(self) -> dict[str, str]:
+        """The string form SageMaker delivers (and `parse_hyperparameters` reads back)."""
+        return {k: _to_string(v) for k, v in self.to_dict().items()}
+
+
+def _to_string(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def canonical_key(key: str) -> str:
+    """`batch-size` and `batch_size` name the same hyperparameter."""
+    return key.strip().replace("-", "_")
+
+
+def is_platform_key(key: str) -> bool:
+    return key.startswith(_PLATFORM_PREFIXES)
+
+
+def _decode(raw: Any) -> Any:
+    """SageMaker's SDK JSON-encodes each value (`"\\"resnet18\\""`); other clients send plain text."""
+    if not isinstance(raw, str):
+        return raw
+    try:
+        return json.loads(raw)
+    except (ValueError, TypeError):
+        return raw
+
+
+def _coerce(name: str, raw: Any) -> Any:
+    f = FIELDS[name]
+    meta = f.metadata
+    value = _decode(raw)
+    kind = type(f.default)
+    try:
+        if kind is bool:
+            if isinstance(value, bool):
+                out: Any = value
+            elif isinstance(value, int | float) and value in (0, 1):
+                out = bool(value)
+            elif str(value).strip().lower() in _TRUE:
+                out = True
+            elif str(value).strip().lower() in _FALSE:
+                out = False
+            else:
+                raise ValueError
+        elif kind is int:
+            if isinstance(value, bool):
+                raise ValueError
+            number = float(value)
+            if not number.is_integer():
+                raise ValueError
+            out = int(number)
+        elif kind is float:
+            if isinstance(value, bool):
+                raise ValueError
+            out = float(value)
+            if out != out or out in (float("inf"), float("-inf")):
+                raise ValueError
+        else:
+            out = str(value).strip()
+            if meta["choices"] is not None:
+                out = out.lower()
+    except (TypeError, ValueError):
+        expected = {bool: "true or false", int: "an integer", float: "a number"}.get(kind, "text")
+        raise ConfigError(
+            f"hyperparameter {name}={raw!r} is not valid: expected {expected}"
+            f" ({meta['help']})"
+        ) from None
+    if meta["choices"] is not None and out not in meta["choices"]:
+        raise ConfigError(
+            f"hyperparameter {name}={raw!r} is not valid: choose one of {', '.join(meta['choices'])}"
+        )
+    lo, hi = meta["minimum"], meta["maximum"]
+    if (lo is not None and out < lo) or (hi is not None and out > hi):
+        raise ConfigError(f"hyperparameter {name}={raw!r} is out of range: accepted {lo} to {hi}")
+    return out
+
+
+def parse_hyperparameters(raw: Mapping[str, Any]) -> TrainConfig:
+    """Validate a mapping of (usually string) hyperparameters into a frozen TrainConfig.
+
+    Unknown keys are an error naming the valid ones; SageMaker's own `sagemaker_*` keys and
+    `_tuning_objective_metric` are ignored.
+    """
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        if is_platform_key(key):
+            continue
+        name = canonical_key(key)
+        if name not in FIELDS:
+            raise ConfigError(
+                f"unknown hyperparameter {key!r}; valid hyperparameters are: "
+                + ", ".join(sorted(FIELDS))
+            )
+        if name in values:
+            raise ConfigError(f"hyperparameter {name} is given twice (as {key!r} and another)")
+        values[name] = _coerce(name, value)
+    config = TrainConfig(**values)
+    if config.freeze and not (config.pretrained or config.weights_path):
+        raise ConfigError(
+            "freeze=true trains only the head on a random backbone: set pretrained=true "
+            "(or weights_path) or freeze=false"
+        )
+    return config
+
+
+def parse_assignments(items: list[str]) -> dict[str, str]:
+    """`["lr=0.01", "batch-size=64"]` from the command line → {"lr": "0.01", "batch_size": "64"}."""
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--hp {item!r} is not key=value (for example --hp lr=0.01)")
+        out[canonical_key(key)] = value
+    return out
+
+
+def describe() -> str:
+    """One line per hyperparameter, for --help texts and error messages."""
+    lines = []
+    for name, f in FIELDS.items():
+        choices = f" [{'|'.join(f.metadata['choices'])}]" if f.metadata["choices"] else ""
+        lines.append(f"  {name}={_to_string(f.default)}{choices}: {f.metadata['help']}")
+    return "\n".join(lines)

@@ -1,0 +1,53 @@
+"""The training image's framework module (SAGEMAKER_TRAINING_MODULE=imgclf.container:main).
+
+sagemaker-training's `train` entry imports this and calls `main`. We run our program
+(SAGEMAKER_PROGRAM, shipped in imgclf/_program) as a child process, under torchrun through
+sagemaker-training's torch_distributed runner when `sagemaker_torch_distributed_enabled` is set.
+SIGTERM (docker stop, a spot interruption) is passed on to the whole process group so the
+program can keep its checkpoint and leave a reason in output/failure.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+from imgclf.contract import TORCH_DISTRIBUTED_KEY, TRAIN_IMAGE_ENV
+
+PROGRAM_DIR = Path(__file__).parent / "_program"
+PROGRAM_ARG = "--hyperparameters-from-config"
+
+
+def _forward_sigterm() -> None:
+    def forward(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # keep waiting for the children
+        os.killpg(os.getpgrp(), signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, forward)
+
+
+def _enabled(value) -> bool:
+    return str(value).strip().strip('"').lower() in ("true", "1")
+
+
+def main() -> None:
+    from sagemaker_training import entry_point, environment, runner
+
+    env = environment.Environment()
+    distributed = _enabled(env.additional_framework_parameters.get(TORCH_DISTRIBUTED_KEY, False))
+    runner_type = runner.TorchDistributedRunnerType if distributed else runner.ProcessRunnerType
+    _forward_sigterm()
+    # The program ships in the package; the code dir SageMaker would fill from
+    # sagemaker_submit_directory is filled from here instead (nothing is downloaded).
+    uri = env.module_dir if Path(env.module_dir).is_dir() and os.listdir(env.module_dir) else str(
+        PROGRAM_DIR)
+    entry_point.run(
+        uri,
+        env.user_entry_point or TRAIN_IMAGE_ENV["SAGEMAKER_PROGRAM"],
+        # The program reads hyperparameters.json itself; the runner would paste hyperparameters
+        # unquoted into a shell command line, so none are passed that way.
+        [PROGRAM_ARG],
+        env.to_env_vars(),
+        runner_type=runner_type,
+    )

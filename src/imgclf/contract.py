@@ -1,0 +1,160 @@
+"""The SageMaker container contract: the /opt/ml layout and what SageMaker writes into it.
+
+`read_training_contract` is the one place that reads the environment and the config files; it
+returns a frozen snapshot that everything below works from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from imgclf.errors import DataError, UserError
+
+DEFAULT_BASE_DIR = "/opt/ml"
+BASE_DIR_ENV = "SAGEMAKER_BASE_DIR"
+
+# The training image's environment (docker/train/Dockerfile sets the same; a test compares).
+# sagemaker-training's `train` entry imports SAGEMAKER_TRAINING_MODULE and calls it; our module
+# runs SAGEMAKER_PROGRAM as a process, or under torchrun when distribution is enabled.
+TRAIN_IMAGE_ENV = {
+    "SAGEMAKER_TRAINING_MODULE": "imgclf.container:main",
+    "SAGEMAKER_PROGRAM": "imgclf_train.py",
+}
+
+# Hyperparameters that turn on torchrun through sagemaker-training's torch_distributed runner.
+TORCH_DISTRIBUTED_KEY = "sagemaker_torch_distributed_enabled"
+PROCESSES_PER_HOST_KEY = "sagemaker_mpi_num_of_processes_per_host"
+
+CHANNEL_NAMES = ("train", "valid", "test")
+COMBINED_CHANNEL = "training"
+
+FAILURE_LIMIT = 1024
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Paths of a job directory shaped like /opt/ml."""
+
+    base: Path
+
+    @property
+    def config_dir(self) -> Path:
+        return self.base / "input" / "config"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.base / "input" / "data"
+
+    @property
+    def model_dir(self) -> Path:
+        return self.base / "model"
+
+    @property
+    def output_dir(self) -> Path:
+        return self.base / "output"
+
+    @property
+    def output_data_dir(self) -> Path:
+        return self.base / "output" / "data"
+
+    @property
+    def failure_file(self) -> Path:
+        return self.base / "output" / "failure"
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.base / "checkpoints"
+
+    @property
+    def code_dir(self) -> Path:
+        return self.base / "code"
+
+
+@dataclass(frozen=True)
+class TrainingContract:
+    """A read-only snapshot of what SageMaker gave this training container."""
+
+    layout: Layout
+    hyperparameters: Mapping[str, str]
+    hosts: tuple[str, ...]
+    current_host: str
+    channels: Mapping[str, Path]
+    job_name: str
+
+    @property
+    def splits(self) -> dict[str, Path]:
+        """`train`/`valid`/`test` directories, from separate channels or one `training` channel."""
+        return resolve_splits(self.channels)
+
+
+def _read_json(path: Path, default):
+    if not path.exists():
+        return default
+    try:
+        return json.loads(path.read_text())
+    except ValueError as exc:
+        raise UserError(f"{path} is not valid JSON ({exc}); SageMaker writes it as JSON") from None
+
+
+def read_training_contract(environ: Mapping[str, str] | None = None) -> TrainingContract:
+    """Read the job directory (SAGEMAKER_BASE_DIR, default /opt/ml) and SM_* variables once."""
+    env = os.environ if environ is None else environ
+    layout = Layout(Path(env.get(BASE_DIR_ENV, DEFAULT_BASE_DIR)))
+    raw_hps = _read_json(layout.config_dir / "hyperparameters.json", {})
+    if not isinstance(raw_hps, dict):
+        raise UserError(f"{layout.config_dir / 'hyperparameters.json'} must hold a JSON object")
+    resources = _read_json(layout.config_dir / "resourceconfig.json", {})
+    data_config = _read_json(layout.config_dir / "inputdataconfig.json", None)
+    hosts = tuple(resources.get("hosts") or [env.get("SM_CURRENT_HOST", "algo-1")])
+    current = resources.get("current_host") or env.get("SM_CURRENT_HOST", hosts[0])
+    if data_config is None:  # no inputdataconfig.json: take the channel folders that exist
+        names = sorted(p.name for p in layout.data_dir.iterdir()) if layout.data_dir.is_dir() else []
+    else:
+        names = sorted(data_config)
+    channels = {name: layout.data_dir / name for name in names}
+    return TrainingContract(
+        layout=layout,
+        hyperparameters={str(k): v for k, v in raw_hps.items()},
+        hosts=hosts,
+        current_host=str(current),
+        channels=channels,
+        job_name=env.get("TRAINING_JOB_NAME", layout.base.name),
+    )
+
+
+def resolve_splits(channels: Mapping[str, Path]) -> dict[str, Path]:
+    """Map channels to split directories: `train`, `valid`, `test` channels, or one `training`
+    channel that holds `train/ valid/ test/` (the dogImages layout)."""
+    splits = {name: Path(channels[name]) for name in CHANNEL_NAMES if name in channels}
+    if COMBINED_CHANNEL in channels:
+        root = Path(channels[COMBINED_CHANNEL])
+        for name in CHANNEL_NAMES:
+            if name not in splits and (root / name).is_dir():
+                splits[name] = root / name
+    missing = [name for name in ("train", "valid") if name not in splits]
+    if missing:
+        given = ", ".join(sorted(channels)) or "none"
+        raise DataError(
+            f"no {' or '.join(missing)} data: channels given: {given}. Give channels named "
+            "train, valid (and test), or one 'training' channel holding train/ valid/ test/ "
+            "folders of class subfolders (the ImageFolder layout)"
+        )
+    for name, path in splits.items():
+        if not path.is_dir():
+            raise DataError(f"channel {name}: {path} is not a directory")
+    return splits
+
+
+def write_failure(layout: Layout, message: str) -> None:
+    """SageMaker shows the first 1024 characters of output/failure as the job's FailureReason."""
+    layout.output_dir.mkdir(parents=True, exist_ok=True)
+    text = message.strip()
+    if len(text) > FAILURE_LIMIT:
+        text = text[: FAILURE_LIMIT - 3] + "..."
+    tmp = layout.failure_file.with_suffix(".tmp")
+    tmp.write_text(text + "\n")
+    os.replace(tmp, layout.failure_file)

@@ -1,0 +1,364 @@
+"""Datasets from ImageFolder splits: scanning and checking images, decoding any image to RGB,
+the train/eval transforms (the eval transform is also the endpoint's preprocessing), samplers,
+loaders and class weights."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections import Counter
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision import transforms
+
+from imgclf.errors import DataError
+
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
+)
+# Decoding at 1/8 scale still reads every byte of a JPEG: truncation is found, cheaply.
+_CHECK_DRAFT = 64
+_PREFIX = re.compile(r"^\d+[._-]")
+
+
+# ---------------------------------------------------------------- decoding
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL image → upright 8-bit RGB: EXIF rotation applied, 16-bit and float scaled,
+    transparency composited on white, CMYK/palette/grayscale converted."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if image.mode != "F" and array.max() > 255 else 255.0
+        if image.mode == "F":
+            peak = max(float(array.max()), 1.0) if array.max() > 1.0 else 1.0
+        scaled = np.clip(array * (255.0 / peak), 0, 255).round().astype(np.uint8)
+        image = Image.fromarray(scaled, mode="L")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert("RGB")
+
+
+def open_image(source, *, draft: int | None = None) -> Image.Image:
+    """Decode a path or file object to RGB. `draft` lets JPEGs decode at a reduced scale whose
+    short side is still at least `draft` pixels (much faster for large photos)."""
+    with Image.open(source) as image:
+        if draft and image.format == "JPEG":
+            image.draft(image.mode, (draft, draft))
+        image.load()
+        return to_rgb(image)
+
+
+def image_problem(path: Path) -> str | None:
+    """Why an image cannot be used, or None when it decodes."""
+    try:
+        if path.stat().st_size == 0:
+            return "empty file (0 bytes)"
+        open_image(path, draft=_CHECK_DRAFT)
+    except UnidentifiedImageError:
+        return "not an image PIL can read"
+    except Image.DecompressionBombError:
+        return f"too many pixels (over {Image.MAX_IMAGE_PIXELS * 2}): likely a decompression bomb"
+    except (OSError, SyntaxError, ValueError) as exc:
+        return f"cannot be decoded: {exc}"
+    return None
+
+
+# ---------------------------------------------------------------- scanning
+
+
+@dataclass(frozen=True)
+class BadImage:
+    split: str
+    path: str  # relative to the split's folder: "001.zero/img.jpg"
+    reason: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"split": self.split, "path": self.path, "reason": self.reason}
+
+
+@dataclass(frozen=True)
+class SplitScan:
+    """One split's class folders, readable samples and unreadable files."""
+
+    name: str
+    root: Path
+    classes: tuple[str, ...]
+    samples: tuple[tuple[str, int], ...]
+    bad: tuple[BadImage, ...] = ()
+    ignored: tuple[str, ...] = ()  # not image files by their name (notes.txt, .DS_Store)
+
+    def counts(self) -> list[int]:
+        counter = Counter(target for _, target in self.samples)
+        return [counter.get(i, 0) for i in range(len(self.classes))]
+
+
+def list_split(name: str, root: Path) -> tuple[tuple[str, ...], list[tuple[Path, int]], list[str]]:
+    """Class folders and candidate image files of one ImageFolder split (no decoding)."""
+    if not root.is_dir():
+        raise DataError(f"split {name}: {root} is not a directory")
+    classes = tuple(sorted(p.name for p in root.iterdir() if p.is_dir() and not _hidden(p)))
+    if not classes:
+        raise DataError(
+            f"split {name}: {root} has no class folders. Expected {root}/<class>/<image> "
+            "(e.g. train/001.Affenpinscher/a.jpg)"
+        )
+    files: list[tuple[Path, int]] = []
+    ignored: list[str] = []
+    for index, cls in enumerate(classes):
+        for dirpath, dirnames, filenames in os.walk(root / cls, followlinks=True):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for filename in sorted(filenames):
+                path = Path(dirpath) / filename
+                if filename.startswith(".") or path.suffix.lower() not in IMAGE_EXTENSIONS:
+                    ignored.append(str(path.relative_to(root)))
+                    continue
+                files.append((path, index))
+    return classes, files, ignored
+
+
+def _hidden(path: Path) -> bool:
+    return path.name.startswith(".")
+
+
+def scan_split(name: str, root: Path, *, threads: int | None = None) -> SplitScan:
+    """List a split and decode every image once (JPEG draft mode) to find unreadable ones."""
+    classes, files, ignored = list_split(name, root)
+    threads = threads or min(16, 2 * (os.cpu_count() or 1))
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        problems = list(pool.map(lambda item: image_problem(item[0]), files))
+    samples, bad = [], []
+    for (path, target), problem in zip(files, problems):
+        if problem is None:
+            samples.append((str(path), target))
+        else:
+            bad.append(BadImage(name, str(path.relative_to(root)), problem))
+    return SplitScan(name, root, classes, tuple(samples), tuple(bad), tuple(ignored))
+
+
+@dataclass(frozen=True)
+class DatasetScan:
+    """All splits of a dataset, checked against each other."""
+
+    splits: dict[str, SplitScan]
+    classes: tuple[str, ...] = field(default=())
+
+    @property
+    def bad(self) -> list[BadImage]:
+        return [b for s in self.splits.values() for b in s.bad]
+
+
+def scan_dataset(split_dirs: dict[str, Path]) -> DatasetScan:
+    """Scan every split; class sets that differ between splits are an error naming them."""
+    scans = {name: scan_split(name, Path(path)) for name, path in split_dirs.items()}
+    reference = scans["train"].classes if "train" in scans else next(iter(scans.values())).classes
+    problems = []
+    for name, scan in scans.items():
+        missing = sorted(set(reference) - set(scan.classes))
+        extra = sorted(set(scan.classes) - set(reference))
+        if missing:
+            problems.append(f"{name} lacks {_names(missing)}")
+        if extra:
+            problems.append(f"{name} has {_names(extra)} that train lacks")
+    if problems:
+        raise DataError(
+            "class folders differ between splits: " + "; ".join(problems)
+            + ". Every split needs the same class folders"
+        )
+    for name, scan in scans.items():
+        empty = [c for c, n in zip(scan.classes, scan.counts()) if n == 0]
+        if empty and name == "train":
+            raise DataError(
+                f"split train: class folders with no readable images: {_names(empty)}. "
+                "Add images or remove the folders from every split"
+            )
+    return DatasetScan(scans, reference)
+
+
+def _names(items: Sequence[str], limit: int = 10) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def label_name(folder: str) -> str:
+    """`001.Affenpinscher` → `Affenpinscher`; `002.Afghan_hound` → `Afghan hound`."""
+    name = _PREFIX.sub("", folder).replace("_", " ").strip()
+    return name or folder
+
+
+def class_weights(counts: Sequence[int]) -> torch.Tensor:
+    """Balanced weights n / (k · n_c), as scikit-learn's class_weight='balanced'."""
+    counts_t = torch.tensor(counts, dtype=torch.float64)
+    weights = counts_t.sum() / (len(counts) * counts_t.clamp(min=1))
+    return weights.float()
+
+
+# ---------------------------------------------------------------- transforms
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How an image becomes the model's input; stored in model_config.json."""
+
+    image_size: int
+    resize_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bilinear"
+
+    def to_dict(self) -> dict:
+        return {
+            "image_size": self.image_size,
+            "resize_size": self.resize_size,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "interpolation": self.interpolation,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Preprocess:
+        return cls(
+            image_size=int(d["image_size"]),
+            resize_size=int(d["resize_size"]),
+            mean=tuple(float(x) for x in d["mean"]),
+            std=tuple(float(x) for x in d["std"]),
+            interpolation=str(d.get("interpolation", "bilinear")),
+        )
+
+    @property
+    def mode(self) -> transforms.InterpolationMode:
+        return transforms.InterpolationMode(self.interpolation)
+
+
+def eval_transform(pre: Preprocess) -> transforms.Compose:
+    """Resize the short side, centre-crop, normalise: evaluation and the endpoint share this."""
+    return transforms.Compose(
+        [
+            transforms.Resize(pre.resize_size, interpolation=pre.mode, antialias=True),
+            transforms.CenterCrop(pre.image_size),
+            transforms.ToTensor(),
+            transforms.Normalize(pre.mean, pre.std),
+        ]
+    )
+
+
+def train_transform(pre: Preprocess, *, hflip: bool, min_crop_scale: float) -> transforms.Compose:
+    steps = [
+        transforms.RandomResizedCrop(
+            pre.image_size, scale=(min_crop_scale, 1.0), interpolation=pre.mode, antialias=True
+        )
+    ]
+    if hflip:
+        steps.append(transforms.RandomHorizontalFlip())
+    steps += [transforms.ToTensor(), transforms.Normalize(pre.mean, pre.std)]
+    return transforms.Compose(steps)
+
+
+# ---------------------------------------------------------------- datasets and loaders
+
+
+class ImageListDataset(Dataset):
+    """(path, target) samples decoded to RGB and transformed.
+
+    Training indices arrive as (index, epoch) from `EpochSampler`: the random augmentation of a
+    sample is seeded from (seed, epoch, index), so it does not depend on worker count, worker
+    order or whether the job was resumed.
+    """
+
+    def __init__(self, samples: Sequence[tuple[str, int]], transform, *, draft: int | None,
+                 seed: int = 0) -> None:
+        self.samples = list(samples)
+        self.transform = transform
+        self.draft = draft
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key):
+        if isinstance(key, tuple):
+            index, epoch = key
+            torch.manual_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + index)
+        else:
+            index = key
+        path, target = self.samples[index]
+        try:
+            image = open_image(path, draft=self.draft)
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise DataError(f"image {path} could not be read during training: {exc}") from None
+        return self.transform(image), target
+
+
+class EpochSampler(Sampler):
+    """Shuffles (or not) with a permutation fixed by (seed, epoch) and gives this rank its share
+    (padded to equal length, like DistributedSampler). Yields (index, epoch) pairs."""
+
+    def __init__(self, size: int, *, seed: int, rank: int = 0, world_size: int = 1,
+                 shuffle: bool = True) -> None:
+        self.size, self.seed, self.rank, self.world_size = size, seed, rank, world_size
+        self.shuffle = shuffle
+        self.epoch = 0
+        self.per_rank = -(-size // world_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.per_rank
+
+    def __iter__(self):
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            order = torch.randperm(self.size, generator=g).tolist()
+        else:
+            order = list(range(self.size))
+        total = self.per_rank * self.world_size
+        order += order[: total - len(order)]
+        for index in order[self.rank : total : self.world_size]:
+            yield (index, self.epoch)
+
+
+class ShardSampler(Sampler):
+    """Evaluation: rank r gets indices r, r+w, ... with no padding (no sample counted twice)."""
+
+    def __init__(self, size: int, *, rank: int = 0, world_size: int = 1) -> None:
+        self.indices = list(range(rank, size, world_size))
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __iter__(self):
+        return iter(self.indices)
+
+
+def default_workers(local_world_size: int = 1) -> int:
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(0, min(8, cpus // max(1, local_world_size)))
+
+
+def make_loader(dataset: Dataset, sampler: Sampler, *, batch_size: int, workers: int,
+                pin_memory: bool) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None,
+    )

@@ -1,0 +1,443 @@
+"""The training program (the image's SAGEMAKER_PROGRAM): contract → data → model → loop →
+artifacts. Runs alone or under torchrun (one process per GPU, or several on CPU with gloo)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from imgclf import artifacts, data, engine, metrics, models
+from imgclf.config import TrainConfig, parse_hyperparameters
+from imgclf.contract import TrainingContract, read_training_contract, write_failure
+from imgclf.errors import DataError, TrainingStopped, UserError
+
+log = logging.getLogger("imgclf.train")
+
+EXIT_STOPPED = 143  # 128 + SIGTERM
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Derived per-process state (not configuration)."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    progress_bar: bool
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+class StopFlag:
+    """Set by SIGTERM (SageMaker stop or spot interruption): training stops before its next
+    batch, keeping the last completed epoch's checkpoint, well inside the 120 s SageMaker gives."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def install(self) -> None:
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def __call__(self) -> bool:
+        return self.requested
+
+
+def resolve_amp(setting: str, device: torch.device) -> torch.dtype | None:
+    """auto: bf16 where the GPU supports it, else fp16 on GPU; off on CPU (slower there)."""
+    if setting == "off" or (setting == "auto" and device.type != "cuda"):
+        return None
+    if setting == "fp16":
+        if device.type != "cuda":
+            raise UserError("amp=fp16 needs a GPU; use amp=bf16 or amp=off on CPU")
+        return torch.float16
+    if setting == "bf16":
+        return torch.bfloat16
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def setup_runtime(cfg: TrainConfig, environ) -> Runtime:
+    world_size = int(environ.get("WORLD_SIZE", "1"))
+    rank = int(environ.get("RANK", "0"))
+    local_rank = int(environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return Runtime(
+        rank=rank,
+        local_rank=local_rank,
+        world_size=world_size,
+        device=device,
+        amp_dtype=resolve_amp(cfg.amp, device),
+        progress_bar=rank == 0 and sys.stderr.isatty(),
+    )
+
+
+def _sum(runtime: Runtime):
+    def reduce(t: torch.Tensor) -> torch.Tensor:
+        if runtime.distributed:
+            t = t.clone()
+            dist.all_reduce(t)
+        return t
+
+    return reduce
+
+
+def _broadcast(runtime: Runtime, value: Any) -> Any:
+    """Rank 0's value on every rank (our own processes: a pickle between them is fine)."""
+    if not runtime.distributed:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# ---------------------------------------------------------------- pieces
+
+
+def scan_data(contract: TrainingContract, cfg: TrainConfig, runtime: Runtime) -> data.DatasetScan:
+    """Rank 0 checks every image once; too many unreadable ones fail the job with the list."""
+    result: Any = None
+    if runtime.is_main:
+        try:
+            result = data.scan_dataset(contract.splits)
+        except UserError as exc:
+            result = exc
+    result = _broadcast(runtime, result)
+    if isinstance(result, Exception):
+        raise result
+    bad = result.bad
+    if runtime.is_main:
+        out = contract.layout.output_data_dir
+        artifacts.write_json(out / "skipped_images.json", [b.to_dict() for b in bad])
+        for b in bad:
+            log.warning("skipped unreadable image %s/%s: %s", b.split, b.path, b.reason)
+        for name, scan in result.splits.items():
+            log.info("split %s: %d images in %d classes%s", name, len(scan.samples),
+                     len(scan.classes), f", {len(scan.bad)} skipped" if scan.bad else "")
+    if len(bad) > cfg.max_bad_images:
+        listed = "; ".join(f"{b.split}/{b.path}" for b in bad[:20])
+        raise DataError(
+            f"{len(bad)} unreadable images, more than max_bad_images={cfg.max_bad_images}: "
+            f"{listed}{' ...' if len(bad) > 20 else ''}. Fix or remove them, or raise "
+            "max_bad_images (the full list is in output/data/skipped_images.json)"
+        )
+    return result
+
+
+def build_loaders(scan: data.DatasetScan, cfg: TrainConfig, pre: data.Preprocess,
+                  runtime: Runtime) -> dict[str, Any]:
+    workers = cfg.workers if cfg.workers >= 0 else data.default_workers(
+        int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    pin = runtime.device.type == "cuda"
+    loaders = {}
+    for name, split in scan.splits.items():
+        training = name == "train"
+        if training:
+            transform = data.train_transform(pre, hflip=cfg.hflip, min_crop_scale=cfg.min_crop_scale)
+            dataset = data.ImageListDataset(split.samples, transform, draft=2 * pre.image_size,
+                                            seed=cfg.seed)
+            sampler = data.EpochSampler(len(dataset), seed=cfg.seed, rank=runtime.rank,
+                                        world_size=runtime.world_size)
+        else:
+            dataset = data.ImageListDataset(split.samples, data.eval_transform(pre),
+                                            draft=pre.resize_size)
+            sampler = data.ShardSampler(len(dataset), rank=runtime.rank,
+                                        world_size=runtime.world_size)
+        loaders[name] = data.make_loader(dataset, sampler, batch_size=cfg.batch_size,
+                                         workers=workers, pin_memory=pin)
+    return loaders
+
+
+def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim > 1]
+    no_decay = [p for p in params if p.ndim <= 1]  # biases and norm weights: no decay
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def build_scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int):
+    if cfg.scheduler == "none":
+        return None
+    total = max(1, cfg.epochs * steps_per_epoch)
+    warmup = min(int(cfg.warmup_epochs * steps_per_epoch), total - 1)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class Progress:
+    """A tqdm bar on a terminal; nothing otherwise (the per-epoch metric line is the log)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.bar = None
+
+    def start(self, epoch: int, epochs: int, total: int) -> None:
+        if self.enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=f"epoch {epoch}/{epochs}", unit="batch",
+                            leave=False, file=sys.stderr, dynamic_ncols=True)
+
+    def update(self, step: int, loss: float) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+# ---------------------------------------------------------------- the program
+
+
+def run(contract: TrainingContract, cfg: TrainConfig, runtime: Runtime, stop: StopFlag) -> dict:
+    layout = contract.layout
+    torch.manual_seed(cfg.seed)
+    scan = scan_data(contract, cfg, runtime)
+    classes = scan.classes
+    arch = models.get_architecture(cfg.arch)
+    pre = arch.preprocess(cfg.image_size)
+    model = models.build_model(cfg.arch, len(classes), pretrained=cfg.pretrained,
+                               weights_path=cfg.weights_path, freeze=cfg.freeze)
+    model.to(runtime.device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    loaders = build_loaders(scan, cfg, pre, runtime)
+    train_loader = loaders["train"]
+
+    weight = None
+    if cfg.class_weights:
+        weight = data.class_weights(scan.splits["train"].counts()).to(runtime.device)
+    criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
+    optimizer = build_optimizer(cfg, model)
+    scheduler = build_scheduler(cfg, optimizer, len(train_loader))
+    scaler = torch.amp.GradScaler("cuda") if runtime.amp_dtype == torch.float16 else None
+
+    state = {"epoch": 0, "best_loss": math.inf, "best_epoch": 0, "bad_epochs": 0, "history": []}
+    best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    checkpoint = artifacts.load_checkpoint(layout.checkpoint_dir)
+    if checkpoint is not None:
+        if checkpoint.get("classes") != list(classes) or checkpoint.get("arch") != cfg.arch:
+            raise UserError(
+                f"the checkpoint in {layout.checkpoint_dir} is from another dataset or "
+                "architecture; delete it (or use a new job) to start from scratch"
+            )
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        if scheduler is not None and checkpoint.get("scheduler"):
+            scheduler.load_state_dict(checkpoint["scheduler"])
+        if scaler is not None and checkpoint.get("scaler"):
+            scaler.load_state_dict(checkpoint["scaler"])
+        artifacts.set_rng_state(checkpoint["rng"])
+        best_weights = checkpoint["best_model"]
+        state = checkpoint["state"]
+        if runtime.is_main:
+            log.info("resuming from checkpoint after epoch %d", state["epoch"])
+
+    net: nn.Module = model
+    if runtime.distributed:
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
+    reduce = _sum(runtime)
+    progress = Progress(runtime.progress_bar)
+    num_classes = len(classes)
+
+    for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
+        if cfg.patience and state["bad_epochs"] >= cfg.patience:
+            break
+        train_loader.sampler.set_epoch(epoch)
+        torch.manual_seed(cfg.seed * 1_000_003 + epoch)  # dropout etc.: same on resume
+        progress.start(epoch, cfg.epochs, len(train_loader))
+        try:
+            result = engine.train_one_epoch(
+                net, train_loader, criterion, optimizer, device=runtime.device,
+                scheduler=scheduler, scaler=scaler, amp_dtype=runtime.amp_dtype,
+                channels_last=cfg.channels_last, should_stop=stop, on_batch=progress.update,
+                reduce=reduce)
+        except TrainingStopped:
+            raise
+        except Exception:
+            if stop():  # SIGTERM also reached the loader's workers
+                raise TrainingStopped from None
+            raise
+        finally:
+            progress.close()
+        valid = engine.evaluate(model, loaders["valid"], num_classes=num_classes,
+                                device=runtime.device, amp_dtype=runtime.amp_dtype,
+                                channels_last=cfg.channels_last, reduce=reduce)
+        lr = optimizer.param_groups[0]["lr"]
+        row = {
+            "epoch": epoch,
+            "train_loss": result.loss,
+            "train_acc": result.accuracy,
+            "valid_loss": valid.loss,
+            "valid_acc": valid.accuracy,
+            "lr": lr,
+            "epoch_time": result.seconds,
+            "images_per_s": result.images_per_second,
+        }
+        state["history"].append({**row, "data_wait_s": result.data_seconds})
+        if valid.loss < state["best_loss"]:
+            state.update(best_loss=valid.loss, best_epoch=epoch, bad_epochs=0)
+            best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            state["bad_epochs"] += 1
+        state["epoch"] = epoch
+        if runtime.is_main:
+            print(metrics.format_epoch_line(row), flush=True)
+            artifacts.save_checkpoint(layout.checkpoint_dir, {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "rng": artifacts.rng_state(),
+                "best_model": best_weights,
+                "state": state,
+                "classes": list(classes),
+                "arch": cfg.arch,
+            })
+        if runtime.distributed:
+            dist.barrier()
+        if stop():
+            raise TrainingStopped
+    if cfg.patience and state["bad_epochs"] >= cfg.patience and state["epoch"] < cfg.epochs:
+        if runtime.is_main:
+            log.info("early stopping: valid loss has not improved for %d epochs (best: epoch "
+                     "%d)", cfg.patience, state["best_epoch"])
+
+    model.load_state_dict(best_weights)
+    summary: dict[str, Any] = {
+        "best_epoch": state["best_epoch"],
+        "epochs_run": state["epoch"],
+        "valid_loss": state["best_loss"],
+        "valid_acc": next((h["valid_acc"] for h in state["history"]
+                           if h["epoch"] == state["best_epoch"]), None),
+    }
+    labels = [data.label_name(c) for c in classes]
+    if "test" in loaders:
+        test = engine.evaluate(model, loaders["test"], num_classes=num_classes,
+                               device=runtime.device, amp_dtype=runtime.amp_dtype,
+                               channels_last=cfg.channels_last, reduce=reduce)
+        summary.update(
+            test_loss=test.loss, test_acc=test.accuracy, test_top5=test.top5,
+            test_images=test.images,
+            per_class_accuracy={name: acc for name, acc in zip(labels, test.per_class_accuracy())},
+            confusion_matrix=test.confusion.tolist(),
+        )
+        if runtime.is_main:
+            print(metrics.format_test_line({"test_loss": test.loss, "test_acc": test.accuracy,
+                                            "test_top5": test.top5}), flush=True)
+    elif runtime.is_main:
+        log.warning("no test split: the model is saved without a test evaluation")
+
+    if runtime.is_main:
+        model_config = {
+            "arch": cfg.arch,
+            "classes": list(classes),
+            "preprocess": pre.to_dict(),
+            "channels_last": cfg.channels_last,
+        }
+        artifacts.save_artifact(layout.model_dir, state_dict=model.state_dict(), labels=labels,
+                                config=model_config, metrics=summary)
+        out = layout.output_data_dir
+        artifacts.write_json(out / "history.json", state["history"])
+        artifacts.write_json(out / "config.json", cfg.to_dict())
+        artifacts.write_json(out / "evaluation.json", {
+            "labels": labels,
+            **{k: v for k, v in summary.items()},
+            "train_counts": scan.splits["train"].counts(),
+        })
+        log.info("model saved to %s", layout.model_dir)
+    return summary
+
+
+def _configure_logging() -> None:
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stdout,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+
+
+def main(environ=None) -> int:
+    """Entry: reads the contract, trains, and turns any failure into output/failure."""
+    environ = os.environ if environ is None else environ
+    _configure_logging()
+    stop = StopFlag()
+    stop.install()
+    contract = None
+    rank = int(environ.get("RANK", "0"))
+    try:
+        contract = read_training_contract(environ)
+        cfg = parse_hyperparameters(contract.hyperparameters)
+        runtime = setup_runtime(cfg, environ)
+        started = time.perf_counter()
+        run(contract, cfg, runtime, stop)
+        if rank == 0:
+            log.info("training finished in %.1f s", time.perf_counter() - started)
+        code = 0
+    except TrainingStopped:
+        message = ("Stopped by SIGTERM: the checkpoint of the last completed epoch is kept in "
+                   "checkpoints/; start the same job again to resume from it")
+        log.warning(message)
+        if contract is not None and rank == 0:
+            write_failure(contract.layout, message)
+        code = EXIT_STOPPED
+    except UserError as exc:
+        log.error("%s", exc)
+        if contract is not None and rank == 0:
+            write_failure(contract.layout, f"ClientError: {exc}")
+        elif rank == 0:
+            print(f"ClientError: {exc}", file=sys.stderr)
+        code = 2
+    except Exception as exc:  # our bug: full traceback in the log, a short reason in the file
+        log.error("unexpected error:\n%s", traceback.format_exc())
+        if contract is not None and rank == 0:
+            write_failure(contract.layout, f"AlgorithmError: {type(exc).__name__}: {exc} "
+                          "(an imgclf bug: the job log has the traceback; please report it)")
+        code = 1
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
