@@ -41,7 +41,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
         if image.mode == "F":
             peak = max(float(array.max()), 1.0) if array.max() > 1.0 else 1.0
         scaled = np.clip(array * (255.0 / peak), 0, 255).round().astype(np.uint8)
-        image = Image.fromarray(scaled, mode="L")
+        image = Image.fromarray(scaled)
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):

@@ -33,7 +33,7 @@ def write_digits(root: Path, *, size: int = 32, seed: int = 0) -> dict[str, int]
             out.mkdir(parents=True, exist_ok=True)
             for index in members:
                 pixels = (digits.images[index] * (255.0 / 16.0)).round().astype(np.uint8)
-                image = Image.fromarray(pixels, mode="L").resize((size, size), Image.BILINEAR)
+                image = Image.fromarray(pixels).resize((size, size), Image.BILINEAR)
                 image.save(out / f"{index:04d}.png")
             counts[split] += len(members)
     return counts

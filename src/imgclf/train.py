@@ -88,7 +88,10 @@ def setup_runtime(cfg: TrainConfig, environ) -> Runtime:
     else:
         device = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend)
+        if rank == 0:
+            log.info("distributed: world size %d, backend %s", world_size, backend)
     return Runtime(
         rank=rank,
         local_rank=local_rank,

@@ -121,6 +121,8 @@ def run_job(job: LocalJob, command: list[str], env: dict[str, str], *,
             stderr=None if interactive else subprocess.STDOUT,  # keep the progress bar live
             start_new_session=True,
         )
+        # `kill` of the launcher stops the job the same way (SIGTERM to its process group).
+        previous = signal.signal(signal.SIGTERM, lambda *_: _signal_group(proc, signal.SIGTERM))
         try:
             assert proc.stdout is not None
             for line in proc.stdout:
@@ -134,8 +136,16 @@ def run_job(job: LocalJob, command: list[str], env: dict[str, str], *,
             stop_process_group(proc)
             raise
         finally:
+            signal.signal(signal.SIGTERM, previous)
             if proc.poll() is None:
                 stop_process_group(proc)
+
+
+def _signal_group(proc: subprocess.Popen, signum: int) -> None:
+    try:
+        os.killpg(proc.pid, signum)
+    except ProcessLookupError:
+        pass
 
 
 def stop_process_group(proc: subprocess.Popen, grace: float = STOP_GRACE_SECONDS) -> int:

@@ -1,0 +1,166 @@
+"""Shared fixtures: real data (scikit-learn digits, generated odd images) and job helpers."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from imgclf.sample import write_digits
+
+ROOT = Path(__file__).resolve().parents[1]
+LAUNCH = [sys.executable, str(ROOT / "launch.py")]
+
+# Small, fast settings for CPU tests; each test adds what it needs.
+FAST_HPS = {
+    "arch": "resnet18",
+    "pretrained": "false",
+    "image_size": "32",
+    "batch_size": "64",
+    "lr": "0.003",
+    "hflip": "false",
+    "min_crop_scale": "0.6",
+}
+
+
+@pytest.fixture(scope="session")
+def digits_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("digits")
+    write_digits(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_digits(digits_dir, tmp_path_factory) -> Path:
+    """A few digits per class and split: for tests of the mechanics, not of accuracy."""
+    root = tmp_path_factory.mktemp("tiny_digits")
+    per_split = {"train": 12, "valid": 4, "test": 4}
+    for split, n in per_split.items():
+        for cls in sorted((digits_dir / split).iterdir()):
+            out = root / split / cls.name
+            out.mkdir(parents=True)
+            for image in sorted(cls.iterdir())[:n]:
+                shutil.copy(image, out / image.name)
+    return root
+
+
+def _jpeg_bytes(image: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", **kw)
+    return buf.getvalue()
+
+
+def write_odd_images(folder: Path, rng: np.random.Generator) -> dict[str, str]:
+    """Every image mode a user's folder may hold, plus files that are not usable images.
+    Returns {file name: 'ok' | 'bad' | 'ignored'}."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rgb = Image.fromarray(rng.integers(0, 255, (40, 30, 3), dtype=np.uint8), "RGB")
+    made: dict[str, str] = {}
+
+    rgb.convert("L").save(folder / "gray.png")
+    made["gray.png"] = "ok"
+    rgb.convert("CMYK").save(folder / "cmyk.jpg")
+    made["cmyk.jpg"] = "ok"
+    rgba = rgb.convert("RGBA")
+    rgba.putalpha(128)
+    rgba.save(folder / "rgba.png")
+    made["rgba.png"] = "ok"
+    rgb.convert("P", palette=Image.ADAPTIVE).save(folder / "palette.gif")
+    made["palette.gif"] = "ok"
+    sixteen = (rng.integers(0, 65535, (40, 30))).astype(np.uint16)
+    Image.fromarray(sixteen).save(folder / "deep16.png")
+    made["deep16.png"] = "ok"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90° on display
+    rgb.save(folder / "rotated.jpg", exif=exif)
+    made["rotated.jpg"] = "ok"
+    rgb.save(folder / "plain.jpg")
+    made["plain.jpg"] = "ok"
+
+    data = _jpeg_bytes(Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)))
+    (folder / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    made["truncated.jpg"] = "bad"
+    (folder / "empty.jpg").write_bytes(b"")
+    made["empty.jpg"] = "bad"
+    (folder / "text.jpg").write_text("this is not an image\n")
+    made["text.jpg"] = "bad"
+    (folder / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    made[".DS_Store"] = "ignored"
+    return made
+
+
+@pytest.fixture
+def odd_dataset(tmp_path) -> tuple[Path, set[str]]:
+    """Two classes per split; train/001.cats holds every odd image. Returns the root and the
+    split-relative paths of the files training must skip."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "odd"
+    bad: set[str] = set()
+    for split in ("train", "valid", "test"):
+        for cls in ("001.cats", "002.dogs"):
+            folder = root / split / cls
+            folder.mkdir(parents=True)
+            for i in range(6):
+                arr = rng.integers(0, 255, (36, 36, 3), dtype=np.uint8)
+                arr[..., 0 if cls == "001.cats" else 2] = 255  # learnable: red vs blue
+                Image.fromarray(arr).save(folder / f"{i}.png")
+    made = write_odd_images(root / "train" / "001.cats", rng)
+    bad = {f"train/001.cats/{name}" for name, kind in made.items() if kind == "bad"}
+    (root / ".DS_Store").write_bytes(b"\x00")  # macOS leaves these at every level
+    return root, bad
+
+
+def make_sagemaker_job(base: Path, *, hyperparameters: dict[str, str],
+                       channels: dict[str, Path], json_encode: bool = True) -> Path:
+    """A job dir made the way SageMaker makes /opt/ml: string hyperparameters (JSON-encoded as
+    the Python SDK sends them), resourceconfig, inputdataconfig and channel folders."""
+    config = base / "input" / "config"
+    config.mkdir(parents=True)
+    hps = {k: (json.dumps(v) if json_encode else v) for k, v in hyperparameters.items()}
+    hps.update({"sagemaker_job_name": json.dumps("test-job"),
+                "sagemaker_region": json.dumps("us-east-1")})
+    (config / "hyperparameters.json").write_text(json.dumps(hps))
+    (config / "resourceconfig.json").write_text(json.dumps(
+        {"current_host": "algo-1", "hosts": ["algo-1"], "network_interface_name": "eth0"}))
+    (config / "inputdataconfig.json").write_text(json.dumps(
+        {name: {"TrainingInputMode": "File"} for name in channels}))
+    for name, source in channels.items():
+        shutil.copytree(source, base / "input" / "data" / name)
+    for folder in ("model", "output/data", "checkpoints"):
+        (base / folder).mkdir(parents=True, exist_ok=True)
+    return base
+
+
+def train_entry_env(base: Path) -> dict[str, str]:
+    """The training image's environment, over `base` instead of /opt/ml."""
+    from imgclf.contract import TRAIN_IMAGE_ENV
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "SM_"))}
+    env.update(TRAIN_IMAGE_ENV)
+    env.update({"SAGEMAKER_BASE_DIR": str(base), "SM_STUDIO_LOCAL_MODE": "true",
+                "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"})
+    return env
+
+
+def run_train_entry(base: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    """sagemaker-training's `train` console script, as the image's ENTRYPOINT runs it."""
+    return subprocess.run([str(Path(sys.executable).parent / "train")], env=train_entry_env(base),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def run_launch(*args: str, home: Path, timeout: float = 900) -> subprocess.CompletedProcess:
+    env = {**os.environ, "IMGCLF_HOME": str(home)}
+    return subprocess.run([*LAUNCH, *args], env=env, capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+
+
+def hp_args(hps: dict[str, str]) -> list[str]:
+    return ["--hp", *(f"{k}={v}" for k, v in hps.items())]

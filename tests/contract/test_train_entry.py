@@ -1,0 +1,88 @@
+"""The image's `train` entry (sagemaker-training) over job dirs made the way SageMaker makes
+them; nothing of ours is imported in-process except the fixtures that write the job dir."""
+
+import json
+
+import torch
+
+from imgclf.artifacts import load_artifact
+from tests.conftest import FAST_HPS, make_sagemaker_job, run_train_entry
+
+
+def test_separate_channels_produce_the_artifact(tmp_path, tiny_digits):
+    base = make_sagemaker_job(
+        tmp_path / "ml", hyperparameters={**FAST_HPS, "epochs": "1", "image_size": "16"},
+        channels={n: tiny_digits / n for n in ("train", "valid", "test")})
+    proc = run_train_entry(base)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert not (base / "output" / "failure").exists()
+    assert (base / "output" / "success").exists()
+    model = base / "model"
+    state = torch.load(model / "model.pt", weights_only=True)
+    assert state["fc.weight"].shape == (10, 512)
+    labels = json.loads((model / "labels.json").read_text())
+    folders = sorted(p.name for p in (tiny_digits / "train").iterdir())
+    assert [labels[str(i)] for i in range(10)] == [f.split(".", 1)[1] for f in folders]
+    config = json.loads((model / "model_config.json").read_text())
+    assert config["arch"] == "resnet18" and config["classes"] == folders
+    assert config["preprocess"]["image_size"] == 16 and config["version"]
+    metrics = json.loads((model / "metrics.json").read_text())
+    assert metrics["test_images"] == 40 and len(metrics["confusion_matrix"]) == 10
+    assert set(metrics["per_class_accuracy"]) == set(labels.values())
+    assert "#metrics epoch=1 " in proc.stdout
+    assert (base / "checkpoints" / "checkpoint.pt").exists()
+    for name in ("history.json", "config.json", "evaluation.json", "skipped_images.json"):
+        assert (base / "output" / "data" / name).exists(), name
+    assert load_artifact(model).labels == [labels[str(i)] for i in range(10)]
+
+
+def test_odd_images_train_and_exactly_the_bad_ones_are_named(tmp_path, odd_dataset):
+    root, bad = odd_dataset
+    base = make_sagemaker_job(
+        tmp_path / "ml", hyperparameters={**FAST_HPS, "epochs": "1", "image_size": "16",
+                                          "batch_size": "8"},
+        channels={"training": root}, json_encode=False)
+    proc = run_train_entry(base)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    skipped = json.loads((base / "output" / "data" / "skipped_images.json").read_text())
+    assert {f"{s['split']}/{s['path']}" for s in skipped} == bad
+    for name in bad:
+        assert name.split("/", 1)[1] in proc.stdout  # each named in the job log too
+    assert (base / "model" / "model.pt").exists()
+
+
+def test_broken_dataset_writes_failure_and_exits_non_zero(tmp_path, tiny_digits):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_digits, data)
+    shutil.rmtree(data / "valid")
+    base = make_sagemaker_job(tmp_path / "ml", hyperparameters={**FAST_HPS, "epochs": "1"},
+                              channels={"training": data})
+    proc = run_train_entry(base)
+    assert proc.returncode != 0
+    failure = (base / "output" / "failure").read_text()
+    assert failure.startswith("ClientError:") and "valid" in failure
+    assert len(failure) <= 1025
+    assert "Traceback" not in failure
+    assert not (base / "model" / "model.pt").exists()
+
+
+def test_too_many_bad_images_fail_with_their_list(tmp_path, odd_dataset):
+    root, bad = odd_dataset
+    base = make_sagemaker_job(tmp_path / "ml", hyperparameters={**FAST_HPS, "max_bad_images": "2"},
+                              channels={"training": root})
+    proc = run_train_entry(base)
+    assert proc.returncode != 0
+    failure = (base / "output" / "failure").read_text()
+    assert "max_bad_images=2" in failure
+    assert all(name in failure for name in bad)
+
+
+def test_unknown_hyperparameter_fails_naming_the_valid_ones(tmp_path, tiny_digits):
+    base = make_sagemaker_job(tmp_path / "ml", hyperparameters={"learning-rate": "0.1"},
+                              channels={"training": tiny_digits})
+    proc = run_train_entry(base)
+    assert proc.returncode != 0
+    failure = (base / "output" / "failure").read_text()
+    assert "learning-rate" in failure and "batch_size" in failure

@@ -1,0 +1,133 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from imgclf import data
+from imgclf.contract import resolve_splits
+from imgclf.errors import DataError
+from tests.conftest import write_odd_images
+
+
+@pytest.fixture
+def odd_folder(tmp_path):
+    made = write_odd_images(tmp_path / "imgs", np.random.default_rng(1))
+    return tmp_path / "imgs", made
+
+
+def test_every_usable_mode_becomes_rgb_and_bad_files_are_named(odd_folder):
+    folder, made = odd_folder
+    for name, kind in made.items():
+        problem = data.image_problem(folder / name)
+        if kind == "ok":
+            assert problem is None, (name, problem)
+            image = data.open_image(folder / name)
+            assert image.mode == "RGB"
+        elif kind == "bad":
+            assert problem, name
+
+
+def test_exif_rotation_is_applied(odd_folder):
+    folder, _ = odd_folder
+    assert data.open_image(folder / "plain.jpg").size == (30, 40)
+    assert data.open_image(folder / "rotated.jpg").size == (40, 30)
+
+
+def test_sixteen_bit_keeps_its_range(tmp_path):
+    ramp = np.linspace(0, 65535, 64, dtype=np.uint16).reshape(8, 8)
+    Image.fromarray(ramp).save(tmp_path / "d.png")
+    rgb = np.asarray(data.open_image(tmp_path / "d.png"))
+    assert rgb.min() == 0 and rgb.max() == 255
+
+
+def test_transparency_is_composited_on_white(tmp_path):
+    Image.new("RGBA", (4, 4), (0, 0, 0, 0)).save(tmp_path / "clear.png")
+    assert np.asarray(data.open_image(tmp_path / "clear.png")).min() == 255
+
+
+def test_scan_skips_exactly_the_unreadable_files(odd_dataset):
+    root, bad = odd_dataset
+    scan = data.scan_dataset(resolve_splits({"training": root}))
+    assert {f"{b.split}/{b.path}" for b in scan.bad} == bad
+    assert scan.classes == ("001.cats", "002.dogs")
+    assert scan.splits["train"].counts() == [6 + 7, 6]
+    assert "001.cats/.DS_Store" in scan.splits["train"].ignored
+
+
+def test_class_sets_that_differ_are_named(tiny_digits, tmp_path):
+    import shutil
+
+    root = tmp_path / "d"
+    shutil.copytree(tiny_digits, root)
+    shutil.rmtree(root / "valid" / "003.two")
+    (root / "test" / "011.extra").mkdir()
+    Image.new("L", (8, 8)).save(root / "test" / "011.extra" / "a.png")
+    with pytest.raises(DataError) as err:
+        data.scan_dataset(resolve_splits({"training": root}))
+    assert "valid lacks 003.two" in str(err.value)
+    assert "test has 011.extra" in str(err.value)
+
+
+def test_wrong_layout_errors_say_what_is_expected(tmp_path):
+    (tmp_path / "train").mkdir()
+    with pytest.raises(DataError, match="valid"):
+        resolve_splits({"training": tmp_path})
+    (tmp_path / "valid").mkdir()
+    with pytest.raises(DataError, match="no class folders"):
+        data.scan_dataset(resolve_splits({"training": tmp_path}))
+
+
+def test_separate_channels_or_one_training_channel(tiny_digits):
+    combined = resolve_splits({"training": tiny_digits})
+    separate = resolve_splits({n: tiny_digits / n for n in ("train", "valid", "test")})
+    assert combined == separate
+
+
+def test_label_names():
+    assert data.label_name("001.Affenpinscher") == "Affenpinscher"
+    assert data.label_name("002.Afghan_hound") == "Afghan hound"
+    assert data.label_name("cats") == "cats"
+
+
+def test_class_weights_are_balanced():
+    w = data.class_weights([10, 30])
+    assert torch.allclose(w, torch.tensor([2.0, 2 / 3]))
+
+
+def test_epoch_sampler_is_a_fixed_permutation_per_epoch_and_shards_evenly():
+    a = data.EpochSampler(10, seed=3)
+    a.set_epoch(2)
+    first = list(a)
+    a.set_epoch(2)
+    assert list(a) == first
+    a.set_epoch(3)
+    assert [i for i, _ in a] != [i for i, _ in first]
+    shards = []
+    for rank in range(3):
+        s = data.EpochSampler(10, seed=3, rank=rank, world_size=3)
+        s.set_epoch(2)
+        shards.append([i for i, _ in s])
+    assert all(len(s) == 4 for s in shards)
+    assert set(sum(shards, [])) == set(range(10))
+
+
+def test_augmentation_depends_only_on_seed_epoch_and_index(tiny_digits):
+    samples = data.scan_split("train", tiny_digits / "train").samples
+    pre = data.Preprocess(32, 36, (0.5,) * 3, (0.5,) * 3)
+    ds = data.ImageListDataset(samples, data.train_transform(pre, hflip=True, min_crop_scale=0.2),
+                               draft=None, seed=7)
+    x1, _ = ds[(5, 1)]
+    ds[(6, 1)]
+    x2, _ = ds[(5, 1)]
+    x3, _ = ds[(5, 2)]
+    assert torch.equal(x1, x2) and not torch.equal(x1, x3)
+
+
+def test_eval_transform_shape_and_normalisation(tmp_path):
+    Image.new("RGB", (50, 40), (255, 255, 255)).save(tmp_path / "w.png")
+    pre = data.Preprocess(24, 28, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    x = data.eval_transform(pre)(data.open_image(Path(tmp_path / "w.png")))
+    assert x.shape == (3, 24, 24)
+    assert torch.allclose(x, torch.full_like(x, 2.0))
