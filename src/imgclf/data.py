@@ -351,6 +351,13 @@ def default_workers(local_world_size: int = 1) -> int:
     return max(0, min(8, cpus // max(1, local_world_size)))
 
 
+def _ignore_sigterm(worker_id: int) -> None:
+    """SIGTERM goes to the whole process group; the main process stops the workers itself."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def make_loader(dataset: Dataset, sampler: Sampler, *, batch_size: int, workers: int,
                 pin_memory: bool) -> DataLoader:
     return DataLoader(
@@ -361,4 +368,5 @@ def make_loader(dataset: Dataset, sampler: Sampler, *, batch_size: int, workers:
         pin_memory=pin_memory,
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
+        worker_init_fn=_ignore_sigterm if workers > 0 else None,
     )

@@ -296,12 +296,6 @@ def run(contract: TrainingContract, cfg: TrainConfig, runtime: Runtime, stop: St
                 scheduler=scheduler, scaler=scaler, amp_dtype=runtime.amp_dtype,
                 channels_last=cfg.channels_last, should_stop=stop, on_batch=progress.update,
                 reduce=reduce)
-        except TrainingStopped:
-            raise
-        except Exception:
-            if stop():  # SIGTERM also reached the loader's workers
-                raise TrainingStopped from None
-            raise
         finally:
             progress.close()
         valid = engine.evaluate(model, loaders["valid"], num_classes=num_classes,
@@ -415,30 +409,37 @@ def main(environ=None) -> int:
         run(contract, cfg, runtime, stop)
         if rank == 0:
             log.info("training finished in %.1f s", time.perf_counter() - started)
-        code = 0
-    except TrainingStopped:
-        message = ("Stopped by SIGTERM: the checkpoint of the last completed epoch is kept in "
-                   "checkpoints/; start the same job again to resume from it")
-        log.warning(message)
-        if contract is not None and rank == 0:
-            write_failure(contract.layout, message)
-        code = EXIT_STOPPED
-    except UserError as exc:
-        log.error("%s", exc)
-        if contract is not None and rank == 0:
-            write_failure(contract.layout, f"ClientError: {exc}")
-        elif rank == 0:
-            print(f"ClientError: {exc}", file=sys.stderr)
-        code = 2
-    except Exception as exc:  # our bug: full traceback in the log, a short reason in the file
-        log.error("unexpected error:\n%s", traceback.format_exc())
-        if contract is not None and rank == 0:
-            write_failure(contract.layout, f"AlgorithmError: {type(exc).__name__}: {exc} "
-                          "(an imgclf bug: the job log has the traceback; please report it)")
-        code = 1
+        return 0
+    except Exception as exc:
+        return _report_failure(exc, contract, rank, stopped=stop())
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _report_failure(exc: Exception, contract: TrainingContract | None, rank: int, *,
+                    stopped: bool) -> int:
+    """Log the failure, write output/failure (rank 0 only) and return the exit code. A user's
+    error gets its message; our bug gets a short reason and its traceback in the log."""
+    if stopped or isinstance(exc, TrainingStopped):  # SIGTERM may surface as another error
+        message = ("Stopped by SIGTERM: the checkpoint of the last completed epoch is kept in "
+                   "checkpoints/; start the same job again to resume from it")
+        log.warning(message)
+        code = EXIT_STOPPED
+    elif isinstance(exc, UserError):
+        message = f"ClientError: {exc}"
+        log.error("%s", exc)
+        code = 2
+    else:
+        message = (f"AlgorithmError: {type(exc).__name__}: {exc} (an imgclf bug: the job log "
+                   "has the traceback; please report it)")
+        log.error("unexpected error:\n%s", "".join(traceback.format_exception(exc)))
+        code = 1
+    if rank == 0:
+        if contract is not None:
+            write_failure(contract.layout, message)
+        else:
+            print(message, file=sys.stderr)
     return code
 
 

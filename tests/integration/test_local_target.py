@@ -1,0 +1,91 @@
+"""The launcher's local target end to end: real data, resume after SIGTERM, DDP under torchrun."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import torch
+
+from tests.conftest import FAST_HPS, LAUNCH, ROOT, hp_args, run_launch
+
+
+def test_digits_reach_95_percent_through_the_launcher(tmp_path, digits_dir):
+    proc = run_launch("train", "--data", str(digits_dir), "--job-name", "digits",
+                      *hp_args({**FAST_HPS, "epochs": "4"}), home=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    model = tmp_path / "jobs" / "digits" / "model"
+    metrics = json.loads((model / "metrics.json").read_text())
+    assert metrics["test_acc"] >= 0.95, metrics["test_acc"]
+    assert "test accuracy" in proc.stdout and str(model) in proc.stdout
+    assert (tmp_path / "jobs" / "digits" / "train.log").read_text().count("#metrics epoch=") == 4
+
+
+RESUME_HPS = {**FAST_HPS, "epochs": "3", "image_size": "24", "batch_size": "16", "workers": "1",
+              "seed": "11", "patience": "0"}
+
+
+def _weights(home, job):
+    return torch.load(home / "jobs" / job / "model" / "model.pt", weights_only=True)
+
+
+def test_sigterm_keeps_the_checkpoint_and_the_rerun_resumes_to_the_same_weights(
+        tmp_path, tiny_digits):
+    args = ["train", "--data", str(tiny_digits), *hp_args(RESUME_HPS)]
+    straight = run_launch(*args, "--job-name", "straight", home=tmp_path)
+    assert straight.returncode == 0, straight.stdout[-3000:] + straight.stderr[-3000:]
+
+    env = {**os.environ, "IMGCLF_HOME": str(tmp_path)}
+    proc = subprocess.Popen([*LAUNCH, *args, "--job-name", "stopped"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith("#metrics epoch=1 "):
+            os.killpg(proc.pid, signal.SIGTERM)
+            stopped_at = time.monotonic()
+            break
+    rest = proc.stdout.read()
+    code = proc.wait(timeout=120)
+    assert time.monotonic() - stopped_at < 120
+    assert code != 0, "".join(seen) + rest
+    job = tmp_path / "jobs" / "stopped"
+    assert "Stopped by SIGTERM" in (job / "output" / "failure").read_text()
+    done = torch.load(job / "checkpoints" / "checkpoint.pt", weights_only=True)["state"]["epoch"]
+    assert 1 <= done < 3
+
+    resumed = run_launch(*args, "--job-name", "stopped", home=tmp_path)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert f"resuming from checkpoint after epoch {done}" in resumed.stdout
+    assert "#metrics epoch=1 " not in resumed.stdout
+    assert f"#metrics epoch={done + 1} " in resumed.stdout
+    assert not (job / "output" / "failure").exists()
+
+    a, b = _weights(tmp_path, "straight"), _weights(tmp_path, "stopped")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_processes_under_torchrun_write_one_artifact(tmp_path, tiny_digits):
+    proc = run_launch("train", "--data", str(tiny_digits), "--job-name", "ddp", "--nproc", "2",
+                      *hp_args({**FAST_HPS, "epochs": "1", "image_size": "16", "workers": "0"}),
+                      home=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "torchrun" in proc.stdout
+    assert "world size 2, backend gloo" in proc.stdout
+    assert proc.stdout.count("#metrics epoch=1 ") == 1  # rank 0 alone prints and writes
+    model = tmp_path / "jobs" / "ddp" / "model"
+    assert sorted(p.name for p in model.iterdir()) == [
+        "labels.json", "metrics.json", "model.pt", "model_config.json"]
+    metrics = json.loads((model / "metrics.json").read_text())
+    assert metrics["test_images"] == 40  # every test image counted once across both ranks
+
+
+def test_bad_hyperparameter_is_refused_before_a_job_starts(tmp_path, tiny_digits):
+    proc = run_launch("train", "--data", str(tiny_digits), "--hp", "optimizer=sgdd",
+                      home=tmp_path)
+    assert proc.returncode == 2
+    assert "optimizer" in proc.stderr and "adamw, sgd" in proc.stderr
+    assert not (tmp_path / "jobs").exists()
