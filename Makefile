@@ -22,8 +22,8 @@ demo: setup
 		epochs=6 image_size=32 batch_size=64 lr=0.003 hflip=false
 
 lint: setup
-	$(VPY) -m ruff check src tests benchmarks launch.py
-	$(VPY) -m ruff format --check src tests benchmarks launch.py
+	$(VPY) -m ruff check src tests $(wildcard benchmarks) launch.py
+	$(VPY) -m ruff format --check src tests $(wildcard benchmarks) launch.py
 
 test: setup lint
 	$(VPY) -m pytest

@@ -19,7 +19,7 @@ def _ensure_environment() -> None:
         venv = ROOT / ".venv"
         venv_python = venv / "bin" / "python"
         if venv_python.exists() and Path(sys.prefix).resolve() != venv.resolve():
-            os.execv(str(venv_python), [str(venv_python), *sys.argv])
+            os.execv(str(venv_python), [str(venv_python), *sys.argv])  # noqa: S606
         sys.exit("imgclf is not installed: run `make setup` first (creates .venv)")
 
 

@@ -118,20 +118,30 @@ def odd_dataset(tmp_path) -> tuple[Path, set[str]]:
     return root, bad
 
 
-def make_sagemaker_job(base: Path, *, hyperparameters: dict[str, str],
-                       channels: dict[str, Path], json_encode: bool = True) -> Path:
+def make_sagemaker_job(
+    base: Path,
+    *,
+    hyperparameters: dict[str, str],
+    channels: dict[str, Path],
+    json_encode: bool = True,
+) -> Path:
     """A job dir made the way SageMaker makes /opt/ml: string hyperparameters (JSON-encoded as
     the Python SDK sends them), resourceconfig, inputdataconfig and channel folders."""
     config = base / "input" / "config"
     config.mkdir(parents=True)
     hps = {k: (json.dumps(v) if json_encode else v) for k, v in hyperparameters.items()}
-    hps.update({"sagemaker_job_name": json.dumps("test-job"),
-                "sagemaker_region": json.dumps("us-east-1")})
+    hps.update(
+        {"sagemaker_job_name": json.dumps("test-job"), "sagemaker_region": json.dumps("us-east-1")}
+    )
     (config / "hyperparameters.json").write_text(json.dumps(hps))
-    (config / "resourceconfig.json").write_text(json.dumps(
-        {"current_host": "algo-1", "hosts": ["algo-1"], "network_interface_name": "eth0"}))
-    (config / "inputdataconfig.json").write_text(json.dumps(
-        {name: {"TrainingInputMode": "File"} for name in channels}))
+    (config / "resourceconfig.json").write_text(
+        json.dumps(
+            {"current_host": "algo-1", "hosts": ["algo-1"], "network_interface_name": "eth0"}
+        )
+    )
+    (config / "inputdataconfig.json").write_text(
+        json.dumps({name: {"TrainingInputMode": "File"} for name in channels})
+    )
     for name, source in channels.items():
         shutil.copytree(source, base / "input" / "data" / name)
     for folder in ("model", "output/data", "checkpoints"):
@@ -145,21 +155,32 @@ def train_entry_env(base: Path) -> dict[str, str]:
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "SM_"))}
     env.update(TRAIN_IMAGE_ENV)
-    env.update({"SAGEMAKER_BASE_DIR": str(base), "SM_STUDIO_LOCAL_MODE": "true",
-                "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"})
+    env.update(
+        {
+            "SAGEMAKER_BASE_DIR": str(base),
+            "SM_STUDIO_LOCAL_MODE": "true",
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+        }
+    )
     return env
 
 
 def run_train_entry(base: Path, timeout: float = 600) -> subprocess.CompletedProcess:
     """sagemaker-training's `train` console script, as the image's ENTRYPOINT runs it."""
-    return subprocess.run([str(Path(sys.executable).parent / "train")], env=train_entry_env(base),
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [str(Path(sys.executable).parent / "train")],
+        env=train_entry_env(base),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def run_launch(*args: str, home: Path, timeout: float = 900) -> subprocess.CompletedProcess:
     env = {**os.environ, "IMGCLF_HOME": str(home)}
-    return subprocess.run([*LAUNCH, *args], env=env, capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT)
+    return subprocess.run(
+        [*LAUNCH, *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT
+    )
 
 
 def hp_args(hps: dict[str, str]) -> list[str]:

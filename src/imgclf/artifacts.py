@@ -57,8 +57,14 @@ class ModelArtifact:
     config: dict[str, Any]
 
 
-def save_artifact(model_dir: Path, *, state_dict: dict[str, torch.Tensor], labels: list[str],
-                  config: dict[str, Any], metrics: dict[str, Any] | None = None) -> None:
+def save_artifact(
+    model_dir: Path,
+    *,
+    state_dict: dict[str, torch.Tensor],
+    labels: list[str],
+    config: dict[str, Any],
+    metrics: dict[str, Any] | None = None,
+) -> None:
     """The model dir SageMaker tars into model.tar.gz; it carries everything needed to serve."""
     state = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
     atomic_save(state, model_dir / MODEL_FILE)
@@ -76,21 +82,29 @@ def load_artifact(model_dir: Path) -> ModelArtifact:
     model_dir = Path(model_dir)
     for name in (MODEL_FILE, LABELS_FILE, CONFIG_FILE):
         if not (model_dir / name).is_file():
-            raise UserError(f"model artifact {model_dir} lacks {name}; it needs "
-                            f"{MODEL_FILE}, {LABELS_FILE} and {CONFIG_FILE}")
+            raise UserError(
+                f"model artifact {model_dir} lacks {name}; it needs "
+                f"{MODEL_FILE}, {LABELS_FILE} and {CONFIG_FILE}"
+            )
     try:
         labels_map = json.loads((model_dir / LABELS_FILE).read_text())
         labels = [labels_map[str(i)] for i in range(len(labels_map))]
         config = json.loads((model_dir / CONFIG_FILE).read_text())
     except (ValueError, KeyError) as exc:
-        raise UserError(f"model artifact {model_dir}: unreadable labels or config ({exc})") from None
+        raise UserError(
+            f"model artifact {model_dir}: unreadable labels or config ({exc})"
+        ) from None
     try:
         state = torch.load(model_dir / MODEL_FILE, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise UserError(f"model artifact {model_dir}: {MODEL_FILE} cannot be loaded ({exc})") from None
+        raise UserError(
+            f"model artifact {model_dir}: {MODEL_FILE} cannot be loaded ({exc})"
+        ) from None
     if config.get("num_classes") not in (None, len(labels)):
-        raise UserError(f"model artifact {model_dir}: {len(labels)} labels but config says "
-                        f"{config['num_classes']} classes")
+        raise UserError(
+            f"model artifact {model_dir}: {len(labels)} labels but config says "
+            f"{config['num_classes']} classes"
+        )
     return ModelArtifact(state, labels, config)
 
 
@@ -120,8 +134,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
     n = state["numpy"]
     np.random.set_state(
-        ("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-         n["cached_gaussian"])
+        (
+            "MT19937",
+            n["keys"].numpy().astype(np.uint32),
+            n["pos"],
+            n["has_gauss"],
+            n["cached_gaussian"],
+        )
     )
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

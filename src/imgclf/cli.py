@@ -14,8 +14,12 @@ from imgclf.errors import UserError
 def _print_table(rows: list[list[str]], header: list[str]) -> None:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
-        print("  ".join(str(cell).rjust(w) if i else str(cell).ljust(w)
-                        for i, (cell, w) in enumerate(zip(row, widths))))
+        print(
+            "  ".join(
+                str(cell).rjust(w) if i else str(cell).ljust(w)
+                for i, (cell, w) in enumerate(zip(row, widths))
+            )
+        )
 
 
 # ---------------------------------------------------------------- data
@@ -31,8 +35,11 @@ def cmd_data_sample(args) -> int:
             return 0
         raise UserError(f"{root} exists and is not empty; choose an empty folder or --force")
     counts = write_digits(root, size=args.size, seed=args.seed)
-    print(f"wrote scikit-learn digits to {root}: "
-          + ", ".join(f"{k} {v}" for k, v in counts.items()) + " images, 10 classes")
+    print(
+        f"wrote scikit-learn digits to {root}: "
+        + ", ".join(f"{k} {v}" for k, v in counts.items())
+        + " images, 10 classes"
+    )
     return 0
 
 
@@ -65,8 +72,11 @@ def cmd_data_check(args) -> int:
     bad = scan.bad
     ignored = [f"{n}/{p}" for n, s in scan.splits.items() for p in s.ignored]
     if ignored:
-        print(f"{len(ignored)} files ignored (not images by name): "
-              + ", ".join(ignored[:10]) + (" ..." if len(ignored) > 10 else ""))
+        print(
+            f"{len(ignored)} files ignored (not images by name): "
+            + ", ".join(ignored[:10])
+            + (" ..." if len(ignored) > 10 else "")
+        )
     if bad:
         print(f"{len(bad)} unreadable images (training skips them):")
         for b in bad:
@@ -100,8 +110,14 @@ def cmd_train(args) -> int:
     name = args.job_name or local.new_job_name()
     if args.docker:
         local.require_docker()
-    job = local.prepare_job(home, name, data_dir=Path(args.data), hyperparameters=hps,
-                            nproc=args.nproc, link_data=not args.docker)
+    job = local.prepare_job(
+        home,
+        name,
+        data_dir=Path(args.data),
+        hyperparameters=hps,
+        nproc=args.nproc,
+        link_data=not args.docker,
+    )
     print(f"job {name}: {job.layout.base}")
     if args.docker:
         command = local.docker_command(job, args.docker)
@@ -112,8 +128,10 @@ def cmd_train(args) -> int:
     code = local.run_job(job, command, env)
     failure = local.read_failure(job)
     if code != 0 or failure:
-        print(f"\njob {name} failed (exit {code}): {failure or 'see ' + str(job.log_file)}",
-              file=sys.stderr)
+        print(
+            f"\njob {name} failed (exit {code}): {failure or 'see ' + str(job.log_file)}",
+            file=sys.stderr,
+        )
         return code or 1
     metrics_file = job.layout.model_dir / "metrics.json"
     summary = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
@@ -122,8 +140,10 @@ def cmd_train(args) -> int:
     print(f"  outputs: {job.layout.output_data_dir}")
     print(f"  log:     {job.log_file}")
     if "test_acc" in summary:
-        print(f"  test accuracy {summary['test_acc']:.2%}, top-5 {summary['test_top5']:.2%} "
-              f"on {summary['test_images']} images (best epoch {summary['best_epoch']})")
+        print(
+            f"  test accuracy {summary['test_acc']:.2%}, top-5 {summary['test_top5']:.2%} "
+            f"on {summary['test_images']} images (best epoch {summary['best_epoch']})"
+        )
     return 0
 
 
@@ -134,7 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="launch.py",
         description="Fine-tune torchvision classifiers through the SageMaker container "
-                    "contract, locally (default) or on SageMaker.")
+        "contract, locally (default) or on SageMaker.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     data = sub.add_parser("data", help="sample datasets and dataset checks")
@@ -152,14 +173,17 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(func=cmd_data_check)
 
     train = sub.add_parser(
-        "train", help="run a training job",
+        "train",
+        help="run a training job",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="hyperparameters (--hp key=value):\n" + describe())
+        epilog="hyperparameters (--hp key=value):\n" + describe(),
+    )
     train.add_argument("--data", required=True, help="folder with train/ valid/ [test/]")
     train.add_argument("--hp", nargs="*", metavar="KEY=VALUE", help="hyperparameters")
     train.add_argument("--hp-from", help="JSON file of hyperparameters (e.g. a tuner's best.json)")
-    train.add_argument("--job-name", help="job name; an existing local job resumes from its "
-                       "checkpoint")
+    train.add_argument(
+        "--job-name", help="job name; an existing local job resumes from its checkpoint"
+    )
     train.add_argument("--target", choices=["local"], default="local")
     train.add_argument("--nproc", type=int, default=1, help="processes under torchrun (local)")
     train.add_argument("--docker", metavar="IMAGE", help="run the training image under Docker")

@@ -34,8 +34,14 @@ _TRUE = {"true", "1", "yes", "y", "on"}
 _FALSE = {"false", "0", "no", "n", "off"}
 
 
-def _hp(default: Any, help: str, *, choices: tuple[str, ...] | None = None,
-        minimum: float | None = None, maximum: float | None = None) -> Any:
+def _hp(
+    default: Any,
+    help: str,
+    *,
+    choices: tuple[str, ...] | None = None,
+    minimum: float | None = None,
+    maximum: float | None = None,
+) -> Any:
     meta = {"help": help, "choices": choices, "minimum": minimum, "maximum": maximum}
     return field(default=default, metadata=meta)
 
@@ -54,28 +60,37 @@ class TrainConfig:
     weight_decay: float = _hp(1e-4, "weight decay", minimum=0.0, maximum=1.0)
     optimizer: str = _hp("adamw", "optimizer", choices=("adamw", "sgd"))
     momentum: float = _hp(0.9, "momentum for sgd", minimum=0.0, maximum=1.0)
-    scheduler: str = _hp("cosine", "learning-rate schedule (cosine has a linear warmup)",
-                         choices=("cosine", "none"))
-    warmup_epochs: float = _hp(1.0, "linear warmup length in epochs (cosine only)",
-                               minimum=0.0, maximum=1_000.0)
-    label_smoothing: float = _hp(0.0, "label smoothing of the cross-entropy loss",
-                                 minimum=0.0, maximum=0.99)
+    scheduler: str = _hp(
+        "cosine", "learning-rate schedule (cosine has a linear warmup)", choices=("cosine", "none")
+    )
+    warmup_epochs: float = _hp(
+        1.0, "linear warmup length in epochs (cosine only)", minimum=0.0, maximum=1_000.0
+    )
+    label_smoothing: float = _hp(
+        0.0, "label smoothing of the cross-entropy loss", minimum=0.0, maximum=0.99
+    )
     class_weights: bool = _hp(False, "weight the loss by inverse class frequency (balanced)")
     image_size: int = _hp(224, "square input size in pixels", minimum=16, maximum=2048)
     hflip: bool = _hp(True, "random horizontal flips in training")
-    min_crop_scale: float = _hp(0.25, "smallest area fraction of a random-resized crop",
-                                minimum=0.01, maximum=1.0)
-    workers: int = _hp(-1, "data loader workers per process (-1: from the CPU count)",
-                       minimum=-1, maximum=256)
-    amp: str = _hp("auto", "mixed precision: auto (bf16/fp16 on GPU, off on CPU), bf16, fp16, off",
-                   choices=("auto", "bf16", "fp16", "off"))
+    min_crop_scale: float = _hp(
+        0.25, "smallest area fraction of a random-resized crop", minimum=0.01, maximum=1.0
+    )
+    workers: int = _hp(
+        -1, "data loader workers per process (-1: from the CPU count)", minimum=-1, maximum=256
+    )
+    amp: str = _hp(
+        "auto",
+        "mixed precision: auto (bf16/fp16 on GPU, off on CPU), bf16, fp16, off",
+        choices=("auto", "bf16", "fp16", "off"),
+    )
     channels_last: bool = _hp(False, "use the channels_last memory format")
-    seed: int = _hp(0, "random seed (data order, augmentation, init)", minimum=0,
-                    maximum=2**31 - 1)
-    patience: int = _hp(5, "early stopping: epochs without a better valid loss (0: off)",
-                        minimum=0, maximum=10_000)
-    max_bad_images: int = _hp(100, "unreadable images skipped before the job fails",
-                              minimum=0, maximum=10**9)
+    seed: int = _hp(0, "random seed (data order, augmentation, init)", minimum=0, maximum=2**31 - 1)
+    patience: int = _hp(
+        5, "early stopping: epochs without a better valid loss (0: off)", minimum=0, maximum=10_000
+    )
+    max_bad_images: int = _hp(
+        100, "unreadable images skipped before the job fails", minimum=0, maximum=10**9
+    )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -104,7 +119,7 @@ def is_platform_key(key: str) -> bool:
 
 
 def _decode(raw: Any) -> Any:
-    """SageMaker's SDK JSON-encodes each value (`"\\"resnet18\\""`); other clients send plain text."""
+    """SageMaker's SDK JSON-encodes each value (`"\\"resnet18\\""`); others send plain text."""
     if not isinstance(raw, str):
         return raw
     try:
@@ -150,12 +165,12 @@ def _coerce(name: str, raw: Any) -> Any:
     except (TypeError, ValueError):
         expected = {bool: "true or false", int: "an integer", float: "a number"}.get(kind, "text")
         raise ConfigError(
-            f"hyperparameter {name}={raw!r} is not valid: expected {expected}"
-            f" ({meta['help']})"
+            f"hyperparameter {name}={raw!r} is not valid: expected {expected} ({meta['help']})"
         ) from None
     if meta["choices"] is not None and out not in meta["choices"]:
         raise ConfigError(
-            f"hyperparameter {name}={raw!r} is not valid: choose one of {', '.join(meta['choices'])}"
+            f"hyperparameter {name}={raw!r} is not valid: "
+            f"choose one of {', '.join(meta['choices'])}"
         )
     lo, hi = meta["minimum"], meta["maximum"]
     if (lo is not None and out < lo) or (hi is not None and out > hi):

@@ -40,8 +40,11 @@ def main() -> None:
     _forward_sigterm()
     # The program ships in the package; the code dir SageMaker would fill from
     # sagemaker_submit_directory is filled from here instead (nothing is downloaded).
-    uri = env.module_dir if Path(env.module_dir).is_dir() and os.listdir(env.module_dir) else str(
-        PROGRAM_DIR)
+    uri = (
+        env.module_dir
+        if Path(env.module_dir).is_dir() and os.listdir(env.module_dir)
+        else str(PROGRAM_DIR)
+    )
     entry_point.run(
         uri,
         env.user_entry_point or TRAIN_IMAGE_ENV["SAGEMAKER_PROGRAM"],

@@ -112,7 +112,9 @@ def read_training_contract(environ: Mapping[str, str] | None = None) -> Training
     hosts = tuple(resources.get("hosts") or [env.get("SM_CURRENT_HOST", "algo-1")])
     current = resources.get("current_host") or env.get("SM_CURRENT_HOST", hosts[0])
     if data_config is None:  # no inputdataconfig.json: take the channel folders that exist
-        names = sorted(p.name for p in layout.data_dir.iterdir()) if layout.data_dir.is_dir() else []
+        names = (
+            sorted(p.name for p in layout.data_dir.iterdir()) if layout.data_dir.is_dir() else []
+        )
     else:
         names = sorted(data_config)
     channels = {name: layout.data_dir / name for name in names}

@@ -174,7 +174,8 @@ def scan_dataset(split_dirs: dict[str, Path]) -> DatasetScan:
             problems.append(f"{name} has {_names(extra)} that train lacks")
     if problems:
         raise DataError(
-            "class folders differ between splits: " + "; ".join(problems)
+            "class folders differ between splits: "
+            + "; ".join(problems)
             + ". Every split needs the same class folders"
         )
     for name, scan in scans.items():
@@ -277,8 +278,9 @@ class ImageListDataset(Dataset):
     order or whether the job was resumed.
     """
 
-    def __init__(self, samples: Sequence[tuple[str, int]], transform, *, draft: int | None,
-                 seed: int = 0) -> None:
+    def __init__(
+        self, samples: Sequence[tuple[str, int]], transform, *, draft: int | None, seed: int = 0
+    ) -> None:
         self.samples = list(samples)
         self.transform = transform
         self.draft = draft
@@ -305,8 +307,9 @@ class EpochSampler(Sampler):
     """Shuffles (or not) with a permutation fixed by (seed, epoch) and gives this rank its share
     (padded to equal length, like DistributedSampler). Yields (index, epoch) pairs."""
 
-    def __init__(self, size: int, *, seed: int, rank: int = 0, world_size: int = 1,
-                 shuffle: bool = True) -> None:
+    def __init__(
+        self, size: int, *, seed: int, rank: int = 0, world_size: int = 1, shuffle: bool = True
+    ) -> None:
         self.size, self.seed, self.rank, self.world_size = size, seed, rank, world_size
         self.shuffle = shuffle
         self.epoch = 0
@@ -358,8 +361,9 @@ def _ignore_sigterm(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def make_loader(dataset: Dataset, sampler: Sampler, *, batch_size: int, workers: int,
-                pin_memory: bool) -> DataLoader:
+def make_loader(
+    dataset: Dataset, sampler: Sampler, *, batch_size: int, workers: int, pin_memory: bool
+) -> DataLoader:
     return DataLoader(
         dataset,
         batch_size=batch_size,

@@ -102,8 +102,13 @@ def train_one_epoch(
         n = targets.numel()
         with torch.no_grad():
             correct = (logits.argmax(dim=1) == targets).sum()
-            totals += torch.stack([loss.detach().double() * n, correct.double(),
-                                   torch.tensor(n, dtype=torch.float64, device=device)])
+            totals += torch.stack(
+                [
+                    loss.detach().double() * n,
+                    correct.double(),
+                    torch.tensor(n, dtype=torch.float64, device=device),
+                ]
+            )
         if on_batch is not None:
             on_batch(step, float(loss.detach()))
         fetch_start = time.perf_counter()
@@ -144,8 +149,9 @@ def evaluate(
         loss_sum += nn.functional.cross_entropy(logits, targets, reduction="sum").double()
         top5 += (logits.topk(k, dim=1).indices == targets[:, None]).any(dim=1).sum().double()
         predicted = logits.argmax(dim=1)
-        confusion += torch.bincount(targets * num_classes + predicted,
-                                    minlength=num_classes * num_classes).double()
+        confusion += torch.bincount(
+            targets * num_classes + predicted, minlength=num_classes * num_classes
+        ).double()
     packed = reduce(torch.cat([loss_sum[None], top5[None], confusion]))
     confusion_matrix = packed[2:].round().long().view(num_classes, num_classes).cpu()
     count = max(int(confusion_matrix.sum()), 1)

@@ -7,7 +7,6 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 
-
 PREFIX = "#metrics"
 
 # name → printf format; the order is the order on the line.

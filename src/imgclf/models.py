@@ -49,14 +49,18 @@ REGISTRY: dict[str, Architecture] = {
         Architecture("resnet101", tvm.resnet101, tvm.ResNet101_Weights.DEFAULT, "fc"),
         Architecture("resnet152", tvm.resnet152, tvm.ResNet152_Weights.DEFAULT, "fc"),
         Architecture(
-            "efficientnet_b0", tvm.efficientnet_b0, tvm.EfficientNet_B0_Weights.DEFAULT,
+            "efficientnet_b0",
+            tvm.efficientnet_b0,
+            tvm.EfficientNet_B0_Weights.DEFAULT,
             "classifier.1",
         ),
         Architecture(
             "convnext_tiny", tvm.convnext_tiny, tvm.ConvNeXt_Tiny_Weights.DEFAULT, "classifier.2"
         ),
         Architecture(
-            "mobilenet_v3_large", tvm.mobilenet_v3_large, tvm.MobileNet_V3_Large_Weights.DEFAULT,
+            "mobilenet_v3_large",
+            tvm.mobilenet_v3_large,
+            tvm.MobileNet_V3_Large_Weights.DEFAULT,
             "classifier.3",
         ),
     )
@@ -78,8 +82,9 @@ def cached_weights_path(arch: Architecture) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / Path(arch.weights.url).name
 
 
-def load_pretrained_state(arch: Architecture, weights_path: str = "", *,
-                          download_timeout: float = 20.0) -> dict[str, torch.Tensor]:
+def load_pretrained_state(
+    arch: Architecture, weights_path: str = "", *, download_timeout: float = 20.0
+) -> dict[str, torch.Tensor]:
     """ImageNet weights from `weights_path`, else the torch cache, else a download; a clear
     one-line error when none of these works (no network in the job, say)."""
     if weights_path:
@@ -129,8 +134,14 @@ def _replace_head(model: nn.Module, path: str, num_classes: int) -> nn.Linear:
     return new
 
 
-def build_model(arch_name: str, num_classes: int, *, pretrained: bool = False,
-                weights_path: str = "", freeze: bool = False) -> nn.Module:
+def build_model(
+    arch_name: str,
+    num_classes: int,
+    *,
+    pretrained: bool = False,
+    weights_path: str = "",
+    freeze: bool = False,
+) -> nn.Module:
     """A classifier with a fresh `num_classes` head; with `freeze`, only the head trains."""
     arch = get_architecture(arch_name)
     model = arch.build(weights=None)

@@ -25,8 +25,11 @@ def write_digits(root: Path, *, size: int = 32, seed: int = 0) -> dict[str, int]
         rng.shuffle(indices)
         n_train = int(round(len(indices) * SPLITS[0][1]))
         n_valid = int(round(len(indices) * SPLITS[1][1]))
-        parts = {"train": indices[:n_train], "valid": indices[n_train : n_train + n_valid],
-                 "test": indices[n_train + n_valid :]}
+        parts = {
+            "train": indices[:n_train],
+            "valid": indices[n_train : n_train + n_valid],
+            "test": indices[n_train + n_valid :],
+        }
         folder = f"{label + 1:03d}.{DIGIT_NAMES[label]}"
         for split, members in parts.items():
             out = root / split / folder

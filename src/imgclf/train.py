@@ -11,7 +11,6 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -142,8 +141,13 @@ def scan_data(contract: TrainingContract, cfg: TrainConfig, runtime: Runtime) ->
         for b in bad:
             log.warning("skipped unreadable image %s/%s: %s", b.split, b.path, b.reason)
         for name, scan in result.splits.items():
-            log.info("split %s: %d images in %d classes%s", name, len(scan.samples),
-                     len(scan.classes), f", {len(scan.bad)} skipped" if scan.bad else "")
+            log.info(
+                "split %s: %d images in %d classes%s",
+                name,
+                len(scan.samples),
+                len(scan.classes),
+                f", {len(scan.bad)} skipped" if scan.bad else "",
+            )
     if len(bad) > cfg.max_bad_images:
         listed = "; ".join(f"{b.split}/{b.path}" for b in bad[:20])
         raise DataError(
@@ -154,27 +158,38 @@ def scan_data(contract: TrainingContract, cfg: TrainConfig, runtime: Runtime) ->
     return result
 
 
-def build_loaders(scan: data.DatasetScan, cfg: TrainConfig, pre: data.Preprocess,
-                  runtime: Runtime) -> dict[str, Any]:
-    workers = cfg.workers if cfg.workers >= 0 else data.default_workers(
-        int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+def build_loaders(
+    scan: data.DatasetScan, cfg: TrainConfig, pre: data.Preprocess, runtime: Runtime
+) -> dict[str, Any]:
+    workers = (
+        cfg.workers
+        if cfg.workers >= 0
+        else data.default_workers(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    )
     pin = runtime.device.type == "cuda"
     loaders = {}
     for name, split in scan.splits.items():
         training = name == "train"
         if training:
-            transform = data.train_transform(pre, hflip=cfg.hflip, min_crop_scale=cfg.min_crop_scale)
-            dataset = data.ImageListDataset(split.samples, transform, draft=2 * pre.image_size,
-                                            seed=cfg.seed)
-            sampler = data.EpochSampler(len(dataset), seed=cfg.seed, rank=runtime.rank,
-                                        world_size=runtime.world_size)
+            transform = data.train_transform(
+                pre, hflip=cfg.hflip, min_crop_scale=cfg.min_crop_scale
+            )
+            dataset = data.ImageListDataset(
+                split.samples, transform, draft=2 * pre.image_size, seed=cfg.seed
+            )
+            sampler = data.EpochSampler(
+                len(dataset), seed=cfg.seed, rank=runtime.rank, world_size=runtime.world_size
+            )
         else:
-            dataset = data.ImageListDataset(split.samples, data.eval_transform(pre),
-                                            draft=pre.resize_size)
-            sampler = data.ShardSampler(len(dataset), rank=runtime.rank,
-                                        world_size=runtime.world_size)
-        loaders[name] = data.make_loader(dataset, sampler, batch_size=cfg.batch_size,
-                                         workers=workers, pin_memory=pin)
+            dataset = data.ImageListDataset(
+                split.samples, data.eval_transform(pre), draft=pre.resize_size
+            )
+            sampler = data.ShardSampler(
+                len(dataset), rank=runtime.rank, world_size=runtime.world_size
+            )
+        loaders[name] = data.make_loader(
+            dataset, sampler, batch_size=cfg.batch_size, workers=workers, pin_memory=pin
+        )
     return loaders
 
 
@@ -182,8 +197,10 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim > 1]
     no_decay = [p for p in params if p.ndim <= 1]  # biases and norm weights: no decay
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
     return torch.optim.AdamW(groups, lr=cfg.lr)
@@ -215,8 +232,14 @@ class Progress:
         if self.enabled:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, desc=f"epoch {epoch}/{epochs}", unit="batch",
-                            leave=False, file=sys.stderr, dynamic_ncols=True)
+            self.bar = tqdm(
+                total=total,
+                desc=f"epoch {epoch}/{epochs}",
+                unit="batch",
+                leave=False,
+                file=sys.stderr,
+                dynamic_ncols=True,
+            )
 
     def update(self, step: int, loss: float) -> None:
         if self.bar is not None:
@@ -239,8 +262,13 @@ def run(contract: TrainingContract, cfg: TrainConfig, runtime: Runtime, stop: St
     classes = scan.classes
     arch = models.get_architecture(cfg.arch)
     pre = arch.preprocess(cfg.image_size)
-    model = models.build_model(cfg.arch, len(classes), pretrained=cfg.pretrained,
-                               weights_path=cfg.weights_path, freeze=cfg.freeze)
+    model = models.build_model(
+        cfg.arch,
+        len(classes),
+        pretrained=cfg.pretrained,
+        weights_path=cfg.weights_path,
+        freeze=cfg.freeze,
+    )
     model.to(runtime.device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -279,7 +307,8 @@ def run(contract: TrainingContract, cfg: TrainConfig, runtime: Runtime, stop: St
     net: nn.Module = model
     if runtime.distributed:
         net = nn.parallel.DistributedDataParallel(
-            model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
+            model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None
+        )
     reduce = _sum(runtime)
     progress = Progress(runtime.progress_bar)
     num_classes = len(classes)
@@ -292,15 +321,30 @@ def run(contract: TrainingContract, cfg: TrainConfig, runtime: Runtime, stop: St
         progress.start(epoch, cfg.epochs, len(train_loader))
         try:
             result = engine.train_one_epoch(
-                net, train_loader, criterion, optimizer, device=runtime.device,
-                scheduler=scheduler, scaler=scaler, amp_dtype=runtime.amp_dtype,
-                channels_last=cfg.channels_last, should_stop=stop, on_batch=progress.update,
-                reduce=reduce)
+                net,
+                train_loader,
+                criterion,
+                optimizer,
+                device=runtime.device,
+                scheduler=scheduler,
+                scaler=scaler,
+                amp_dtype=runtime.amp_dtype,
+                channels_last=cfg.channels_last,
+                should_stop=stop,
+                on_batch=progress.update,
+                reduce=reduce,
+            )
         finally:
             progress.close()
-        valid = engine.evaluate(model, loaders["valid"], num_classes=num_classes,
-                                device=runtime.device, amp_dtype=runtime.amp_dtype,
-                                channels_last=cfg.channels_last, reduce=reduce)
+        valid = engine.evaluate(
+            model,
+            loaders["valid"],
+            num_classes=num_classes,
+            device=runtime.device,
+            amp_dtype=runtime.amp_dtype,
+            channels_last=cfg.channels_last,
+            reduce=reduce,
+        )
         lr = optimizer.param_groups[0]["lr"]
         row = {
             "epoch": epoch,
@@ -321,48 +365,67 @@ def run(contract: TrainingContract, cfg: TrainConfig, runtime: Runtime, stop: St
         state["epoch"] = epoch
         if runtime.is_main:
             print(metrics.format_epoch_line(row), flush=True)
-            artifacts.save_checkpoint(layout.checkpoint_dir, {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                "scaler": scaler.state_dict() if scaler is not None else None,
-                "rng": artifacts.rng_state(),
-                "best_model": best_weights,
-                "state": state,
-                "classes": list(classes),
-                "arch": cfg.arch,
-            })
+            artifacts.save_checkpoint(
+                layout.checkpoint_dir,
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                    "scaler": scaler.state_dict() if scaler is not None else None,
+                    "rng": artifacts.rng_state(),
+                    "best_model": best_weights,
+                    "state": state,
+                    "classes": list(classes),
+                    "arch": cfg.arch,
+                },
+            )
         if runtime.distributed:
             dist.barrier()
         if stop():
             raise TrainingStopped
     if cfg.patience and state["bad_epochs"] >= cfg.patience and state["epoch"] < cfg.epochs:
         if runtime.is_main:
-            log.info("early stopping: valid loss has not improved for %d epochs (best: epoch "
-                     "%d)", cfg.patience, state["best_epoch"])
+            log.info(
+                "early stopping: valid loss has not improved for %d epochs (best: epoch %d)",
+                cfg.patience,
+                state["best_epoch"],
+            )
 
     model.load_state_dict(best_weights)
     summary: dict[str, Any] = {
         "best_epoch": state["best_epoch"],
         "epochs_run": state["epoch"],
         "valid_loss": state["best_loss"],
-        "valid_acc": next((h["valid_acc"] for h in state["history"]
-                           if h["epoch"] == state["best_epoch"]), None),
+        "valid_acc": next(
+            (h["valid_acc"] for h in state["history"] if h["epoch"] == state["best_epoch"]), None
+        ),
     }
     labels = [data.label_name(c) for c in classes]
     if "test" in loaders:
-        test = engine.evaluate(model, loaders["test"], num_classes=num_classes,
-                               device=runtime.device, amp_dtype=runtime.amp_dtype,
-                               channels_last=cfg.channels_last, reduce=reduce)
+        test = engine.evaluate(
+            model,
+            loaders["test"],
+            num_classes=num_classes,
+            device=runtime.device,
+            amp_dtype=runtime.amp_dtype,
+            channels_last=cfg.channels_last,
+            reduce=reduce,
+        )
         summary.update(
-            test_loss=test.loss, test_acc=test.accuracy, test_top5=test.top5,
+            test_loss=test.loss,
+            test_acc=test.accuracy,
+            test_top5=test.top5,
             test_images=test.images,
             per_class_accuracy={name: acc for name, acc in zip(labels, test.per_class_accuracy())},
             confusion_matrix=test.confusion.tolist(),
         )
         if runtime.is_main:
-            print(metrics.format_test_line({"test_loss": test.loss, "test_acc": test.accuracy,
-                                            "test_top5": test.top5}), flush=True)
+            print(
+                metrics.format_test_line(
+                    {"test_loss": test.loss, "test_acc": test.accuracy, "test_top5": test.top5}
+                ),
+                flush=True,
+            )
     elif runtime.is_main:
         log.warning("no test split: the model is saved without a test evaluation")
 
@@ -373,24 +436,35 @@ def run(contract: TrainingContract, cfg: TrainConfig, runtime: Runtime, stop: St
             "preprocess": pre.to_dict(),
             "channels_last": cfg.channels_last,
         }
-        artifacts.save_artifact(layout.model_dir, state_dict=model.state_dict(), labels=labels,
-                                config=model_config, metrics=summary)
+        artifacts.save_artifact(
+            layout.model_dir,
+            state_dict=model.state_dict(),
+            labels=labels,
+            config=model_config,
+            metrics=summary,
+        )
         out = layout.output_data_dir
         artifacts.write_json(out / "history.json", state["history"])
         artifacts.write_json(out / "config.json", cfg.to_dict())
-        artifacts.write_json(out / "evaluation.json", {
-            "labels": labels,
-            **{k: v for k, v in summary.items()},
-            "train_counts": scan.splits["train"].counts(),
-        })
+        artifacts.write_json(
+            out / "evaluation.json",
+            {
+                "labels": labels,
+                **{k: v for k, v in summary.items()},
+                "train_counts": scan.splits["train"].counts(),
+            },
+        )
         log.info("model saved to %s", layout.model_dir)
     return summary
 
 
 def _configure_logging() -> None:
     logging.basicConfig(
-        level=logging.INFO, stream=sys.stdout,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+        level=logging.INFO,
+        stream=sys.stdout,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        force=True,
+    )
 
 
 def main(environ=None) -> int:
@@ -417,13 +491,16 @@ def main(environ=None) -> int:
             dist.destroy_process_group()
 
 
-def _report_failure(exc: Exception, contract: TrainingContract | None, rank: int, *,
-                    stopped: bool) -> int:
+def _report_failure(
+    exc: Exception, contract: TrainingContract | None, rank: int, *, stopped: bool
+) -> int:
     """Log the failure, write output/failure (rank 0 only) and return the exit code. A user's
     error gets its message; our bug gets a short reason and its traceback in the log."""
     if stopped or isinstance(exc, TrainingStopped):  # SIGTERM may surface as another error
-        message = ("Stopped by SIGTERM: the checkpoint of the last completed epoch is kept in "
-                   "checkpoints/; start the same job again to resume from it")
+        message = (
+            "Stopped by SIGTERM: the checkpoint of the last completed epoch is kept in "
+            "checkpoints/; start the same job again to resume from it"
+        )
         log.warning(message)
         code = EXIT_STOPPED
     elif isinstance(exc, UserError):
@@ -431,8 +508,10 @@ def _report_failure(exc: Exception, contract: TrainingContract | None, rank: int
         log.error("%s", exc)
         code = 2
     else:
-        message = (f"AlgorithmError: {type(exc).__name__}: {exc} (an imgclf bug: the job log "
-                   "has the traceback; please report it)")
+        message = (
+            f"AlgorithmError: {type(exc).__name__}: {exc} (an imgclf bug: the job log "
+            "has the traceback; please report it)"
+        )
         log.error("unexpected error:\n%s", "".join(traceback.format_exception(exc)))
         code = 1
     if rank == 0:

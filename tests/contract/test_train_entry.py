@@ -11,8 +11,10 @@ from tests.conftest import FAST_HPS, make_sagemaker_job, run_train_entry
 
 def test_separate_channels_produce_the_artifact(tmp_path, tiny_digits):
     base = make_sagemaker_job(
-        tmp_path / "ml", hyperparameters={**FAST_HPS, "epochs": "1", "image_size": "16"},
-        channels={n: tiny_digits / n for n in ("train", "valid", "test")})
+        tmp_path / "ml",
+        hyperparameters={**FAST_HPS, "epochs": "1", "image_size": "16"},
+        channels={n: tiny_digits / n for n in ("train", "valid", "test")},
+    )
     proc = run_train_entry(base)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert not (base / "output" / "failure").exists()
@@ -39,9 +41,11 @@ def test_separate_channels_produce_the_artifact(tmp_path, tiny_digits):
 def test_odd_images_train_and_exactly_the_bad_ones_are_named(tmp_path, odd_dataset):
     root, bad = odd_dataset
     base = make_sagemaker_job(
-        tmp_path / "ml", hyperparameters={**FAST_HPS, "epochs": "1", "image_size": "16",
-                                          "batch_size": "8"},
-        channels={"training": root}, json_encode=False)
+        tmp_path / "ml",
+        hyperparameters={**FAST_HPS, "epochs": "1", "image_size": "16", "batch_size": "8"},
+        channels={"training": root},
+        json_encode=False,
+    )
     proc = run_train_entry(base)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     skipped = json.loads((base / "output" / "data" / "skipped_images.json").read_text())
@@ -57,8 +61,9 @@ def test_broken_dataset_writes_failure_and_exits_non_zero(tmp_path, tiny_digits)
     data = tmp_path / "data"
     shutil.copytree(tiny_digits, data)
     shutil.rmtree(data / "valid")
-    base = make_sagemaker_job(tmp_path / "ml", hyperparameters={**FAST_HPS, "epochs": "1"},
-                              channels={"training": data})
+    base = make_sagemaker_job(
+        tmp_path / "ml", hyperparameters={**FAST_HPS, "epochs": "1"}, channels={"training": data}
+    )
     proc = run_train_entry(base)
     assert proc.returncode != 0
     failure = (base / "output" / "failure").read_text()
@@ -70,8 +75,11 @@ def test_broken_dataset_writes_failure_and_exits_non_zero(tmp_path, tiny_digits)
 
 def test_too_many_bad_images_fail_with_their_list(tmp_path, odd_dataset):
     root, bad = odd_dataset
-    base = make_sagemaker_job(tmp_path / "ml", hyperparameters={**FAST_HPS, "max_bad_images": "2"},
-                              channels={"training": root})
+    base = make_sagemaker_job(
+        tmp_path / "ml",
+        hyperparameters={**FAST_HPS, "max_bad_images": "2"},
+        channels={"training": root},
+    )
     proc = run_train_entry(base)
     assert proc.returncode != 0
     failure = (base / "output" / "failure").read_text()
@@ -80,8 +88,11 @@ def test_too_many_bad_images_fail_with_their_list(tmp_path, odd_dataset):
 
 
 def test_unknown_hyperparameter_fails_naming_the_valid_ones(tmp_path, tiny_digits):
-    base = make_sagemaker_job(tmp_path / "ml", hyperparameters={"learning-rate": "0.1"},
-                              channels={"training": tiny_digits})
+    base = make_sagemaker_job(
+        tmp_path / "ml",
+        hyperparameters={"learning-rate": "0.1"},
+        channels={"training": tiny_digits},
+    )
     proc = run_train_entry(base)
     assert proc.returncode != 0
     failure = (base / "output" / "failure").read_text()

@@ -12,8 +12,15 @@ from tests.conftest import FAST_HPS, LAUNCH, ROOT, hp_args, run_launch
 
 
 def test_digits_reach_95_percent_through_the_launcher(tmp_path, digits_dir):
-    proc = run_launch("train", "--data", str(digits_dir), "--job-name", "digits",
-                      *hp_args({**FAST_HPS, "epochs": "4"}), home=tmp_path)
+    proc = run_launch(
+        "train",
+        "--data",
+        str(digits_dir),
+        "--job-name",
+        "digits",
+        *hp_args({**FAST_HPS, "epochs": "4"}),
+        home=tmp_path,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     model = tmp_path / "jobs" / "digits" / "model"
     metrics = json.loads((model / "metrics.json").read_text())
@@ -22,8 +29,15 @@ def test_digits_reach_95_percent_through_the_launcher(tmp_path, digits_dir):
     assert (tmp_path / "jobs" / "digits" / "train.log").read_text().count("#metrics epoch=") == 4
 
 
-RESUME_HPS = {**FAST_HPS, "epochs": "3", "image_size": "24", "batch_size": "16", "workers": "1",
-              "seed": "11", "patience": "0"}
+RESUME_HPS = {
+    **FAST_HPS,
+    "epochs": "3",
+    "image_size": "24",
+    "batch_size": "16",
+    "workers": "1",
+    "seed": "11",
+    "patience": "0",
+}
 
 
 def _weights(home, job):
@@ -31,15 +45,22 @@ def _weights(home, job):
 
 
 def test_sigterm_keeps_the_checkpoint_and_the_rerun_resumes_to_the_same_weights(
-        tmp_path, tiny_digits):
+    tmp_path, tiny_digits
+):
     args = ["train", "--data", str(tiny_digits), *hp_args(RESUME_HPS)]
     straight = run_launch(*args, "--job-name", "straight", home=tmp_path)
     assert straight.returncode == 0, straight.stdout[-3000:] + straight.stderr[-3000:]
 
     env = {**os.environ, "IMGCLF_HOME": str(tmp_path)}
-    proc = subprocess.Popen([*LAUNCH, *args, "--job-name", "stopped"], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [*LAUNCH, *args, "--job-name", "stopped"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     seen = []
     for line in proc.stdout:
         seen.append(line)
@@ -69,23 +90,34 @@ def test_sigterm_keeps_the_checkpoint_and_the_rerun_resumes_to_the_same_weights(
 
 
 def test_two_processes_under_torchrun_write_one_artifact(tmp_path, tiny_digits):
-    proc = run_launch("train", "--data", str(tiny_digits), "--job-name", "ddp", "--nproc", "2",
-                      *hp_args({**FAST_HPS, "epochs": "1", "image_size": "16", "workers": "0"}),
-                      home=tmp_path)
+    proc = run_launch(
+        "train",
+        "--data",
+        str(tiny_digits),
+        "--job-name",
+        "ddp",
+        "--nproc",
+        "2",
+        *hp_args({**FAST_HPS, "epochs": "1", "image_size": "16", "workers": "0"}),
+        home=tmp_path,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "torchrun" in proc.stdout
     assert "world size 2, backend gloo" in proc.stdout
     assert proc.stdout.count("#metrics epoch=1 ") == 1  # rank 0 alone prints and writes
     model = tmp_path / "jobs" / "ddp" / "model"
     assert sorted(p.name for p in model.iterdir()) == [
-        "labels.json", "metrics.json", "model.pt", "model_config.json"]
+        "labels.json",
+        "metrics.json",
+        "model.pt",
+        "model_config.json",
+    ]
     metrics = json.loads((model / "metrics.json").read_text())
     assert metrics["test_images"] == 40  # every test image counted once across both ranks
 
 
 def test_bad_hyperparameter_is_refused_before_a_job_starts(tmp_path, tiny_digits):
-    proc = run_launch("train", "--data", str(tiny_digits), "--hp", "optimizer=sgdd",
-                      home=tmp_path)
+    proc = run_launch("train", "--data", str(tiny_digits), "--hp", "optimizer=sgdd", home=tmp_path)
     assert proc.returncode == 2
     assert "optimizer" in proc.stderr and "adamw, sgd" in proc.stderr
     assert not (tmp_path / "jobs").exists()

@@ -9,8 +9,13 @@ from imgclf.errors import UserError
 
 def test_artifact_round_trip_is_weights_only(tmp_path):
     state = {"w": torch.arange(6.0).view(2, 3), "b": torch.zeros(2)}
-    artifacts.save_artifact(tmp_path, state_dict=state, labels=["cat", "dog"],
-                            config={"arch": "resnet18"}, metrics={"test_acc": 0.5})
+    artifacts.save_artifact(
+        tmp_path,
+        state_dict=state,
+        labels=["cat", "dog"],
+        config={"arch": "resnet18"},
+        metrics={"test_acc": 0.5},
+    )
     loaded = torch.load(tmp_path / "model.pt", weights_only=True)
     assert torch.equal(loaded["w"], state["w"])
     art = artifacts.load_artifact(tmp_path)

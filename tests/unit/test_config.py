@@ -21,26 +21,53 @@ def test_string_values_as_sagemaker_delivers_them():
         {"arch": "resnet18", "epochs": "3", "lr": "0.01", "batch-size": "64", "pretrained": "False"}
     )
     assert (cfg.arch, cfg.epochs, cfg.lr, cfg.batch_size, cfg.pretrained) == (
-        "resnet18", 3, 0.01, 64, False)
+        "resnet18",
+        3,
+        0.01,
+        64,
+        False,
+    )
 
 
 def test_json_encoded_values_from_the_python_sdk():
-    raw = {k: json.dumps(v) for k, v in
-           {"arch": "convnext_tiny", "epochs": 2, "lr": 1e-4, "class_weights": True}.items()}
+    raw = {
+        k: json.dumps(v)
+        for k, v in {
+            "arch": "convnext_tiny",
+            "epochs": 2,
+            "lr": 1e-4,
+            "class_weights": True,
+        }.items()
+    }
     cfg = parse_hyperparameters(raw)
     assert (cfg.arch, cfg.epochs, cfg.lr, cfg.class_weights) == ("convnext_tiny", 2, 1e-4, True)
 
 
-@pytest.mark.parametrize("text,expected", [("False", False), ("false", False), ("0", False),
-                                           ("no", False), ("True", True), ("1", True),
-                                           ('"true"', True), ("true", True)])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("False", False),
+        ("false", False),
+        ("0", False),
+        ("no", False),
+        ("True", True),
+        ("1", True),
+        ('"true"', True),
+        ("true", True),
+    ],
+)
 def test_booleans(text, expected):
     assert parse_hyperparameters({"freeze": "false", "pretrained": text}).pretrained is expected
 
 
 def test_platform_keys_are_ignored():
-    cfg = parse_hyperparameters({"sagemaker_program": '"x.py"', "_tuning_objective_metric":
-                                 '"valid_loss"', "sagemaker_region": '"eu-west-1"'})
+    cfg = parse_hyperparameters(
+        {
+            "sagemaker_program": '"x.py"',
+            "_tuning_objective_metric": '"valid_loss"',
+            "sagemaker_region": '"eu-west-1"',
+        }
+    )
     assert cfg == TrainConfig()
 
 
@@ -51,17 +78,20 @@ def test_unknown_key_names_the_valid_ones():
     assert "learning_rate" in message and "lr" in message and "batch_size" in message
 
 
-@pytest.mark.parametrize("key,value,fragment", [
-    ("epochs", "ten", "an integer"),
-    ("epochs", "2.5", "an integer"),
-    ("epochs", "0", "out of range"),
-    ("lr", "fast", "a number"),
-    ("lr", "nan", "a number"),
-    ("pretrained", "maybe", "true or false"),
-    ("optimizer", "sgdd", "adamw, sgd"),
-    ("arch", "resnet19", "resnet18"),
-    ("amp", "fp8", "auto, bf16, fp16, off"),
-])
+@pytest.mark.parametrize(
+    "key,value,fragment",
+    [
+        ("epochs", "ten", "an integer"),
+        ("epochs", "2.5", "an integer"),
+        ("epochs", "0", "out of range"),
+        ("lr", "fast", "a number"),
+        ("lr", "nan", "a number"),
+        ("pretrained", "maybe", "true or false"),
+        ("optimizer", "sgdd", "adamw, sgd"),
+        ("arch", "resnet19", "resnet18"),
+        ("amp", "fp8", "auto, bf16, fp16, off"),
+    ],
+)
 def test_bad_values_name_key_and_what_is_accepted(key, value, fragment):
     with pytest.raises(ConfigError) as err:
         parse_hyperparameters({key: value})
@@ -92,6 +122,9 @@ def test_every_field_has_help_and_arch_choices_are_the_registry():
 
 def test_parse_assignments():
     assert parse_assignments(["lr=0.1", "batch-size=8", "weights_path=/a=b"]) == {
-        "lr": "0.1", "batch_size": "8", "weights_path": "/a=b"}
+        "lr": "0.1",
+        "batch_size": "8",
+        "weights_path": "/a=b",
+    }
     with pytest.raises(ConfigError, match="key=value"):
         parse_assignments(["lr"])

@@ -116,8 +116,9 @@ def test_epoch_sampler_is_a_fixed_permutation_per_epoch_and_shards_evenly():
 def test_augmentation_depends_only_on_seed_epoch_and_index(tiny_digits):
     samples = data.scan_split("train", tiny_digits / "train").samples
     pre = data.Preprocess(32, 36, (0.5,) * 3, (0.5,) * 3)
-    ds = data.ImageListDataset(samples, data.train_transform(pre, hflip=True, min_crop_scale=0.2),
-                               draft=None, seed=7)
+    ds = data.ImageListDataset(
+        samples, data.train_transform(pre, hflip=True, min_crop_scale=0.2), draft=None, seed=7
+    )
     x1, _ = ds[(5, 1)]
     ds[(6, 1)]
     x2, _ = ds[(5, 1)]

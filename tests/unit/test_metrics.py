@@ -5,8 +5,16 @@ import pytest
 
 from imgclf import metrics
 
-ROW = {"epoch": 3, "train_loss": 0.123456, "train_acc": 0.9, "valid_loss": 0.2, "valid_acc": 0.85,
-       "lr": 0.00123, "epoch_time": 12.5, "images_per_s": 456.7}
+ROW = {
+    "epoch": 3,
+    "train_loss": 0.123456,
+    "train_acc": 0.9,
+    "valid_loss": 0.2,
+    "valid_acc": 0.85,
+    "lr": 0.00123,
+    "epoch_time": 12.5,
+    "images_per_s": 456.7,
+}
 
 
 def test_epoch_line_parses_back_with_the_same_regexes():
@@ -27,8 +35,7 @@ def test_metric_definitions_match_the_printed_line():
 
 def test_loss_regex_does_not_pick_up_a_longer_name():
     line = metrics.format_test_line({"test_loss": 0.5, "test_acc": 0.75, "test_top5": 1.0})
-    assert metrics.parse_metric_line(line) == {"test_loss": 0.5, "test_acc": 0.75,
-                                               "test_top5": 1.0}
+    assert metrics.parse_metric_line(line) == {"test_loss": 0.5, "test_acc": 0.75, "test_top5": 1.0}
     assert "valid_loss" not in metrics.parse_metric_line(line)
 
 

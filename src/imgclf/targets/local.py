@@ -46,8 +46,15 @@ def new_job_name(prefix: str = "imgclf") -> str:
     return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def prepare_job(home: Path, name: str, *, data_dir: Path, hyperparameters: dict[str, str],
-                nproc: int = 1, link_data: bool = True) -> LocalJob:
+def prepare_job(
+    home: Path,
+    name: str,
+    *,
+    data_dir: Path,
+    hyperparameters: dict[str, str],
+    nproc: int = 1,
+    link_data: bool = True,
+) -> LocalJob:
     """Lay out jobs/<name>/ as SageMaker lays out /opt/ml. A job dir that exists keeps its
     checkpoints/ (so the job resumes) and gets fresh config, model/ and output/."""
     data_dir = Path(data_dir).resolve()
@@ -59,19 +66,33 @@ def prepare_job(home: Path, name: str, *, data_dir: Path, hyperparameters: dict[
             stale.unlink()
         elif stale.exists():
             shutil.rmtree(stale)
-    for folder in (layout.config_dir, layout.data_dir, layout.model_dir, layout.output_data_dir,
-                   layout.checkpoint_dir):
+    for folder in (
+        layout.config_dir,
+        layout.data_dir,
+        layout.model_dir,
+        layout.output_data_dir,
+        layout.checkpoint_dir,
+    ):
         folder.mkdir(parents=True, exist_ok=True)
     hps = {str(k): str(v) for k, v in hyperparameters.items()}
     if nproc > 1:
         hps[TORCH_DISTRIBUTED_KEY] = "true"
         hps[PROCESSES_PER_HOST_KEY] = str(nproc)
     _write(layout.config_dir / "hyperparameters.json", hps)
-    _write(layout.config_dir / "resourceconfig.json",
-           {"current_host": HOST, "hosts": [HOST], "network_interface_name": "lo"})
-    _write(layout.config_dir / "inputdataconfig.json", {
-        COMBINED_CHANNEL: {"TrainingInputMode": "File", "S3DistributionType": "FullyReplicated",
-                           "RecordWrapperType": "None"}})
+    _write(
+        layout.config_dir / "resourceconfig.json",
+        {"current_host": HOST, "hosts": [HOST], "network_interface_name": "lo"},
+    )
+    _write(
+        layout.config_dir / "inputdataconfig.json",
+        {
+            COMBINED_CHANNEL: {
+                "TrainingInputMode": "File",
+                "S3DistributionType": "FullyReplicated",
+                "RecordWrapperType": "None",
+            }
+        },
+    )
     channel = layout.data_dir / COMBINED_CHANNEL
     if link_data:
         channel.symlink_to(data_dir, target_is_directory=True)
@@ -89,15 +110,17 @@ def job_environment(job: LocalJob, base_env: dict[str, str] | None = None) -> di
     env = {k: v for k, v in (base_env or os.environ).items() if not k.startswith("AWS_")}
     bindir = str(Path(sys.executable).parent)
     env.update(TRAIN_IMAGE_ENV)
-    env.update({
-        BASE_DIR_ENV: str(job.layout.base),
-        "TRAINING_JOB_NAME": job.name,
-        "SM_CURRENT_HOST": HOST,
-        # sagemaker-training waits until every host name resolves; there is one host, here.
-        "SM_STUDIO_LOCAL_MODE": "true",
-        "PATH": bindir + os.pathsep + env.get("PATH", ""),
-        "PYTHONUNBUFFERED": "1",
-    })
+    env.update(
+        {
+            BASE_DIR_ENV: str(job.layout.base),
+            "TRAINING_JOB_NAME": job.name,
+            "SM_CURRENT_HOST": HOST,
+            # sagemaker-training waits until every host name resolves; there is one host, here.
+            "SM_STUDIO_LOCAL_MODE": "true",
+            "PATH": bindir + os.pathsep + env.get("PATH", ""),
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     return env
 
 
@@ -105,19 +128,22 @@ def train_command() -> list[str]:
     """sagemaker-training's `train` console script: what the image's ENTRYPOINT runs."""
     script = Path(sys.executable).parent / "train"
     if not script.exists():
-        raise UserError(f"{script} is missing: sagemaker-training is not installed in this "
-                        "Python environment; run `make setup`")
+        raise UserError(
+            f"{script} is missing: sagemaker-training is not installed in this "
+            "Python environment; run `make setup`"
+        )
     return [str(script)]
 
 
-def run_job(job: LocalJob, command: list[str], env: dict[str, str], *,
-            echo: bool = True) -> int:
+def run_job(job: LocalJob, command: list[str], env: dict[str, str], *, echo: bool = True) -> int:
     """Run the job's process group, copying its output to train.log (and the console). Ctrl-C
     stops it the way SageMaker does: SIGTERM, then SIGKILL after the grace period."""
     interactive = echo and sys.stderr.isatty()
     with open(job.log_file, "ab") as log:
         proc = subprocess.Popen(
-            command, env=env, stdout=subprocess.PIPE,
+            command,
+            env=env,
+            stdout=subprocess.PIPE,
             stderr=None if interactive else subprocess.STDOUT,  # keep the progress bar live
             start_new_session=True,
         )
@@ -165,11 +191,19 @@ def docker_command(job: LocalJob, image: str, *, gpus: bool | None = None) -> li
     if gpus is None:
         gpus = shutil.which("nvidia-smi") is not None
     command = [
-        "docker", "run", "--rm", "--name", job.name,
-        "--shm-size", "2g",  # DataLoader workers share batches through /dev/shm
-        "-v", f"{job.layout.base}:/opt/ml",
-        "-v", f"{job.data_dir}:/opt/ml/input/data/{COMBINED_CHANNEL}:ro",
-        "-e", f"TRAINING_JOB_NAME={job.name}",
+        "docker",
+        "run",
+        "--rm",
+        "--name",
+        job.name,
+        "--shm-size",
+        "2g",  # DataLoader workers share batches through /dev/shm
+        "-v",
+        f"{job.layout.base}:/opt/ml",
+        "-v",
+        f"{job.data_dir}:/opt/ml/input/data/{COMBINED_CHANNEL}:ro",
+        "-e",
+        f"TRAINING_JOB_NAME={job.name}",
     ]
     if gpus:
         command += ["--gpus", "all"]
@@ -178,14 +212,22 @@ def docker_command(job: LocalJob, image: str, *, gpus: bool | None = None) -> li
 
 def require_docker() -> None:
     if shutil.which("docker") is None:
-        raise UserError("--docker needs the docker command, which is not installed; drop "
-                        "--docker to run the same entry point without Docker")
-    probe = subprocess.run(["docker", "info", "--format", "{{.ServerVersion}}"],
-                           capture_output=True, text=True, timeout=30)
+        raise UserError(
+            "--docker needs the docker command, which is not installed; drop "
+            "--docker to run the same entry point without Docker"
+        )
+    probe = subprocess.run(
+        ["docker", "info", "--format", "{{.ServerVersion}}"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     if probe.returncode != 0:
         reason = (probe.stderr.strip().splitlines() or ["no answer"])[-1]
-        raise UserError(f"no Docker engine is reachable ({reason}); start one, or drop --docker "
-                        "to run the same entry point without Docker")
+        raise UserError(
+            f"no Docker engine is reachable ({reason}); start one, or drop --docker "
+            "to run the same entry point without Docker"
+        )
 
 
 def read_failure(job: LocalJob) -> str | None:

@@ -1,0 +1,47 @@
+import json
+
+from imgclf.contract import TRAIN_IMAGE_ENV, read_training_contract
+from imgclf.targets import local
+from tests.conftest import run_launch
+
+
+def test_job_dir_is_shaped_like_opt_ml_and_read_back_by_the_contract(tmp_path, tiny_digits):
+    job = local.prepare_job(
+        tmp_path, "j1", data_dir=tiny_digits, hyperparameters={"epochs": "2"}, nproc=2
+    )
+    base = job.layout.base
+    hps = json.loads((base / "input/config/hyperparameters.json").read_text())
+    assert hps["epochs"] == "2" and hps["sagemaker_torch_distributed_enabled"] == "true"
+    env = local.job_environment(job, {"PATH": "/bin", "AWS_SECRET_ACCESS_KEY": "x"})
+    assert "AWS_SECRET_ACCESS_KEY" not in env
+    assert env["SAGEMAKER_BASE_DIR"] == str(base)
+    assert all(env[k] == v for k, v in TRAIN_IMAGE_ENV.items())
+    contract = read_training_contract(env)
+    assert contract.hosts == ("algo-1",)
+    assert contract.splits["train"].resolve() == (tiny_digits / "train").resolve()
+
+
+def test_rerunning_a_job_keeps_checkpoints_and_clears_old_outputs(tmp_path, tiny_digits):
+    job = local.prepare_job(tmp_path, "j", data_dir=tiny_digits, hyperparameters={})
+    (job.layout.checkpoint_dir / "checkpoint.pt").write_bytes(b"x")
+    job.layout.failure_file.write_text("old failure")
+    job = local.prepare_job(tmp_path, "j", data_dir=tiny_digits, hyperparameters={})
+    assert (job.layout.checkpoint_dir / "checkpoint.pt").exists()
+    assert not job.layout.failure_file.exists()
+
+
+def test_docker_command_mounts_the_job_and_data_as_sagemaker_does(tmp_path, tiny_digits):
+    job = local.prepare_job(
+        tmp_path, "j", data_dir=tiny_digits, hyperparameters={}, link_data=False
+    )
+    cmd = local.docker_command(job, "acct.dkr.ecr/imgclf-train:abc", gpus=True)
+    assert cmd[:2] == ["docker", "run"] and cmd[-2:] == ["acct.dkr.ecr/imgclf-train:abc", "train"]
+    assert f"{job.layout.base}:/opt/ml" in cmd
+    assert f"{tiny_digits.resolve()}:/opt/ml/input/data/training:ro" in cmd
+    assert "--gpus" in cmd
+
+
+def test_docker_without_an_engine_is_a_clear_error(tmp_path, tiny_digits):
+    proc = run_launch("train", "--data", str(tiny_digits), "--docker", "img", home=tmp_path)
+    assert proc.returncode == 2
+    assert "docker" in proc.stderr.lower() and "drop --docker" in proc.stderr
