@@ -1,0 +1,104 @@
+"""The multi-model-server adapter. MMS loads this module and wants exactly one class in it.
+
+Thin by design: decode each request of MMS's batch → one forward pass over all their images →
+encode each answer. Client mistakes become 4xx JSON answers; our own bugs are logged here with
+their traceback and answered with a bare 500, never with the traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import torch
+
+from imgclf.serving import inference
+
+log = logging.getLogger("imgclf.serving")
+
+_INTERNAL = json.dumps(
+    {"error": "internal error while predicting", "hint": "the endpoint's log has the details"}
+).encode()
+
+
+class HandlerService:
+    """MMS custom service: `initialize` once per worker, `handle` per batch of requests."""
+
+    def __init__(self) -> None:
+        self.loaded: inference.LoadedModel | None = None
+
+    def initialize(self, context) -> None:
+        workers = int(os.environ.get("IMGCLF_WORKERS", "1"))
+        torch.set_num_threads(inference.torch_threads(workers))
+        model_dir = context.system_properties.get("model_dir")
+        gpu = context.system_properties.get("gpu_id")
+        device = (
+            torch.device("cuda", int(gpu))
+            if gpu is not None and torch.cuda.is_available()
+            else torch.device("cpu")
+        )
+        self.loaded = inference.model_fn(model_dir, device=device)
+        log.info("model loaded from %s on %s", model_dir, device)
+
+    def handle(self, data, context):
+        if data is None:
+            return None
+        loaded = self.loaded
+        answers: list[bytes | None] = [None] * len(data)
+        work = []  # (request index, images, options, accept, is_batch)
+        for idx, request in enumerate(data):
+            headers = _headers(context, idx)
+            try:
+                if loaded is None:
+                    raise inference.RequestError(
+                        503, "the model is not loaded", "see the endpoint's log"
+                    )
+                body = request.get("body")
+                if body is None:
+                    body = request.get("data") or b""
+                body = bytes(body) if not isinstance(body, str) else body.encode()
+                content_type = headers.get("content-type")
+                accept = headers.get("accept")
+                inference.check_accept(accept)
+                options = inference.parse_options(
+                    headers.get("x-amzn-sagemaker-custom-attributes"), loaded.num_classes
+                )
+                images = inference.input_fn(body, content_type, draft=loaded.preprocess.resize_size)
+                is_batch = inference.media_type(content_type) == inference.JSON_TYPE
+                work.append((idx, images, options, accept, is_batch))
+            except inference.RequestError as exc:
+                answers[idx] = exc.body()
+                context.set_response_status(exc.status, exc.error[:100], idx=idx)
+                context.set_response_content_type(idx, inference.JSON_TYPE)
+        if work:
+            try:
+                probs = inference.predict_fn([im for _, ims, *_ in work for im in ims], loaded)
+                start = 0
+                for idx, images, options, accept, is_batch in work:
+                    rows = probs[start : start + len(images)]
+                    start += len(images)
+                    body, content_type = inference.output_fn(
+                        rows, loaded.labels, accept=accept, options=options, batch=is_batch
+                    )
+                    answers[idx] = body
+                    context.set_response_content_type(idx, content_type)
+            except Exception:
+                log.exception("prediction failed")
+                for idx, *_ in work:
+                    answers[idx] = _INTERNAL
+                    context.set_response_status(500, "internal error", idx=idx)
+                    context.set_response_content_type(idx, inference.JSON_TYPE)
+        return answers
+
+
+def _headers(context, idx: int) -> dict[str, str]:
+    """The request's headers with lower-case names (MMS keeps the client's spelling)."""
+    raw = context.get_all_request_header(idx) or {}
+    out = {}
+    for key, value in raw.items():
+        if isinstance(value, bytes | bytearray):
+            value = value.decode("latin-1")
+        if isinstance(value, str):
+            out[str(key).lower()] = value
+    return out
