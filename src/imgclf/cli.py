@@ -106,7 +106,7 @@ def cmd_train(args) -> int:
     from imgclf.targets import local
 
     hps = _hyperparameters(args)
-    home = Path(args.home).resolve() if args.home else local.default_home()
+    home = _home(args)
     name = args.job_name or local.new_job_name()
     if args.docker:
         local.require_docker()
@@ -145,6 +145,96 @@ def cmd_train(args) -> int:
             f"on {summary['test_images']} images (best epoch {summary['best_epoch']})"
         )
     return 0
+
+
+# ---------------------------------------------------------------- endpoints
+
+
+def _home(args) -> Path:
+    from imgclf.targets import local
+
+    return Path(args.home).resolve() if args.home else local.default_home()
+
+
+def cmd_deploy(args) -> int:
+    from imgclf.targets import local
+
+    print(f"starting endpoint {args.name} on 127.0.0.1:{args.port} ...", flush=True)
+    endpoint = local.deploy(
+        _home(args), Path(args.model), name=args.name, port=args.port, workers=args.workers
+    )
+    print(
+        f"endpoint {endpoint.name} is up: {endpoint.url}/invocations (pid {endpoint.pid}, "
+        f"log {endpoint.log_file})"
+    )
+    print(f"  python launch.py invoke --endpoint {endpoint.name} IMAGE...")
+    print(f"  curl --data-binary @IMAGE -H 'Content-Type: image/jpeg' {endpoint.url}/invocations")
+    return 0
+
+
+def cmd_endpoints(args) -> int:
+    from imgclf.targets import local
+
+    endpoints = local.list_endpoints(_home(args))
+    if not endpoints:
+        print("no local endpoints")
+        return 0
+    rows = []
+    for e in endpoints:
+        alive = local.process_alive(e.pid)
+        state = "healthy" if alive and local.ping(e.port) else ("starting?" if alive else "dead")
+        rows.append([e.name, str(e.port), str(e.pid), state, e.model])
+    _print_table(rows, ["name", "port", "pid", "state", "model"])
+    return 0
+
+
+def cmd_delete(args) -> int:
+    from imgclf.targets import local
+
+    endpoint = local.delete_endpoint(_home(args), args.name)
+    print(f"endpoint {endpoint.name} stopped")
+    return 0
+
+
+def _pick_endpoint(home: Path, name: str | None):
+    from imgclf.targets import local
+
+    if name:
+        endpoint = local.load_endpoint(home, name)
+        if endpoint is None:
+            raise UserError(f"no local endpoint named {name}; `launch.py endpoints` lists them")
+        return endpoint
+    endpoints = [e for e in local.list_endpoints(home) if local.process_alive(e.pid)]
+    if len(endpoints) != 1:
+        names = ", ".join(e.name for e in endpoints) or "none running"
+        raise UserError(f"name the endpoint with --endpoint ({names})")
+    return endpoints[0]
+
+
+def cmd_invoke(args) -> int:
+    from imgclf.data import label_name
+    from imgclf.targets import local
+
+    endpoint = _pick_endpoint(_home(args), args.endpoint)
+    attributes = f"topk={args.topk}" + (",probabilities=true" if args.probabilities else "")
+    failures = 0
+    for image in args.images:
+        path = Path(image)
+        content_type = local.CONTENT_TYPES.get(path.suffix.lower(), "application/octet-stream")
+        status, answer = local.invoke(
+            endpoint, path.read_bytes(), content_type=content_type, custom_attributes=attributes
+        )
+        folder = label_name(path.parent.name)
+        print(f"{path}  (folder: {folder})")
+        if status != 200:
+            failures += 1
+            print(f"  error {status}: {answer.get('error')} ({answer.get('hint')})")
+            continue
+        rows = [[p["label"], f"{p['probability']:.4f}"] for p in answer["predictions"]]
+        _print_table([["  " + r[0], r[1]] for r in rows], ["  label", "probability"])
+        if args.probabilities:
+            print("  probabilities: " + json.dumps(answer["probabilities"]))
+    return 1 if failures else 0
 
 
 # ---------------------------------------------------------------- parser
@@ -189,6 +279,34 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--docker", metavar="IMAGE", help="run the training image under Docker")
     train.add_argument("--home", help="where local jobs live (default .imgclf, or $IMGCLF_HOME)")
     train.set_defaults(func=cmd_train)
+
+    deploy = sub.add_parser("deploy", help="start an endpoint for a model (local: MMS process)")
+    deploy.add_argument("--model", required=True, help="a model dir or model.tar.gz")
+    deploy.add_argument("--name", default="local", help="endpoint name (local)")
+    deploy.add_argument("--port", type=int, default=8080, help="port on 127.0.0.1 (8080)")
+    deploy.add_argument("--workers", type=int, help="MMS workers (default: from the machine)")
+    deploy.add_argument("--target", choices=["local"], default="local")
+    deploy.add_argument("--home", help="where local endpoints live (default .imgclf)")
+    deploy.set_defaults(func=cmd_deploy)
+
+    endpoints = sub.add_parser("endpoints", help="list endpoints")
+    endpoints.add_argument("--home", help="where local endpoints live (default .imgclf)")
+    endpoints.set_defaults(func=cmd_endpoints)
+
+    delete = sub.add_parser("delete", help="stop an endpoint and remove it")
+    delete.add_argument("name")
+    delete.add_argument("--home", help="where local endpoints live (default .imgclf)")
+    delete.set_defaults(func=cmd_delete)
+
+    invoke = sub.add_parser("invoke", help="send images to an endpoint, print top-k labels")
+    invoke.add_argument("images", nargs="+", metavar="IMAGE")
+    invoke.add_argument("--endpoint", help="endpoint name (default: the one running)")
+    invoke.add_argument("--topk", type=int, default=3)
+    invoke.add_argument(
+        "--probabilities", action="store_true", help="also print every class's probability"
+    )
+    invoke.add_argument("--home", help="where local endpoints live (default .imgclf)")
+    invoke.set_defaults(func=cmd_invoke)
     return parser
 
 

@@ -233,3 +233,259 @@ def require_docker() -> None:
 def read_failure(job: LocalJob) -> str | None:
     path = job.layout.failure_file
     return path.read_text().strip() if path.exists() else None
+
+
+# ---------------------------------------------------------------- endpoints
+
+READY_TIMEOUT_SECONDS = 300
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A local endpoint: the serving image's `serve` entry running in the background."""
+
+    name: str
+    port: int
+    pid: int
+    base: Path
+    model: str
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def log_file(self) -> Path:
+        return self.base / "serve.log"
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "port": self.port,
+            "pid": self.pid,
+            "base": str(self.base),
+            "model": self.model,
+        }
+
+
+def _endpoints_dir(home: Path) -> Path:
+    return home / "endpoints"
+
+
+def _record(home: Path, name: str) -> Path:
+    return _endpoints_dir(home) / name / "endpoint.json"
+
+
+def load_endpoint(home: Path, name: str) -> Endpoint | None:
+    path = _record(home, name)
+    if not path.exists():
+        return None
+    doc = json.loads(path.read_text())
+    return Endpoint(doc["name"], int(doc["port"]), int(doc["pid"]), Path(doc["base"]), doc["model"])
+
+
+def list_endpoints(home: Path) -> list[Endpoint]:
+    root = _endpoints_dir(home)
+    names = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    return [e for e in (load_endpoint(home, n) for n in names) if e is not None]
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def unpack_model(source: Path, target: Path) -> None:
+    """A model dir is linked; a model.tar.gz (what SageMaker makes) is unpacked safely."""
+    import tarfile
+
+    source = source.resolve()
+    if source.is_dir():
+        target.symlink_to(source, target_is_directory=True)
+    elif source.is_file() and tarfile.is_tarfile(source):
+        target.mkdir()
+        with tarfile.open(source) as archive:
+            archive.extractall(target, filter="data")  # no absolute paths, links out, devices
+    else:
+        raise UserError(f"--model {source}: not a model directory nor a model.tar.gz")
+
+
+def ping(port: int, timeout: float = 2.0) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=timeout) as r:  # noqa: S310
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def deploy(
+    home: Path,
+    model: Path,
+    *,
+    name: str,
+    port: int,
+    workers: int | None = None,
+    timeout: float = READY_TIMEOUT_SECONDS,
+) -> Endpoint:
+    """Start `serve` over <home>/endpoints/<name>/model on 127.0.0.1:<port> in the background;
+    return once it answers a real prediction."""
+    existing = load_endpoint(home, name)
+    if existing is not None:
+        if process_alive(existing.pid):
+            raise UserError(
+                f"endpoint {name} is already running on port {existing.port}; "
+                f"`launch.py delete {name}` first, or pick another --name"
+            )
+        shutil.rmtree(existing.base, ignore_errors=True)
+    if not port_free(port):
+        raise UserError(f"port {port} is in use; pick another with --port")
+    base = _endpoints_dir(home) / name
+    base.mkdir(parents=True)
+    try:
+        unpack_model(Path(model), base / "model")
+    except BaseException:
+        shutil.rmtree(base, ignore_errors=True)
+        raise
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(
+        {
+            BASE_DIR_ENV: str(base),
+            "SAGEMAKER_BIND_TO_PORT": str(port),
+            "IMGCLF_BIND_HOST": "127.0.0.1",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    if workers:
+        env["SAGEMAKER_MODEL_SERVER_WORKERS"] = str(workers)
+    serve = Path(sys.executable).parent / "serve"
+    with open(base / "serve.log", "ab") as log:
+        proc = subprocess.Popen(
+            [str(serve)],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    endpoint = Endpoint(name, port, proc.pid, base, str(Path(model).resolve()))
+    _record(home, name).write_text(json.dumps(endpoint.to_dict(), indent=2) + "\n")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            reason = _log_reason(endpoint.log_file)
+            shutil.rmtree(base, ignore_errors=True)
+            raise UserError(f"endpoint {name} did not start: {reason}")
+        if _ready(endpoint.log_file) and ping(port):
+            return endpoint
+        time.sleep(0.3)
+    stop_endpoint(endpoint)
+    raise UserError(f"endpoint {name} was not ready within {timeout:.0f} s; see {base}/serve.log")
+
+
+def _ready(log_file: Path) -> bool:
+    return b"endpoint ready on" in log_file.read_bytes()
+
+
+def _log_reason(log_file: Path) -> str:
+    lines = log_file.read_text(errors="replace").splitlines()
+    for line in reversed(lines):
+        if "cannot serve" in line or "failed to start" in line:
+            return line.split(": ", 1)[-1] if "imgclf.serve" in line else line
+    return f"see {log_file}"
+
+
+def stop_endpoint(endpoint: Endpoint, grace: float = 60.0) -> bool:
+    """SIGTERM (MMS drains), then SIGKILL after `grace`; True when it had been running."""
+    if not process_alive(endpoint.pid):
+        return False
+    try:
+        os.killpg(endpoint.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return False
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and _group_alive(endpoint.pid):
+        time.sleep(0.2)
+    if _group_alive(endpoint.pid):
+        os.killpg(endpoint.pid, signal.SIGKILL)
+    return True
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.waitpid(pgid, os.WNOHANG)  # reap it if it is our own child that has exited
+    except ChildProcessError:
+        pass
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def delete_endpoint(home: Path, name: str) -> Endpoint:
+    endpoint = load_endpoint(home, name)
+    if endpoint is None:
+        known = ", ".join(e.name for e in list_endpoints(home)) or "none"
+        raise UserError(f"no local endpoint named {name} (running: {known})")
+    stop_endpoint(endpoint)
+    shutil.rmtree(endpoint.base, ignore_errors=True)
+    return endpoint
+
+
+CONTENT_TYPES = {
+    ".jpg": "image/jpeg",
+    ".jpeg": "image/jpeg",
+    ".png": "image/png",
+    ".webp": "image/webp",
+    ".bmp": "image/bmp",
+    ".gif": "image/gif",
+    ".tif": "image/tiff",
+    ".tiff": "image/tiff",
+}
+
+
+def invoke(
+    endpoint: Endpoint,
+    body: bytes,
+    *,
+    content_type: str,
+    custom_attributes: str = "",
+    timeout: float = 70.0,
+) -> tuple[int, object]:
+    """POST /invocations as SageMaker's runtime would; returns (status, decoded JSON)."""
+    import urllib.error
+    import urllib.request
+
+    headers = {"Content-Type": content_type, "Accept": "application/json"}
+    if custom_attributes:
+        headers["X-Amzn-SageMaker-Custom-Attributes"] = custom_attributes
+    url = f"{endpoint.url}/invocations"
+    request = urllib.request.Request(url, data=body, headers=headers, method="POST")  # noqa: S310
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        payload = exc.read()
+        try:
+            return exc.code, json.loads(payload)
+        except ValueError:
+            return exc.code, {"error": payload.decode(errors="replace")[:500]}
