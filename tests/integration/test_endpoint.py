@@ -1,0 +1,255 @@
+"""A real endpoint: a model trained here, served by multi-model-server through the launcher."""
+
+import base64
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from imgclf.serving import inference
+from imgclf.serving.serve import free_port
+from tests.conftest import FAST_HPS, hp_args, run_launch
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    return tmp_path_factory.mktemp("home")
+
+
+@pytest.fixture(scope="module")
+def model_dir(home, tiny_digits):
+    proc = run_launch(
+        "train",
+        "--data",
+        str(tiny_digits),
+        "--job-name",
+        "served",
+        *hp_args({**FAST_HPS, "epochs": "1"}),
+        home=home,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return home / "jobs" / "served" / "model"
+
+
+@pytest.fixture(scope="module")
+def endpoint(home, model_dir):
+    port = free_port()
+    proc = run_launch(
+        "deploy",
+        "--model",
+        str(model_dir),
+        "--name",
+        "ep",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        home=home,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    yield f"http://127.0.0.1:{port}"
+    stop = run_launch("delete", "ep", home=home)
+    assert stop.returncode == 0, stop.stderr
+    assert "stopped" in stop.stdout
+
+
+def post(url, body, content_type, headers=None, timeout=60):
+    request = urllib.request.Request(
+        f"{url}/invocations",
+        data=body,
+        method="POST",
+        headers={"Content-Type": content_type, **(headers or {})},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def ping(url, timeout=2.0):
+    with urllib.request.urlopen(f"{url}/ping", timeout=timeout) as response:
+        return response.status
+
+
+def _jpeg_of(path: Path) -> bytes:
+    buf = io.BytesIO()
+    Image.open(path).convert("RGB").save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+def test_answers_match_predict_fn(endpoint, model_dir, tiny_digits):
+    loaded = inference.model_fn(model_dir, device=torch.device("cpu"))
+    files = sorted((tiny_digits / "test").rglob("*.png"))[:3]
+    payloads = [("image/png", f.read_bytes()) for f in files[:2]] + [
+        ("image/jpeg", _jpeg_of(files[2]))
+    ]
+    for ctype, body in payloads:
+        status, raw = post(endpoint, body, ctype)
+        assert status == 200, raw
+        answer = json.loads(raw)
+        expected = inference.predict_fn(
+            inference.input_fn(body, ctype, draft=loaded.preprocess.resize_size), loaded
+        )[0]
+        assert len(answer["predictions"]) == 5
+        top = answer["predictions"][0]
+        assert top["index"] == int(expected.argmax())
+        assert top["probability"] == pytest.approx(float(expected.max()), abs=1e-4)
+        assert top["label"] == loaded.labels[top["index"]]
+
+    batch = json.dumps(
+        {"instances": [base64.b64encode(f.read_bytes()).decode() for f in files]}
+    ).encode()
+    status, raw = post(
+        endpoint,
+        batch,
+        "application/json",
+        {"X-Amzn-SageMaker-Custom-Attributes": "topk=2,probabilities=true"},
+    )
+    assert status == 200, raw
+    answers = json.loads(raw)
+    assert len(answers) == 3
+    for answer, f in zip(answers, files):
+        assert len(answer["predictions"]) == 2
+        full = np.array(answer["probabilities"])
+        assert full.shape == (10,) and abs(full.sum() - 1) < 1e-3
+        expected = inference.predict_fn(inference.input_fn(f.read_bytes(), "image/png"), loaded)
+        assert int(full.argmax()) == int(expected.argmax())
+
+
+def _bomb() -> bytes:
+    buf = io.BytesIO()
+    Image.new("1", (8000, 8000)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+BAD_REQUESTS = [
+    ("empty body", b"", "image/jpeg", {}, 400),
+    ("random bytes", os.urandom(2048), "application/octet-stream", {}, 400),
+    ("truncated jpeg", None, "image/jpeg", {}, 400),
+    ("decompression bomb", None, "image/png", {}, 413),
+    ("over 6 MB", b"\xff" * (6 * 1024 * 1024 + 10), "image/jpeg", {}, 413),
+    ("unknown content type", b"a,b", "text/csv", {}, 415),
+    ("npy never unpickled", b"\x93NUMPY\x01\x00", "application/x-npy", {}, 415),
+    ("unknown accept", None, "image/png", {"Accept": "text/csv"}, 406),
+    ("malformed json", b'{"instances": [', "application/json", {}, 400),
+    ("bad topk", None, "image/png", {"X-Amzn-SageMaker-Custom-Attributes": "topk=-1"}, 400),
+]
+
+
+def test_bad_requests_get_4xx_json_and_the_server_stays_healthy(endpoint, tiny_digits):
+    good = sorted((tiny_digits / "test").rglob("*.png"))[0].read_bytes()
+    jpeg = _jpeg_of(sorted((tiny_digits / "test").rglob("*.png"))[0])
+    for name, body, ctype, headers, expected in BAD_REQUESTS:
+        if body is None:
+            body = {"truncated jpeg": jpeg[: len(jpeg) // 2], "decompression bomb": _bomb()}.get(
+                name, good
+            )
+        status, raw = post(endpoint, body, ctype, headers)
+        assert status == expected, (name, status, raw[:300])
+        text = raw.decode(errors="replace")
+        assert "Traceback" not in text and "/site-packages/" not in text, name
+        doc = json.loads(raw)
+        if name != "over 6 MB":  # MMS itself refuses a frame over its limit, in its JSON
+            assert doc["error"] and doc["hint"], name
+        assert ping(endpoint) == 200, name
+    status, raw = post(endpoint, good, "image/png")
+    assert status == 200 and json.loads(raw)["predictions"]
+
+
+def test_management_api_is_not_on_the_inference_port(endpoint):
+    url = f"{endpoint}/models?url=https://example.com/evil.mar&model_name=evil"
+    request = urllib.request.Request(url, method="POST")
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(request, timeout=10)
+    assert err.value.code in (400, 404, 405)
+    addresses = subprocess.run(["hostname", "-I"], capture_output=True, text=True).stdout.split()
+    port = int(endpoint.rsplit(":", 1)[1])
+    for address in [a for a in addresses if ":" not in a][:1]:
+        with pytest.raises(OSError):  # the local target binds 127.0.0.1 only
+            urllib.request.urlopen(f"http://{address}:{port}/ping", timeout=3)
+
+
+def test_concurrent_clients_and_ping_stays_fast(endpoint, tiny_digits):
+    bodies = [f.read_bytes() for f in sorted((tiny_digits / "test").rglob("*.png"))[:8]]
+    errors, ping_times = [], []
+    done = threading.Event()
+
+    def client(i):
+        for _ in range(25):
+            status, raw = post(endpoint, bodies[i], "image/png")
+            if status != 200:
+                errors.append((status, raw[:200]))
+
+    def pinger():
+        while not done.is_set():
+            start = time.monotonic()
+            try:
+                ok = ping(endpoint, timeout=5) == 200
+            except OSError:
+                ok = False
+            ping_times.append((ok, time.monotonic() - start))
+            time.sleep(0.1)
+
+    watcher = threading.Thread(target=pinger)
+    watcher.start()
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    done.set()
+    watcher.join()
+    assert errors == []
+    assert ping_times and all(ok for ok, _ in ping_times)
+    assert max(seconds for _, seconds in ping_times) < 2.0
+
+
+def test_launcher_lists_and_invokes_the_endpoint(endpoint, home, tiny_digits):
+    listed = run_launch("endpoints", home=home)
+    assert "ep" in listed.stdout and "healthy" in listed.stdout
+    image = sorted((tiny_digits / "test" / "003.two").glob("*.png"))[0]
+    proc = run_launch("invoke", "--endpoint", "ep", "--topk", "2", str(image), home=home)
+    assert proc.returncode == 0, proc.stderr
+    assert "(folder: two)" in proc.stdout and "probability" in proc.stdout
+
+
+@pytest.mark.parametrize("damage", ["corrupt weights", "missing labels"])
+def test_broken_artifact_fails_the_serve_entry(tmp_path, model_dir, damage):
+    base = tmp_path / "ml"
+    shutil.copytree(model_dir, base / "model")
+    if damage == "corrupt weights":
+        (base / "model" / "model.pt").write_bytes(b"\x00" * 100)
+    else:
+        (base / "model" / "labels.json").unlink()
+    port = free_port()
+    env = {
+        **os.environ,
+        "SAGEMAKER_BASE_DIR": str(base),
+        "SAGEMAKER_BIND_TO_PORT": str(port),
+        "IMGCLF_BIND_HOST": "127.0.0.1",
+    }
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "serve")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "cannot serve the model" in proc.stdout
+    assert ("model.pt" if damage == "corrupt weights" else "labels.json") in proc.stdout
+    with pytest.raises(OSError):
+        ping(f"http://127.0.0.1:{port}")

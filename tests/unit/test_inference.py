@@ -1,0 +1,169 @@
+import base64
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from imgclf import artifacts, data, models
+from imgclf.serving import inference
+from imgclf.serving.serve import ServeSettings, mms_config_properties
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A real artifact of a random ResNet-18 over 4 classes (weights need not be trained)."""
+    path = tmp_path_factory.mktemp("model")
+    torch.manual_seed(0)
+    net = models.build_model("resnet18", 4)
+    pre = models.get_architecture("resnet18").preprocess(32)
+    artifacts.save_artifact(
+        path,
+        state_dict=net.state_dict(),
+        labels=["a", "b", "c", "d"],
+        config={
+            "arch": "resnet18",
+            "classes": ["1.a", "2.b", "3.c", "4.d"],
+            "preprocess": pre.to_dict(),
+        },
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def loaded(model_dir):
+    return inference.model_fn(model_dir, device=torch.device("cpu"))
+
+
+def _png(size=(40, 30), color=(200, 10, 10)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _jpeg(seed=0, size=(64, 48)) -> bytes:
+    arr = np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def test_serving_preprocessing_is_trainings_eval_preprocessing(tmp_path, loaded):
+    payload = _jpeg(3, size=(300, 200))
+    (tmp_path / "x.jpg").write_bytes(payload)
+    pre = loaded.preprocess
+    train_side = data.ImageListDataset(
+        [(str(tmp_path / "x.jpg"), 0)], data.eval_transform(pre), draft=pre.resize_size
+    )[0][0]
+    serve_side = loaded.transform(
+        inference.input_fn(payload, "image/jpeg", draft=pre.resize_size)[0]
+    )
+    assert torch.equal(train_side, serve_side)
+
+
+def test_predict_returns_probabilities_per_image(loaded):
+    images = inference.input_fn(_png(), "image/png") + inference.input_fn(_jpeg(), "image/jpeg")
+    probs = inference.predict_fn(images, loaded)
+    assert probs.shape == (2, 4)
+    assert torch.allclose(probs.sum(dim=1), torch.ones(2), atol=1e-5)
+
+
+def test_json_batch_and_output_shapes(loaded):
+    body = json.dumps(
+        {"instances": [base64.b64encode(_png()).decode(), base64.b64encode(_jpeg()).decode()]}
+    ).encode()
+    images = inference.input_fn(body, "application/json; charset=utf-8")
+    probs = inference.predict_fn(images, loaded)
+    out, ctype = inference.output_fn(
+        probs,
+        loaded.labels,
+        accept="application/json",
+        options=inference.Options(topk=2, probabilities=True),
+        batch=True,
+    )
+    doc = json.loads(out)
+    assert ctype == "application/json" and len(doc) == 2
+    assert len(doc[0]["predictions"]) == 2 and len(doc[0]["probabilities"]) == 4
+    top = doc[1]["predictions"][0]
+    assert top["index"] == int(probs[1].argmax()) and top["label"] == loaded.labels[top["index"]]
+
+
+@pytest.mark.parametrize(
+    "body,ctype,status",
+    [
+        (b"", "image/jpeg", 400),
+        (b"\x00\x01random bytes", "image/png", 400),
+        (_jpeg(1)[:300], "image/jpeg", 400),
+        (b"x" * (6 * 1024 * 1024 + 1), "image/jpeg", 413),
+        (b"col\n1", "text/csv", 415),
+        (b"\x93NUMPY", "application/x-npy", 415),
+        (b"{not json", "application/json", 400),
+        (b'{"instances": [12]}', "application/json", 400),
+        (b'{"instances": ["***"]}', "application/json", 400),
+    ],
+)
+def test_bad_input_is_a_client_error_with_a_hint(body, ctype, status):
+    with pytest.raises(inference.RequestError) as err:
+        inference.input_fn(body, ctype)
+    assert err.value.status == status
+    doc = json.loads(err.value.body())
+    assert doc["error"] and doc["hint"] and "Traceback" not in doc["error"]
+
+
+def test_decompression_bomb_is_refused_before_decoding():
+    buf = io.BytesIO()
+    Image.new("1", (8000, 8000)).save(buf, format="PNG")  # 64 Mpx in a few kB
+    assert len(buf.getvalue()) < 100_000
+    with pytest.raises(inference.RequestError) as err:
+        inference.input_fn(buf.getvalue(), "image/png")
+    assert err.value.status == 413
+
+
+def test_accept_and_custom_attributes():
+    inference.check_accept(None)
+    inference.check_accept("application/json, text/plain")
+    inference.check_accept("*/*")
+    with pytest.raises(inference.RequestError) as err:
+        inference.check_accept("text/csv")
+    assert err.value.status == 406
+    assert inference.parse_options("topk=2, probabilities=true", 4) == inference.Options(2, True)
+    assert inference.parse_options(None, 3).topk == 3
+    with pytest.raises(inference.RequestError):
+        inference.parse_options("topk=zero", 4)
+
+
+def test_broken_artifacts_fail_with_the_file_named(tmp_path, model_dir):
+    import shutil
+
+    from imgclf.errors import UserError
+
+    broken = tmp_path / "m"
+    shutil.copytree(model_dir, broken)
+    (broken / "model.pt").write_bytes(b"not a torch file")
+    with pytest.raises(UserError, match="model.pt"):
+        inference.model_fn(broken)
+    (broken / "labels.json").unlink()
+    with pytest.raises(UserError, match="labels.json"):
+        inference.model_fn(broken)
+
+
+def test_mms_config_keeps_management_on_loopback(tmp_path):
+    settings = ServeSettings(
+        model_dir=tmp_path / "model",
+        bind_host="0.0.0.0",
+        port=8080,
+        workers=3,
+        timeout_s=60,
+        startup_timeout_s=300,
+    )
+    text = mms_config_properties(settings, management_port=20001, model_store=tmp_path)
+    props = dict(line.split("=", 1) for line in text.splitlines())
+    assert props["inference_address"] == "http://0.0.0.0:8080"
+    assert props["management_address"] == "http://127.0.0.1:20001"
+    assert int(props["max_request_size"]) >= 6 * 1024 * 1024
+    assert props["default_workers_per_model"] == "3"
+    assert props["default_response_timeout"] == "60"
+    assert props["blacklist_env_vars"] == "AWS_.*"
+    assert props["default_service_handler"] == "imgclf.serving.handler_service"
