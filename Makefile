@@ -15,11 +15,18 @@ $(STAMP): requirements/train.txt requirements/serve.txt requirements/dev.txt req
 	$(VPY) -m pip install --quiet --disable-pip-version-check --no-cache-dir --no-deps -e .
 	touch $(STAMP)
 
+DEMO_PORT ?= 8080
+
 demo: setup
 	$(VPY) launch.py data sample $(DEMO_DATA)
 	$(VPY) launch.py data check $(DEMO_DATA)
 	$(VPY) launch.py train --data $(DEMO_DATA) --job-name demo --hp arch=resnet18 pretrained=false \
 		epochs=6 image_size=32 batch_size=64 lr=0.003 hflip=false
+	@$(VPY) launch.py delete demo >/dev/null 2>&1 || true
+	$(VPY) launch.py deploy --model .imgclf/jobs/demo/model --name demo --port $(DEMO_PORT)
+	$(VPY) launch.py invoke --endpoint demo --topk 2 \
+		$$(for d in $(DEMO_DATA)/test/00[1-4]*/; do ls $$d*.png | head -1; done); \
+		status=$$?; $(VPY) launch.py delete demo; exit $$status
 
 lint: setup
 	$(VPY) -m ruff check src tests $(wildcard benchmarks) launch.py

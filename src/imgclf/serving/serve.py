@@ -56,6 +56,7 @@ class ServeSettings:
     workers: int
     timeout_s: int
     startup_timeout_s: int
+    handler: str = HANDLER  # IMGCLF_MMS_HANDLER: another MMS service module (A/B benchmarks)
 
 
 def default_workers() -> int:
@@ -84,6 +85,7 @@ def read_settings(environ) -> ServeSettings:
         workers=int(workers) if workers else default_workers(),
         timeout_s=int(environ.get("SAGEMAKER_MODEL_SERVER_TIMEOUT", "60")),
         startup_timeout_s=int(environ.get("SAGEMAKER_STARTUP_TIMEOUT", "300")),
+        handler=environ.get("IMGCLF_MMS_HANDLER", HANDLER),
     )
 
 
@@ -96,7 +98,7 @@ def mms_config_properties(
         # Management registers models from URLs: never reachable from outside.
         "management_address": f"http://127.0.0.1:{management_port}",
         "model_store": str(model_store),
-        "default_service_handler": HANDLER,
+        "default_service_handler": settings.handler,
         "default_workers_per_model": str(settings.workers),
         "default_response_timeout": str(settings.timeout_s),
         "max_request_size": str(MAX_REQUEST_FRAME),
