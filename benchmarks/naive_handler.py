@@ -18,12 +18,14 @@ class NaiveService:
         self.model.fc = torch.nn.Linear(self.model.fc.in_features, len(labels))
         self.model.load_state_dict(torch.load(f"{model_dir}/model.pt", weights_only=True))
         self.model.eval()
-        self.transform = transforms.Compose([
-            transforms.Resize(256),
-            transforms.CenterCrop(224),
-            transforms.ToTensor(),
-            transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
-        ])
+        self.transform = transforms.Compose(
+            [
+                transforms.Resize(256),
+                transforms.CenterCrop(224),
+                transforms.ToTensor(),
+                transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+            ]
+        )
 
     def handle(self, data, context):
         answers = []

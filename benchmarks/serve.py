@@ -35,10 +35,16 @@ def make_model(root: Path) -> Path:
     torch.manual_seed(0)
     net = models.build_model("resnet50", 133)
     pre = models.get_architecture("resnet50").preprocess(224)
-    artifacts.save_artifact(model_dir, state_dict=net.state_dict(),
-                            labels=[f"breed {i}" for i in range(133)],
-                            config={"arch": "resnet50", "classes": [str(i) for i in range(133)],
-                                    "preprocess": pre.to_dict()})
+    artifacts.save_artifact(
+        model_dir,
+        state_dict=net.state_dict(),
+        labels=[f"breed {i}" for i in range(133)],
+        config={
+            "arch": "resnet50",
+            "classes": [str(i) for i in range(133)],
+            "preprocess": pre.to_dict(),
+        },
+    )
     return model_dir
 
 
@@ -56,14 +62,24 @@ def make_images() -> list[bytes]:
 
 
 def start(base: Path, port: int, workers: int, handler: str | None) -> subprocess.Popen:
-    env = {**os.environ, "SAGEMAKER_BASE_DIR": str(base), "SAGEMAKER_BIND_TO_PORT": str(port),
-           "IMGCLF_BIND_HOST": "127.0.0.1", "SAGEMAKER_MODEL_SERVER_WORKERS": str(workers),
-           "PYTHONPATH": f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env = {
+        **os.environ,
+        "SAGEMAKER_BASE_DIR": str(base),
+        "SAGEMAKER_BIND_TO_PORT": str(port),
+        "IMGCLF_BIND_HOST": "127.0.0.1",
+        "SAGEMAKER_MODEL_SERVER_WORKERS": str(workers),
+        "PYTHONPATH": f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+    }
     if handler:
         env["IMGCLF_MMS_HANDLER"] = handler
     log = open(base / "serve.log", "wb")
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "serve")], env=env, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "serve")],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -76,8 +92,12 @@ def start(base: Path, port: int, workers: int, handler: str | None) -> subproces
 
 def post(port: int, body: bytes) -> float:
     start_time = time.perf_counter()
-    request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
-                                     headers={"Content-Type": "image/jpeg"}, method="POST")
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/invocations",
+        data=body,
+        headers={"Content-Type": "image/jpeg"},
+        method="POST",
+    )
     with urllib.request.urlopen(request, timeout=120) as response:
         response.read()
         assert response.status == 200
@@ -89,13 +109,14 @@ def load(port: int, images: list[bytes], concurrency: int, requests: int) -> dic
         post(port, body)
     started = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
-        latencies = list(pool.map(lambda i: post(port, images[i % len(images)]),
-                                  range(requests)))
+        latencies = list(pool.map(lambda i: post(port, images[i % len(images)]), range(requests)))
     wall = time.perf_counter() - started
     latencies.sort()
-    return {"p50": statistics.median(latencies) * 1000,
-            "p99": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] * 1000,
-            "rps": requests / wall}
+    return {
+        "p50": statistics.median(latencies) * 1000,
+        "p99": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] * 1000,
+        "rps": requests / wall,
+    }
 
 
 def main() -> None:
@@ -115,22 +136,28 @@ def main() -> None:
             port = free_port()
             proc = start(base, port, args.workers, handler)
             try:
-                results[name] = {c: load(port, images, c, args.requests if c > 1 else
-                                         max(8, args.requests // 3)) for c in (1, 16)}
+                results[name] = {
+                    c: load(port, images, c, args.requests if c > 1 else max(8, args.requests // 3))
+                    for c in (1, 16)
+                }
             finally:
                 os.killpg(proc.pid, 15)
                 proc.wait(timeout=60)
     cpu = platform.processor() or platform.machine()
-    print(f"machine: {os.cpu_count()} CPUs ({cpu}), torch {torch.__version__}, "
-          f"{args.workers} MMS worker(s), ResNet-50 at 224 px, 1600x1200 JPEG q90 requests")
+    print(
+        f"machine: {os.cpu_count()} CPUs ({cpu}), torch {torch.__version__}, "
+        f"{args.workers} MMS worker(s), ResNet-50 at 224 px, 1600x1200 JPEG q90 requests"
+    )
     print(f"{'server':<7}{'conc':>5}{'p50 ms':>10}{'p99 ms':>10}{'req/s':>9}")
     for name, by_conc in results.items():
         for conc, r in by_conc.items():
             print(f"{name:<7}{conc:>5}{r['p50']:>10.1f}{r['p99']:>10.1f}{r['rps']:>9.2f}")
     for conc in (1, 16):
         n, o = results["naive"][conc], results["ours"][conc]
-        print(f"concurrency {conc}: ours/naive throughput {o['rps'] / n['rps']:.2f}x, "
-              f"p50 latency {n['p50'] / o['p50']:.2f}x lower, p99 {n['p99'] / o['p99']:.2f}x lower")
+        print(
+            f"concurrency {conc}: ours/naive throughput {o['rps'] / n['rps']:.2f}x, "
+            f"p50 latency {n['p50'] / o['p50']:.2f}x lower, p99 {n['p99'] / o['p99']:.2f}x lower"
+        )
 
 
 if __name__ == "__main__":
