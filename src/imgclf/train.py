@@ -3,6 +3,7 @@ artifacts. Runs alone or under torchrun (one process per GPU, or several on CPU 
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -312,6 +313,15 @@ def run(contract: TrainingContract, cfg: TrainConfig, runtime: Runtime, stop: St
     reduce = _sum(runtime)
     progress = Progress(runtime.progress_bar)
     num_classes = len(classes)
+    evaluate = functools.partial(
+        engine.evaluate,
+        model,
+        num_classes=num_classes,
+        device=runtime.device,
+        amp_dtype=runtime.amp_dtype,
+        channels_last=cfg.channels_last,
+        reduce=reduce,
+    )
 
     for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
         if cfg.patience and state["bad_epochs"] >= cfg.patience:
@@ -336,15 +346,7 @@ def run(contract: TrainingContract, cfg: TrainConfig, runtime: Runtime, stop: St
             )
         finally:
             progress.close()
-        valid = engine.evaluate(
-            model,
-            loaders["valid"],
-            num_classes=num_classes,
-            device=runtime.device,
-            amp_dtype=runtime.amp_dtype,
-            channels_last=cfg.channels_last,
-            reduce=reduce,
-        )
+        valid = evaluate(loaders["valid"])
         lr = optimizer.param_groups[0]["lr"]
         row = {
             "epoch": epoch,
@@ -402,15 +404,7 @@ def run(contract: TrainingContract, cfg: TrainConfig, runtime: Runtime, stop: St
     }
     labels = [data.label_name(c) for c in classes]
     if "test" in loaders:
-        test = engine.evaluate(
-            model,
-            loaders["test"],
-            num_classes=num_classes,
-            device=runtime.device,
-            amp_dtype=runtime.amp_dtype,
-            channels_last=cfg.channels_last,
-            reduce=reduce,
-        )
+        test = evaluate(loaders["test"])
         summary.update(
             test_loss=test.loss,
             test_acc=test.accuracy,
