@@ -147,6 +147,45 @@ def cmd_train(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- tune
+
+
+def cmd_tune(args) -> int:
+    from imgclf.tuning import local as tuner
+    from imgclf.tuning.space import load_space
+
+    if args.status:
+        meta, rows = tuner.load_status(Path(args.status), args.storage)
+        _print_table(rows, ["trial", "state", "epochs", meta["metric"], "hyperparameters"])
+        return 0
+    if not (args.data and args.space):
+        raise UserError("tune needs --data DIR and --space tuning.yaml (or --status DIR)")
+    space = load_space(args.space, fixed=parse_assignments(args.hp or []))
+    from imgclf.targets import local
+
+    out = Path(args.out) if args.out else _home(args) / "tuning" / local.new_job_name("tune")
+    print(
+        f"tuning {', '.join(space.names)} for {space.direction} {space.metric} "
+        f"({space.strategy}, early stopping {'on' if space.early_stopping else 'off'}) in {out}"
+    )
+    print(f"  (stopped? run the same command with --out {out} to resume)", flush=True)
+    best = tuner.run_tuning(
+        space,
+        data_dir=Path(args.data),
+        out_dir=out,
+        storage=args.storage,
+        max_trials=args.max_trials,
+        parallel=args.parallel,
+    )
+    meta, rows = tuner.load_status(out, args.storage)
+    print()
+    _print_table(rows, ["trial", "state", "epochs", space.metric, "hyperparameters"])
+    print(f"\nbest: trial {best['trial']}, {space.metric} {best['objective']['value']:.5f}")
+    print(f"  {out / tuner.BEST_FILE}")
+    print(f"  retrain: python launch.py train --data {args.data} --hp-from {out / tuner.BEST_FILE}")
+    return 0
+
+
 # ---------------------------------------------------------------- endpoints
 
 
@@ -279,6 +318,21 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--docker", metavar="IMAGE", help="run the training image under Docker")
     train.add_argument("--home", help="where local jobs live (default .imgclf, or $IMGCLF_HOME)")
     train.set_defaults(func=cmd_train)
+
+    tune = sub.add_parser("tune", help="hyperparameter tuning (local: Optuna, trials are jobs)")
+    tune.add_argument("--data", help="folder with train/ valid/ [test/]")
+    tune.add_argument("--space", help="tuning.yaml: search space and objective")
+    tune.add_argument("--max-trials", type=int, help="overrides max_trials of the space")
+    tune.add_argument("--parallel", type=int, help="overrides parallel_trials of the space")
+    tune.add_argument(
+        "--out", help="tuning dir (default .imgclf/tuning/tune-<time>); an existing one resumes"
+    )
+    tune.add_argument("--hp", nargs="*", metavar="KEY=VALUE", help="fixed for every trial")
+    tune.add_argument("--storage", help="Optuna storage URL (default: SQLite in the tuning dir)")
+    tune.add_argument("--status", metavar="DIR", help="print the trial table of a tuning dir")
+    tune.add_argument("--home", help="where local jobs live (default .imgclf)")
+    tune.add_argument("--target", choices=["local"], default="local")
+    tune.set_defaults(func=cmd_tune)
 
     deploy = sub.add_parser("deploy", help="start an endpoint for a model (local: MMS process)")
     deploy.add_argument("--model", required=True, help="a model dir or model.tar.gz")

@@ -9,7 +9,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,9 +137,18 @@ def train_command() -> list[str]:
     return [str(script)]
 
 
-def run_job(job: LocalJob, command: list[str], env: dict[str, str], *, echo: bool = True) -> int:
-    """Run the job's process group, copying its output to train.log (and the console). Ctrl-C
-    stops it the way SageMaker does: SIGTERM, then SIGKILL after the grace period."""
+def run_job(
+    job: LocalJob,
+    command: list[str],
+    env: dict[str, str] | None,
+    *,
+    echo: bool = True,
+    on_line: Callable[[str], None] | None = None,
+    on_start: Callable[[subprocess.Popen], None] | None = None,
+) -> int:
+    """Run the job's process group, copying its output to train.log (and the console, and
+    `on_line`). Ctrl-C or SIGTERM stops it the way SageMaker does: SIGTERM, then SIGKILL after
+    the grace period."""
     interactive = echo and sys.stderr.isatty()
     with open(job.log_file, "ab") as log:
         proc = subprocess.Popen(
@@ -145,10 +156,15 @@ def run_job(job: LocalJob, command: list[str], env: dict[str, str], *, echo: boo
             env=env,
             stdout=subprocess.PIPE,
             stderr=None if interactive else subprocess.STDOUT,  # keep the progress bar live
+            stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
-        # `kill` of the launcher stops the job the same way (SIGTERM to its process group).
-        previous = signal.signal(signal.SIGTERM, lambda *_: _signal_group(proc, signal.SIGTERM))
+        if on_start is not None:
+            on_start(proc)
+        previous = None
+        if threading.current_thread() is threading.main_thread():
+            # `kill` of the launcher stops the job the same way (SIGTERM to its group).
+            previous = signal.signal(signal.SIGTERM, lambda *_: _signal_group(proc, signal.SIGTERM))
         try:
             assert proc.stdout is not None
             for line in proc.stdout:
@@ -157,12 +173,15 @@ def run_job(job: LocalJob, command: list[str], env: dict[str, str], *, echo: boo
                 if echo:
                     sys.stdout.buffer.write(line)
                     sys.stdout.flush()
+                if on_line is not None:
+                    on_line(line.decode("utf-8", "replace"))
             return proc.wait()
         except KeyboardInterrupt:
             stop_process_group(proc)
             raise
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
             if proc.poll() is None:
                 stop_process_group(proc)
 

@@ -1,0 +1,329 @@
+"""The local tuner: an Optuna study whose trials are real local training jobs.
+
+Each trial is the same `train` entry as `launch.py train`, in its own job dir under the tuning
+dir. The tuner reads each job's metric lines with the regexes SageMaker's MetricDefinitions use,
+reports them to Optuna per epoch, and stops (SIGTERM) the jobs Optuna prunes. The study lives in
+SQLite in the tuning dir (or any Optuna storage URL), so a killed tuner resumes where it was.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from imgclf.artifacts import write_json
+from imgclf.errors import UserError
+from imgclf.metrics import parse_metric_line
+from imgclf.targets import local
+from imgclf.tuning.space import (
+    TuningSpace,
+    optuna_distributions,
+    sampler_and_pruner,
+    trial_hyperparameters,
+)
+
+STUDY_NAME = "imgclf"
+LOCK_FILE = "tuner.pid"
+BEST_FILE = "best.json"
+
+
+class TrialJobFailed(Exception):
+    """A trial's training job failed (its reason is in the trial's output/failure)."""
+
+
+@dataclass
+class TrialRow:
+    number: int
+    params: dict
+    epoch: int = 0
+    value: float | None = None
+    state: str = "RUNNING"
+
+
+@dataclass
+class Monitor:
+    """The live table: redrawn in place on a terminal, one line per event otherwise."""
+
+    metric: str
+    live: bool = field(default_factory=lambda: sys.stdout.isatty())
+    rows: dict[int, TrialRow] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    drawn: int = 0
+
+    def update(self, number: int, **changes) -> None:
+        with self.lock:
+            row = self.rows.setdefault(number, TrialRow(number, changes.pop("params", {})))
+            for key, value in changes.items():
+                setattr(row, key, value)
+            if self.live:
+                self._redraw()
+            elif "state" in changes or "epoch" in changes:
+                print(self._line(row), flush=True)
+
+    def _line(self, row: TrialRow) -> str:
+        params = " ".join(f"{k}={_short(v)}" for k, v in row.params.items())
+        value = "" if row.value is None else f"{row.value:.5f}"
+        return (
+            f"trial {row.number:>3}  {row.state:<8} epoch {row.epoch:>3}  "
+            f"{self.metric} {value:<9}  {params}"
+        )
+
+    def _redraw(self) -> None:
+        lines = [self._line(r) for r in sorted(self.rows.values(), key=lambda r: r.number)]
+        if self.drawn:
+            sys.stdout.write(f"\x1b[{self.drawn}F\x1b[J")
+        sys.stdout.write("\n".join(lines) + "\n")
+        sys.stdout.flush()
+        self.drawn = len(lines)
+
+
+def _short(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def default_storage(out_dir: Path) -> str:
+    return f"sqlite:///{out_dir / 'study.db'}"
+
+
+def _claim(out_dir: Path) -> None:
+    """One tuner per tuning dir; a dead tuner's lock is taken over."""
+    lock = out_dir / LOCK_FILE
+    if lock.exists():
+        try:
+            pid = int(lock.read_text().strip())
+        except ValueError:
+            pid = 0
+        if pid and pid != os.getpid() and local.process_alive(pid):
+            raise UserError(f"a tuner (pid {pid}) is already running in {out_dir}")
+    lock.write_text(str(os.getpid()))
+
+
+def _recover_interrupted(study) -> int:
+    """Trials left RUNNING by a tuner that died: mark them failed and queue their parameters
+    again, so the study neither counts them as done nor loses them."""
+    import optuna
+
+    count = 0
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+        study.enqueue_trial(trial.params, skip_if_exists=False)
+        count += 1
+    return count
+
+
+def finished_count(study) -> int:
+    import optuna
+
+    done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    return len(study.get_trials(deepcopy=False, states=done))
+
+
+def open_study(space: TuningSpace, storage: str, *, max_epochs: int, create: bool = True):
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sampler, pruner = sampler_and_pruner(space, max_epochs=max_epochs)
+    if not create:
+        return optuna.load_study(
+            study_name=STUDY_NAME, storage=storage, sampler=sampler, pruner=pruner
+        )
+    return optuna.create_study(
+        study_name=STUDY_NAME,
+        storage=storage,
+        load_if_exists=True,
+        direction=space.direction,
+        sampler=sampler,
+        pruner=pruner,
+    )
+
+
+def run_tuning(
+    space: TuningSpace,
+    *,
+    data_dir: Path,
+    out_dir: Path,
+    storage: str | None = None,
+    max_trials: int | None = None,
+    parallel: int | None = None,
+) -> dict:
+    """Run (or resume) the study until it holds `max_trials` finished trials; write best.json."""
+    import optuna
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _claim(out_dir)
+    storage = storage or default_storage(out_dir)
+    max_trials = max_trials or space.max_trials
+    parallel = parallel or space.parallel_trials
+    study = open_study(space, storage, max_epochs=space.max_epochs())
+    write_json(
+        out_dir / "space.json",
+        {
+            "metric": space.metric,
+            "direction": space.direction,
+            "strategy": space.strategy,
+            "static": space.static,
+        },
+    )
+    recovered = _recover_interrupted(study)
+    done = finished_count(study)
+    if recovered or done:
+        print(
+            f"resuming the study in {storage}: {done} trials finished"
+            + (f", {recovered} interrupted trials queued again" if recovered else "")
+        )
+    monitor = Monitor(space.metric)
+    running: dict[int, subprocess.Popen] = {}
+    stop = threading.Event()
+
+    def on_sigterm(signum, frame):
+        stop.set()
+        for proc in list(running.values()):
+            local._signal_group(proc, signal.SIGTERM)
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    distributions = optuna_distributions(space)
+    sign = 1.0 if space.direction == "minimize" else -1.0
+
+    def objective(trial) -> float:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        params = {name: _suggest(trial, name, dist) for name, dist in distributions.items()}
+        hps = trial_hyperparameters(space, params)
+        job = local.prepare_job(
+            out_dir, f"trial-{trial.number:03d}", data_dir=data_dir, hyperparameters=hps
+        )
+        trial.set_user_attr("job_dir", str(job.layout.base))
+        monitor.update(trial.number, params=params, state="RUNNING")
+        best: list[float] = []
+        pruned = threading.Event()
+
+        def on_line(line: str) -> None:
+            values = parse_metric_line(line)
+            if "epoch" not in values or space.metric not in values:
+                return
+            epoch, value = int(values["epoch"]), values[space.metric]
+            if math.isfinite(value):
+                best.append(value)
+            trial.report(value if math.isfinite(value) else sign * math.inf, epoch)
+            monitor.update(
+                trial.number, epoch=epoch, value=min(best, key=lambda v: sign * v) if best else None
+            )
+            if not pruned.is_set() and trial.should_prune():
+                pruned.set()
+                local._signal_group(running[trial.number], signal.SIGTERM)
+
+        def on_start(proc: subprocess.Popen) -> None:
+            running[trial.number] = proc
+
+        code = local.run_job(
+            job,
+            local.train_command(),
+            local.job_environment(job),
+            echo=False,
+            on_line=on_line,
+            on_start=on_start,
+        )
+        running.pop(trial.number, None)
+        if pruned.is_set():
+            monitor.update(trial.number, state="PRUNED")
+            raise optuna.TrialPruned()
+        if stop.is_set():
+            monitor.update(trial.number, state="STOPPED")
+            raise KeyboardInterrupt
+        if code != 0 or not best:
+            monitor.update(trial.number, state="FAILED")
+            reason = local.read_failure(job) or f"exit {code}, see {job.log_file}"
+            trial.set_user_attr("failure", reason[:500])
+            raise TrialJobFailed(reason)
+        value = min(best, key=lambda v: sign * v)  # the best epoch: the weights the job keeps
+        monitor.update(trial.number, state="COMPLETE", value=value)
+        return value
+
+    try:
+        while not stop.is_set():
+            before = finished_count(study)
+            if before >= max_trials:
+                break
+            study.optimize(
+                objective,
+                n_trials=max_trials - before,
+                n_jobs=parallel,
+                catch=(TrialJobFailed,),
+                gc_after_trial=False,
+            )
+            if finished_count(study) == before and not stop.is_set():
+                raise UserError(
+                    f"no trial finished in the last round (all failed or the grid "
+                    f"is exhausted); see {out_dir}/trial-*/train.log"
+                )
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        (out_dir / LOCK_FILE).unlink(missing_ok=True)
+    if stop.is_set():
+        raise UserError(f"tuning stopped; run the same command again to resume ({out_dir})")
+    return write_best(study, space, out_dir)
+
+
+def _suggest(trial, name: str, distribution):
+    import optuna.distributions as d
+
+    if isinstance(distribution, d.CategoricalDistribution):
+        return trial.suggest_categorical(name, distribution.choices)
+    if isinstance(distribution, d.IntDistribution):
+        return trial.suggest_int(name, distribution.low, distribution.high, log=distribution.log)
+    return trial.suggest_float(name, distribution.low, distribution.high, log=distribution.log)
+
+
+def write_best(study, space: TuningSpace, out_dir: Path) -> dict:
+    try:
+        best = study.best_trial
+    except ValueError:
+        raise UserError(f"no trial completed; see {out_dir}/trial-*/train.log") from None
+    doc = {
+        "hyperparameters": trial_hyperparameters(space, best.params),
+        "objective": {"metric": space.metric, "type": space.direction, "value": best.value},
+        "trial": best.number,
+        "job_dir": best.user_attrs.get("job_dir"),
+    }
+    write_json(out_dir / BEST_FILE, doc)
+    return doc
+
+
+def trial_table(study, metric: str, direction: str) -> list[list[str]]:
+    """All trials, best first: number, state, last epoch, objective, parameters."""
+    import optuna
+
+    sign = 1.0 if direction == "minimize" else -1.0
+
+    def key(t):
+        ok = t.state == optuna.trial.TrialState.COMPLETE and t.value is not None
+        return (0 if ok else 1, sign * t.value if ok else 0.0, t.number)
+
+    rows = []
+    for t in sorted(study.get_trials(deepcopy=False), key=key):
+        epochs = max(t.intermediate_values) if t.intermediate_values else 0
+        value = "" if t.value is None else f"{t.value:.5f}"
+        params = " ".join(f"{k}={_short(v)}" for k, v in t.params.items())
+        rows.append([str(t.number), t.state.name, str(epochs), value, params])
+    return rows
+
+
+def load_status(out_dir: Path, storage: str | None = None) -> tuple[dict, list[list[str]]]:
+    import optuna
+
+    meta_file = out_dir / "space.json"
+    if not meta_file.exists():
+        raise UserError(f"{out_dir} is not a tuning dir (no space.json)")
+    meta = json.loads(meta_file.read_text())
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.load_study(study_name=STUDY_NAME, storage=storage or default_storage(out_dir))
+    return meta, trial_table(study, meta["metric"], meta["direction"])
