@@ -1,0 +1,133 @@
+import botocore.session
+import optuna.distributions as d
+import pytest
+from botocore.validate import ParamValidator
+
+from imgclf.errors import ConfigError
+from imgclf.metrics import metric_definitions
+from imgclf.tuning import space as sp
+
+ROOT_SPACE = "tuning.yaml"
+
+
+def _write(tmp_path, text):
+    path = tmp_path / "t.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_the_shipped_space_loads(tmp_path):
+    space = sp.load_space(ROOT_SPACE)
+    assert set(space.names) == {"lr", "batch_size", "weight_decay", "epochs"}
+    assert (space.metric, space.direction, space.strategy) == ("valid_loss", "minimize", "bayesian")
+
+
+def test_every_range_type_converts_to_optuna_and_sagemaker(tmp_path):
+    space = sp.load_space(
+        _write(
+            tmp_path,
+            """
+parameters:
+  lr: {type: continuous, min: 1e-4, max: 0.1, scaling: log}
+  label_smoothing: {type: continuous, min: 0, max: 0.2}
+  epochs: {type: integer, min: 2, max: 9}
+  optimizer: {type: categorical, values: [adamw, sgd]}
+  class_weights: {type: categorical, values: [true, false]}
+""",
+        ),
+        fixed={"arch": "resnet18"},
+    )
+    dists = sp.optuna_distributions(space)
+    assert dists["lr"] == d.FloatDistribution(1e-4, 0.1, log=True)
+    assert dists["label_smoothing"] == d.FloatDistribution(0.0, 0.2)
+    assert dists["epochs"] == d.IntDistribution(2, 9)
+    assert dists["optimizer"] == d.CategoricalDistribution(["adamw", "sgd"])
+    ranges = sp.sagemaker_parameter_ranges(space)
+    assert {
+        "Name": "lr",
+        "MinValue": "0.0001",
+        "MaxValue": "0.1",
+        "ScalingType": "Logarithmic",
+    } in ranges["ContinuousParameterRanges"]
+    assert ranges["IntegerParameterRanges"] == [
+        {"Name": "epochs", "MinValue": "2", "MaxValue": "9", "ScalingType": "Auto"}
+    ]
+    assert {"Name": "class_weights", "Values": ["true", "false"]} in ranges[
+        "CategoricalParameterRanges"
+    ]
+    assert space.static == {"arch": "resnet18"} and space.max_epochs() == 9
+
+
+@pytest.mark.parametrize("strategy", ["bayesian", "random", "hyperband"])
+def test_tuning_request_passes_botocores_own_validation(strategy):
+    space = sp.load_space(ROOT_SPACE, fixed={"arch": "resnet50"})
+    space = sp.TuningSpace(**{**space.__dict__, "strategy": strategy})
+    request = sp.tuning_job_request(
+        space,
+        job_name="imgclf-tune-1",
+        image="1.dkr.ecr.us-east-1.amazonaws.com/t:1",
+        role_arn="arn:aws:iam::123456789012:role/SageMakerRole",
+        train_s3="s3://b/data/",
+        output_s3="s3://b/out/",
+    )
+    model = botocore.session.get_session().get_service_model("sagemaker")
+    shape = model.operation_model("CreateHyperParameterTuningJob").input_shape
+    report = ParamValidator().validate(request, shape)
+    assert not report.has_errors(), report.generate_report()
+    config = request["HyperParameterTuningJobConfig"]
+    assert config["HyperParameterTuningJobObjective"] == {
+        "Type": "Minimize",
+        "MetricName": "valid_loss",
+    }
+    assert (
+        request["TrainingJobDefinition"]["AlgorithmSpecification"]["MetricDefinitions"]
+        == metric_definitions()
+    )
+    expected = "Off" if strategy == "hyperband" else "Auto"
+    assert config["TrainingJobEarlyStoppingType"] == expected
+
+
+def test_a_broken_request_is_caught_by_the_same_validation():
+    model = botocore.session.get_session().get_service_model("sagemaker")
+    shape = model.operation_model("CreateHyperParameterTuningJob").input_shape
+    assert ParamValidator().validate({"HyperParameterTuningJobName": 5}, shape).has_errors()
+
+
+@pytest.mark.parametrize(
+    "text,fragment,line",
+    [
+        ("parameters:\n  lr: {type: continuous, min: 0.5, max: 0.1}\n", "above max", 2),
+        ("parameters:\n  lr: {type: continuous, min: 0, max: 0.1, scaling: log}\n", "min > 0", 2),
+        ("parameters:\n  lr: {type: gaussian, min: 0, max: 1}\n", "range type", 2),
+        (
+            "objective: {metric: f1}\nparameters:\n  lr: {type: continuous, min: 0, max: 1}\n",
+            "unknown objective metric",
+            1,
+        ),
+        (
+            "parameters:\n  learning_rate: {type: continuous, min: 0, max: 1}\n",
+            "unknown hyperparameter",
+            2,
+        ),
+        (
+            "strategy: annealing\nparameters:\n  lr: {type: continuous, min: 0, max: 1}\n",
+            "unknown strategy",
+            1,
+        ),
+        ("parameters:\n  optimizer: {type: categorical, values: [adamw, lion]}\n", "adamw, sgd", 2),
+        ("parameters: [lr\n", "not valid YAML", 2),  # where the parser found the stream end
+    ],
+)
+def test_invalid_spaces_name_the_line_and_the_key(tmp_path, text, fragment, line):
+    with pytest.raises(ConfigError) as err:
+        sp.load_space(_write(tmp_path, text))
+    assert fragment in str(err.value)
+    assert f"line {line}" in str(err.value)
+
+
+def test_a_tuned_name_cannot_also_be_fixed(tmp_path):
+    with pytest.raises(ConfigError, match="both tuned and fixed"):
+        sp.load_space(
+            _write(tmp_path, "parameters:\n  lr: {type: continuous, min: 0, max: 1}\n"),
+            fixed={"lr": "0.1"},
+        )
