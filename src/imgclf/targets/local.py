@@ -164,7 +164,7 @@ def run_job(
         previous = None
         if threading.current_thread() is threading.main_thread():
             # `kill` of the launcher stops the job the same way (SIGTERM to its group).
-            previous = signal.signal(signal.SIGTERM, lambda *_: _signal_group(proc, signal.SIGTERM))
+            previous = signal.signal(signal.SIGTERM, lambda *_: signal_group(proc, signal.SIGTERM))
         try:
             assert proc.stdout is not None
             for line in proc.stdout:
@@ -186,7 +186,7 @@ def run_job(
                 stop_process_group(proc)
 
 
-def _signal_group(proc: subprocess.Popen, signum: int) -> None:
+def signal_group(proc: subprocess.Popen, signum: int) -> None:
     try:
         os.killpg(proc.pid, signum)
     except ProcessLookupError:

@@ -185,7 +185,7 @@ def run_tuning(
     def on_sigterm(signum, frame):
         stop.set()
         for proc in list(running.values()):
-            local._signal_group(proc, signal.SIGTERM)
+            local.signal_group(proc, signal.SIGTERM)
 
     previous = signal.signal(signal.SIGTERM, on_sigterm)
     distributions = optuna_distributions(space)
@@ -217,7 +217,7 @@ def run_tuning(
             )
             if not pruned.is_set() and trial.should_prune():
                 pruned.set()
-                local._signal_group(running[trial.number], signal.SIGTERM)
+                local.signal_group(running[trial.number], signal.SIGTERM)
 
         def on_start(proc: subprocess.Popen) -> None:
             running[trial.number] = proc
