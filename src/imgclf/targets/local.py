@@ -163,8 +163,14 @@ def run_job(
             on_start(proc)
         previous = None
         if threading.current_thread() is threading.main_thread():
-            # `kill` of the launcher stops the job the same way (SIGTERM to its group).
-            previous = signal.signal(signal.SIGTERM, lambda *_: signal_group(proc, signal.SIGTERM))
+            # `kill` of the launcher stops the job the same way (SIGTERM to its group), and
+            # whoever handled SIGTERM before (the tuner) still hears it.
+            def on_sigterm(signum, frame):
+                signal_group(proc, signal.SIGTERM)
+                if callable(previous):
+                    previous(signum, frame)
+
+            previous = signal.signal(signal.SIGTERM, on_sigterm)
         try:
             assert proc.stdout is not None
             for line in proc.stdout:

@@ -128,7 +128,8 @@ def finished_count(study) -> int:
 def open_study(space: TuningSpace, storage: str, *, max_epochs: int, create: bool = True):
     import optuna
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # Optuna logs every failed trial with a traceback; the tuner reports failures itself.
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     sampler, pruner = sampler_and_pruner(space, max_epochs=max_epochs)
     if not create:
         return optuna.load_study(
@@ -221,6 +222,8 @@ def run_tuning(
 
         def on_start(proc: subprocess.Popen) -> None:
             running[trial.number] = proc
+            if stop.is_set():  # the stop came while this job was starting
+                local.signal_group(proc, signal.SIGTERM)
 
         env = local.job_environment(job)
         # Trials share the CPUs: without a thread budget each one's OpenMP threads spin against
@@ -240,12 +243,15 @@ def run_tuning(
             monitor.update(trial.number, state="PRUNED")
             raise optuna.TrialPruned()
         if stop.is_set():
+            # Optuna records the trial as failed; queue its parameters so a resume runs it.
+            trial.study.enqueue_trial(trial.params, skip_if_exists=False)
             monitor.update(trial.number, state="STOPPED")
             raise KeyboardInterrupt
         if code != 0 or not best:
             monitor.update(trial.number, state="FAILED")
             reason = local.read_failure(job) or f"exit {code}, see {job.log_file}"
             trial.set_user_attr("failure", reason[:500])
+            print(f"trial {trial.number} failed: {reason.strip()[:500]}", flush=True)
             raise TrialJobFailed(reason)
         value = min(best, key=lambda v: sign * v)  # the best epoch: the weights the job keeps
         monitor.update(trial.number, state="COMPLETE", value=value)

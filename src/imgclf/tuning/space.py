@@ -305,8 +305,11 @@ def sampler_and_pruner(space: TuningSpace, *, max_epochs: int):
         pruner = optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max_epochs)
     else:
         # SageMaker's early stopping: stop a job whose metric is worse than the median of
-        # earlier jobs' at the same epoch.
-        pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
+        # earlier jobs' at the same epoch. The first epoch's validation is too noisy to judge
+        # by (BatchNorm statistics still settling) when there are later ones.
+        pruner = optuna.pruners.MedianPruner(
+            n_startup_trials=2, n_warmup_steps=1 if max_epochs >= 3 else 0
+        )
     return sampler, pruner
 
 
