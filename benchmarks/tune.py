@@ -1,16 +1,18 @@
 """Early stopping in the local tuner: the same trials with and without pruning, on digits.
 
-Run: .venv/bin/python benchmarks/tune.py [--trials 8] [--parallel 2] [--epochs 5]
-Both studies use the random strategy with the same seed, so they draw the same hyperparameters
-(random sampling does not look at results); one prunes with the median rule, one does not.
+Run: .venv/bin/python benchmarks/tune.py [--trials 6] [--parallel 2] [--epochs 4]
+Both studies get the same hyperparameter sets (drawn once from a seeded generator and queued
+in each study, in the same order); one prunes with the median rule, one does not.
 Prints trial-epochs spent, wall time and the best valid_loss of each, and the ratios.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
+import random
 import tempfile
 import time
 from pathlib import Path
@@ -22,6 +24,14 @@ from imgclf.tuning import local as tuner
 from imgclf.tuning.space import load_space
 
 FIXED = {"arch": "resnet18", "pretrained": "false", "image_size": "16", "hflip": "false"}
+
+
+def trial_params(n: int) -> list[dict]:
+    rng = random.Random(3)
+    return [
+        {"lr": 10 ** rng.uniform(-5, math.log10(3e-2)), "batch_size": rng.choice(["32", "64"])}
+        for _ in range(n)
+    ]
 
 
 def run(data: Path, root: Path, *, early: bool, trials: int, parallel: int, epochs: int):
@@ -44,6 +54,10 @@ def run(data: Path, root: Path, *, early: bool, trials: int, parallel: int, epoc
     )
     space = load_space(space_file, fixed={**FIXED, "epochs": str(epochs), "workers": "0"})
     out = root / ("early" if early else "full")
+    out.mkdir()
+    study = tuner.open_study(space, tuner.default_storage(out), max_epochs=epochs)
+    for params in trial_params(trials):
+        study.enqueue_trial(params)
     start = time.perf_counter()
     best = tuner.run_tuning(space, data_dir=data, out_dir=out)
     wall = time.perf_counter() - start
@@ -61,9 +75,9 @@ def run(data: Path, root: Path, *, early: bool, trials: int, parallel: int, epoc
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trials", type=int, default=8)
+    parser.add_argument("--trials", type=int, default=6)
     parser.add_argument("--parallel", type=int, default=2)
-    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--epochs", type=int, default=4)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="imgclf-bench-tune-") as tmp:
         root = Path(tmp)

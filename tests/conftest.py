@@ -176,8 +176,10 @@ def run_train_entry(base: Path, timeout: float = 600) -> subprocess.CompletedPro
     )
 
 
-def run_launch(*args: str, home: Path, timeout: float = 900) -> subprocess.CompletedProcess:
-    env = {**os.environ, "IMGCLF_HOME": str(home)}
+def run_launch(
+    *args: str, home: Path, timeout: float = 900, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    env = {**(os.environ if env is None else env), "IMGCLF_HOME": str(home)}
     return subprocess.run(
         [*LAUNCH, *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT
     )
@@ -185,3 +187,112 @@ def run_launch(*args: str, home: Path, timeout: float = 900) -> subprocess.Compl
 
 def hp_args(hps: dict[str, str]) -> list[str]:
     return ["--hp", *(f"{k}={v}" for k, v in hps.items())]
+
+
+# ---------------------------------------------------------------- AWS: moto's server
+
+
+class MotoServer:
+    """moto's server on 127.0.0.1, recording every request that reaches it."""
+
+    def __init__(self, url: str, recording: Path) -> None:
+        self.url, self.recording = url, recording
+
+    def env(self) -> dict[str, str]:
+        """The environment a user's shell would have, pointed at this server."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+        env.update(
+            {
+                "AWS_ENDPOINT_URL": self.url,
+                "AWS_ACCESS_KEY_ID": "testing",
+                "AWS_SECRET_ACCESS_KEY": "testing",
+                "AWS_DEFAULT_REGION": "us-east-1",
+                "AWS_CONFIG_FILE": os.devnull,
+                "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+                "IMGCLF_POLL_SECONDS": "0.05",
+            }
+        )
+        return env
+
+    def client(self, service: str):
+        import boto3
+
+        return boto3.client(
+            service,
+            endpoint_url=self.url,
+            region_name="us-east-1",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+        )
+
+    def post(self, path: str, payload: dict | None = None) -> None:
+        import urllib.request
+
+        data = json.dumps(payload or {}).encode()
+        request = urllib.request.Request(self.url + path, data=data, method="POST")
+        request.add_header("Content-Type", "application/json")
+        urllib.request.urlopen(request, timeout=10).read()  # noqa: S310 - our local server
+
+    def reset(self) -> None:
+        self.post("/moto-api/reset")
+        self.recording.write_text("")
+
+    def requests(self, target: str | None = None) -> list[dict]:
+        """Recorded requests; `target` filters JSON-protocol calls by their X-Amz-Target
+        (e.g. 'SageMaker.CreateTrainingJob') and decodes their bodies."""
+        import base64
+
+        out = []
+        for line in self.recording.read_text().splitlines():
+            entry = json.loads(line)
+            headers = {k.lower(): v for k, v in entry["headers"].items()}
+            if target is not None and not headers.get("x-amz-target", "").endswith(target):
+                continue
+            body = entry.get("body") or ""
+            if entry.get("body_encoded"):
+                body = base64.b64decode(body)
+            entry["body"] = body
+            if target is not None:
+                entry["json"] = json.loads(body)
+            out.append(entry)
+        return out
+
+
+@pytest.fixture(scope="session")
+def moto_server(tmp_path_factory):
+    import socket
+    import time
+    import urllib.request
+
+    root = tmp_path_factory.mktemp("moto")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    recording = root / "recording.jsonl"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update({"MOTO_ENABLE_RECORDING": "true", "MOTO_RECORDER_FILEPATH": str(recording)})
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        env=env,
+        stdout=(root / "server.log").open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(url + "/moto-api/", timeout=2).read()  # noqa: S310
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError((root / "server.log").read_text()) from None
+            time.sleep(0.2)
+    yield MotoServer(url, recording)
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture
+def aws(moto_server):
+    moto_server.reset()
+    return moto_server

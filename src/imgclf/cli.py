@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -106,6 +108,8 @@ def cmd_train(args) -> int:
     from imgclf.targets import local
 
     hps = _hyperparameters(args)
+    if args.target == "sagemaker":
+        return _sagemaker_train(args, hps)
     home = _home(args)
     name = args.job_name or local.new_job_name()
     if args.docker:
@@ -147,6 +151,48 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _aws(args):
+    from imgclf.targets import sagemaker
+
+    options = sagemaker.AwsOptions(
+        region=args.region,
+        role=getattr(args, "role", None),
+        bucket=getattr(args, "bucket", None),
+        instance_type=getattr(args, "instance_type", None),
+        instance_count=getattr(args, "instance_count", None) or 1,
+        image=getattr(args, "image", None),
+        wait=not getattr(args, "no_wait", False),
+        sagemaker_debugger=getattr(args, "sagemaker_debugger", False),
+        spot=getattr(args, "spot", False),
+        max_runtime_s=int(getattr(args, "max_runtime_hours", 24) * 3600),
+        poll_s=float(os.environ.get("IMGCLF_POLL_SECONDS", "30")),
+        home=_home(args),
+    )
+    return sagemaker, options, sagemaker.clients(options)
+
+
+def _sagemaker_train(args, hps: dict[str, str]) -> int:
+    sm, options, c = _aws(args)
+    name = args.job_name or sm.new_job_name()
+    request = sm.start_training(c, options, data=args.data, hyperparameters=hps, job_name=name)
+    resources = request["ResourceConfig"]
+    print(
+        f"training job {name} created: {resources['InstanceCount']} x "
+        f"{resources['InstanceType']}, image {request['AlgorithmSpecification']['TrainingImage']}"
+    )
+    print(f"  console: https://console.aws.amazon.com/sagemaker/home#/jobs/{name}")
+    if not options.wait:
+        print(f"  follow: aws sagemaker describe-training-job --training-job-name {name}")
+        return 0
+    desc = sm.wait_for_training(c, name, poll_s=options.poll_s)
+    for line in sm.training_summary(desc):
+        print(line)
+    if desc["TrainingJobStatus"] == "Completed":
+        print(f"  deploy: python launch.py deploy --target sagemaker --model {name} --name NAME")
+        return 0
+    return 1
+
+
 # ---------------------------------------------------------------- tune
 
 
@@ -161,6 +207,12 @@ def cmd_tune(args) -> int:
     if not (args.data and args.space):
         raise UserError("tune needs --data DIR and --space tuning.yaml (or --status DIR)")
     space = load_space(args.space, fixed=parse_assignments(args.hp or []))
+    if args.max_trials:
+        space = dataclasses.replace(space, max_trials=args.max_trials)
+    if args.parallel:
+        space = dataclasses.replace(space, parallel_trials=args.parallel)
+    if args.target == "sagemaker":
+        return _sagemaker_tune(args, space)
     from imgclf.targets import local
 
     out = Path(args.out) if args.out else _home(args) / "tuning" / local.new_job_name("tune")
@@ -186,6 +238,40 @@ def cmd_tune(args) -> int:
     return 0
 
 
+def _sagemaker_tune(args, space) -> int:
+    sm, options, c = _aws(args)
+    name = args.job_name or sm.new_job_name("tune")[:32]
+    sm.start_tuning(c, options, space, data=args.data, job_name=name)
+    print(
+        f"tuning job {name} created: {space.max_trials} trials, {space.parallel_trials} at once, "
+        f"{space.strategy}, {space.direction} {space.metric}"
+    )
+    if not options.wait:
+        return 0
+    desc = sm.wait_for_tuning(c, name, poll_s=options.poll_s)
+    rows = sm.tuning_trials(c, name)
+    if rows:
+        _print_table(rows, ["training job", "status", space.metric, "hyperparameters"])
+    if desc["HyperParameterTuningJobStatus"] != "Completed":
+        print(
+            f"tuning job {name} {desc['HyperParameterTuningJobStatus']}: "
+            f"{desc.get('FailureReason') or ''}",
+            file=sys.stderr,
+        )
+        return 1
+    best = sm.best_from_tuning(desc)
+    out = Path(args.out) if args.out else _home(args) / "tuning" / name
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "best.json").write_text(json.dumps(best, indent=2) + "\n")
+    print(f"\nbest: {best['trial']}, {best['objective']['metric']} {best['objective']['value']}")
+    print(f"  {out / 'best.json'}")
+    print(
+        f"  retrain: python launch.py train --target sagemaker --data {args.data} "
+        f"--hp-from {out / 'best.json'}"
+    )
+    return 0
+
+
 # ---------------------------------------------------------------- endpoints
 
 
@@ -196,6 +282,18 @@ def _home(args) -> Path:
 
 
 def cmd_deploy(args) -> int:
+    if args.target == "sagemaker":
+        sm, options, c = _aws(args)
+        made = sm.deploy(
+            c, options, model=args.model, name=args.name, serverless_memory_mb=args.serverless_mb
+        )
+        print(f"endpoint {args.name} creating: model {made['model']} from {made['model_data']}")
+        if options.wait:
+            sm.wait_for_endpoint(c, args.name, poll_s=options.poll_s)
+            print(f"endpoint {args.name} is InService")
+            print(f"  python launch.py invoke --target sagemaker --endpoint {args.name} IMAGE...")
+        print(f"  it bills until deleted: python launch.py delete {args.name} --target sagemaker")
+        return 0
     from imgclf.targets import local
 
     print(f"starting endpoint {args.name} on 127.0.0.1:{args.port} ...", flush=True)
@@ -212,6 +310,15 @@ def cmd_deploy(args) -> int:
 
 
 def cmd_endpoints(args) -> int:
+    if args.target == "sagemaker":
+        sm, _, c = _aws(args)
+        rows = sm.list_endpoints(c)
+        if not rows:
+            print("no SageMaker endpoints in this region")
+            return 0
+        _print_table(rows, ["name", "status", "age", "instances"])
+        print("each InService endpoint bills per instance-hour until deleted")
+        return 0
     from imgclf.targets import local
 
     endpoints = local.list_endpoints(_home(args))
@@ -228,6 +335,11 @@ def cmd_endpoints(args) -> int:
 
 
 def cmd_delete(args) -> int:
+    if args.target == "sagemaker":
+        sm, _, c = _aws(args)
+        for item in sm.delete_endpoint(c, args.name):
+            print(f"deleted {item}")
+        return 0
     from imgclf.targets import local
 
     endpoint = local.delete_endpoint(_home(args), args.name)
@@ -254,15 +366,36 @@ def cmd_invoke(args) -> int:
     from imgclf.data import label_name
     from imgclf.targets import local
 
-    endpoint = _pick_endpoint(_home(args), args.endpoint)
     attributes = f"topk={args.topk}" + (",probabilities=true" if args.probabilities else "")
+    if args.target == "sagemaker":
+        if not args.endpoint:
+            raise UserError(
+                "name the endpoint with --endpoint (launch.py endpoints --target "
+                "sagemaker lists them)"
+            )
+        sm, _, c = _aws(args)
+
+        def send(body, content_type):
+            return sm.invoke(
+                c, args.endpoint, body, content_type=content_type, custom_attributes=attributes
+            )
+    else:
+        endpoint = _pick_endpoint(_home(args), args.endpoint)
+
+        def send(body, content_type):
+            return local.invoke(
+                endpoint, body, content_type=content_type, custom_attributes=attributes
+            )
+
     failures = 0
     for image in args.images:
         path = Path(image)
         content_type = local.CONTENT_TYPES.get(path.suffix.lower(), "application/octet-stream")
-        status, answer = local.invoke(
-            endpoint, path.read_bytes(), content_type=content_type, custom_attributes=attributes
-        )
+        try:
+            body = path.read_bytes()
+        except OSError as exc:
+            raise UserError(f"cannot read {path}: {exc.strerror}") from None
+        status, answer = send(body, content_type)
         folder = label_name(path.parent.name)
         print(f"{path}  (folder: {folder})")
         if status != 200:
@@ -277,6 +410,28 @@ def cmd_invoke(args) -> int:
 
 
 # ---------------------------------------------------------------- parser
+
+
+TARGETS = ["local", "sagemaker"]
+
+
+def _add_target(parser, *, image: bool = False, resources: bool = False, wait: bool = False):
+    parser.add_argument(
+        "--target", choices=TARGETS, default="local", help="local (default) or sagemaker (boto3)"
+    )
+    aws = parser.add_argument_group("--target sagemaker")
+    aws.add_argument("--region", help="AWS region (default: AWS_REGION / the profile's)")
+    if image:
+        aws.add_argument("--role", help="SageMaker execution role ARN ($IMGCLF_SAGEMAKER_ROLE)")
+        aws.add_argument("--bucket", help="S3 bucket (default sagemaker-REGION-ACCOUNT)")
+        aws.add_argument(
+            "--image", help="image URI (default: the one build_and_push.sh last pushed)"
+        )
+    if resources:
+        aws.add_argument("--instance-type", help="e.g. ml.g5.xlarge (the default)")
+        aws.add_argument("--instance-count", type=int, default=1)
+    if wait:
+        aws.add_argument("--no-wait", action="store_true", help="return once it is created")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -313,7 +468,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--job-name", help="job name; an existing local job resumes from its checkpoint"
     )
-    train.add_argument("--target", choices=["local"], default="local")
+    _add_target(train, image=True, resources=True, wait=True)
+    train.add_argument(
+        "--sagemaker-debugger",
+        action="store_true",
+        help="also send SageMaker Debugger's hook, built-in rules and profiler (accounts that "
+        "still have it)",
+    )
+    train.add_argument("--spot", action="store_true", help="managed spot training (sagemaker)")
+    train.add_argument("--max-runtime-hours", type=float, default=24, help="sagemaker stop limit")
     train.add_argument("--nproc", type=int, default=1, help="processes under torchrun (local)")
     train.add_argument("--docker", metavar="IMAGE", help="run the training image under Docker")
     train.add_argument("--home", help="where local jobs live (default .imgclf, or $IMGCLF_HOME)")
@@ -331,25 +494,36 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--storage", help="Optuna storage URL (default: SQLite in the tuning dir)")
     tune.add_argument("--status", metavar="DIR", help="print the trial table of a tuning dir")
     tune.add_argument("--home", help="where local jobs live (default .imgclf)")
-    tune.add_argument("--target", choices=["local"], default="local")
+    tune.add_argument("--job-name", help="tuning job name (sagemaker, <= 32 characters)")
+    _add_target(tune, image=True, resources=True, wait=True)
+    tune.add_argument("--max-runtime-hours", type=float, default=24, help="per training job")
     tune.set_defaults(func=cmd_tune)
 
     deploy = sub.add_parser("deploy", help="start an endpoint for a model (local: MMS process)")
-    deploy.add_argument("--model", required=True, help="a model dir or model.tar.gz")
+    deploy.add_argument(
+        "--model",
+        required=True,
+        help="a model dir or model.tar.gz (sagemaker also: s3://... or a training job name)",
+    )
     deploy.add_argument("--name", default="local", help="endpoint name (local)")
     deploy.add_argument("--port", type=int, default=8080, help="port on 127.0.0.1 (8080)")
     deploy.add_argument("--workers", type=int, help="MMS workers (default: from the machine)")
-    deploy.add_argument("--target", choices=["local"], default="local")
+    _add_target(deploy, image=True, resources=True, wait=True)
+    deploy.add_argument(
+        "--serverless-mb", type=int, help="serverless endpoint with this memory (sagemaker)"
+    )
     deploy.add_argument("--home", help="where local endpoints live (default .imgclf)")
     deploy.set_defaults(func=cmd_deploy)
 
     endpoints = sub.add_parser("endpoints", help="list endpoints")
     endpoints.add_argument("--home", help="where local endpoints live (default .imgclf)")
+    _add_target(endpoints)
     endpoints.set_defaults(func=cmd_endpoints)
 
     delete = sub.add_parser("delete", help="stop an endpoint and remove it")
     delete.add_argument("name")
     delete.add_argument("--home", help="where local endpoints live (default .imgclf)")
+    _add_target(delete)
     delete.set_defaults(func=cmd_delete)
 
     invoke = sub.add_parser("invoke", help="send images to an endpoint, print top-k labels")
@@ -360,6 +534,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--probabilities", action="store_true", help="also print every class's probability"
     )
     invoke.add_argument("--home", help="where local endpoints live (default .imgclf)")
+    _add_target(invoke)
     invoke.set_defaults(func=cmd_invoke)
     return parser
 

@@ -164,3 +164,38 @@ def build_model(
 
 def head_module(model: nn.Module, arch_name: str) -> nn.Module:
     return model.get_submodule(get_architecture(arch_name).head)
+
+
+def download_weights(names: list[str]) -> list[Path]:
+    """Fetch ImageNet weights into the torch cache (the training image does this at build time,
+    so its jobs run with network isolation). `all` means every registered architecture."""
+    wanted = list(ARCHITECTURES) if names in ([], ["all"]) else names
+    paths = []
+    for name in wanted:
+        arch = get_architecture(name)
+        load_pretrained_state(arch, download_timeout=300.0)
+        paths.append(cached_weights_path(arch))
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(
+        prog="python -m imgclf.models", description="Download pretrained weights."
+    )
+    parser.add_argument("command", choices=["download"])
+    parser.add_argument("names", nargs="*", help=f"architectures ({', '.join(ARCHITECTURES)}|all)")
+    args = parser.parse_args(argv)
+    try:
+        for path in download_weights(args.names):
+            print(path)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

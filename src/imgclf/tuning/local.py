@@ -125,6 +125,25 @@ def finished_count(study) -> int:
     return len(study.get_trials(deepcopy=False, states=done))
 
 
+def _storage(url: str):
+    """SQLite has no SELECT ... FOR UPDATE, so two tuner threads can both take the same
+    queued (WAITING) trial and run it twice; a lock around the state change makes the second
+    one see it RUNNING. (Several machines on one study need a server database anyway.)"""
+    import optuna
+
+    if not url.startswith("sqlite"):
+        return url
+
+    class LockedSQLiteStorage(optuna.storages.RDBStorage):
+        _lock = threading.Lock()
+
+        def set_trial_state_values(self, trial_id, state, values=None):
+            with self._lock:
+                return super().set_trial_state_values(trial_id, state, values)
+
+    return LockedSQLiteStorage(url)
+
+
 def open_study(space: TuningSpace, storage: str, *, max_epochs: int, create: bool = True):
     import optuna
 
@@ -133,11 +152,11 @@ def open_study(space: TuningSpace, storage: str, *, max_epochs: int, create: boo
     sampler, pruner = sampler_and_pruner(space, max_epochs=max_epochs)
     if not create:
         return optuna.load_study(
-            study_name=STUDY_NAME, storage=storage, sampler=sampler, pruner=pruner
+            study_name=STUDY_NAME, storage=_storage(storage), sampler=sampler, pruner=pruner
         )
     return optuna.create_study(
         study_name=STUDY_NAME,
-        storage=storage,
+        storage=_storage(storage),
         load_if_exists=True,
         direction=space.direction,
         sampler=sampler,
