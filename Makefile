@@ -31,6 +31,8 @@ demo: setup
 lint: setup
 	$(VPY) -m ruff check src tests $(wildcard benchmarks) launch.py
 	$(VPY) -m ruff format --check src tests $(wildcard benchmarks) launch.py
+	$(VENV)/bin/hadolint docker/train/Dockerfile docker/serve/Dockerfile
+	$(VENV)/bin/shellcheck build_and_push.sh
 
 test: setup lint
 	$(VPY) -m pytest

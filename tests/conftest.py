@@ -149,12 +149,47 @@ def make_sagemaker_job(
     return base
 
 
-def train_entry_env(base: Path) -> dict[str, str]:
-    """The training image's environment, over `base` instead of /opt/ml."""
-    from imgclf.contract import TRAIN_IMAGE_ENV
+def dockerfile_runtime(kind: str) -> tuple[dict[str, str], list[str]]:
+    """The final stage's ENV (values without $-references) and exec-form ENTRYPOINT of
+    docker/<kind>/Dockerfile, so the entry tests run what the image runs."""
+    import shlex
 
+    text = (ROOT / "docker" / kind / "Dockerfile").read_text()
+    lines, current = [], ""
+    for raw in text.splitlines():
+        stripped = raw.strip()
+        if not current and (not stripped or stripped.startswith("#")):
+            continue
+        if stripped.endswith("\\"):
+            current += stripped[:-1] + " "
+            continue
+        lines.append(current + stripped)
+        current = ""
+    stage = [
+        line
+        for i, line in enumerate(lines)
+        if i >= max(j for j, x in enumerate(lines) if x.upper().startswith("FROM "))
+    ]
+    env: dict[str, str] = {}
+    entry: list[str] = []
+    for line in stage:
+        word, _, rest = line.partition(" ")
+        if word.upper() == "ENV":
+            for item in shlex.split(rest):
+                key, _, value = item.partition("=")
+                if "$" not in value:
+                    env[key] = value
+        elif word.upper() == "ENTRYPOINT":
+            entry = json.loads(rest)
+    return env, entry
+
+
+def train_entry_env(base: Path) -> dict[str, str]:
+    """The training image's environment (read from its Dockerfile), over `base` instead of
+    /opt/ml."""
+    image_env, _ = dockerfile_runtime("train")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "SM_"))}
-    env.update(TRAIN_IMAGE_ENV)
+    env.update({k: v for k, v in image_env.items() if k.startswith("SAGEMAKER_")})
     env.update(
         {
             "SAGEMAKER_BASE_DIR": str(base),
@@ -166,9 +201,10 @@ def train_entry_env(base: Path) -> dict[str, str]:
 
 
 def run_train_entry(base: Path, timeout: float = 600) -> subprocess.CompletedProcess:
-    """sagemaker-training's `train` console script, as the image's ENTRYPOINT runs it."""
+    """The image's ENTRYPOINT (sagemaker-training's `train`) with the argument SageMaker adds."""
+    _, entry = dockerfile_runtime("train")
     return subprocess.run(
-        [str(Path(sys.executable).parent / "train")],
+        [str(Path(sys.executable).parent / entry[0]), *entry[1:], "train"],
         env=train_entry_env(base),
         capture_output=True,
         text=True,

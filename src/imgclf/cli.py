@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import base64
 import dataclasses
 import json
 import os
@@ -387,25 +388,40 @@ def cmd_invoke(args) -> int:
                 endpoint, body, content_type=content_type, custom_attributes=attributes
             )
 
-    failures = 0
-    for image in args.images:
-        path = Path(image)
-        content_type = local.CONTENT_TYPES.get(path.suffix.lower(), "application/octet-stream")
+    def read(path: Path) -> bytes:
         try:
-            body = path.read_bytes()
+            return path.read_bytes()
         except OSError as exc:
             raise UserError(f"cannot read {path}: {exc.strerror}") from None
-        status, answer = send(body, content_type)
-        folder = label_name(path.parent.name)
-        print(f"{path}  (folder: {folder})")
+
+    def show(path: Path, status: int, answer: dict) -> bool:
+        print(f"{path}  (folder: {label_name(path.parent.name)})")
         if status != 200:
-            failures += 1
             print(f"  error {status}: {answer.get('error')} ({answer.get('hint')})")
-            continue
+            return False
         rows = [[p["label"], f"{p['probability']:.4f}"] for p in answer["predictions"]]
         _print_table([["  " + r[0], r[1]] for r in rows], ["  label", "probability"])
         if args.probabilities:
             print("  probabilities: " + json.dumps(answer["probabilities"]))
+        return True
+
+    paths = [Path(image) for image in args.images]
+    if args.batch:
+        # One JSON request, one forward pass: {"instances": [base64 image, ...]}.
+        body = json.dumps(
+            {"instances": [base64.b64encode(read(p)).decode("ascii") for p in paths]}
+        ).encode()
+        status, answer = send(body, "application/json")
+        if status != 200:
+            print(f"error {status}: {answer.get('error')} ({answer.get('hint')})")
+            return 1
+        results = [show(p, 200, a) for p, a in zip(paths, answer, strict=True)]
+        return 0 if all(results) else 1
+    failures = 0
+    for path in paths:
+        content_type = local.CONTENT_TYPES.get(path.suffix.lower(), "application/octet-stream")
+        status, answer = send(read(path), content_type)
+        failures += not show(path, status, answer)
     return 1 if failures else 0
 
 
@@ -532,6 +548,9 @@ def build_parser() -> argparse.ArgumentParser:
     invoke.add_argument("--topk", type=int, default=3)
     invoke.add_argument(
         "--probabilities", action="store_true", help="also print every class's probability"
+    )
+    invoke.add_argument(
+        "--batch", action="store_true", help="all images in one JSON request (one forward pass)"
     )
     invoke.add_argument("--home", help="where local endpoints live (default .imgclf)")
     _add_target(invoke)

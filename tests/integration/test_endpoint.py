@@ -225,6 +225,14 @@ def test_launcher_lists_and_invokes_the_endpoint(endpoint, home, tiny_digits):
     assert proc.returncode == 0, proc.stderr
     assert "(folder: two)" in proc.stdout and "probability" in proc.stdout
 
+    # The same images one by one and as one JSON batch (one forward pass) print the same.
+    images = [sorted((tiny_digits / "test" / c).glob("*.png"))[0] for c in ("003.two", "005.four")]
+    single = run_launch("invoke", "--endpoint", "ep", *map(str, images), home=home)
+    batch = run_launch("invoke", "--endpoint", "ep", "--batch", *map(str, images), home=home)
+    assert single.returncode == 0 and batch.returncode == 0, single.stderr + batch.stderr
+    assert batch.stdout == single.stdout
+    assert single.stdout.count("(folder: ") == 2
+
 
 @pytest.mark.parametrize("damage", ["corrupt weights", "missing labels"])
 def test_broken_artifact_fails_the_serve_entry(tmp_path, model_dir, damage):

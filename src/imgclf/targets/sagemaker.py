@@ -488,6 +488,7 @@ def start_training(
 ) -> dict:
     """Upload the data (unless it is already an s3:// URI) and create the training job."""
     region = c.require_region()
+    image, role = resolve_image(options, "train"), resolve_role(options)  # before any upload
     bucket = default_bucket(c, options)
     if str(data).startswith("s3://"):
         train_s3 = str(data)
@@ -495,8 +496,8 @@ def start_training(
         train_s3 = upload_dataset(c, Path(data), bucket).uri
     request = training_job_request(
         job_name=job_name,
-        image=resolve_image(options, "train"),
-        role_arn=resolve_role(options),
+        image=image,
+        role_arn=role,
         hyperparameters=hyperparameters,
         train_s3=train_s3,
         output_s3=f"s3://{bucket}/imgclf/jobs",
@@ -609,6 +610,7 @@ def training_summary(desc: dict) -> list[str]:
 def start_tuning(c: Clients, options: AwsOptions, space, *, data: str | Path, job_name: str):
     from imgclf.tuning.space import tuning_job_request
 
+    image, role = resolve_image(options, "train"), resolve_role(options)  # before any upload
     bucket = default_bucket(c, options)
     if str(data).startswith("s3://"):
         train_s3 = str(data)
@@ -617,8 +619,8 @@ def start_tuning(c: Clients, options: AwsOptions, space, *, data: str | Path, jo
     request = tuning_job_request(
         space,
         job_name=job_name,
-        image=resolve_image(options, "train"),
-        role_arn=resolve_role(options),
+        image=image,
+        role_arn=role,
         train_s3=train_s3,
         output_s3=f"s3://{bucket}/imgclf/tuning/{job_name}",
         instance_type=options.instance_type or DEFAULT_TRAIN_INSTANCE,
@@ -759,6 +761,7 @@ def deploy(
     name: str,
     serverless_memory_mb: int | None = None,
 ) -> dict:
+    image, role = resolve_image(options, "serve"), resolve_role(options)
     model_s3 = resolve_model_s3(c, options, model, name)
     suffix = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     model_name = f"{name}-{suffix}"
@@ -766,9 +769,9 @@ def deploy(
         c.sagemaker.create_model(
             **model_request(
                 name=model_name,
-                image=resolve_image(options, "serve"),
+                image=image,
                 model_s3=model_s3,
-                role_arn=resolve_role(options),
+                role_arn=role,
             )
         )
         c.sagemaker.create_endpoint_config(

@@ -1,0 +1,168 @@
+"""The two images without a Docker engine: their Dockerfiles and build script pass the linters,
+and their entry points, run as processes with the environment the Dockerfiles set, do their
+job in the container's layout (SAGEMAKER_BASE_DIR instead of /opt/ml)."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+from imgclf import artifacts, models
+from imgclf.contract import TRAIN_IMAGE_ENV
+from imgclf.serving.serve import free_port
+from tests.conftest import ROOT, dockerfile_runtime
+
+BIN = Path(sys.executable).parent
+
+
+@pytest.mark.parametrize("kind", ["train", "serve"])
+def test_hadolint_passes(kind):
+    proc = subprocess.run(
+        [str(BIN / "hadolint"), str(ROOT / "docker" / kind / "Dockerfile")],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_shellcheck_passes_on_build_and_push():
+    proc = subprocess.run(
+        [str(BIN / "shellcheck"), str(ROOT / "build_and_push.sh")], capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_the_train_image_sets_the_contracts_environment():
+    env, entry = dockerfile_runtime("train")
+    assert entry == ["train"]
+    assert {k: env.get(k) for k in TRAIN_IMAGE_ENV} == TRAIN_IMAGE_ENV
+    assert env["TORCH_HOME"] == "/opt/torch"  # where the build put the pretrained weights
+
+
+def _bare_path(tmp_path: Path, without: str) -> str:
+    """A PATH holding this machine's tools except `without`."""
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    for folder in os.environ["PATH"].split(os.pathsep):
+        if not Path(folder).is_dir():
+            continue
+        for tool in Path(folder).iterdir():
+            if tool.name != without and not (tools / tool.name).exists():
+                (tools / tool.name).symlink_to(tool)
+    return str(tools)
+
+
+def test_build_and_push_without_docker_fails_early_with_one_line(tmp_path):
+    env = {**os.environ, "PATH": _bare_path(tmp_path, "docker")}
+    proc = subprocess.run(
+        [str(ROOT / "build_and_push.sh"), "all", "--no-push"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == (
+        "build_and_push.sh: docker is not installed; install Docker "
+        "(https://docs.docker.com/get-docker/) and run again"
+    )
+
+
+@pytest.mark.skipif(shutil.which("docker") is None, reason="no docker client on this machine")
+def test_build_and_push_without_an_engine_says_so(tmp_path):
+    env = {**os.environ, "DOCKER_HOST": f"unix://{tmp_path}/no-engine.sock"}
+    proc = subprocess.run(
+        [str(ROOT / "build_and_push.sh"), "serve", "--no-push"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert proc.returncode == 1
+    assert "Docker engine is not running" in proc.stderr
+
+
+def test_build_and_push_rejects_unknown_arguments():
+    proc = subprocess.run(
+        [str(ROOT / "build_and_push.sh"), "--tga", "x"], capture_output=True, text=True
+    )
+    assert proc.returncode == 1 and "unknown argument '--tga'" in proc.stderr
+
+
+def _model(base: Path) -> None:
+    torch.manual_seed(0)
+    net = models.build_model("resnet18", 3)
+    artifacts.save_artifact(
+        base / "model",
+        state_dict=net.state_dict(),
+        labels=["cat", "dog", "fox"],
+        config={
+            "arch": "resnet18",
+            "classes": ["001.cat", "002.dog", "003.fox"],
+            "preprocess": models.get_architecture("resnet18").preprocess(32).to_dict(),
+        },
+    )
+
+
+def test_the_serve_entry_answers_ping_and_invocations_then_stops_on_sigterm(tmp_path):
+    base = tmp_path / "ml"
+    _model(base)
+    image_env, entry = dockerfile_runtime("serve")
+    assert entry == ["serve"] and image_env["SAGEMAKER_BIND_TO_PORT"] == "8080"
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(image_env)
+    env.update(
+        {
+            "SAGEMAKER_BASE_DIR": str(base),
+            "SAGEMAKER_BIND_TO_PORT": str(port),  # SageMaker sets it the same way
+            "SAGEMAKER_MODEL_SERVER_WORKERS": "1",
+            "PATH": f"{BIN}{os.pathsep}{env['PATH']}",
+        }
+    )
+    proc = subprocess.Popen(
+        [str(BIN / entry[0]), "serve"],  # SageMaker runs `docker run IMAGE serve`
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(url + "/ping", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, "no /ping within 180 s"
+            time.sleep(0.5)
+        import io
+
+        from PIL import Image
+
+        buf = io.BytesIO()
+        Image.new("RGB", (50, 40), (200, 30, 30)).save(buf, format="PNG")
+        request = urllib.request.Request(
+            url + "/invocations", data=buf.getvalue(), headers={"Content-Type": "image/png"}
+        )
+        with urllib.request.urlopen(request, timeout=60) as response:
+            assert response.status == 200
+            assert b'"predictions"' in response.read()
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, output
+    assert "Traceback" not in output

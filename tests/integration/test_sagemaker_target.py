@@ -1,0 +1,306 @@
+"""`--target sagemaker` through real boto3 clients against moto's server on 127.0.0.1: what each
+verb sends to AWS, read back from the server and from its request recording."""
+
+import base64
+import json
+import time
+
+import pytest
+
+from imgclf.metrics import metric_definitions
+from tests.conftest import hp_args, run_launch
+
+ROLE = "arn:aws:iam::123456789012:role/imgclf-sagemaker"
+TRAIN_IMAGE = "123456789012.dkr.ecr.us-east-1.amazonaws.com/imgclf-train:abc123"
+SERVE_IMAGE = "123456789012.dkr.ecr.us-east-1.amazonaws.com/imgclf-serve:abc123"
+BUCKET = "sagemaker-us-east-1-123456789012"  # the default: sagemaker-REGION-ACCOUNT
+
+
+def launch(aws, home, *args):
+    proc = run_launch(*args, home=home, env=aws.env(), timeout=300)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    return proc
+
+
+def ok(proc):
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def remember_images(home):
+    """What build_and_push.sh leaves behind: the default --image of each kind."""
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "images.json").write_text(json.dumps({"train": TRAIN_IMAGE, "serve": SERVE_IMAGE}))
+
+
+def data_puts(aws):
+    return [
+        r
+        for r in aws.requests()
+        if r["method"] == "PUT"
+        and "/imgclf/data/" in r["url"]
+        and "x-id=CreateBucket" not in r["url"]
+    ]
+
+
+def test_train_uploads_once_and_creates_the_job_it_was_asked_for(aws, tmp_path, tiny_digits):
+    home = tmp_path / "home"
+    remember_images(home)
+    job = "digits-sm-1"
+    logs = aws.client("logs")
+    now_ms = int(time.time() * 1000)
+    logs.create_log_group(logGroupName="/aws/sagemaker/TrainingJobs")
+    logs.create_log_stream(
+        logGroupName="/aws/sagemaker/TrainingJobs", logStreamName=f"{job}/algo-1-1700000000"
+    )
+    logs.put_log_events(
+        logGroupName="/aws/sagemaker/TrainingJobs",
+        logStreamName=f"{job}/algo-1-1700000000",
+        logEvents=[{"timestamp": now_ms, "message": "#metrics epoch=1 valid_loss=0.5"}],
+    )
+    hps = {"arch": "resnet18", "epochs": "3", "lr": "0.003", "hflip": "false"}
+    args = ["train", "--target", "sagemaker", "--data", str(tiny_digits), "--role", ROLE]
+    first = ok(launch(aws, home, *args, "--job-name", job, *hp_args(hps), "--sagemaker-debugger"))
+    files = sorted(p for p in tiny_digits.rglob("*") if p.is_file())
+    assert f"{len(files)} files uploaded" in first.stdout
+    assert "[algo-1] #metrics epoch=1 valid_loss=0.5" in first.stdout  # the CloudWatch log
+    assert "Completed" in first.stdout
+
+    s3 = aws.client("s3")
+    keys = {
+        o["Key"]
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET)
+        for o in page.get("Contents", [])
+    }
+    name = tiny_digits.name
+    assert {f"imgclf/data/{name}/{p.relative_to(tiny_digits).as_posix()}" for p in files} <= keys
+
+    desc = aws.client("sagemaker").describe_training_job(TrainingJobName=job)
+    spec = desc["AlgorithmSpecification"]
+    assert spec["TrainingImage"] == TRAIN_IMAGE
+    # As the SageMaker SDK sends them: strings holding JSON.
+    assert desc["HyperParameters"] == {k: json.dumps(v) for k, v in hps.items()}
+    channel = desc["InputDataConfig"][0]
+    assert channel["ChannelName"] == "training"
+    assert channel["DataSource"]["S3DataSource"]["S3Uri"] == f"s3://{BUCKET}/imgclf/data/{name}/"
+    assert desc["CheckpointConfig"] == {
+        "S3Uri": f"s3://{BUCKET}/imgclf/checkpoints/{job}",
+        "LocalPath": "/opt/ml/checkpoints",
+    }
+    assert desc["RoleArn"] == ROLE
+    assert desc["EnableNetworkIsolation"] is True
+    assert desc["OutputDataConfig"]["S3OutputPath"] == f"s3://{BUCKET}/imgclf/jobs"
+
+    # What reached the server, including what moto does not keep (ProfilerConfig).
+    (create,) = aws.requests("SageMaker.CreateTrainingJob")
+    body = create["json"]
+    assert body["AlgorithmSpecification"]["MetricDefinitions"] == metric_definitions()
+    assert body["DebugHookConfig"]["S3OutputPath"].startswith(f"s3://{BUCKET}/")
+    rules = {r["RuleParameters"]["rule_to_invoke"] for r in body["DebugRuleConfigurations"]}
+    assert {"LossNotDecreasing", "Overfit", "VanishingGradient", "ExplodingTensor"} <= rules
+    assert all(
+        r["RuleEvaluatorImage"].startswith("503895931360.dkr.ecr.us-east-1.amazonaws.com/")
+        for r in body["DebugRuleConfigurations"]
+    )
+    assert body["ProfilerConfig"]["ProfilingIntervalInMilliseconds"] == 500
+    assert body["ProfilerRuleConfigurations"][0]["RuleParameters"] == {
+        "rule_to_invoke": "ProfilerReport"
+    }
+    assert body["ResourceConfig"]["InstanceType"] == "ml.g5.xlarge"
+
+    # The same data again: nothing is sent, and without --sagemaker-debugger none of it is.
+    aws.recording.write_text("")
+    again = ok(launch(aws, home, *args, "--job-name", "digits-sm-2", "--instance-count", "2"))
+    assert "0 files uploaded" in again.stdout and f"{len(files)} unchanged" in again.stdout
+    assert data_puts(aws) == []
+    (create,) = aws.requests("SageMaker.CreateTrainingJob")
+    body = create["json"]
+    assert not {"DebugHookConfig", "DebugRuleConfigurations", "ProfilerConfig"} & set(body)
+    assert body["ResourceConfig"]["InstanceCount"] == 2
+    assert json.loads(body["HyperParameters"]["sagemaker_torch_distributed_enabled"]) == "true"
+
+
+def test_a_changed_file_is_the_only_one_sent_again(aws, tmp_path, tiny_digits):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_digits, data)
+    home = tmp_path / "home"
+    remember_images(home)
+    args = ["train", "--target", "sagemaker", "--data", str(data), "--role", ROLE, "--no-wait"]
+    ok(launch(aws, home, *args, "--job-name", "a"))
+    changed = sorted(data.rglob("*.png"))[0]
+    changed.write_bytes(changed.read_bytes() + b"\0")  # same image, one byte longer
+    aws.recording.write_text("")
+    second = ok(launch(aws, home, *args, "--job-name", "b"))
+    assert "1 files uploaded" in second.stdout
+    (put,) = data_puts(aws)
+    assert put["url"].endswith(changed.relative_to(data).as_posix())
+
+
+def test_tune_sends_the_space_and_writes_best_json(aws, tmp_path, tiny_digits):
+    from imgclf.tuning.space import load_space, sagemaker_parameter_ranges
+    from tests.conftest import ROOT
+
+    home = tmp_path / "home"
+    remember_images(home)
+    out = tmp_path / "tuning"
+    proc = ok(
+        launch(
+            aws,
+            home,
+            "tune",
+            "--target",
+            "sagemaker",
+            "--data",
+            str(tiny_digits),
+            "--space",
+            str(ROOT / "tuning.yaml"),
+            "--role",
+            ROLE,
+            "--job-name",
+            "tune-digits",
+            "--max-trials",
+            "4",
+            "--out",
+            str(out),
+            "--hp",
+            "arch=resnet18",
+        )
+    )
+    (create,) = aws.requests("SageMaker.CreateHyperParameterTuningJob")
+    body = create["json"]
+    config = body["HyperParameterTuningJobConfig"]
+    assert config["ResourceLimits"]["MaxNumberOfTrainingJobs"] == 4
+    assert config["ParameterRanges"] == sagemaker_parameter_ranges(load_space(ROOT / "tuning.yaml"))
+    assert config["HyperParameterTuningJobObjective"] == {
+        "Type": "Minimize",
+        "MetricName": "valid_loss",
+    }
+    assert config["TrainingJobEarlyStoppingType"] == "Auto"
+    definition = body["TrainingJobDefinition"]
+    assert definition["AlgorithmSpecification"]["TrainingImage"] == TRAIN_IMAGE
+    assert definition["StaticHyperParameters"] == {"arch": json.dumps("resnet18")}
+    best = json.loads((out / "best.json").read_text())
+    # From DescribeHyperParameterTuningJob's BestTrainingJob (moto's canned one).
+    desc = aws.client("sagemaker").describe_hyper_parameter_tuning_job(
+        HyperParameterTuningJobName="tune-digits"
+    )
+    assert best["trial"] == desc["BestTrainingJob"]["TrainingJobName"]
+    assert best["hyperparameters"]["arch"] == "resnet18"
+    assert "best:" in proc.stdout
+
+
+def test_deploy_invoke_list_and_delete_an_endpoint(aws, tmp_path, tiny_digits):
+    home = tmp_path / "home"
+    remember_images(home)
+    ok(
+        launch(
+            aws,
+            home,
+            *["train", "--target", "sagemaker", "--data", str(tiny_digits), "--role", ROLE],
+            *["--job-name", "for-deploy"],
+        )
+    )
+    deployed = ok(
+        launch(
+            aws,
+            home,
+            *["deploy", "--target", "sagemaker", "--model", "for-deploy", "--name", "dogs"],
+            *["--role", ROLE, "--instance-type", "ml.c5.xlarge"],
+        )
+    )
+    assert "InService" in deployed.stdout and "delete dogs" in deployed.stdout
+    sm = aws.client("sagemaker")
+    endpoint = sm.describe_endpoint(EndpointName="dogs")
+    config = sm.describe_endpoint_config(EndpointConfigName=endpoint["EndpointConfigName"])
+    variant = config["ProductionVariants"][0]
+    assert variant["InstanceType"] == "ml.c5.xlarge"
+    model = sm.describe_model(ModelName=variant["ModelName"])
+    job = sm.describe_training_job(TrainingJobName="for-deploy")
+    assert model["PrimaryContainer"]["Image"] == SERVE_IMAGE
+    assert model["PrimaryContainer"]["ModelDataUrl"] == job["ModelArtifacts"]["S3ModelArtifacts"]
+
+    listed = ok(launch(aws, home, "endpoints", "--target", "sagemaker"))
+    assert "dogs" in listed.stdout and "1 x ml.c5.xlarge" in listed.stdout
+
+    answers = [
+        {"predictions": [{"label": "Affenpinscher", "probability": 0.875}]},
+        {"predictions": [{"label": "Basenji", "probability": 0.5}]},
+    ]
+    aws.post(
+        "/moto-api/static/sagemaker/endpoint-results",
+        {"results": [{"Body": json.dumps(answers), "ContentType": "application/json"}]},
+    )
+    # moto's server cannot take a binary body (it decodes every body as UTF-8), so this sends
+    # the JSON batch form; raw image bodies are tested against the local endpoint.
+    images = sorted(tiny_digits.rglob("*.png"))[:2]
+    invoked = ok(
+        launch(
+            aws,
+            home,
+            *["invoke", "--target", "sagemaker", "--endpoint", "dogs", "--batch"],
+            *map(str, images),
+        )
+    )
+    assert "Affenpinscher" in invoked.stdout and "0.8750" in invoked.stdout
+    assert "Basenji" in invoked.stdout
+    (call,) = [r for r in aws.requests() if "/endpoints/dogs/invocations" in r["url"]]
+    sent = json.loads(call["body"])
+    assert [base64.b64decode(i) for i in sent["instances"]] == [p.read_bytes() for p in images]
+    headers = {k.lower(): v for k, v in call["headers"].items()}
+    assert headers["content-type"] == "application/json"
+    assert headers["x-amzn-sagemaker-custom-attributes"] == "topk=3"
+
+    deleted = ok(launch(aws, home, "delete", "dogs", "--target", "sagemaker"))
+    assert "endpoint dogs" in deleted.stdout and "model" in deleted.stdout
+    assert sm.list_endpoints()["Endpoints"] == []
+    assert sm.list_endpoint_configs()["EndpointConfigs"] == []
+    assert sm.list_models()["Models"] == []
+
+
+@pytest.mark.parametrize(
+    ("env_change", "args", "expected"),
+    [
+        (
+            {"AWS_ACCESS_KEY_ID": None, "AWS_SECRET_ACCESS_KEY": None},
+            ["--role", ROLE],
+            "no AWS credentials",
+        ),
+        ({}, [], "no SageMaker execution role"),
+        ({}, ["--role", "imgclf-role"], "is not an ARN"),
+    ],
+)
+def test_aws_problems_are_one_clear_line(aws, tmp_path, tiny_digits, env_change, args, expected):
+    home = tmp_path / "home"
+    remember_images(home)
+    env = aws.env()
+    for key, value in env_change.items():
+        env.pop(key) if value is None else env.__setitem__(key, value)
+    env.pop("IMGCLF_SAGEMAKER_ROLE", None)
+    proc = run_launch(
+        *["train", "--target", "sagemaker", "--data", str(tiny_digits), *args],
+        home=home,
+        env=env,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert expected in proc.stderr
+    assert "Traceback" not in proc.stderr and "testing" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_without_a_pushed_image_it_says_to_run_build_and_push(aws, tmp_path, tiny_digits):
+    proc = launch(
+        aws,
+        tmp_path / "empty-home",
+        *["train", "--target", "sagemaker", "--data", str(tiny_digits), "--role", ROLE],
+    )
+    assert proc.returncode == 2
+    assert "build_and_push.sh train" in proc.stderr
+
+
+def test_an_unknown_endpoint_is_a_clear_error(aws, tmp_path):
+    proc = launch(aws, tmp_path, "delete", "nope", "--target", "sagemaker")
+    assert proc.returncode == 2
+    assert "nope" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

@@ -1,0 +1,126 @@
+"""The sagemaker target's request bodies, checked by botocore's own validator against the real
+SageMaker service model, and the S3 ETag the uploader compares with."""
+
+import hashlib
+import json
+
+import botocore.session
+import pytest
+from botocore.validate import ParamValidator
+
+from imgclf.contract import TORCH_DISTRIBUTED_KEY
+from imgclf.errors import UserError
+from imgclf.targets import sagemaker as sm
+
+ROLE = "arn:aws:iam::123456789012:role/SageMakerRole"
+IMAGE = "123456789012.dkr.ecr.eu-west-1.amazonaws.com/imgclf-train:abc"
+
+
+def validate(operation: str, request: dict) -> None:
+    model = botocore.session.get_session().get_service_model("sagemaker")
+    report = ParamValidator().validate(request, model.operation_model(operation).input_shape)
+    assert not report.has_errors(), report.generate_report()
+
+
+def training(**kw):
+    args = {
+        "job_name": "imgclf-20261122-120000",
+        "image": IMAGE,
+        "role_arn": ROLE,
+        "hyperparameters": {"arch": "resnet50", "lr": "0.001", "pretrained": "true"},
+        "train_s3": "s3://b/imgclf/data/dogImages/",
+        "output_s3": "s3://b/imgclf/jobs",
+        "checkpoint_s3": "s3://b/imgclf/checkpoints/imgclf-20261122-120000",
+        "region": "eu-west-1",
+    }
+    return sm.training_job_request(**{**args, **kw})
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{}, {"spot": True}, {"instance_count": 4}, {"sagemaker_debugger": True}],
+    ids=["plain", "spot", "distributed", "debugger"],
+)
+def test_training_request_passes_botocores_validation(extra):
+    request = training(**extra)
+    validate("CreateTrainingJob", request)
+    # Every hyperparameter is a string holding JSON, as the SageMaker SDK sends them.
+    assert all(isinstance(v, str) for v in request["HyperParameters"].values())
+    assert {k: json.loads(v) for k, v in request["HyperParameters"].items()}["lr"] == "0.001"
+    if extra.get("spot"):
+        stop = request["StoppingCondition"]
+        assert request["EnableManagedSpotTraining"] is True
+        assert stop["MaxWaitTimeInSeconds"] >= stop["MaxRuntimeInSeconds"]
+    if extra.get("instance_count"):
+        assert json.loads(request["HyperParameters"][TORCH_DISTRIBUTED_KEY]) == "true"
+    else:
+        assert TORCH_DISTRIBUTED_KEY not in request["HyperParameters"]
+    if extra.get("sagemaker_debugger"):
+        images = {r["RuleEvaluatorImage"] for r in request["DebugRuleConfigurations"]}
+        assert images == {
+            "929884845733.dkr.ecr.eu-west-1.amazonaws.com/sagemaker-debugger-rules:latest"
+        }
+    else:
+        assert "DebugHookConfig" not in request and "ProfilerConfig" not in request
+
+
+def test_debugger_in_a_region_without_rule_images_is_a_clear_error():
+    with pytest.raises(UserError, match="not published in mars-1"):
+        training(region="mars-1", sagemaker_debugger=True)
+
+
+@pytest.mark.parametrize("serverless", [None, 2048])
+def test_model_and_endpoint_config_requests_pass_validation(serverless):
+    validate(
+        "CreateModel",
+        sm.model_request(
+            name="dogs-1", image=IMAGE, model_s3="s3://b/m/model.tar.gz", role_arn=ROLE
+        ),
+    )
+    config = sm.endpoint_config_request(
+        name="dogs-1", model_name="dogs-1", serverless_memory_mb=serverless
+    )
+    validate("CreateEndpointConfig", config)
+    variant = config["ProductionVariants"][0]
+    assert ("ServerlessConfig" in variant) == bool(serverless)
+    assert ("InstanceType" in variant) != bool(serverless)
+
+
+def test_s3_etag_single_and_multipart(tmp_path):
+    small = tmp_path / "small.bin"
+    small.write_bytes(b"x" * 1000)
+    assert sm.s3_etag(small) == hashlib.md5(b"x" * 1000).hexdigest()
+    big = tmp_path / "big.bin"
+    data = bytes(range(256)) * 40  # 10240 bytes, 3 parts of 4096
+    big.write_bytes(data)
+    parts = [data[i : i + 4096] for i in range(0, len(data), 4096)]
+    joined = hashlib.md5(b"".join(hashlib.md5(p).digest() for p in parts)).hexdigest()
+    assert sm.s3_etag(big, part_size=4096) == f"{joined}-3"
+
+
+def test_best_json_from_a_tuning_job_decodes_sdk_style_values():
+    desc = {
+        "HyperParameterTuningJobName": "t",
+        "HyperParameterTuningJobConfig": {
+            "HyperParameterTuningJobObjective": {"Type": "Minimize", "MetricName": "valid_loss"}
+        },
+        "TrainingJobDefinition": {
+            "StaticHyperParameters": {
+                "arch": '"resnet50"',
+                "sagemaker_region": '"eu-west-1"',
+                "_tuning_objective_metric": "valid_loss",
+            }
+        },
+        "BestTrainingJob": {
+            "TrainingJobName": "t-003-abc",
+            "TunedHyperParameters": {"lr": "0.0031", "batch_size": '"32"'},
+            "FinalHyperParameterTuningJobObjectiveMetric": {
+                "MetricName": "valid_loss",
+                "Value": 0.2,
+            },
+        },
+    }
+    best = sm.best_from_tuning(desc)
+    assert best["hyperparameters"] == {"arch": "resnet50", "lr": "0.0031", "batch_size": "32"}
+    assert best["objective"] == {"metric": "valid_loss", "type": "minimize", "value": 0.2}
+    assert best["trial"] == "t-003-abc"
