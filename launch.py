@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""imgclf launcher: data checks, training, and (in later releases) tuning and serving.
+"""imgclf launcher: data checks, training, tuning, endpoints; local or on SageMaker.
 
 Run `python launch.py --help`. When started with a Python that lacks imgclf, it re-runs itself
 with the project's .venv (made by `make setup`).

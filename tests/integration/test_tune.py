@@ -29,6 +29,7 @@ def write_space(path, **overrides):
         "max_trials": 6,
         "parallel_trials": 2,
         "early_stopping": True,
+        "early_stopping_min_epochs": 1,
         "seed": 0,
         "parameters": {
             "lr": {"type": "continuous", "min": 0.00003, "max": 0.01, "scaling": "log"},

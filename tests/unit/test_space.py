@@ -116,6 +116,12 @@ def test_a_broken_request_is_caught_by_the_same_validation():
         ),
         ("parameters:\n  optimizer: {type: categorical, values: [adamw, lion]}\n", "adamw, sgd", 2),
         ("parameters: [lr\n", "not valid YAML", 2),  # where the parser found the stream end
+        (
+            "early_stopping_min_epochs: -1\n"
+            "parameters:\n  lr: {type: continuous, min: 0, max: 1}\n",
+            "integer >= 0",
+            1,
+        ),
     ],
 )
 def test_invalid_spaces_name_the_line_and_the_key(tmp_path, text, fragment, line):
@@ -131,3 +137,14 @@ def test_a_tuned_name_cannot_also_be_fixed(tmp_path):
             _write(tmp_path, "parameters:\n  lr: {type: continuous, min: 0, max: 1}\n"),
             fixed={"lr": "0.1"},
         )
+
+
+def test_the_median_rule_waits_for_the_minimum_epochs(tmp_path):
+    text = "parameters:\n  epochs: {type: integer, min: 4, max: 10}\n"
+    space = sp.load_space(_write(tmp_path, text))
+    assert space.min_epochs_before_stopping() == 5  # half the most epochs
+    _, pruner = sp.sampler_and_pruner(space, max_epochs=10)
+    assert pruner._n_warmup_steps == 6  # epochs 1-5 are never judged
+    explicit = sp.load_space(_write(tmp_path, "early_stopping_min_epochs: 2\n" + text))
+    _, pruner = sp.sampler_and_pruner(explicit, max_epochs=10)
+    assert pruner._n_warmup_steps == 3

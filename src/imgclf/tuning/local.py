@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from imgclf.artifacts import write_json
+from imgclf.config import FIELDS
 from imgclf.errors import UserError
 from imgclf.metrics import parse_metric_line
 from imgclf.targets import local
@@ -223,6 +224,7 @@ def run_tuning(
         monitor.update(trial.number, params=params, state="RUNNING")
         best: list[float] = []
         pruned = threading.Event()
+        last_epoch = int(hps.get("epochs", FIELDS["epochs"].default))
 
         def on_line(line: str) -> None:
             values = parse_metric_line(line)
@@ -235,7 +237,8 @@ def run_tuning(
             monitor.update(
                 trial.number, epoch=epoch, value=min(best, key=lambda v: sign * v) if best else None
             )
-            if not pruned.is_set() and trial.should_prune():
+            # Stopping a trial at its last epoch saves nothing: let it finish.
+            if not pruned.is_set() and epoch < last_epoch and trial.should_prune():
                 pruned.set()
                 local.signal_group(running[trial.number], signal.SIGTERM)
 

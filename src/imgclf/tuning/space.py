@@ -51,6 +51,13 @@ class TuningSpace:
     early_stopping: bool = True
     seed: int | None = None
     static: dict[str, str] = field(default_factory=dict)
+    # Epochs every trial runs before the median rule may stop it (None: half the most epochs).
+    early_stopping_min_epochs: int | None = None
+
+    def min_epochs_before_stopping(self) -> int:
+        if self.early_stopping_min_epochs is not None:
+            return self.early_stopping_min_epochs
+        return self.max_epochs() // 2
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -119,6 +126,7 @@ _TOP_KEYS = {
     "max_trials",
     "parallel_trials",
     "early_stopping",
+    "early_stopping_min_epochs",
     "parameters",
     "seed",
     "static",
@@ -156,6 +164,13 @@ def parse_space(doc: dict, where: _Located, *, fixed: dict[str, str]) -> TuningS
     seed = doc.get("seed")
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
         raise where.error("seed must be an integer", "seed")
+    min_epochs = doc.get("early_stopping_min_epochs")
+    if min_epochs is not None and (
+        not isinstance(min_epochs, int) or isinstance(min_epochs, bool) or min_epochs < 0
+    ):
+        raise where.error(
+            "early_stopping_min_epochs must be an integer >= 0", "early_stopping_min_epochs"
+        )
     raw_params = doc.get("parameters")
     if not isinstance(raw_params, dict) or not raw_params:
         raise where.error("parameters must map hyperparameter names to ranges", "parameters")
@@ -186,7 +201,16 @@ def parse_space(doc: dict, where: _Located, *, fixed: dict[str, str]) -> TuningS
         size = math.prod(len(v) for v in grid(TuningSpace(tuple(params))).values())
         max_trials = min(max_trials, size)
     return TuningSpace(
-        tuple(params), metric, direction, strategy, max_trials, parallel, early, seed, static
+        tuple(params),
+        metric,
+        direction,
+        strategy,
+        max_trials,
+        parallel,
+        early,
+        seed,
+        static,
+        min_epochs,
     )
 
 
@@ -305,10 +329,12 @@ def sampler_and_pruner(space: TuningSpace, *, max_epochs: int):
         pruner = optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max_epochs)
     else:
         # SageMaker's early stopping: stop a job whose metric is worse than the median of
-        # earlier jobs' at the same epoch. The first epoch's validation is too noisy to judge
-        # by (BatchNorm statistics still settling) when there are later ones.
+        # earlier jobs' at the same epoch. Early epochs' validation is too noisy to judge by
+        # (benchmarks/tune.py: judged from epoch 2, the eventual best trial was stopped), so
+        # trials run `early_stopping_min_epochs` (default: half) before they can be stopped.
+        # Steps are epoch numbers (from 1); Optuna judges steps >= n_warmup_steps.
         pruner = optuna.pruners.MedianPruner(
-            n_startup_trials=2, n_warmup_steps=1 if max_epochs >= 3 else 0
+            n_startup_trials=2, n_warmup_steps=space.min_epochs_before_stopping() + 1
         )
     return sampler, pruner
 
