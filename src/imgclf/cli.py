@@ -109,7 +109,11 @@ def cmd_train(args) -> int:
     from imgclf.targets import local
 
     hps = _hyperparameters(args)
+    if args.profile:
+        hps["profile"] = "true"
     if args.target == "sagemaker":
+        if args.debug:  # our in-container hook and rules (no file can be written there)
+            hps["debug"] = "true"
         return _sagemaker_train(args, hps)
     home = _home(args)
     name = args.job_name or local.new_job_name()
@@ -122,6 +126,7 @@ def cmd_train(args) -> int:
         hyperparameters=hps,
         nproc=args.nproc,
         link_data=not args.docker,
+        debug=args.debug,
     )
     print(f"job {name}: {job.layout.base}")
     if args.docker:
@@ -425,6 +430,65 @@ def cmd_invoke(args) -> int:
     return 1 if failures else 0
 
 
+# ---------------------------------------------------------------- debug / report
+
+
+def _job_dir(args) -> Path:
+    """A local job dir, a local job name, or (with --target sagemaker) a SageMaker training
+    job name whose output is downloaded first."""
+    if getattr(args, "target", "local") == "sagemaker":
+        sm, options, c = _aws(args)
+        return sm.download_job_output(c, args.job, _home(args) / "sagemaker" / args.job)
+    path = Path(args.job)
+    if path.is_dir():
+        return path
+    named = _home(args) / "jobs" / args.job
+    if named.is_dir():
+        return named
+    raise UserError(f"{args.job} is neither a job dir nor a local job name (see {named.parent})")
+
+
+def cmd_debug(args) -> int:
+    from imgclf.debugging import rules
+    from imgclf.debugging.hook import find_tensor_dir
+
+    job = _job_dir(args)
+    evaluation = (
+        json.loads((job / "output/data/evaluation.json").read_text() or "{}")
+        if (job / "output/data/evaluation.json").exists()
+        else {}
+    )
+    config = (
+        json.loads((job / "output/data/config.json").read_text())
+        if (job / "output/data/config.json").exists()
+        else {}
+    )
+    context = {
+        "pretrained": config.get("pretrained", False),
+        "train_counts": evaluation.get("train_counts"),
+        "labels": evaluation.get("labels"),
+        "per_class_accuracy": evaluation.get("per_class_accuracy"),
+    }
+    tensors = find_tensor_dir(job) or job / "output" / "tensors"
+    verdicts = rules.run_rules(tensors, context)
+    for verdict in verdicts:
+        print(verdict.line())
+    (job / "output" / "data").mkdir(parents=True, exist_ok=True)
+    (job / "output" / "data" / rules.RULES_FILE).write_text(
+        json.dumps(rules.verdicts_to_json(verdicts), indent=2)
+    )
+    return 1 if any(v.status == "fired" for v in verdicts) else 0
+
+
+def cmd_report(args) -> int:
+    from imgclf import report
+
+    job = _job_dir(args)
+    path = report.write_report(job, Path(args.out) if args.out else None)
+    print(f"report: {path}")
+    return 0
+
+
 # ---------------------------------------------------------------- parser
 
 
@@ -491,6 +555,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="also send SageMaker Debugger's hook, built-in rules and profiler (accounts that "
         "still have it)",
     )
+    train.add_argument(
+        "--debug",
+        action="store_true",
+        help="record tensors with smdebug and run the debugging rules (verdicts in the log, "
+        "output/data/rules.json and the report)",
+    )
+    train.add_argument(
+        "--profile",
+        action="store_true",
+        help="torch.profiler window, data-wait vs compute per step, system usage",
+    )
     train.add_argument("--spot", action="store_true", help="managed spot training (sagemaker)")
     train.add_argument("--max-runtime-hours", type=float, default=24, help="sagemaker stop limit")
     train.add_argument("--nproc", type=int, default=1, help="processes under torchrun (local)")
@@ -555,6 +630,18 @@ def build_parser() -> argparse.ArgumentParser:
     invoke.add_argument("--home", help="where local endpoints live (default .imgclf)")
     _add_target(invoke)
     invoke.set_defaults(func=cmd_invoke)
+    debug = sub.add_parser("debug", help="run the debugging rules over a job's tensors")
+    debug.add_argument("job", help="a local job dir or name (sagemaker: a training job name)")
+    debug.add_argument("--home", help="where local jobs live (default .imgclf)")
+    _add_target(debug)
+    debug.set_defaults(func=cmd_debug)
+
+    rep = sub.add_parser("report", help="write a job's report.html")
+    rep.add_argument("job", help="a local job dir or name (sagemaker: a training job name)")
+    rep.add_argument("--out", help="where to write it (default: the job's output/data/)")
+    rep.add_argument("--home", help="where local jobs live (default .imgclf)")
+    _add_target(rep)
+    rep.set_defaults(func=cmd_report)
     return parser
 
 

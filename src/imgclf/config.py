@@ -91,6 +91,19 @@ class TrainConfig:
     max_bad_images: int = _hp(
         100, "unreadable images skipped before the job fails", minimum=0, maximum=10**9
     )
+    debug: bool = _hp(
+        False,
+        "record tensors with smdebug and run the debugging rules (also on when SageMaker "
+        "writes input/config/debughookconfig.json)",
+    )
+    debug_stop_on: str = _hp(
+        "ExplodingTensor",
+        "comma-separated rules whose verdict stops the job (e.g. ExplodingTensor,Overfit; "
+        "empty: none)",
+    )
+    profile: bool = _hp(
+        False, "profile: torch.profiler window, data-wait vs compute per step, system usage"
+    )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

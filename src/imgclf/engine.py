@@ -72,17 +72,21 @@ def train_one_epoch(
     channels_last: bool = False,
     should_stop: Callable[[], bool] = lambda: False,
     on_batch: Callable[[int, float], None] | None = None,
+    on_step_time: Callable[[int, float, float], None] | None = None,
     reduce: Reduce = _no_reduce,
 ) -> EpochResult:
     """One pass over `loader`; the scheduler steps per batch. Raises TrainingStopped when
-    `should_stop()` turns true (checked before each batch)."""
+    `should_stop()` turns true (checked before each batch). `on_step_time(step, data_s,
+    compute_s)` gets each step's split (the device is synchronised for it)."""
     model.train()
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss·n, correct, n
     start = time.perf_counter()
     data_wait = 0.0
     fetch_start = start
     for step, (images, targets) in enumerate(loader):
-        data_wait += time.perf_counter() - fetch_start
+        fetched = time.perf_counter()
+        step_wait = fetched - fetch_start
+        data_wait += step_wait
         if should_stop():
             raise TrainingStopped
         images, targets = _to_device(images, targets, device, channels_last)
@@ -111,6 +115,10 @@ def train_one_epoch(
             )
         if on_batch is not None:
             on_batch(step, float(loss.detach()))
+        if on_step_time is not None:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            on_step_time(step, step_wait, time.perf_counter() - fetched)
         fetch_start = time.perf_counter()
     seconds = time.perf_counter() - start
     totals = reduce(totals)
@@ -134,8 +142,11 @@ def evaluate(
     amp_dtype: torch.dtype | None = None,
     channels_last: bool = False,
     reduce: Reduce = _no_reduce,
+    criterion: nn.Module | None = None,
 ) -> EvalResult:
-    """Plain (unweighted, unsmoothed) cross-entropy, top-1, top-5 and the confusion matrix."""
+    """Plain (unweighted, unsmoothed) cross-entropy, top-1, top-5 and the confusion matrix.
+    `criterion` (a plain mean cross-entropy module) computes the loss when given, so hooks on
+    it (smdebug) see each batch's loss."""
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     top5 = torch.zeros((), dtype=torch.float64, device=device)
@@ -146,7 +157,10 @@ def evaluate(
         with autocast(device, amp_dtype):
             logits = model(images)
         logits = logits.float()
-        loss_sum += nn.functional.cross_entropy(logits, targets, reduction="sum").double()
+        if criterion is not None:
+            loss_sum += criterion(logits, targets).double() * targets.numel()
+        else:
+            loss_sum += nn.functional.cross_entropy(logits, targets, reduction="sum").double()
         top5 += (logits.topk(k, dim=1).indices == targets[:, None]).any(dim=1).sum().double()
         predicted = logits.argmax(dim=1)
         confusion += torch.bincount(

@@ -21,7 +21,11 @@ from torch import nn
 from imgclf import artifacts, data, engine, metrics, models
 from imgclf.config import TrainConfig, parse_hyperparameters
 from imgclf.contract import TrainingContract, read_training_contract, write_failure
-from imgclf.errors import DataError, TrainingStopped, UserError
+from imgclf.debugging import rules
+from imgclf.debugging.hook import DebugHook, create_hook
+from imgclf.debugging.hook import read_settings as read_debug_settings
+from imgclf.debugging.profiling import PROFILER_DIR, Profiler
+from imgclf.errors import ConfigError, DataError, TrainingStopped, UserError
 
 log = logging.getLogger("imgclf.train")
 
@@ -305,6 +309,27 @@ def run(contract: TrainingContract, cfg: TrainConfig, runtime: Runtime, stop: St
         if runtime.is_main:
             log.info("resuming from checkpoint after epoch %d", state["epoch"])
 
+    # Debugging (smdebug, one writer) and profiling, both off unless asked for.
+    eval_criterion = nn.CrossEntropyLoss()  # plain mean loss, a module so smdebug sees it
+    stop_on = {r.strip() for r in cfg.debug_stop_on.split(",") if r.strip()}
+    unknown = stop_on - set(rules.RULE_NAMES)
+    if unknown:
+        raise ConfigError(
+            f"debug_stop_on names unknown rules {sorted(unknown)}; known: "
+            f"{', '.join(rules.RULE_NAMES)}"
+        )
+    debug = DebugHook()
+    if runtime.is_main:
+        debug = create_hook(
+            read_debug_settings(layout, cfg.debug),
+            model,
+            [criterion, eval_criterion],
+            status_dir=layout.output_data_dir,
+        )
+    profiler = None
+    if cfg.profile and runtime.is_main:
+        profiler = Profiler(layout.output_dir / PROFILER_DIR, runtime.device).start()
+
     net: nn.Module = model
     if runtime.distributed:
         net = nn.parallel.DistributedDataParallel(
@@ -321,70 +346,93 @@ def run(contract: TrainingContract, cfg: TrainConfig, runtime: Runtime, stop: St
         amp_dtype=runtime.amp_dtype,
         channels_last=cfg.channels_last,
         reduce=reduce,
+        criterion=eval_criterion,
     )
+    steps_done = [state["epoch"] * len(train_loader)]
 
-    for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
-        if cfg.patience and state["bad_epochs"] >= cfg.patience:
-            break
-        train_loader.sampler.set_epoch(epoch)
-        torch.manual_seed(cfg.seed * 1_000_003 + epoch)  # dropout etc.: same on resume
-        progress.start(epoch, cfg.epochs, len(train_loader))
-        try:
-            result = engine.train_one_epoch(
-                net,
-                train_loader,
-                criterion,
-                optimizer,
-                device=runtime.device,
-                scheduler=scheduler,
-                scaler=scaler,
-                amp_dtype=runtime.amp_dtype,
-                channels_last=cfg.channels_last,
-                should_stop=stop,
-                on_batch=progress.update,
-                reduce=reduce,
-            )
-        finally:
-            progress.close()
-        valid = evaluate(loaders["valid"])
-        lr = optimizer.param_groups[0]["lr"]
-        row = {
-            "epoch": epoch,
-            "train_loss": result.loss,
-            "train_acc": result.accuracy,
-            "valid_loss": valid.loss,
-            "valid_acc": valid.accuracy,
-            "lr": lr,
-            "epoch_time": result.seconds,
-            "images_per_s": result.images_per_second,
-        }
-        state["history"].append({**row, "data_wait_s": result.data_seconds})
-        if valid.loss < state["best_loss"]:
-            state.update(best_loss=valid.loss, best_epoch=epoch, bad_epochs=0)
-            best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        else:
-            state["bad_epochs"] += 1
-        state["epoch"] = epoch
-        if runtime.is_main:
-            print(metrics.format_epoch_line(row), flush=True)
-            artifacts.save_checkpoint(
-                layout.checkpoint_dir,
-                {
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                    "scaler": scaler.state_dict() if scaler is not None else None,
-                    "rng": artifacts.rng_state(),
-                    "best_model": best_weights,
-                    "state": state,
-                    "classes": list(classes),
-                    "arch": cfg.arch,
-                },
-            )
-        if runtime.distributed:
-            dist.barrier()
-        if stop():
-            raise TrainingStopped
+    try:
+        for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
+            if cfg.patience and state["bad_epochs"] >= cfg.patience:
+                break
+            train_loader.sampler.set_epoch(epoch)
+            torch.manual_seed(cfg.seed * 1_000_003 + epoch)  # dropout etc.: same on resume
+            progress.start(epoch, cfg.epochs, len(train_loader))
+
+            def on_batch(step: int, loss: float, epoch=epoch) -> None:
+                progress.update(step, loss)
+                steps_done[0] += 1
+                if "ExplodingTensor" in stop_on:
+                    lr = optimizer.param_groups[0]["lr"]
+                    rules.check_finite_loss(loss, step=steps_done[0], epoch=epoch, lr=lr)
+
+            on_step_time = None
+            if profiler is not None:
+                on_step_time = functools.partial(profiler.record_step, epoch)
+            debug.train_mode()
+            try:
+                result = engine.train_one_epoch(
+                    net,
+                    train_loader,
+                    criterion,
+                    optimizer,
+                    device=runtime.device,
+                    scheduler=scheduler,
+                    scaler=scaler,
+                    amp_dtype=runtime.amp_dtype,
+                    channels_last=cfg.channels_last,
+                    should_stop=stop,
+                    on_batch=on_batch,
+                    on_step_time=on_step_time,
+                    reduce=reduce,
+                )
+            finally:
+                progress.close()
+            debug.eval_mode()
+            valid = evaluate(loaders["valid"])
+            lr = optimizer.param_groups[0]["lr"]
+            row = {
+                "epoch": epoch,
+                "train_loss": result.loss,
+                "train_acc": result.accuracy,
+                "valid_loss": valid.loss,
+                "valid_acc": valid.accuracy,
+                "lr": lr,
+                "epoch_time": result.seconds,
+                "images_per_s": result.images_per_second,
+            }
+            state["history"].append({**row, "data_wait_s": result.data_seconds})
+            if valid.loss < state["best_loss"]:
+                state.update(best_loss=valid.loss, best_epoch=epoch, bad_epochs=0)
+                best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            else:
+                state["bad_epochs"] += 1
+            state["epoch"] = epoch
+            if runtime.is_main:
+                print(metrics.format_epoch_line(row), flush=True)
+                artifacts.save_checkpoint(
+                    layout.checkpoint_dir,
+                    {
+                        "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                        "scaler": scaler.state_dict() if scaler is not None else None,
+                        "rng": artifacts.rng_state(),
+                        "best_model": best_weights,
+                        "state": state,
+                        "classes": list(classes),
+                        "arch": cfg.arch,
+                    },
+                )
+            if runtime.distributed:
+                dist.barrier()
+            if stop():
+                raise TrainingStopped
+            if "Overfit" in stop_on:
+                rules.check_overfit_history(state["history"])
+    finally:
+        if profiler is not None:
+            profiler.stop()
+        debug.close()
     if cfg.patience and state["bad_epochs"] >= cfg.patience and state["epoch"] < cfg.epochs:
         if runtime.is_main:
             log.info(
@@ -404,7 +452,7 @@ def run(contract: TrainingContract, cfg: TrainConfig, runtime: Runtime, stop: St
     }
     labels = [data.label_name(c) for c in classes]
     if "test" in loaders:
-        test = evaluate(loaders["test"])
+        test = evaluate(loaders["test"])  # the hook is closed: test batches are not recorded
         summary.update(
             test_loss=test.loss,
             test_acc=test.accuracy,
@@ -446,10 +494,37 @@ def run(contract: TrainingContract, cfg: TrainConfig, runtime: Runtime, stop: St
                 "labels": labels,
                 **{k: v for k, v in summary.items()},
                 "train_counts": scan.splits["train"].counts(),
+                "device": runtime.device.type,
             },
         )
         log.info("model saved to %s", layout.model_dir)
+        _rules_and_report(layout, cfg, debug, summary, scan)
     return summary
+
+
+def _rules_and_report(layout, cfg: TrainConfig, debug: DebugHook, summary: dict, scan) -> None:
+    """After training (main process): the rules over the recorded tensors, their verdicts in
+    the log and output/data/rules.json, then output/data/report.html."""
+    from imgclf import report
+
+    if debug.active:
+        context = {
+            "pretrained": cfg.pretrained,
+            "train_counts": scan.splits["train"].counts(),
+            "labels": [data.label_name(c) for c in scan.classes],
+            "per_class_accuracy": summary.get("per_class_accuracy"),
+        }
+        verdicts = rules.run_rules(debug.settings.out_dir, context)
+        for verdict in verdicts:
+            (log.warning if verdict.status == "fired" else log.info)("%s", verdict.line())
+        artifacts.write_json(
+            layout.output_data_dir / rules.RULES_FILE, rules.verdicts_to_json(verdicts)
+        )
+    try:
+        path = report.write_report(layout.base)
+        log.info("report: %s", path)
+    except Exception as exc:  # noqa: BLE001 - the model is saved; a report bug must not fail it
+        log.warning("could not write the report: %s: %s", type(exc).__name__, exc)
 
 
 def _configure_logging() -> None:

@@ -907,3 +907,22 @@ def invoke(
     except ValueError:
         preview = base64.b64encode(raw[:60]).decode()
         return 502, {"error": "the endpoint answered something that is not JSON", "hint": preview}
+
+
+def download_job_output(c: Clients, job_name: str, dest: Path) -> Path:
+    """A SageMaker job's model.tar.gz and output.tar.gz unpacked into a local job dir
+    (model/ and output/data/), for `launch.py report` and `debug`."""
+    with aws_errors():
+        desc = c.sagemaker.describe_training_job(TrainingJobName=job_name)
+    model_uri = desc.get("ModelArtifacts", {}).get("S3ModelArtifacts")
+    if not model_uri:
+        raise UserError(f"training job {job_name} has no output yet ({desc['TrainingJobStatus']})")
+    output_uri = model_uri.rsplit("/", 1)[0] + "/output.tar.gz"
+    for uri, folder in ((model_uri, dest / "model"), (output_uri, dest / "output" / "data")):
+        bucket, key = split_s3_uri(uri)
+        with aws_errors():
+            body = c.s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+        folder.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(fileobj=io.BytesIO(body), mode="r:gz") as tar:
+            tar.extractall(folder, filter="data")  # no absolute paths, links or devices
+    return dest

@@ -1,0 +1,1 @@
+"""Debugging (smdebug hook and rules) and profiling of training jobs."""

@@ -1,0 +1,332 @@
+"""report.html: one self-contained page (figures inline, opens offline) about a training job.
+
+Built from what the job leaves in its directory: output/data/history.json (per epoch),
+model/metrics.json (test evaluation), output/data/evaluation.json, output/data/rules.json,
+output/data/debug.json, the smdebug tensors and output/profiler/. Sections whose inputs are
+missing say so instead of failing.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import logging
+from pathlib import Path
+
+REPORT_FILE = "report.html"
+MAX_HEATMAP_CLASSES = 40
+
+
+def _load(path: Path, default=None):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return default
+
+
+def _png(fig) -> str:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _img(data: str, alt: str) -> str:
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+def _table(header: list[str], rows: list[list], cls: str = "") -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows
+    )
+    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def step_losses(tensor_dir: Path) -> dict[str, tuple[list[int], list[float]]]:
+    """{'train'|'valid': (global steps, loss values)} from the smdebug tensor store."""
+    if not tensor_dir.is_dir():
+        return {}
+    try:
+        from smdebug import modes
+        from smdebug.trials import create_trial
+    except Exception:  # noqa: BLE001 - no smdebug: the epoch curves still show
+        return {}
+    logging.getLogger("smdebug").setLevel(logging.ERROR)
+    trial = create_trial(str(tensor_dir))
+    names = trial.tensor_names(collection="losses")
+    if not names:
+        return {}
+    tensor = trial.tensor(names[0])
+    out = {}
+    for key, mode in (("train", modes.TRAIN), ("valid", modes.EVAL)):
+        steps = tensor.steps(mode=mode)
+        out[key] = (
+            [trial.global_step(mode, s) for s in steps],
+            [float(tensor.value(s, mode=mode)) for s in steps],
+        )
+    return out
+
+
+# ---------------------------------------------------------------- figures
+
+
+def fig_curves(history: list[dict], losses: dict) -> str:
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    epochs = [h["epoch"] for h in history]
+    ax = axes[0]
+    if losses.get("train") and losses["train"][0]:
+        ax.plot(*losses["train"], lw=0.8, alpha=0.6, label="train loss (per step, smdebug)")
+        if losses.get("valid") and losses["valid"][0]:
+            ax.plot(*losses["valid"], ".", ms=3, alpha=0.6, label="valid loss (per step)")
+        ax.set_xlabel("global step")
+    else:
+        ax.plot(epochs, [h["train_loss"] for h in history], "o-", label="train loss")
+        ax.plot(epochs, [h["valid_loss"] for h in history], "o-", label="valid loss")
+        ax.set_xlabel("epoch")
+    ax.set_title("loss")
+    if all(v > 0 for line in ax.get_lines() for v in line.get_ydata()):
+        ax.set_yscale("log")  # one bad early validation pass otherwise flattens the rest
+    ax.legend()
+    ax = axes[1]
+    ax.plot(epochs, [h["train_acc"] for h in history], "o-", label="train")
+    ax.plot(epochs, [h["valid_acc"] for h in history], "o-", label="valid")
+    ax.set_title("accuracy per epoch")
+    ax.set_xlabel("epoch")
+    ax.set_ylim(0, 1.02)
+    ax.legend()
+    ax = axes[2]
+    ax.plot(epochs, [h["lr"] for h in history], "o-", color="tab:purple")
+    ax.set_title("learning rate (end of epoch)")
+    ax.set_xlabel("epoch")
+    ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+    return _png(fig)
+
+
+def fig_per_class(per_class: dict[str, float]) -> str:
+    import matplotlib.pyplot as plt
+
+    items = sorted(per_class.items(), key=lambda kv: kv[1])[:30]
+    fig, ax = plt.subplots(figsize=(8, max(2.5, 0.28 * len(items))))
+    ax.barh([k for k, _ in items][::-1], [v for _, v in items][::-1], color="tab:orange")
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("test accuracy")
+    ax.set_title(f"per-class accuracy, worst {len(items)} first")
+    return _png(fig)
+
+
+def confused_pairs(confusion: list[list[int]], labels: list[str], top: int = 10) -> list[list]:
+    pairs = []
+    for i, row in enumerate(confusion):
+        total = sum(row) or 1
+        for j, count in enumerate(row):
+            if i != j and count:
+                pairs.append([labels[i], labels[j], count, f"{count / total:.0%}"])
+    return sorted(pairs, key=lambda p: -p[2])[:top]
+
+
+def fig_confusion(confusion: list[list[int]], labels: list[str]) -> str:
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    matrix = np.asarray(confusion, dtype=float)
+    index = list(range(len(labels)))
+    if len(labels) > MAX_HEATMAP_CLASSES:  # the classes with the most mistakes
+        errors = matrix.sum(axis=1) - np.diag(matrix) + matrix.sum(axis=0) - np.diag(matrix)
+        index = sorted(np.argsort(-errors)[:MAX_HEATMAP_CLASSES].tolist())
+        matrix = matrix[np.ix_(index, index)]
+    rows = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    size = max(4, 0.3 * len(index))
+    fig, ax = plt.subplots(figsize=(size + 1.5, size))
+    im = ax.imshow(rows, cmap="Blues", vmin=0, vmax=1)
+    names = [labels[i] for i in index]
+    ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(names)), names, fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title("confusion matrix (row-normalised)")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    return _png(fig)
+
+
+def fig_time_split(history: list[dict]) -> str:
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    wait = [h.get("data_wait_s", 0.0) for h in history]
+    compute = [max(h["epoch_time"] - w, 0.0) for h, w in zip(history, wait)]
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    ax.bar(epochs, compute, label="compute", color="tab:blue")
+    ax.bar(epochs, wait, bottom=compute, label="waiting for data", color="tab:red")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("seconds")
+    ax.set_title("training time per epoch")
+    ax.legend()
+    return _png(fig)
+
+
+def fig_system(samples: list[dict]) -> str:
+    import matplotlib.pyplot as plt
+
+    t = [s["t"] for s in samples]
+    fig, ax = plt.subplots(figsize=(10, 3.2))
+    ax.plot(t, [s["cpu_percent"] for s in samples], label="CPU %")
+    ax.plot(t, [s["memory_percent"] for s in samples], label="memory %")
+    if any(s.get("gpu_percent") is not None for s in samples):
+        ax.plot(t, [s.get("gpu_percent") or 0 for s in samples], label="GPU %")
+    ax.set_ylim(0, 105)
+    ax.set_xlabel("seconds since start")
+    ax.set_title("utilisation (every 0.5 s)")
+    ax.legend()
+    return _png(fig)
+
+
+# ---------------------------------------------------------------- page
+
+
+CSS = """
+body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
+h1{margin-bottom:0}section{margin:2em 0}img{max-width:100%}
+table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 8px}
+th{background:#f3f3f3}.fired td:nth-child(2){font-weight:bold}.note{color:#666}
+.bad{color:#b00;font-weight:bold}.ok{color:#070}
+"""
+
+
+def build_report(job_dir: Path) -> str:
+    from imgclf.debugging.hook import find_tensor_dir
+    from imgclf.debugging.profiling import PROFILER_DIR, bottleneck_sentence
+
+    data_dir = job_dir / "output" / "data"
+    history = _load(data_dir / "history.json", [])
+    metrics = _load(job_dir / "model" / "metrics.json", {})
+    evaluation = _load(data_dir / "evaluation.json", {})
+    config = _load(data_dir / "config.json", {})
+    verdicts = _load(data_dir / "rules.json")
+    debug = _load(data_dir / "debug.json")
+    labels = evaluation.get("labels") or list((metrics.get("per_class_accuracy") or {}).keys())
+    parts = [f"<h1>Training report: {html.escape(job_dir.name)}</h1>"]
+    summary = [
+        ["architecture", config.get("arch", "?")],
+        ["epochs run", metrics.get("epochs_run", len(history))],
+        ["best epoch", metrics.get("best_epoch", "?")],
+    ]
+    for key in ("valid_loss", "valid_acc", "test_loss", "test_acc", "test_top5"):
+        if isinstance(metrics.get(key), float):
+            summary.append([key, f"{metrics[key]:.4f}"])
+    parts.append(f"<section id='summary'><h2>Summary</h2>{_table(['', ''], summary)}</section>")
+
+    tensor_dir = find_tensor_dir(job_dir)
+    losses = step_losses(tensor_dir) if tensor_dir is not None else {}
+    note = ""
+    if debug is None:
+        note = "No smdebug tensors: the job ran without --debug; curves are per epoch."
+    elif not debug.get("tensors"):
+        note = f"The smdebug tensors are missing: {debug.get('reason', 'unknown reason')}."
+    if history:
+        parts.append(
+            "<section id='curves'><h2>Loss, accuracy and learning rate</h2>"
+            f"<p class='note'>{html.escape(note)}</p>"
+            f"{_img(fig_curves(history, losses), 'loss and accuracy curves')}</section>"
+        )
+    per_class = metrics.get("per_class_accuracy")
+    if per_class:
+        worst = sorted(per_class.items(), key=lambda kv: kv[1])[:5]
+        parts.append(
+            "<section id='classes'><h2>Per-class accuracy (test)</h2>"
+            + _table(["class", "accuracy"], [[k, f"{v:.3f}"] for k, v in worst])
+            + _img(fig_per_class(per_class), "per-class accuracy")
+            + "</section>"
+        )
+    confusion = metrics.get("confusion_matrix")
+    if confusion and labels:
+        pairs = confused_pairs(confusion, labels)
+        parts.append(
+            "<section id='confusion'><h2>Most confused classes (test)</h2>"
+            + (
+                _table(["true", "predicted as", "images", "of the class"], pairs)
+                if pairs
+                else "<p>No mistakes on the test split.</p>"
+            )
+            + _img(fig_confusion(confusion, labels), "confusion matrix")
+            + "</section>"
+        )
+    if verdicts is not None:
+        rows = [
+            [v["rule"], v["status"], "" if v["step"] is None else v["step"], v["message"]]
+            for v in verdicts
+        ]
+        fired = [v for v in verdicts if v["status"] == "fired"]
+        advice = "".join(
+            f"<li><b>{html.escape(v['rule'])}</b>: {html.escape(v['advice'])}</li>" for v in fired
+        )
+        parts.append(
+            "<section id='rules'><h2>Debugging rules</h2>"
+            + _table(["rule", "verdict", "step", "detail"], rows)
+            + (f"<ul>{advice}</ul>" if advice else "<p class='ok'>No rule fired.</p>")
+            + "</section>"
+        )
+    else:
+        parts.append(
+            "<section id='rules'><h2>Debugging rules</h2><p class='note'>Not run: train with "
+            "--debug (or debug=true) to record tensors and run the rules.</p></section>"
+        )
+    if history:
+        wait = sum(h.get("data_wait_s", 0.0) for h in history)
+        total = sum(h["epoch_time"] for h in history)
+        device = evaluation.get("device", "cpu")
+        sentence = bottleneck_sentence(wait, max(total - wait, 0.0), device)
+        parts.append(
+            "<section id='time'><h2>Where the time went</h2>"
+            f"<p>{html.escape(sentence[0].upper() + sentence[1:])}.</p>"
+            f"{_img(fig_time_split(history), 'data wait vs compute')}</section>"
+        )
+    profiler_dir = job_dir / "output" / PROFILER_DIR
+    samples = []
+    if (profiler_dir / "system.jsonl").exists():
+        samples = [
+            json.loads(x) for x in (profiler_dir / "system.jsonl").read_text().split("\n") if x
+        ]
+    if samples:
+        parts.append(
+            "<section id='system'><h2>Utilisation</h2>"
+            f"{_img(fig_system(samples), 'utilisation timeline')}</section>"
+        )
+    ops = _load(profiler_dir / "top_ops.json")
+    if ops:
+        rows = [
+            [o["name"], o["calls"], f"{o['self_cpu_ms']:.1f}", f"{o['self_device_ms']:.1f}"]
+            for o in ops[:15]
+        ]
+        parts.append(
+            "<section id='operators'><h2>Top operators (torch.profiler window)</h2>"
+            + _table(["operator", "calls", "self CPU ms", "self device ms"], rows)
+            + f"<p class='note'>Trace: {html.escape(str(profiler_dir / 'trace.json'))} (open it "
+            "in Perfetto or chrome://tracing).</p></section>"
+        )
+    elif not samples:
+        parts.append(
+            "<section id='profile'><h2>Profile</h2><p class='note'>Not profiled: train with "
+            "--profile (or profile=true).</p></section>"
+        )
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'>"
+        f"<title>imgclf report {html.escape(job_dir.name)}</title><style>{CSS}</style></head>"
+        f"<body>{''.join(parts)}</body></html>"
+    )
+
+
+def write_report(job_dir: Path, out: Path | None = None) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    out = out or job_dir / "output" / "data" / REPORT_FILE
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(build_report(job_dir))
+    return out
