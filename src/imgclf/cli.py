@@ -464,7 +464,7 @@ def cmd_debug(args) -> int:
         else {}
     )
     context = {
-        "pretrained": config.get("pretrained", False),
+        "pretrained": config.get("pretrained", False) and not config.get("weights_path"),
         "train_counts": evaluation.get("train_counts"),
         "labels": evaluation.get("labels"),
         "per_class_accuracy": evaluation.get("per_class_accuracy"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import weakref
 from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -361,10 +362,24 @@ def _ignore_sigterm(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+_LOADERS: weakref.WeakSet = weakref.WeakSet()
+
+
+def shutdown_loaders() -> None:
+    """Stop every loader's worker processes now. Workers ignore SIGTERM (so `docker stop`
+    reaches the trainer first), so the interpreter's exit, which terminates and then joins its
+    children, would wait on them forever if a loader outlived the training run."""
+    for loader in list(_LOADERS):
+        iterator = getattr(loader, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+        loader._iterator = None
+
+
 def make_loader(
     dataset: Dataset, sampler: Sampler, *, batch_size: int, workers: int, pin_memory: bool
 ) -> DataLoader:
-    return DataLoader(
+    loader = DataLoader(
         dataset,
         batch_size=batch_size,
         sampler=sampler,
@@ -374,3 +389,6 @@ def make_loader(
         prefetch_factor=4 if workers > 0 else None,
         worker_init_fn=_ignore_sigterm if workers > 0 else None,
     )
+    if workers > 0:
+        _LOADERS.add(loader)
+    return loader

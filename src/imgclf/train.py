@@ -509,7 +509,8 @@ def _rules_and_report(layout, cfg: TrainConfig, debug: DebugHook, summary: dict,
 
     if debug.active:
         context = {
-            "pretrained": cfg.pretrained,
+            # ImageNet weights are not an initialisation to judge; a weights_path file is.
+            "pretrained": cfg.pretrained and not cfg.weights_path,
             "train_counts": scan.splits["train"].counts(),
             "labels": [data.label_name(c) for c in scan.classes],
             "per_class_accuracy": summary.get("per_class_accuracy"),
@@ -556,6 +557,7 @@ def main(environ=None) -> int:
     except Exception as exc:
         return _report_failure(exc, contract, rank, stopped=stop())
     finally:
+        data.shutdown_loaders()
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
 

@@ -23,11 +23,11 @@ log = logging.getLogger("imgclf.rules")
 RULES_FILE = "rules.json"
 
 # SageMaker built-in rule defaults (rule_parameters of smdebug_rulesconfig).
-LOSS_NOT_DECREASING = {"num_steps": 10, "diff_percent": 0.1}
+LOSS_NOT_DECREASING = {"num_steps": 20, "diff_percent": 0.1, "patience": 2}
 OVERFIT = {"patience": 1, "ratio_threshold": 0.1}
 VANISHING_GRADIENT = {"threshold": 0.0000001}
 EXPLODING_TENSOR = {"only_nan": False}
-POOR_WEIGHT_INITIALIZATION = {"threshold": 10.0, "distribution_range": 0.001, "steps": 5}
+POOR_WEIGHT_INITIALIZATION = {"threshold": 10.0, "distribution_range": 0.001, "steps": 1}
 CLASS_IMBALANCE = {"threshold_imbalance": 10.0, "threshold_misprediction": 0.7}
 
 ADVICE = {
@@ -147,12 +147,13 @@ def make_rules(trial, context: dict) -> list:
     Rule = _rule_base()
 
     class LossNotDecreasing(Rule):
-        """Mean TRAIN loss over a window of `num_steps` saved steps did not fall by
-        `diff_percent` percent from the previous window."""
+        """The mean TRAIN loss of each window of `num_steps` saved steps must beat the best
+        earlier window by `diff_percent` percent; fires when `patience` windows in a row do not
+        (SageMaker's rule compares single steps, which fires on ordinary batch noise)."""
 
-        def __init__(self, base_trial, num_steps, diff_percent):
+        def __init__(self, base_trial, num_steps, diff_percent, patience):
             super().__init__(base_trial, action_str="")
-            self.num_steps, self.diff_percent = num_steps, diff_percent
+            self.num_steps, self.diff_percent, self.patience = num_steps, diff_percent, patience
             self.names = base_trial.tensor_names(collection="losses")
             self.message = ""
 
@@ -163,16 +164,22 @@ def make_rules(trial, context: dict) -> list:
                 global_steps = [self.base_trial.global_step(modes.TRAIN, s) for s in steps]
                 if step not in global_steps:
                     return False
-                i = global_steps.index(step) + 1
+                count = global_steps.index(step) + 1
                 n = self.num_steps
-                if i < 2 * n or i % n:
+                if count % n or count < n * (self.patience + 1):
                     return False
-                values = [float(tensor.value(s, mode=modes.TRAIN)) for s in steps[i - 2 * n : i]]
-                before, now = np.mean(values[:n]), np.mean(values[n:])
-                if now > before * (1 - self.diff_percent / 100):
+                values = [float(tensor.value(s, mode=modes.TRAIN)) for s in steps[:count]]
+                means = [float(np.mean(values[i : i + n])) for i in range(0, count, n)]
+                stalled = 0
+                for k in range(1, len(means)):
+                    best = min(means[:k])
+                    improved = means[k] <= best * (1 - self.diff_percent / 100)  # NaN: no
+                    stalled = 0 if improved else stalled + 1
+                if stalled >= self.patience:
                     self.message = (
-                        f"mean loss over the last {n} steps {now:.4f} vs {before:.4f} before "
-                        f"(needs a {self.diff_percent}% drop)"
+                        f"the mean loss of the last {self.patience} windows of {n} steps "
+                        f"({means[-1]:.4f}) did not beat the best earlier window "
+                        f"({min(means[: -self.patience]):.4f}) by {self.diff_percent}%"
                     )
                     return True
             return False
