@@ -89,6 +89,37 @@ def cmd_data_check(args) -> int:
     return 0
 
 
+def cmd_data_prepare(args) -> int:
+    from imgclf.prepare import cache_dir, prepare_dataset
+
+    source = Path(args.dir)
+    if not source.is_dir():
+        raise UserError(f"{source} is not a directory")
+    out = Path(args.out) if args.out else cache_dir(_home(args), source, args.size)
+    result = prepare_dataset(source, out, short_side=args.size)
+    print(result.summary())
+    for path, why in result.skipped[:20]:
+        print(f"  skipped {path}: {why}")
+    print(f"  train on it: python launch.py train --data {out} ...")
+    return 0
+
+
+def _prepared_data(args) -> Path:
+    """--prepare: the prepared copy of --data (built or brought up to date first)."""
+    from imgclf.prepare import cache_dir, prepare_dataset
+
+    source = Path(args.data)
+    if not args.prepare or str(source).startswith("s3://"):
+        return source
+    if not source.is_dir():
+        raise UserError(f"--data {source} is not a directory")
+    result = prepare_dataset(
+        source, cache_dir(_home(args), source, args.prepare), short_side=args.prepare
+    )
+    print(result.summary(), flush=True)
+    return result.root
+
+
 # ---------------------------------------------------------------- train
 
 
@@ -109,6 +140,7 @@ def cmd_train(args) -> int:
     from imgclf.targets import local
 
     hps = _hyperparameters(args)
+    args.data = str(_prepared_data(args))
     if args.profile:
         hps["profile"] = "true"
     if args.target == "sagemaker":
@@ -535,6 +567,14 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--strict", action="store_true", help="exit 1 if any image is unreadable")
     check.add_argument("--max-rows", type=int, default=40, help="print per-class rows up to this")
     check.set_defaults(func=cmd_data_check)
+    prep = data_sub.add_parser(
+        "prepare", help="decode and resize every image once into a fast-loading copy"
+    )
+    prep.add_argument("dir", help="a folder holding train/ valid/ [test/]")
+    prep.add_argument("--size", type=int, default=256, help="short side in pixels (256)")
+    prep.add_argument("--out", help="where (default .imgclf/prepared/<name>-<size>-<hash>)")
+    prep.add_argument("--home", help="where imgclf keeps its files (default .imgclf)")
+    prep.set_defaults(func=cmd_data_prepare)
 
     train = sub.add_parser(
         "train",
@@ -565,6 +605,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--profile",
         action="store_true",
         help="torch.profiler window, data-wait vs compute per step, system usage",
+    )
+    train.add_argument(
+        "--prepare",
+        type=int,
+        nargs="?",
+        const=256,
+        metavar="SIZE",
+        help="train on a prepared copy of --data (short side SIZE, default 256; rebuilt only "
+        "where files changed)",
     )
     train.add_argument("--spot", action="store_true", help="managed spot training (sagemaker)")
     train.add_argument("--max-runtime-hours", type=float, default=24, help="sagemaker stop limit")

@@ -62,19 +62,24 @@ def open_image(source, *, draft: int | None = None) -> Image.Image:
         return to_rgb(image)
 
 
-def image_problem(path: Path) -> str | None:
-    """Why an image cannot be used, or None when it decodes."""
+def try_open_image(path: Path, *, draft: int | None) -> tuple[Image.Image | None, str | None]:
+    """(RGB image, None), or (None, why the file cannot be used)."""
     try:
         if path.stat().st_size == 0:
-            return "empty file (0 bytes)"
-        open_image(path, draft=_CHECK_DRAFT)
+            return None, "empty file (0 bytes)"
+        return open_image(path, draft=draft), None
     except UnidentifiedImageError:
-        return "not an image PIL can read"
+        return None, "not an image PIL can read"
     except Image.DecompressionBombError:
-        return f"too many pixels (over {Image.MAX_IMAGE_PIXELS * 2}): likely a decompression bomb"
+        limit = Image.MAX_IMAGE_PIXELS * 2
+        return None, f"too many pixels (over {limit}): likely a decompression bomb"
     except (OSError, SyntaxError, ValueError) as exc:
-        return f"cannot be decoded: {exc}"
-    return None
+        return None, f"cannot be decoded: {exc}"
+
+
+def image_problem(path: Path) -> str | None:
+    """Why an image cannot be used, or None when it decodes."""
+    return try_open_image(path, draft=_CHECK_DRAFT)[1]
 
 
 # ---------------------------------------------------------------- scanning

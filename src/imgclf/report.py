@@ -2,7 +2,7 @@
 
 Built from what the job leaves in its directory: output/data/history.json (per epoch),
 model/metrics.json (test evaluation), output/data/evaluation.json, output/data/rules.json,
-output/data/debug.json, the smdebug tensors and output/profiler/. Sections whose inputs are
+output/data/debug.json, the smdebug tensors and output/data/profiler/. Sections whose inputs are
 missing say so instead of failing.
 """
 
@@ -287,7 +287,7 @@ def build_report(job_dir: Path) -> str:
             f"<p>{html.escape(sentence[0].upper() + sentence[1:])}.</p>"
             f"{_img(fig_time_split(history), 'data wait vs compute')}</section>"
         )
-    profiler_dir = job_dir / "output" / PROFILER_DIR
+    profiler_dir = job_dir / "output" / "data" / PROFILER_DIR
     samples = []
     if (profiler_dir / "system.jsonl").exists():
         samples = [

@@ -328,7 +328,7 @@ def run(contract: TrainingContract, cfg: TrainConfig, runtime: Runtime, stop: St
         )
     profiler = None
     if cfg.profile and runtime.is_main:
-        profiler = Profiler(layout.output_dir / PROFILER_DIR, runtime.device).start()
+        profiler = Profiler(layout.output_data_dir / PROFILER_DIR, runtime.device).start()
 
     net: nn.Module = model
     if runtime.distributed:
@@ -432,7 +432,6 @@ def run(contract: TrainingContract, cfg: TrainConfig, runtime: Runtime, stop: St
     finally:
         if profiler is not None:
             profiler.stop()
-        debug.close()
     if cfg.patience and state["bad_epochs"] >= cfg.patience and state["epoch"] < cfg.epochs:
         if runtime.is_main:
             log.info(
@@ -452,7 +451,8 @@ def run(contract: TrainingContract, cfg: TrainConfig, runtime: Runtime, stop: St
     }
     labels = [data.label_name(c) for c in classes]
     if "test" in loaders:
-        test = evaluate(loaders["test"])  # the hook is closed: test batches are not recorded
+        debug.predict_mode()  # test batches land apart from validation (smdebug PREDICT)
+        test = evaluate(loaders["test"])
         summary.update(
             test_loss=test.loss,
             test_acc=test.accuracy,
@@ -471,6 +471,7 @@ def run(contract: TrainingContract, cfg: TrainConfig, runtime: Runtime, stop: St
     elif runtime.is_main:
         log.warning("no test split: the model is saved without a test evaluation")
 
+    debug.close()
     if runtime.is_main:
         model_config = {
             "arch": cfg.arch,

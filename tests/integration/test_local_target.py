@@ -121,3 +121,18 @@ def test_bad_hyperparameter_is_refused_before_a_job_starts(tmp_path, tiny_digits
     assert proc.returncode == 2
     assert "optimizer" in proc.stderr and "adamw, sgd" in proc.stderr
     assert not (tmp_path / "jobs").exists()
+
+
+def test_train_prepare_trains_on_a_prepared_copy_built_once(tmp_path, tiny_digits):
+    args = ["train", "--data", str(tiny_digits), "--prepare", "24"]
+    hps = hp_args({**FAST_HPS, "epochs": "1", "image_size": "16", "workers": "0"})
+    first = run_launch(*args, "--job-name", "p1", *hps, home=tmp_path)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    assert "200 images written, 0 unchanged" in first.stdout
+    channel = tmp_path / "jobs" / "p1" / "input" / "data" / "training"
+    prepared = channel.resolve()
+    assert prepared.parent == tmp_path / "prepared" and prepared != tiny_digits
+    assert (tmp_path / "jobs" / "p1" / "model" / "model.pt").exists()
+    second = run_launch(*args, "--job-name", "p2", *hps, home=tmp_path)
+    assert second.returncode == 0
+    assert "0 images written, 200 unchanged" in second.stdout

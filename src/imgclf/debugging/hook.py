@@ -106,6 +106,12 @@ class DebugHook:
 
             self.hook.set_mode(modes.EVAL)
 
+    def predict_mode(self) -> None:
+        if self.hook is not None:
+            from smdebug import modes
+
+            self.hook.set_mode(modes.PREDICT)
+
     def close(self) -> None:
         if self.hook is not None:
             self.hook.close()

@@ -1,5 +1,6 @@
 """`profile=true`: a torch.profiler window, the per-step split between waiting for data and
-computing, and a system sampler (CPU, memory, GPU), all written under `output/profiler/`."""
+computing, and a system sampler (CPU, memory, GPU), all written under
+`output/data/profiler/` (SageMaker uploads output/data)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,135 @@
+"""Data pipeline: one epoch of decode + augment to tensors, naive ImageFolder vs ours.
+
+Run: .venv/bin/python benchmarks/data.py [--images 500] [--epochs 3]
+The images are real photographs (scikit-learn's sample photos, cropped, flipped and re-lit into
+distinct pictures) saved as 1600x1200 JPEGs at quality 90, in 5 class folders, like a user's
+dogImages folder. Both pipelines produce normalised 224 px random-resized-crop tensors in
+batches of 32:
+- naive: torchvision ImageFolder, full-size PIL decode every epoch, default DataLoader (as the
+  seed projects fine-tune);
+- ours: `launch.py data prepare` (decode once with JPEG draft mode, short side 256, JPEG q95),
+  then our dataset and loader (workers from the CPU count, persistent, prefetch).
+Prints seconds per epoch and images/s, and the ratios against naive.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageEnhance
+from torchvision import datasets, transforms
+
+from imgclf import data, models
+from imgclf.prepare import prepare_dataset
+
+
+def make_photos(root: Path, count: int, classes: int = 5) -> None:
+    from sklearn.datasets import load_sample_image
+
+    photos = [Image.fromarray(load_sample_image(n)) for n in ("china.jpg", "flower.jpg")]
+    rng = random.Random(0)
+    for i in range(count):
+        photo = photos[i % 2]
+        w, h = photo.size
+        cw, ch = rng.randint(w // 2, w), rng.randint(h // 2, h)
+        x, y = rng.randint(0, w - cw), rng.randint(0, h - ch)
+        image = photo.crop((x, y, x + cw, y + ch)).resize((1600, 1200), Image.BICUBIC)
+        if rng.random() < 0.5:
+            image = image.transpose(Image.FLIP_LEFT_RIGHT)
+        image = ImageEnhance.Brightness(image).enhance(rng.uniform(0.7, 1.3))
+        folder = root / "train" / f"{i % classes + 1:03d}.class{i % classes}"
+        folder.mkdir(parents=True, exist_ok=True)
+        image.save(folder / f"photo{i:04d}.jpg", quality=90)
+    for split in ("valid",):  # prepare needs the layout; one image a class is enough
+        for cls in sorted((root / "train").iterdir()):
+            out = root / split / cls.name
+            out.mkdir(parents=True, exist_ok=True)
+            first = sorted(cls.iterdir())[0]
+            (out / first.name).write_bytes(first.read_bytes())
+
+
+def epoch_seconds(loader) -> tuple[float, int]:
+    start = time.perf_counter()
+    images = 0
+    for batch, _ in loader:
+        assert batch.shape[1:] == (3, 224, 224)
+        images += batch.shape[0]
+    return time.perf_counter() - start, images
+
+
+def naive_loader(root: Path):
+    transform = transforms.Compose(
+        [
+            transforms.RandomResizedCrop(224),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+        ]
+    )
+    dataset = datasets.ImageFolder(root / "train", transform=transform)
+    return torch.utils.data.DataLoader(dataset, batch_size=32, shuffle=True)
+
+
+def our_loader(root: Path, workers: int):
+    pre = models.get_architecture("resnet50").preprocess(224)
+    _, files, _ = data.list_split("train", root / "train")
+    samples = [(str(p), t) for p, t in files]
+    dataset = data.ImageListDataset(
+        samples,
+        data.train_transform(pre, hflip=True, min_crop_scale=0.25),
+        draft=2 * pre.image_size,
+        seed=0,
+    )
+    sampler = data.EpochSampler(len(dataset), seed=0)
+    return data.make_loader(dataset, sampler, batch_size=32, workers=workers, pin_memory=False)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=500)
+    parser.add_argument("--epochs", type=int, default=3, help="epochs of ours after the first")
+    args = parser.parse_args()
+    torch.set_num_threads(1)  # decode and augment only: keep the comparison on the loaders
+    workers = data.default_workers()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="imgclf-bench-data-") as tmp:
+        root = Path(tmp) / "photos"
+        make_photos(root, args.images)
+        size_mb = sum(p.stat().st_size for p in root.rglob("*.jpg")) / 1e6
+
+        seconds, n = epoch_seconds(naive_loader(root))
+        rows.append(("naive ImageFolder, full decode, workers=0", seconds, n))
+        naive = seconds
+
+        seconds, n = epoch_seconds(our_loader(root, workers))
+        rows.append((f"ours on the originals (draft decode, workers={workers})", seconds, n))
+
+        start = time.perf_counter()
+        prepared = prepare_dataset(root, Path(tmp) / "prepared", short_side=256)
+        build = time.perf_counter() - start
+        loader = our_loader(prepared.root, workers)
+        seconds, n = epoch_seconds(loader)
+        rows.append(("ours, first epoch incl. building the cache", build + seconds, n))
+        later = [epoch_seconds(loader)[0] for _ in range(args.epochs)]
+        rows.append((f"ours, later epochs (mean of {args.epochs})", float(np.mean(later)), n))
+        prepared_mb = sum(p.stat().st_size for p in prepared.root.rglob("*.jpg")) / 1e6
+    print(
+        f"\nmachine: {platform.machine()}, {os.cpu_count()} CPUs ({platform.processor() or '?'}),"
+        f" torch {torch.__version__}; {args.images} JPEGs 1600x1200 q90 ({size_mb:.0f} MB), "
+        f"prepared copy {prepared_mb:.0f} MB"
+    )
+    print(f"{'pipeline':<56}{'s/epoch':>9}{'img/s':>9}{'vs naive':>10}")
+    for name, seconds, n in rows:
+        print(f"{name:<56}{seconds:>9.2f}{n / seconds:>9.1f}{naive / seconds:>9.1f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""The prepared-dataset cache: every image decoded once (JPEG draft mode), resized to a short
+side a little above the training size, and stored as a high-quality JPEG in the same
+ImageFolder layout. Training reads it like any dataset (random crops and flips as usual), and it
+is a plain folder, so it works as a SageMaker channel too (prepare once, upload it).
+
+A manifest keyed by each source file's path, size and mtime makes a re-run rebuild only what
+changed, and remove what was deleted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from imgclf.contract import resolve_splits
+from imgclf.data import list_split, try_open_image
+from imgclf.errors import DataError
+
+MANIFEST = "prepared.json"
+FORMAT_VERSION = 1
+DEFAULT_SHORT_SIDE = 256  # the eval resize of a 224 px model: random crops still have room
+QUALITY = 95
+
+
+@dataclass(frozen=True)
+class PrepareResult:
+    root: Path
+    built: int
+    kept: int
+    removed: int
+    skipped: list[tuple[str, str]]  # (source path, why)
+
+    def summary(self) -> str:
+        return (
+            f"prepared {self.root}: {self.built} images written, {self.kept} unchanged, "
+            f"{self.removed} removed, {len(self.skipped)} unreadable skipped"
+        )
+
+
+def cache_dir(home: Path, source: Path, short_side: int) -> Path:
+    """Where `launch.py train --prepare` keeps the prepared copy of `source`."""
+    key = hashlib.sha256(f"{source.resolve()}|{short_side}".encode()).hexdigest()[:16]
+    return home / "prepared" / f"{source.resolve().name}-{short_side}-{key}"
+
+
+def _resize(image: Image.Image, short_side: int) -> Image.Image:
+    w, h = image.size
+    scale = short_side / min(w, h)
+    if scale >= 1:
+        return image  # never upscale: the crop does that at training time
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return image.resize(size, Image.BICUBIC, reducing_gap=2.0)
+
+
+def _build(source: Path, target: Path, short_side: int) -> str | None:
+    image, problem = try_open_image(source, draft=short_side)
+    if image is None:
+        return problem
+    image = _resize(image, short_side)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + ".tmp")
+    image.save(tmp, format="JPEG", quality=QUALITY, subsampling=0)
+    os.replace(tmp, target)
+    return None
+
+
+def prepare_dataset(
+    data_dir: Path,
+    out_dir: Path,
+    *,
+    short_side: int = DEFAULT_SHORT_SIDE,
+    threads: int | None = None,
+) -> PrepareResult:
+    """Write (or bring up to date) the prepared copy of `data_dir` in `out_dir`."""
+    if short_side < 16:
+        raise DataError(f"short side {short_side} px is too small; use at least the image size")
+    splits = resolve_splits({"training": Path(data_dir)})
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manifest_path = out_dir / MANIFEST
+    try:
+        old = json.loads(manifest_path.read_text())
+    except (OSError, ValueError):
+        old = {}
+    same_settings = old.get("short_side") == short_side and old.get("version") == FORMAT_VERSION
+    old_files: dict[str, list] = old.get("files", {}) if same_settings else {}
+    files: dict[str, list] = {}
+    todo: list[tuple[str, Path, Path]] = []
+    kept = 0
+    for name, root in splits.items():
+        _, listed, _ = list_split(name, root)
+        for path, _ in listed:
+            rel = f"{name}/{path.relative_to(root).as_posix()}"
+            stat = path.stat()
+            key = [stat.st_size, stat.st_mtime_ns]
+            target = out_dir / (rel + ".jpg")
+            entry = old_files.get(rel)
+            if entry and entry[:2] == key and (entry[2] is None or target.exists()):
+                files[rel] = entry
+                kept += 1
+            else:
+                todo.append((rel, path, target))
+                files[rel] = [*key, None]
+    threads = threads or min(16, 2 * (os.cpu_count() or 1))
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        problems = list(pool.map(lambda item: _build(item[1], item[2], short_side), todo))
+    skipped = []
+    for (rel, path, target), problem in zip(todo, problems):
+        if problem is None:
+            files[rel][2] = target.relative_to(out_dir).as_posix()
+        else:
+            files[rel][2] = None
+            target.unlink(missing_ok=True)
+            skipped.append((str(path), problem))
+    removed = 0
+    for rel, entry in old_files.items():
+        if rel not in files and entry[2]:
+            (out_dir / entry[2]).unlink(missing_ok=True)
+            removed += 1
+    for folder in sorted((p for p in out_dir.rglob("*") if p.is_dir()), reverse=True):
+        if not any(folder.iterdir()):
+            folder.rmdir()  # a class or split that no longer has images
+    tmp = manifest_path.with_suffix(".tmp")
+    tmp.write_text(
+        json.dumps(
+            {
+                "version": FORMAT_VERSION,
+                "source": str(Path(data_dir).resolve()),
+                "short_side": short_side,
+                "files": files,
+            }
+        )
+    )
+    os.replace(tmp, manifest_path)
+    built = len(todo) - len(skipped)
+    return PrepareResult(out_dir, built, kept, removed, skipped)
