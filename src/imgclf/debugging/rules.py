@@ -146,16 +146,26 @@ def make_rules(trial, context: dict) -> list:
 
     Rule = _rule_base()
 
-    class LossNotDecreasing(Rule):
+    class OurRule(Rule):
+        """Parameters as attributes, the tensor names of `collections`, a `message` for the
+        verdict."""
+
+        collections: tuple[str, ...] = ()
+
+        def __init__(self, base_trial, **params):
+            super().__init__(base_trial, action_str="")
+            self.__dict__.update(params)
+            self.names = [
+                n for c in self.collections for n in base_trial.tensor_names(collection=c)
+            ]
+            self.message = ""
+
+    class LossNotDecreasing(OurRule):
         """The mean TRAIN loss of each window of `num_steps` saved steps must beat the best
         earlier window by `diff_percent` percent; fires when `patience` windows in a row do not
         (SageMaker's rule compares single steps, which fires on ordinary batch noise)."""
 
-        def __init__(self, base_trial, num_steps, diff_percent, patience):
-            super().__init__(base_trial, action_str="")
-            self.num_steps, self.diff_percent, self.patience = num_steps, diff_percent, patience
-            self.names = base_trial.tensor_names(collection="losses")
-            self.message = ""
+        collections = ("losses",)
 
         def invoke_at_step(self, step):
             for name in self.names:
@@ -184,13 +194,11 @@ def make_rules(trial, context: dict) -> list:
                     return True
             return False
 
-    class Overfit(Rule):
+    class Overfit(OurRule):
         """Per evaluation pass: valid loss rising while train loss falls (means per pass)."""
 
-        def __init__(self, base_trial, patience, ratio_threshold):
-            super().__init__(base_trial, action_str="")
-            self.patience, self.ratio_threshold = patience, ratio_threshold
-            self.message = ""
+        def __init__(self, base_trial, **params):
+            super().__init__(base_trial, **params)
             self.phases = _phase_means(base_trial)
 
         def invoke_at_step(self, step):
@@ -206,12 +214,8 @@ def make_rules(trial, context: dict) -> list:
                 return True
             return False
 
-    class VanishingGradient(Rule):
-        def __init__(self, base_trial, threshold):
-            super().__init__(base_trial, action_str="")
-            self.threshold = threshold
-            self.names = base_trial.tensor_names(collection="gradients")
-            self.message = ""
+    class VanishingGradient(OurRule):
+        collections = ("gradients",)
 
         def invoke_at_step(self, step):
             for name in self.names:
@@ -224,16 +228,8 @@ def make_rules(trial, context: dict) -> list:
                     return True
             return False
 
-    class ExplodingTensor(Rule):
-        def __init__(self, base_trial, only_nan):
-            super().__init__(base_trial, action_str="")
-            self.only_nan = only_nan
-            self.names = [
-                n
-                for c in ("losses", "gradients", "weights")
-                for n in base_trial.tensor_names(collection=c)
-            ]
-            self.message = ""
+    class ExplodingTensor(OurRule):
+        collections = ("losses", "gradients", "weights")
 
         def invoke_at_step(self, step):
             for name in self.names:
@@ -250,14 +246,10 @@ def make_rules(trial, context: dict) -> list:
                     return True
             return False
 
-    class PoorWeightInitialization(Rule):
+    class PoorWeightInitialization(OurRule):
         """At the first saved steps: the spread of activation variances across layers."""
 
-        def __init__(self, base_trial, threshold, distribution_range, steps):
-            super().__init__(base_trial, action_str="")
-            self.threshold, self.range, self.steps = threshold, distribution_range, steps
-            self.names = base_trial.tensor_names(collection="activations")
-            self.message = ""
+        collections = ("activations",)
 
         def invoke_at_step(self, step):
             if step >= self.steps or not self.names:
@@ -270,8 +262,10 @@ def make_rules(trial, context: dict) -> list:
             if len(variances) < 2:
                 return False
             low, high = min(variances), max(variances)
-            if high < self.range:
-                self.message = f"every layer's activation variance is below {self.range}"
+            if high < self.distribution_range:
+                self.message = (
+                    f"every layer's activation variance is below {self.distribution_range}"
+                )
                 return True
             if low <= 0 or high / low > self.threshold:
                 self.message = (

@@ -478,6 +478,16 @@ def upload_dataset(c: Clients, data_dir: Path, bucket: str) -> UploadResult:
     return result
 
 
+def _job_inputs(c: Clients, options: AwsOptions, data: str | Path) -> tuple[str, str, str, str]:
+    """Image, role, bucket and the data's S3 URI (uploaded unless already s3://). The image and
+    role are checked before anything is uploaded."""
+    image, role = resolve_image(options, "train"), resolve_role(options)
+    bucket = default_bucket(c, options)
+    if str(data).startswith("s3://"):
+        return image, role, bucket, str(data)
+    return image, role, bucket, upload_dataset(c, Path(data), bucket).uri
+
+
 def start_training(
     c: Clients,
     options: AwsOptions,
@@ -488,12 +498,7 @@ def start_training(
 ) -> dict:
     """Upload the data (unless it is already an s3:// URI) and create the training job."""
     region = c.require_region()
-    image, role = resolve_image(options, "train"), resolve_role(options)  # before any upload
-    bucket = default_bucket(c, options)
-    if str(data).startswith("s3://"):
-        train_s3 = str(data)
-    else:
-        train_s3 = upload_dataset(c, Path(data), bucket).uri
+    image, role, bucket, train_s3 = _job_inputs(c, options, data)
     request = training_job_request(
         job_name=job_name,
         image=image,
@@ -610,12 +615,7 @@ def training_summary(desc: dict) -> list[str]:
 def start_tuning(c: Clients, options: AwsOptions, space, *, data: str | Path, job_name: str):
     from imgclf.tuning.space import tuning_job_request
 
-    image, role = resolve_image(options, "train"), resolve_role(options)  # before any upload
-    bucket = default_bucket(c, options)
-    if str(data).startswith("s3://"):
-        train_s3 = str(data)
-    else:
-        train_s3 = upload_dataset(c, Path(data), bucket).uri
+    image, role, bucket, train_s3 = _job_inputs(c, options, data)
     request = tuning_job_request(
         space,
         job_name=job_name,
