@@ -304,3 +304,40 @@ def test_an_unknown_endpoint_is_a_clear_error(aws, tmp_path):
     proc = launch(aws, tmp_path, "delete", "nope", "--target", "sagemaker")
     assert proc.returncode == 2
     assert "nope" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_report_and_debug_of_a_sagemaker_job_download_its_output(aws, tmp_path, tiny_digits):
+    import io
+    import tarfile
+
+    # A job trained the way the container trains with `debug=true` (what --target sagemaker
+    # sends for --debug): its model/ and output/data/ are what SageMaker uploads as tarballs.
+    local_home = tmp_path / "local"
+    hps = {"arch": "resnet18", "pretrained": "false", "image_size": "16", "epochs": "1"}
+    hps.update({"workers": "0", "batch_size": "32", "debug": "true"})
+    trained = run_launch(
+        "train", "--data", str(tiny_digits), "--job-name", "src", *hp_args(hps), home=local_home
+    )
+    assert trained.returncode == 0, trained.stdout[-2000:] + trained.stderr[-2000:]
+    job = local_home / "jobs" / "src"
+    assert (job / "output/data/tensors").is_dir()
+
+    home = tmp_path / "home"
+    remember_images(home)
+    args = ["train", "--target", "sagemaker", "--data", str(tiny_digits), "--role", ROLE]
+    ok(launch(aws, home, *args, "--job-name", "remote", "--no-wait"))
+    s3 = aws.client("s3")
+    for name, folder in (("model.tar.gz", job / "model"), ("output.tar.gz", job / "output/data")):
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+            for path in sorted(folder.rglob("*")):
+                tar.add(path, arcname=path.relative_to(folder).as_posix(), recursive=False)
+        s3.put_object(Bucket=BUCKET, Key=f"imgclf/jobs/remote/output/{name}", Body=buf.getvalue())
+
+    report = ok(launch(aws, home, "report", "remote", "--target", "sagemaker"))
+    path = home / "sagemaker" / "remote" / "output" / "data" / "report.html"
+    assert str(path) in report.stdout
+    metrics = json.loads((job / "model/metrics.json").read_text())
+    assert f"{metrics['test_acc']:.4f}" in path.read_text()
+    debug = launch(aws, home, "debug", "remote", "--target", "sagemaker")
+    assert "rule ExplodingTensor: QUIET" in debug.stdout, debug.stdout + debug.stderr
