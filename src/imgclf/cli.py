@@ -180,6 +180,9 @@ def cmd_train(args) -> int:
     print(f"\njob {name} finished")
     print(f"  model:   {job.layout.model_dir}")
     print(f"  outputs: {job.layout.output_data_dir}")
+    report = job.layout.output_data_dir / "report.html"
+    if report.exists():
+        print(f"  report:  {report}")
     print(f"  log:     {job.log_file}")
     if "test_acc" in summary:
         print(

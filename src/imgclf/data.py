@@ -4,6 +4,7 @@ loaders and class weights."""
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
 import weakref
@@ -379,6 +380,11 @@ def shutdown_loaders() -> None:
         if iterator is not None and hasattr(iterator, "_shutdown_workers"):
             iterator._shutdown_workers()
         loader._iterator = None
+
+
+# Registered after torch (and so multiprocessing) is imported: atexit runs this first, before
+# multiprocessing's own exit handler would wait on the workers.
+atexit.register(shutdown_loaders)
 
 
 def make_loader(

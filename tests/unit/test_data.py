@@ -132,3 +132,24 @@ def test_eval_transform_shape_and_normalisation(tmp_path):
     x = data.eval_transform(pre)(data.open_image(Path(tmp_path / "w.png")))
     assert x.shape == (3, 24, 24)
     assert torch.allclose(x, torch.full_like(x, 2.0))
+
+
+def test_a_process_with_live_loader_workers_still_exits(tmp_path):
+    """Workers ignore SIGTERM (so `docker stop` reaches the trainer first); a script that keeps
+    its loader alive until exit must still end, not wait on them."""
+    import subprocess
+    import sys
+
+    script = (
+        "import torch\n"
+        "from imgclf import data\n"
+        "ds = torch.utils.data.TensorDataset(torch.arange(64.0))\n"
+        "loader = data.make_loader(ds, data.ShardSampler(64), batch_size=8, workers=2,"
+        " pin_memory=False)\n"
+        "assert sum(b[0].numel() for b in loader) == 64\n"
+        "print('done', flush=True)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0 and proc.stdout.strip() == "done", proc.stderr
