@@ -32,7 +32,7 @@ def write_space(path, **overrides):
         "early_stopping_min_epochs": 1,
         "seed": 0,
         "parameters": {
-            "lr": {"type": "continuous", "min": 0.00003, "max": 0.01, "scaling": "log"},
+            "lr": {"type": "continuous", "min": 0.0005, "max": 0.01, "scaling": "log"},
             "batch_size": {"type": "categorical", "values": [32, 64]},
         },
         **overrides,
