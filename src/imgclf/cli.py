@@ -143,6 +143,12 @@ def cmd_train(args) -> int:
     args.data = str(_prepared_data(args))
     if args.profile:
         hps["profile"] = "true"
+    if args.features_cache:
+        hps["features_cache"] = "true"
+    if hps.get("features_cache", "").lower() in ("true", "1", "yes", "on") and not (
+        args.target == "sagemaker" or args.docker or "features_dir" in hps
+    ):
+        hps["features_dir"] = str((_home(args) / "features").resolve())  # shared by jobs
     if args.target == "sagemaker":
         if args.debug:  # our in-container hook and rules (no file can be written there)
             hps["debug"] = "true"
@@ -247,16 +253,24 @@ def cmd_tune(args) -> int:
         return 0
     if not (args.data and args.space):
         raise UserError("tune needs --data DIR and --space tuning.yaml (or --status DIR)")
-    space = load_space(args.space, fixed=parse_assignments(args.hp or []))
+    fixed = parse_assignments(args.hp or [])
+    if args.features_cache:
+        fixed["features_cache"] = "true"
+    out = None
+    if args.target != "sagemaker":
+        from imgclf.targets import local
+
+        out = Path(args.out) if args.out else _home(args) / "tuning" / local.new_job_name("tune")
+        if args.features_cache:  # one cache for every trial of this tuning job
+            fixed.setdefault("features_dir", str((out / "features").resolve()))
+    space = load_space(args.space, fixed=fixed)
     if args.max_trials:
         space = dataclasses.replace(space, max_trials=args.max_trials)
     if args.parallel:
         space = dataclasses.replace(space, parallel_trials=args.parallel)
     if args.target == "sagemaker":
         return _sagemaker_tune(args, space)
-    from imgclf.targets import local
-
-    out = Path(args.out) if args.out else _home(args) / "tuning" / local.new_job_name("tune")
+    assert out is not None
     print(
         f"tuning {', '.join(space.names)} for {space.direction} {space.metric} "
         f"({space.strategy}, early stopping {'on' if space.early_stopping else 'off'}) in {out}"
@@ -273,6 +287,16 @@ def cmd_tune(args) -> int:
     meta, rows = tuner.load_status(out, args.storage)
     print()
     _print_table(rows, ["trial", "state", "epochs", space.metric, "hyperparameters"])
+    if args.refine:
+        if args.storage:
+            raise UserError("--refine works with the default storage (SQLite in the tuning dir)")
+        best = tuner.refine(space, data_dir=Path(args.data), out_dir=out, count=args.refine)
+        print(f"\nfull fine-tunes of the {args.refine} best trials:")
+        for r in json.loads((out / tuner.REFINED_FILE).read_text()):
+            print(
+                f"  trial {r['trial']}: {space.metric} {r['cached_value']:.5f} on cached "
+                f"features, {r['value']:.5f} fine-tuned"
+            )
     print(f"\nbest: trial {best['trial']}, {space.metric} {best['objective']['value']:.5f}")
     print(f"  {out / tuner.BEST_FILE}")
     print(f"  retrain: python launch.py train --data {args.data} --hp-from {out / tuner.BEST_FILE}")
@@ -618,6 +642,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="train on a prepared copy of --data (short side SIZE, default 256; rebuilt only "
         "where files changed)",
     )
+    train.add_argument(
+        "--features-cache",
+        action="store_true",
+        help="frozen backbone: embed the images once (kept in .imgclf/features), train only "
+        "the head on the embeddings (hyperparameter features_cache)",
+    )
     train.add_argument("--spot", action="store_true", help="managed spot training (sagemaker)")
     train.add_argument("--max-runtime-hours", type=float, default=24, help="sagemaker stop limit")
     train.add_argument("--nproc", type=int, default=1, help="processes under torchrun (local)")
@@ -636,6 +666,19 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--hp", nargs="*", metavar="KEY=VALUE", help="fixed for every trial")
     tune.add_argument("--storage", help="Optuna storage URL (default: SQLite in the tuning dir)")
     tune.add_argument("--status", metavar="DIR", help="print the trial table of a tuning dir")
+    tune.add_argument(
+        "--features-cache",
+        action="store_true",
+        help="cheap trials: frozen backbone, head trained on features embedded once per "
+        "tuning job (hyperparameter features_cache)",
+    )
+    tune.add_argument(
+        "--refine",
+        type=int,
+        default=0,
+        metavar="K",
+        help="afterwards, run the K best trials as full fine-tunes; best.json names the best",
+    )
     tune.add_argument("--home", help="where local jobs live (default .imgclf)")
     tune.add_argument("--job-name", help="tuning job name (sagemaker, <= 32 characters)")
     _add_target(tune, image=True, resources=True, wait=True)

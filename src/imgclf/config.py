@@ -54,6 +54,14 @@ class TrainConfig:
     pretrained: bool = _hp(True, "start from ImageNet weights (torch cache or weights_path)")
     weights_path: str = _hp("", "file with pretrained weights (a state_dict) to start from")
     freeze: bool = _hp(False, "freeze the backbone and train only the new head")
+    features_cache: bool = _hp(
+        False,
+        "frozen backbone on cached features: embed every split once (centre crops, no "
+        "augmentation), then train only the head on the stored embeddings (implies freeze)",
+    )
+    features_dir: str = _hp(
+        "", "where cached features are kept (default: checkpoints/features of the job)"
+    )
     epochs: int = _hp(10, "number of epochs", minimum=1, maximum=10_000)
     batch_size: int = _hp(32, "images per batch on each process", minimum=1, maximum=65_536)
     lr: float = _hp(1e-3, "peak learning rate", minimum=0.0, maximum=10.0)

@@ -52,8 +52,12 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def _to_device(images, targets, device, channels_last):
+def _to_device(images, targets, device, channels_last, normalize=None):
     images = images.to(device, non_blocking=True)
+    if images.dtype == torch.uint8:
+        if normalize is None:
+            raise TypeError("uint8 batches need a `normalize` (data.DeviceNormalize)")
+        images = normalize(images)
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     return images, targets.to(device, non_blocking=True)
@@ -70,6 +74,7 @@ def train_one_epoch(
     scaler: torch.amp.GradScaler | None = None,
     amp_dtype: torch.dtype | None = None,
     channels_last: bool = False,
+    normalize: Callable[[torch.Tensor], torch.Tensor] | None = None,
     should_stop: Callable[[], bool] = lambda: False,
     on_batch: Callable[[int, float], None] | None = None,
     on_step_time: Callable[[int, float, float], None] | None = None,
@@ -77,7 +82,8 @@ def train_one_epoch(
 ) -> EpochResult:
     """One pass over `loader`; the scheduler steps per batch. Raises TrainingStopped when
     `should_stop()` turns true (checked before each batch). `on_step_time(step, data_s,
-    compute_s)` gets each step's split (the device is synchronised for it)."""
+    compute_s)` gets each step's split (the device is synchronised for it). uint8 batches are
+    turned into normalised floats on the device by `normalize`."""
     model.train()
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss·n, correct, n
     start = time.perf_counter()
@@ -89,7 +95,7 @@ def train_one_epoch(
         data_wait += step_wait
         if should_stop():
             raise TrainingStopped
-        images, targets = _to_device(images, targets, device, channels_last)
+        images, targets = _to_device(images, targets, device, channels_last, normalize)
         with autocast(device, amp_dtype):
             logits = model(images)
             loss = criterion(logits, targets)
@@ -141,6 +147,7 @@ def evaluate(
     device: torch.device,
     amp_dtype: torch.dtype | None = None,
     channels_last: bool = False,
+    normalize: Callable[[torch.Tensor], torch.Tensor] | None = None,
     reduce: Reduce = _no_reduce,
     criterion: nn.Module | None = None,
 ) -> EvalResult:
@@ -153,7 +160,7 @@ def evaluate(
     confusion = torch.zeros(num_classes * num_classes, dtype=torch.float64, device=device)
     k = min(5, num_classes)
     for images, targets in loader:
-        images, targets = _to_device(images, targets, device, channels_last)
+        images, targets = _to_device(images, targets, device, channels_last, normalize)
         with autocast(device, amp_dtype):
             logits = model(images)
         logits = logits.float()

@@ -12,13 +12,14 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from imgclf import artifacts, data, engine, metrics, models
+from imgclf import artifacts, data, engine, features, metrics, models
 from imgclf.config import TrainConfig, parse_hyperparameters
 from imgclf.contract import TrainingContract, read_training_contract, write_failure
 from imgclf.debugging import rules
@@ -163,21 +164,23 @@ def scan_data(contract: TrainingContract, cfg: TrainConfig, runtime: Runtime) ->
     return result
 
 
+def _workers(cfg: TrainConfig) -> int:
+    if cfg.workers >= 0:
+        return cfg.workers
+    return data.default_workers(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
 def build_loaders(
     scan: data.DatasetScan, cfg: TrainConfig, pre: data.Preprocess, runtime: Runtime
 ) -> dict[str, Any]:
-    workers = (
-        cfg.workers
-        if cfg.workers >= 0
-        else data.default_workers(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    )
+    workers = _workers(cfg)
     pin = runtime.device.type == "cuda"
     loaders = {}
     for name, split in scan.splits.items():
         training = name == "train"
         if training:
             transform = data.train_transform(
-                pre, hflip=cfg.hflip, min_crop_scale=cfg.min_crop_scale
+                pre, hflip=cfg.hflip, min_crop_scale=cfg.min_crop_scale, normalize=False
             )
             dataset = data.ImageListDataset(
                 split.samples, transform, draft=2 * pre.image_size, seed=cfg.seed
@@ -187,7 +190,7 @@ def build_loaders(
             )
         else:
             dataset = data.ImageListDataset(
-                split.samples, data.eval_transform(pre), draft=pre.resize_size
+                split.samples, data.eval_transform(pre, normalize=False), draft=pre.resize_size
             )
             sampler = data.ShardSampler(
                 len(dataset), rank=runtime.rank, world_size=runtime.world_size
@@ -196,6 +199,56 @@ def build_loaders(
             dataset, sampler, batch_size=cfg.batch_size, workers=workers, pin_memory=pin
         )
     return loaders
+
+
+def build_feature_loaders(
+    layout, scan: data.DatasetScan, cfg: TrainConfig, pre: data.Preprocess, model, runtime
+) -> tuple[dict[str, Any], features.CachedFeatures]:
+    """features_cache: every split embedded once by the frozen backbone (or read back from the
+    cache), then batches of embeddings in the same sampler order images would have."""
+    if runtime.distributed:
+        raise ConfigError(
+            "features_cache trains only the head on stored embeddings, which takes seconds: "
+            "run it as one process (no torchrun, instance_count 1)"
+        )
+    workers = _workers(cfg)
+
+    def image_loader(name: str):
+        split = scan.splits[name]
+        dataset = data.ImageListDataset(
+            split.samples, data.eval_transform(pre, normalize=False), draft=pre.resize_size
+        )
+        return data.make_loader(
+            dataset,
+            data.ShardSampler(len(dataset)),
+            batch_size=cfg.batch_size,
+            workers=workers,
+            pin_memory=runtime.device.type == "cuda",
+        )
+
+    root = Path(cfg.features_dir) if cfg.features_dir else layout.checkpoint_dir / "features"
+    cached = features.load_or_compute(
+        root,
+        model,
+        cfg.arch,
+        pre,
+        scan,
+        image_loader,
+        device=runtime.device,
+        amp_dtype=runtime.amp_dtype,
+        channels_last=cfg.channels_last,
+    )
+    data.shutdown_loaders()  # the image loaders are done: no idle workers while the head trains
+    if cached.reused:
+        log.info("features: reused %s", cached.path)
+    else:
+        log.info("features: computed in %.1f s, stored in %s", cached.seconds, cached.path)
+    loaders: dict[str, Any] = {}
+    for name, split in cached.splits.items():
+        n = split.targets.numel()
+        sampler = data.EpochSampler(n, seed=cfg.seed) if name == "train" else data.ShardSampler(n)
+        loaders[name] = features.FeatureBatches(split, sampler, batch_size=cfg.batch_size)
+    return loaders, cached
 
 
 def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -272,12 +325,21 @@ def run(contract: TrainingContract, cfg: TrainConfig, runtime: Runtime, stop: St
         len(classes),
         pretrained=cfg.pretrained,
         weights_path=cfg.weights_path,
-        freeze=cfg.freeze,
+        freeze=cfg.freeze or cfg.features_cache,
     )
     model.to(runtime.device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
-    loaders = build_loaders(scan, cfg, pre, runtime)
+    normalize = data.DeviceNormalize.of(pre)  # the loaders hand over uint8 batches
+    trainable: nn.Module = model  # what the loop runs: the model, or only its head
+    batch_channels_last = cfg.channels_last
+    cached = None
+    if cfg.features_cache:
+        loaders, cached = build_feature_loaders(layout, scan, cfg, pre, model, runtime)
+        trainable = models.head_module(model, cfg.arch)
+        batch_channels_last = False  # batches of embeddings, not images
+    else:
+        loaders = build_loaders(scan, cfg, pre, runtime)
     train_loader = loaders["train"]
 
     weight = None
@@ -322,7 +384,7 @@ def run(contract: TrainingContract, cfg: TrainConfig, runtime: Runtime, stop: St
     if runtime.is_main:
         debug = create_hook(
             read_debug_settings(layout, cfg.debug),
-            model,
+            trainable,
             [criterion, eval_criterion],
             status_dir=layout.output_data_dir,
         )
@@ -330,7 +392,7 @@ def run(contract: TrainingContract, cfg: TrainConfig, runtime: Runtime, stop: St
     if cfg.profile and runtime.is_main:
         profiler = Profiler(layout.output_data_dir / PROFILER_DIR, runtime.device).start()
 
-    net: nn.Module = model
+    net: nn.Module = trainable
     if runtime.distributed:
         net = nn.parallel.DistributedDataParallel(
             model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None
@@ -340,11 +402,12 @@ def run(contract: TrainingContract, cfg: TrainConfig, runtime: Runtime, stop: St
     num_classes = len(classes)
     evaluate = functools.partial(
         engine.evaluate,
-        model,
+        trainable,
         num_classes=num_classes,
         device=runtime.device,
         amp_dtype=runtime.amp_dtype,
-        channels_last=cfg.channels_last,
+        channels_last=batch_channels_last,
+        normalize=normalize,
         reduce=reduce,
         criterion=eval_criterion,
     )
@@ -379,7 +442,8 @@ def run(contract: TrainingContract, cfg: TrainConfig, runtime: Runtime, stop: St
                     scheduler=scheduler,
                     scaler=scaler,
                     amp_dtype=runtime.amp_dtype,
-                    channels_last=cfg.channels_last,
+                    channels_last=batch_channels_last,
+                    normalize=normalize,
                     should_stop=stop,
                     on_batch=on_batch,
                     on_step_time=on_step_time,
@@ -449,6 +513,8 @@ def run(contract: TrainingContract, cfg: TrainConfig, runtime: Runtime, stop: St
             (h["valid_acc"] for h in state["history"] if h["epoch"] == state["best_epoch"]), None
         ),
     }
+    if cached is not None:
+        summary["features"] = cached.info()
     labels = [data.label_name(c) for c in classes]
     if "test" in loaders:
         debug.predict_mode()  # test batches land apart from validation (smdebug PREDICT)

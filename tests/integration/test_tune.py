@@ -171,3 +171,51 @@ def test_a_killed_tuner_resumes_without_rerunning_finished_trials(tmp_path, tiny
         by_trial.setdefault(number, {})[name] = value
     completed = [n for n, s, _, _ in second if s == "COMPLETE"]
     assert any(by_trial[n] == by_trial[1] for n in completed if n != 1), by_trial
+
+
+def test_trials_on_cached_features_share_one_cache_and_the_best_are_refined(tmp_path, tiny_digits):
+    space = write_space(
+        tmp_path / "space.yaml", max_trials=4, early_stopping=False, strategy="random"
+    )
+    out = tmp_path / "tune"
+    proc = run_launch(
+        "tune",
+        "--data",
+        str(tiny_digits),
+        "--space",
+        str(space),
+        "--out",
+        str(out),
+        "--features-cache",
+        "--refine",
+        "2",
+        *hp_args({**TRIAL_HPS, "epochs": "2"}),
+        home=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    trials = study_trials(out)
+    assert [t[1] for t in trials] == ["COMPLETE"] * 4, trials
+    # One embedding for the whole study: the trials after the first read it back.
+    assert len([p for p in (out / "features").iterdir() if p.is_dir()]) == 1
+    reused = [
+        json.loads((job / "model" / "metrics.json").read_text())["features"]["reused"]
+        for job in sorted(out.glob("jobs/trial-*"))
+    ]
+    assert sorted(reused) == [False, True, True, True], reused
+    # The two best trials ran again as full fine-tunes; best.json is the best of those.
+    refined = json.loads((out / "refined.json").read_text())
+    by_value = sorted((t for t in trials), key=lambda t: t[3])
+    assert [r["trial"] for r in refined] == [t[0] for t in by_value[:2]]
+    best = json.loads((out / "best.json").read_text())
+    assert best["hyperparameters"]["features_cache"] == "false"
+    assert best["objective"]["value"] == min(r["value"] for r in refined)
+    for r in refined:
+        config = json.loads(
+            (
+                out / "jobs" / f"refine-{r['trial']:03d}" / "output" / "data" / "config.json"
+            ).read_text()
+        )
+        assert config["features_cache"] is False and config["lr"] == float(
+            r["hyperparameters"]["lr"]
+        )
+    assert "fine-tuned" in proc.stdout

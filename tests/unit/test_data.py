@@ -134,6 +134,29 @@ def test_eval_transform_shape_and_normalisation(tmp_path):
     assert torch.allclose(x, torch.full_like(x, 2.0))
 
 
+def test_uint8_batches_normalised_on_the_device_equal_the_float_transforms(tiny_digits):
+    """Training ships uint8 crops and normalises after the copy: the model must see the same
+    numbers the float pipeline (and the endpoint) produce."""
+    samples = data.scan_split("train", tiny_digits / "train").samples[:6]
+    pre = data.Preprocess(32, 36, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    normalize = data.DeviceNormalize.of(pre)
+    for make in (
+        lambda n: data.eval_transform(pre, normalize=n),
+        lambda n: data.train_transform(pre, hflip=True, min_crop_scale=0.2, normalize=n),
+    ):
+        as_float = data.ImageListDataset(samples, make(True), draft=None, seed=3)
+        as_uint8 = data.ImageListDataset(samples, make(False), draft=None, seed=3)
+        for i in range(len(samples)):
+            x, target = as_float[(i, 2)]
+            u, target_u = as_uint8[(i, 2)]
+            assert u.dtype == torch.uint8 and target == target_u
+            y = normalize(u[None])[0]
+            assert y.dtype == torch.float32
+            assert torch.allclose(x, y, atol=1e-5), (i, (x - y).abs().max())
+    floats = torch.randn(2, 3, 4, 4)
+    assert normalize(floats) is floats  # float batches pass through untouched
+
+
 def test_a_process_with_live_loader_workers_still_exits(tmp_path):
     """Workers ignore SIGTERM (so `docker stop` reaches the trainer first); a script that keeps
     its loader alive until exit must still end, not wait on them."""

@@ -331,6 +331,64 @@ def write_best(study, space: TuningSpace, out_dir: Path) -> dict:
     return doc
 
 
+REFINED_FILE = "refined.json"
+
+
+def refine(space: TuningSpace, *, data_dir: Path, out_dir: Path, count: int) -> dict:
+    """The `count` best trials again as full fine-tunes (features_cache off, the rest as the
+    trial had it), one after another; best.json then names the best full fine-tune. Used after
+    a study on cached features: cheap trials rank, the full runs decide. Runs already finished
+    are not repeated on resume."""
+    import optuna
+
+    study = optuna.load_study(study_name=STUDY_NAME, storage=_storage(default_storage(out_dir)))
+    sign = 1.0 if space.direction == "minimize" else -1.0
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    done.sort(key=lambda t: sign * t.value)
+    results = []
+    for trial in done[:count]:
+        hps = trial_hyperparameters(space, trial.params)
+        hps["features_cache"] = "false"
+        hps.pop("features_dir", None)
+        name = f"refine-{trial.number:03d}"
+        history_file = out_dir / "jobs" / name / "output" / "data" / "history.json"
+        if not history_file.exists():
+            job = local.prepare_job(out_dir, name, data_dir=data_dir, hyperparameters=hps)
+            print(f"refining trial {trial.number} as a full fine-tune ({job.layout.base})")
+            code = local.run_job(job, local.train_command(), local.job_environment(job), echo=False)
+            if code != 0 or not history_file.exists():
+                reason = local.read_failure(job) or f"exit {code}, see {job.log_file}"
+                print(f"refine of trial {trial.number} failed: {reason.strip()[:500]}")
+                continue
+        history = json.loads(history_file.read_text())
+        values = [row[space.metric] for row in history if math.isfinite(row[space.metric])]
+        if not values:
+            continue
+        value = min(values, key=lambda v: sign * v)
+        results.append(
+            {
+                "trial": trial.number,
+                "cached_value": trial.value,
+                "value": value,
+                "hyperparameters": hps,
+                "job_dir": str(out_dir / "jobs" / name),
+            }
+        )
+    if not results:
+        raise UserError(f"no refine run finished; see {out_dir}/jobs/refine-*/train.log")
+    write_json(out_dir / REFINED_FILE, results)
+    best = min(results, key=lambda r: sign * r["value"])
+    doc = {
+        "hyperparameters": best["hyperparameters"],
+        "objective": {"metric": space.metric, "type": space.direction, "value": best["value"]},
+        "trial": best["trial"],
+        "job_dir": best["job_dir"],
+        "refined_from_cached_features": True,
+    }
+    write_json(out_dir / BEST_FILE, doc)
+    return doc
+
+
 def trial_table(study, metric: str, direction: str) -> list[list[str]]:
     """All trials, best first: number, state, last epoch, objective, parameters."""
     import optuna
