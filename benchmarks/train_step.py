@@ -58,6 +58,7 @@ def main() -> None:
     configs = [
         ("fp32 NCHW (naive)", None, False, False),
         ("fp32 channels_last", None, True, False),
+        ("fp32 channels_last + fused AdamW", None, True, True),
     ]
     if device.type == "cuda" or args.cpu_bf16:
         # On CPUs without native bf16 (no AMX / AVX512-BF16) autocast is emulated and far
