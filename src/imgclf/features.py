@@ -8,8 +8,8 @@ trained head), so it deploys like any other.
 
 The cache key covers everything the embeddings depend on: the backbone's parameters and buffers
 (so pretrained weights, a weights file or a seeded random init), the preprocessing, and every
-sample's path within its split, size and modification time. Parallel trials that need the same key wait on a
-file lock and the first one computes it.
+sample's path within its split, size and modification time. Parallel trials that need the same
+key wait on a file lock and the first one computes it.
 """
 
 from __future__ import annotations
