@@ -7,9 +7,10 @@ dogImages folder. Both pipelines produce normalised 224 px random-resized-crop t
 batches of 32:
 - naive: torchvision ImageFolder, full-size PIL decode every epoch, default DataLoader (as the
   seed projects fine-tune);
-- ours: `launch.py data prepare` (decode once with JPEG draft mode, short side 256, JPEG q95),
-  then our dataset and loader (workers from the CPU count, persistent, prefetch) handing over
-  uint8 crops that are normalised after the hand-over, as training does.
+- ours: `launch.py data prepare` (decode once with JPEG draft mode, short side 256, stored as
+  JPEG q95 or as raw RGB, the local default), then our dataset and loader (workers from the
+  CPU count, persistent, prefetch) handing over uint8 crops that are normalised after the
+  hand-over, as training does.
 Prints seconds per epoch and images/s, and the ratios against naive.
 """
 
@@ -121,19 +122,25 @@ def main() -> None:
         seconds, n = epoch_seconds(our_loader(root, workers), normalize)
         rows.append((f"ours on the originals (draft decode, workers={workers})", seconds, n))
 
-        start = time.perf_counter()
-        prepared = prepare_dataset(root, Path(tmp) / "prepared", short_side=256)
-        build = time.perf_counter() - start
-        loader = our_loader(prepared.root, workers)
-        seconds, n = epoch_seconds(loader, normalize)
-        rows.append(("ours, first epoch incl. building the cache", build + seconds, n))
-        later = [epoch_seconds(loader, normalize)[0] for _ in range(args.epochs)]
-        rows.append((f"ours, later epochs (mean of {args.epochs})", float(np.mean(later)), n))
-        prepared_mb = sum(p.stat().st_size for p in prepared.root.rglob("*.jpg")) / 1e6
+        sizes = {}
+        for fmt in ("jpeg", "raw"):
+            start = time.perf_counter()
+            prepared = prepare_dataset(root, Path(tmp) / fmt, short_side=256, fmt=fmt)
+            build = time.perf_counter() - start
+            loader = our_loader(prepared.root, workers)
+            seconds, n = epoch_seconds(loader, normalize)
+            rows.append((f"ours {fmt}, first epoch incl. building the cache", build + seconds, n))
+            later = [epoch_seconds(loader, normalize)[0] for _ in range(args.epochs)]
+            rows.append(
+                (f"ours {fmt}, later epochs (mean of {args.epochs})", float(np.mean(later)), n)
+            )
+            files = [p for p in prepared.root.rglob("*") if p.is_file() and p.suffix != ".json"]
+            sizes[fmt] = sum(p.stat().st_size for p in files) / 1e6
+            data.shutdown_loaders()
     print(
         f"\nmachine: {platform.machine()}, {os.cpu_count()} CPUs ({platform.processor() or '?'}),"
         f" torch {torch.__version__}; {args.images} JPEGs 1600x1200 q90 ({size_mb:.0f} MB), "
-        f"prepared copy {prepared_mb:.0f} MB"
+        f"prepared copies: jpeg {sizes['jpeg']:.0f} MB, raw {sizes['raw']:.0f} MB"
     )
     print(f"{'pipeline':<56}{'s/epoch':>9}{'img/s':>9}{'vs naive':>10}")
     for name, seconds, n in rows:

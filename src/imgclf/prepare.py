@@ -1,7 +1,9 @@
 """The prepared-dataset cache: every image decoded once (JPEG draft mode), resized to a short
-side a little above the training size, and stored as a high-quality JPEG in the same
-ImageFolder layout. Training reads it like any dataset (random crops and flips as usual), and it
-is a plain folder, so it works as a SageMaker channel too (prepare once, upload it).
+side a little above the training size, and stored in the same ImageFolder layout, either as
+raw RGB (binary PPM: no decoding at all when read, ~5x the bytes of a JPEG; the local default)
+or as a high-quality JPEG (small: for uploading as a SageMaker channel). Training reads it like
+any dataset (random crops and flips as usual); both are plain image files any ImageFolder tool
+opens.
 
 A manifest keyed by each source file's path, size and mtime makes a re-run rebuild only what
 changed, and remove what was deleted.
@@ -26,6 +28,11 @@ MANIFEST = "prepared.json"
 FORMAT_VERSION = 1
 DEFAULT_SHORT_SIDE = 256  # the eval resize of a 224 px model: random crops still have room
 QUALITY = 95
+# name -> (file suffix, PIL format, save options)
+FORMATS = {
+    "raw": (".ppm", "PPM", {}),
+    "jpeg": (".jpg", "JPEG", {"quality": QUALITY, "subsampling": 0}),
+}
 
 
 @dataclass(frozen=True)
@@ -43,10 +50,10 @@ class PrepareResult:
         )
 
 
-def cache_dir(home: Path, source: Path, short_side: int) -> Path:
+def cache_dir(home: Path, source: Path, short_side: int, fmt: str = "raw") -> Path:
     """Where `launch.py train --prepare` keeps the prepared copy of `source`."""
-    key = hashlib.sha256(f"{source.resolve()}|{short_side}".encode()).hexdigest()[:16]
-    return home / "prepared" / f"{source.resolve().name}-{short_side}-{key}"
+    key = hashlib.sha256(f"{source.resolve()}|{short_side}|{fmt}".encode()).hexdigest()[:16]
+    return home / "prepared" / f"{source.resolve().name}-{short_side}-{fmt}-{key}"
 
 
 def _resize(image: Image.Image, short_side: int) -> Image.Image:
@@ -58,14 +65,15 @@ def _resize(image: Image.Image, short_side: int) -> Image.Image:
     return image.resize(size, Image.BICUBIC, reducing_gap=2.0)
 
 
-def _build(source: Path, target: Path, short_side: int) -> str | None:
+def _build(source: Path, target: Path, short_side: int, fmt: str) -> str | None:
     image, problem = try_open_image(source, draft=short_side)
     if image is None:
         return problem
     image = _resize(image, short_side)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(target.name + ".tmp")
-    image.save(tmp, format="JPEG", quality=QUALITY, subsampling=0)
+    _, pil_format, options = FORMATS[fmt]
+    image.save(tmp, format=pil_format, **options)
     os.replace(tmp, target)
     return None
 
@@ -75,11 +83,15 @@ def prepare_dataset(
     out_dir: Path,
     *,
     short_side: int = DEFAULT_SHORT_SIDE,
+    fmt: str = "raw",
     threads: int | None = None,
 ) -> PrepareResult:
     """Write (or bring up to date) the prepared copy of `data_dir` in `out_dir`."""
     if short_side < 16:
         raise DataError(f"short side {short_side} px is too small; use at least the image size")
+    if fmt not in FORMATS:
+        raise DataError(f"unknown prepared format {fmt!r}; use one of {', '.join(FORMATS)}")
+    suffix = FORMATS[fmt][0]
     splits = resolve_splits({"training": Path(data_dir)})
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest_path = out_dir / MANIFEST
@@ -87,7 +99,11 @@ def prepare_dataset(
         old = json.loads(manifest_path.read_text())
     except (OSError, ValueError):
         old = {}
-    same_settings = old.get("short_side") == short_side and old.get("version") == FORMAT_VERSION
+    same_settings = (
+        old.get("short_side") == short_side
+        and old.get("version") == FORMAT_VERSION
+        and old.get("format", "jpeg") == fmt
+    )
     old_files: dict[str, list] = old.get("files", {}) if same_settings else {}
     files: dict[str, list] = {}
     todo: list[tuple[str, Path, Path]] = []
@@ -98,7 +114,7 @@ def prepare_dataset(
             rel = f"{name}/{path.relative_to(root).as_posix()}"
             stat = path.stat()
             key = [stat.st_size, stat.st_mtime_ns]
-            target = out_dir / (rel + ".jpg")
+            target = out_dir / (rel + suffix)
             entry = old_files.get(rel)
             if entry and entry[:2] == key and (entry[2] is None or target.exists()):
                 files[rel] = entry
@@ -108,7 +124,7 @@ def prepare_dataset(
                 files[rel] = [*key, None]
     threads = threads or min(16, 2 * (os.cpu_count() or 1))
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        problems = list(pool.map(lambda item: _build(item[1], item[2], short_side), todo))
+        problems = list(pool.map(lambda item: _build(item[1], item[2], short_side, fmt), todo))
     skipped = []
     for (rel, path, target), problem in zip(todo, problems):
         if problem is None:
@@ -118,8 +134,11 @@ def prepare_dataset(
             target.unlink(missing_ok=True)
             skipped.append((str(path), problem))
     removed = 0
-    for rel, entry in old_files.items():
-        if rel not in files and entry[2]:
+    written = {entry[2] for entry in files.values() if entry[2]}
+    # Every file the last run wrote that this one did not: deleted sources, and the whole old
+    # copy when the settings changed (another format leaves other file names behind).
+    for entry in old.get("files", {}).values():
+        if entry[2] and entry[2] not in written:
             (out_dir / entry[2]).unlink(missing_ok=True)
             removed += 1
     for folder in sorted((p for p in out_dir.rglob("*") if p.is_dir()), reverse=True):
@@ -132,6 +151,7 @@ def prepare_dataset(
                 "version": FORMAT_VERSION,
                 "source": str(Path(data_dir).resolve()),
                 "short_side": short_side,
+                "format": fmt,
                 "files": files,
             }
         )

@@ -132,6 +132,8 @@ def test_train_prepare_trains_on_a_prepared_copy_built_once(tmp_path, tiny_digit
     channel = tmp_path / "jobs" / "p1" / "input" / "data" / "training"
     prepared = channel.resolve()
     assert prepared.parent == tmp_path / "prepared" and prepared != tiny_digits
+    stored = {p.suffix for p in prepared.rglob("*") if p.is_file() and p.suffix != ".json"}
+    assert stored == {".ppm"}  # raw RGB locally: nothing to decode when read
     assert (tmp_path / "jobs" / "p1" / "model" / "model.pt").exists()
     second = run_launch(*args, "--job-name", "p2", *hps, home=tmp_path)
     assert second.returncode == 0
