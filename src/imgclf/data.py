@@ -5,6 +5,8 @@ loaders and class weights."""
 from __future__ import annotations
 
 import atexit
+import hashlib
+import json
 import os
 import re
 import weakref
@@ -140,12 +142,26 @@ def _hidden(path: Path) -> bool:
     return path.name.startswith(".")
 
 
-def scan_split(name: str, root: Path, *, threads: int | None = None) -> SplitScan:
-    """List a split and decode every image once (JPEG draft mode) to find unreadable ones."""
+def _verdict_key(root: Path, path: Path) -> str:
+    stat = path.stat()
+    return f"{path.relative_to(root).as_posix()}|{stat.st_size}|{stat.st_mtime_ns}"
+
+
+def scan_split(
+    name: str, root: Path, *, threads: int | None = None, verdicts: dict | None = None
+) -> SplitScan:
+    """List a split and decode every image once (JPEG draft mode) to find unreadable ones.
+    `verdicts` ("relative path|size|mtime" -> problem or None) holds what earlier scans found:
+    files it knows are not decoded again, and it is updated in place."""
     classes, files, ignored = list_split(name, root)
     threads = threads or min(16, 2 * (os.cpu_count() or 1))
+    known = verdicts if verdicts is not None else {}
+    keys = [_verdict_key(root, path) for path, _ in files]
+    todo = [(path, key) for (path, _), key in zip(files, keys) if key not in known]
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        problems = list(pool.map(lambda item: image_problem(item[0]), files))
+        found = list(pool.map(lambda item: image_problem(item[0]), todo))
+    known.update((key, problem) for (_, key), problem in zip(todo, found))
+    problems = [known[key] for key in keys]
     samples, bad = [], []
     for (path, target), problem in zip(files, problems):
         if problem is None:
@@ -167,9 +183,28 @@ class DatasetScan:
         return [b for s in self.splits.values() for b in s.bad]
 
 
-def scan_dataset(split_dirs: dict[str, Path]) -> DatasetScan:
-    """Scan every split; class sets that differ between splits are an error naming them."""
-    scans = {name: scan_split(name, Path(path)) for name, path in split_dirs.items()}
+def scan_dataset(split_dirs: dict[str, Path], *, cache_dir: Path | None = None) -> DatasetScan:
+    """Scan every split; class sets that differ between splits are an error naming them.
+    With `cache_dir`, each split's verdicts are kept there (keyed by the split's real path), so
+    the next job over the same files only decodes new or changed ones."""
+    scans = {}
+    for name, path in split_dirs.items():
+        cache_file = None
+        verdicts: dict = {}
+        if cache_dir is not None:
+            real = str(Path(path).resolve())
+            digest = hashlib.sha256(real.encode()).hexdigest()[:20]
+            cache_file = Path(cache_dir) / f"{digest}.json"
+            try:
+                stored = json.loads(cache_file.read_text())
+                if stored.get("root") == real:
+                    verdicts = stored["verdicts"]
+            except (OSError, ValueError, KeyError, TypeError):
+                verdicts = {}
+        count = len(verdicts)
+        scans[name] = scan_split(name, Path(path), verdicts=verdicts)
+        if cache_file is not None and len(verdicts) != count:
+            _write_verdicts(cache_file, str(Path(path).resolve()), verdicts)
     reference = scans["train"].classes if "train" in scans else next(iter(scans.values())).classes
     problems = []
     for name, scan in scans.items():
@@ -193,6 +228,16 @@ def scan_dataset(split_dirs: dict[str, Path]) -> DatasetScan:
                 "Add images or remove the folders from every split"
             )
     return DatasetScan(scans, reference)
+
+
+def _write_verdicts(path: Path, root: str, verdicts: dict) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"root": root, "verdicts": verdicts}))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a cache: the next scan decodes again
 
 
 def _names(items: Sequence[str], limit: int = 10) -> str:

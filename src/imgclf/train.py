@@ -31,6 +31,9 @@ from imgclf.errors import ConfigError, DataError, TrainingStopped, UserError
 log = logging.getLogger("imgclf.train")
 
 EXIT_STOPPED = 143  # 128 + SIGTERM
+# Set by the local target: where image-check verdicts of earlier jobs are kept (the files of a
+# dataset are decoded once to find unreadable ones, not once per job or tuning trial).
+SCAN_CACHE_ENV = "IMGCLF_SCAN_CACHE"
 
 
 @dataclass(frozen=True)
@@ -134,7 +137,8 @@ def scan_data(contract: TrainingContract, cfg: TrainConfig, runtime: Runtime) ->
     result: Any = None
     if runtime.is_main:
         try:
-            result = data.scan_dataset(contract.splits)
+            cache = os.environ.get(SCAN_CACHE_ENV)
+            result = data.scan_dataset(contract.splits, cache_dir=Path(cache) if cache else None)
         except UserError as exc:
             result = exc
     result = _broadcast(runtime, result)

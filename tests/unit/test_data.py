@@ -176,3 +176,34 @@ def test_a_process_with_live_loader_workers_still_exits(tmp_path):
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 0 and proc.stdout.strip() == "done", proc.stderr
+
+
+def test_scan_verdicts_are_kept_so_the_next_job_decodes_only_changed_files(
+    tmp_path, tiny_digits, monkeypatch
+):
+    import shutil
+
+    root = shutil.copytree(tiny_digits, tmp_path / "data")
+    splits = resolve_splits({"training": root})
+    cache = tmp_path / "scans"
+    decoded = []
+    real_problem = data.image_problem
+    monkeypatch.setattr(data, "image_problem", lambda p: decoded.append(p) or real_problem(p))
+
+    first = data.scan_dataset(splits, cache_dir=cache)
+    total = sum(len(s.samples) for s in first.splits.values())
+    assert len(decoded) == total == 200 and len(list(cache.glob("*.json"))) == 3
+
+    decoded.clear()
+    again = data.scan_dataset(splits, cache_dir=cache)
+    assert decoded == [] and again.splits["train"].samples == first.splits["train"].samples
+
+    broken = sorted((root / "train").rglob("*.png"))[3]
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n truncated")  # new size: checked again, found bad
+    third = data.scan_dataset(splits, cache_dir=cache)
+    assert decoded == [broken]
+    assert [b.path for b in third.bad] == [str(broken.relative_to(root / "train"))]
+    decoded.clear()
+    assert [b.path for b in data.scan_dataset(splits, cache_dir=cache).bad] == [
+        str(broken.relative_to(root / "train"))
+    ] and decoded == []  # a bad verdict is remembered too

@@ -135,6 +135,8 @@ def job_environment(job: LocalJob, base_env: dict[str, str] | None = None) -> di
             "SM_STUDIO_LOCAL_MODE": "true",
             "PATH": bindir + os.pathsep + env.get("PATH", ""),
             "PYTHONUNBUFFERED": "1",
+            # Jobs under one home (or one tuning dir) share their image-check verdicts.
+            "IMGCLF_SCAN_CACHE": str(job.layout.base.parent.parent / "scans"),
         }
     )
     return env
