@@ -20,11 +20,12 @@ from torch import nn
 from imgclf import engine, models
 
 
-def run(device, *, batch, steps, size, amp, channels_last, fused) -> float:
+def run(device, *, batch, steps, size, amp, channels_last, fused, compiled=False) -> float:
     torch.manual_seed(0)
     model = models.build_model("resnet50", 133).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
+    net = torch.compile(model) if compiled else model
     kwargs = {"fused": True} if fused else {}
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, **kwargs)
     images = torch.randn(batch, 3, size, size)
@@ -32,11 +33,11 @@ def run(device, *, batch, steps, size, amp, channels_last, fused) -> float:
     loader = [(images, targets)] * steps
     scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
     common = dict(device=device, amp_dtype=amp, channels_last=channels_last, scaler=scaler)
-    engine.train_one_epoch(model, loader[:2], nn.CrossEntropyLoss(), optimizer, **common)
+    engine.train_one_epoch(net, loader[:2], nn.CrossEntropyLoss(), optimizer, **common)
     if device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
-    engine.train_one_epoch(model, loader, nn.CrossEntropyLoss(), optimizer, **common)
+    engine.train_one_epoch(net, loader, nn.CrossEntropyLoss(), optimizer, **common)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return batch * steps / (time.perf_counter() - start)
@@ -48,6 +49,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--cpu-bf16", action="store_true", help="also time bf16 on a CPU")
+    parser.add_argument(
+        "--compile", action="store_true", help="also time torch.compile (compiling is not timed)"
+    )
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = (
@@ -56,24 +60,27 @@ def main() -> None:
         else f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
     )
     configs = [
-        ("fp32 NCHW (naive)", None, False, False),
-        ("fp32 channels_last", None, True, False),
-        ("fp32 channels_last + fused AdamW", None, True, True),
+        ("fp32 NCHW (naive)", None, False, False, False),
+        ("fp32 channels_last", None, True, False, False),
+        ("fp32 channels_last + fused AdamW", None, True, True, False),
     ]
     if device.type == "cuda" or args.cpu_bf16:
         # On CPUs without native bf16 (no AMX / AVX512-BF16) autocast is emulated and far
         # slower (measured on the 2-CPU dev machine: under 0.4 img/s): amp=auto stays off there.
         configs += [
-            ("bf16 autocast", torch.bfloat16, False, False),
-            ("bf16 + channels_last", torch.bfloat16, True, False),
+            ("bf16 autocast", torch.bfloat16, False, False, False),
+            ("bf16 + channels_last", torch.bfloat16, True, False, False),
         ]
     if device.type == "cuda":
         configs += [
-            ("fp16 + channels_last", torch.float16, True, False),
-            ("bf16 + channels_last + fused AdamW", torch.bfloat16, True, True),
+            ("fp16 + channels_last", torch.float16, True, False, False),
+            ("bf16 + channels_last + fused AdamW", torch.bfloat16, True, True, False),
         ]
+    if args.compile:
+        amp = torch.bfloat16 if device.type == "cuda" else None
+        configs.append(("channels_last + torch.compile", amp, True, False, True))
     rows = []
-    for label, amp, cl, fused in configs:
+    for label, amp, cl, fused, compiled in configs:
         rate = run(
             device,
             batch=args.batch,
@@ -82,6 +89,7 @@ def main() -> None:
             amp=amp,
             channels_last=cl,
             fused=fused,
+            compiled=compiled,
         )
         rows.append((label, rate))
         print(f"{label:<40}{rate:>9.1f} img/s", flush=True)

@@ -271,6 +271,11 @@ def cmd_tune(args) -> int:
     if args.parallel:
         space = dataclasses.replace(space, parallel_trials=args.parallel)
     if args.target == "sagemaker":
+        if args.refine:
+            raise UserError(
+                "--refine runs on the local target only; on SageMaker, tune with "
+                "--features-cache, then train the best trials with --hp-from"
+            )
         return _sagemaker_tune(args, space)
     assert out is not None
     print(

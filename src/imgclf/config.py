@@ -94,6 +94,11 @@ class TrainConfig:
     channels_last: bool = _hp(
         True, "channels_last memory format (measured 1.08x on CPU for ResNet-50 at 224 px)"
     )
+    compile: bool = _hp(
+        False,
+        "torch.compile the training step's model (inductor; minutes of compiling first, "
+        "then faster steps on a GPU; needs a C compiler)",
+    )
     seed: int = _hp(0, "random seed (data order, augmentation, init)", minimum=0, maximum=2**31 - 1)
     patience: int = _hp(
         5, "early stopping: epochs without a better valid loss (0: off)", minimum=0, maximum=10_000

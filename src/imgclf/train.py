@@ -401,6 +401,10 @@ def run(contract: TrainingContract, cfg: TrainConfig, runtime: Runtime, stop: St
         net = nn.parallel.DistributedDataParallel(
             model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None
         )
+    if cfg.compile:
+        if debug.active and runtime.is_main:
+            log.warning("compile with debug: smdebug's hooks break the compiled graph up")
+        net = torch.compile(net)  # training only: evaluation's last batch has another shape
     reduce = _sum(runtime)
     progress = Progress(runtime.progress_bar)
     num_classes = len(classes)

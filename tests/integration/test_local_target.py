@@ -138,3 +138,18 @@ def test_train_prepare_trains_on_a_prepared_copy_built_once(tmp_path, tiny_digit
     second = run_launch(*args, "--job-name", "p2", *hps, home=tmp_path)
     assert second.returncode == 0
     assert "0 images written, 200 unchanged" in second.stdout
+
+
+def test_compile_trains_and_saves_plain_weights(tmp_path, tiny_digits):
+    """torch.compile (inductor, a real C compile here) wraps only the training step: the
+    artifact holds the plain model's keys, which the endpoint loads."""
+    hps = {**FAST_HPS, "epochs": "1", "image_size": "16", "workers": "0", "compile": "true"}
+    proc = run_launch(
+        "train", "--data", str(tiny_digits), "--job-name", "c", *hp_args(hps), home=tmp_path
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    state = _weights(tmp_path, "c")
+    assert "fc.weight" in state and not any(k.startswith("_orig_mod") for k in state)
+    from imgclf.serving.inference import model_fn
+
+    assert model_fn(tmp_path / "jobs" / "c" / "model", torch.device("cpu")).labels
