@@ -5,7 +5,7 @@ On scikit-learn's digits (ImageFolder train/valid/test), ResNet-18 from random i
 batch 64, AdamW lr 3e-3 with the same warmup + cosine schedule, the same crops:
 - naive: the seed projects' loop: torchvision ImageFolder, float ToTensor + Normalize in the
   loader, default DataLoader (no workers), fp32 NCHW, last epoch's weights;
-- ours: `launch.py train --prepare` (the prepared JPEG copy), uint8 batches normalised on the
+- ours: `launch.py train --prepare` (the prepared copy, raw RGB), uint8 batches normalised on the
   device, loader workers, channels_last, best validation epoch's weights.
 Prints each run's test accuracy and wall time, the mean difference in points, and the speed
 ratio. The goal (issue #7): within 1 point.

@@ -99,6 +99,11 @@ class TrainConfig:
         "torch.compile the training step's model (inductor; minutes of compiling first, "
         "then faster steps on a GPU; needs a C compiler)",
     )
+    fused_optimizer: bool = _hp(
+        False,
+        "fused AdamW/SGD kernels (one kernel for all parameters; measured no gain on CPU, "
+        "so off unless asked for)",
+    )
     seed: int = _hp(0, "random seed (data order, augmentation, init)", minimum=0, maximum=2**31 - 1)
     patience: int = _hp(
         5, "early stopping: epochs without a better valid loss (0: off)", minimum=0, maximum=10_000

@@ -263,9 +263,10 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    extra = {"fused": True} if cfg.fused_optimizer else {}
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
-    return torch.optim.AdamW(groups, lr=cfg.lr)
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True, **extra)
+    return torch.optim.AdamW(groups, lr=cfg.lr, **extra)
 
 
 def build_scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int):
