@@ -325,7 +325,7 @@ def _to_tensor(pre: Preprocess, normalize: bool) -> list:
 
 
 class DeviceNormalize:
-    """uint8 batches -> normalised float on the batch's device, in one fused multiply-add.
+    """uint8 batches -> normalised float on the batch's device, in two in-place passes.
 
     Workers hand over uint8 crops (a quarter of the bytes of float: less to copy between
     processes and to pin, and a faster host-to-device copy); the float conversion and the
@@ -352,7 +352,8 @@ class DeviceNormalize:
                 self.shift.to(images.device),
             )
         scale, shift = self._cache[images.device]
-        return torch.addcmul(shift, images.float(), scale)
+        # In place on the fresh float copy: ~10x faster on a CPU than a broadcast addcmul.
+        return images.float().mul_(scale).add_(shift)
 
 
 # ---------------------------------------------------------------- datasets and loaders
@@ -380,7 +381,10 @@ class ImageListDataset(Dataset):
     def __getitem__(self, key):
         if isinstance(key, tuple):
             index, epoch = key
-            torch.manual_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + index)
+            # The CPU generator only: torch.manual_seed also queues seeds for every accelerator
+            # backend, formatting a stack trace each time (~1 ms a sample in a loader worker).
+            seed = (self.seed * 1_000_003 + epoch) * 10_000_019 + index
+            torch.default_generator.manual_seed(seed)
         else:
             index = key
         path, target = self.samples[index]
