@@ -17,8 +17,6 @@ Prints seconds per epoch and images/s, and the ratios against naive.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import random
 import tempfile
 import time
@@ -26,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from machine import describe
 from PIL import Image, ImageEnhance
 from torchvision import datasets, transforms
 
@@ -138,8 +137,7 @@ def main() -> None:
             sizes[fmt] = sum(p.stat().st_size for p in files) / 1e6
             data.shutdown_loaders()
     print(
-        f"\nmachine: {platform.machine()}, {os.cpu_count()} CPUs ({platform.processor() or '?'}),"
-        f" torch {torch.__version__}; {args.images} JPEGs 1600x1200 q90 ({size_mb:.0f} MB), "
+        f"\nmachine: {describe()}; {args.images} JPEGs 1600x1200 q90 ({size_mb:.0f} MB), "
         f"prepared copies: jpeg {sizes['jpeg']:.0f} MB, raw {sizes['raw']:.0f} MB"
     )
     print(f"{'pipeline':<56}{'s/epoch':>9}{'img/s':>9}{'vs naive':>10}")

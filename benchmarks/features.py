@@ -18,13 +18,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from machine import describe
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,9 +82,8 @@ def main() -> None:
         rows.append(("cached features, later trial (reads back)", later))
         assert later["metrics"]["features"]["reused"], "the second cached job did not reuse"
     print(
-        f"\nmachine: {platform.machine()}, {os.cpu_count()} CPUs, no GPU unless named: "
-        f"{_device()}; digits 1797 images, {args.arch} random init, {args.image_size} px, "
-        f"{args.epochs} epochs"
+        f"\nmachine: {describe()}; digits 1797 images, {args.arch} random init, "
+        f"{args.image_size} px, {args.epochs} epochs"
     )
     print(f"{'trial':<44}{'wall s':>8}{'train s':>9}{'test acc':>10}{'wall vs full':>14}")
     for name, r in rows:
@@ -96,12 +96,6 @@ def main() -> None:
         f"time per trial, {full['train'] / later['train']:.1f}x less training time; "
         f"test accuracy {later['acc']:.2%} vs {full['acc']:.2%}"
     )
-
-
-def _device() -> str:
-    import torch
-
-    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU only"
 
 
 if __name__ == "__main__":

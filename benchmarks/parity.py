@@ -17,7 +17,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,8 @@ from torchvision import datasets, transforms
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+
+from machine import describe  # noqa: E402
 
 from imgclf import models  # noqa: E402
 from imgclf.sample import write_digits  # noqa: E402
@@ -128,10 +129,7 @@ def main() -> None:
             acc_ours = ours(data, Path(tmp) / "home", args.epochs, seed)
             t_ours = time.perf_counter() - start
             rows.append((seed, acc_naive, t_naive, acc_ours, t_ours))
-    print(
-        f"\nmachine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}; "
-        f"digits, resnet18 random init, 32 px, {args.epochs} epochs"
-    )
+    print(f"\nmachine: {describe()}; digits, resnet18 random init, 32 px, {args.epochs} epochs")
     print(f"{'seed':>5}{'naive acc':>11}{'naive s':>9}{'ours acc':>10}{'ours s':>8}{'diff pt':>9}")
     for seed, an, tn, ao, to in rows:
         print(f"{seed:>5}{an:>11.2%}{tn:>9.1f}{ao:>10.2%}{to:>8.1f}{(ao - an) * 100:>+9.2f}")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+from machine import describe
 from PIL import Image
 
 from imgclf import artifacts, models
@@ -143,9 +143,8 @@ def main() -> None:
             finally:
                 os.killpg(proc.pid, 15)
                 proc.wait(timeout=60)
-    cpu = platform.processor() or platform.machine()
     print(
-        f"machine: {os.cpu_count()} CPUs ({cpu}), torch {torch.__version__}, "
+        f"machine: {describe()}, "
         f"{args.workers} MMS worker(s), ResNet-50 at 224 px, 1600x1200 JPEG q90 requests"
     )
     print(f"{'server':<7}{'conc':>5}{'p50 ms':>10}{'p99 ms':>10}{'req/s':>9}")

@@ -10,11 +10,10 @@ Prints images/s and the ratio against fp32 NCHW, with the device named. On a GPU
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import time
 
 import torch
+from machine import describe
 from torch import nn
 
 from imgclf import engine, models
@@ -54,11 +53,6 @@ def main() -> None:
     )
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    name = (
-        torch.cuda.get_device_name()
-        if device.type == "cuda"
-        else f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
-    )
     configs = [
         ("fp32 NCHW (naive)", None, False, False, False),
         ("fp32 channels_last", None, True, False, False),
@@ -95,7 +89,7 @@ def main() -> None:
         print(f"{label:<40}{rate:>9.1f} img/s", flush=True)
     base = rows[0][1]
     print(
-        f"\ndevice: {name}; torch {torch.__version__}; ResNet-50, {args.size} px, batch "
+        f"\nmachine: {describe()}; on {device.type}; ResNet-50, {args.size} px, batch "
         f"{args.batch}, {args.steps} timed steps"
     )
     for label, rate in rows:

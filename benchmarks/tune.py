@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import platform
 import random
 import tempfile
 import time
 from pathlib import Path
 
 import yaml
+from machine import describe
 
 from imgclf.sample import write_digits
 from imgclf.tuning import local as tuner
@@ -94,7 +93,7 @@ def main() -> None:
                 epochs=args.epochs,
             )
     print(
-        f"\nmachine: {platform.machine()}, {os.cpu_count()} CPUs, no GPU used; "
+        f"\nmachine: {describe()} (trials on the CPU); "
         f"{args.trials} trials x up to {args.epochs} epochs, {args.parallel} in parallel, "
         "ResNet-18 at 16 px on scikit-learn digits"
     )
