@@ -106,11 +106,11 @@ def cmd_data_prepare(args) -> int:
 
 def _prepared_data(args) -> Path:
     """--prepare: the prepared copy of --data (built or brought up to date first)."""
-    from imgclf.prepare import cache_dir, prepare_dataset
-
     source = Path(args.data)
     if not args.prepare or str(source).startswith("s3://"):
         return source
+    from imgclf.prepare import cache_dir, prepare_dataset  # torch and torchvision: only if used
+
     if not source.is_dir():
         raise UserError(f"--data {source} is not a directory")
     # Raw RGB reads fastest; a copy that is uploaded to S3 is better small (JPEG).
