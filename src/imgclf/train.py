@@ -356,15 +356,24 @@ def run(contract: TrainingContract, cfg: TrainConfig, runtime: Runtime, stop: St
     scaler = torch.amp.GradScaler("cuda") if runtime.amp_dtype == torch.float16 else None
 
     state = {"epoch": 0, "best_loss": math.inf, "best_epoch": 0, "bad_epochs": 0, "history": []}
-    best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    # What changes during training, so what checkpoints and the best epoch keep: the whole
+    # model, or on cached features only the head (the frozen backbone is never run, and
+    # writing it every epoch would cost more than the head's training).
+    head_only = cached is not None
+    best_weights = {k: v.detach().clone() for k, v in trainable.state_dict().items()}
     checkpoint = artifacts.load_checkpoint(layout.checkpoint_dir)
     if checkpoint is not None:
-        if checkpoint.get("classes") != list(classes) or checkpoint.get("arch") != cfg.arch:
+        if (
+            checkpoint.get("classes") != list(classes)
+            or checkpoint.get("arch") != cfg.arch
+            or bool(checkpoint.get("head_only")) != head_only
+        ):
             raise UserError(
-                f"the checkpoint in {layout.checkpoint_dir} is from another dataset or "
-                "architecture; delete it (or use a new job) to start from scratch"
+                f"the checkpoint in {layout.checkpoint_dir} is from another dataset, "
+                "architecture or features_cache setting; delete it (or use a new job) to start "
+                "from scratch"
             )
-        model.load_state_dict(checkpoint["model"])
+        trainable.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         if scheduler is not None and checkpoint.get("scheduler"):
             scheduler.load_state_dict(checkpoint["scheduler"])
@@ -476,7 +485,7 @@ def run(contract: TrainingContract, cfg: TrainConfig, runtime: Runtime, stop: St
             state["history"].append({**row, "data_wait_s": result.data_seconds})
             if valid.loss < state["best_loss"]:
                 state.update(best_loss=valid.loss, best_epoch=epoch, bad_epochs=0)
-                best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                best_weights = {k: v.detach().clone() for k, v in trainable.state_dict().items()}
             else:
                 state["bad_epochs"] += 1
             state["epoch"] = epoch
@@ -485,7 +494,8 @@ def run(contract: TrainingContract, cfg: TrainConfig, runtime: Runtime, stop: St
                 artifacts.save_checkpoint(
                     layout.checkpoint_dir,
                     {
-                        "model": model.state_dict(),
+                        "model": trainable.state_dict(),
+                        "head_only": head_only,
                         "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict() if scheduler is not None else None,
                         "scaler": scaler.state_dict() if scaler is not None else None,
@@ -513,7 +523,7 @@ def run(contract: TrainingContract, cfg: TrainConfig, runtime: Runtime, stop: St
                 state["best_epoch"],
             )
 
-    model.load_state_dict(best_weights)
+    trainable.load_state_dict(best_weights)
     summary: dict[str, Any] = {
         "best_epoch": state["best_epoch"],
         "epochs_run": state["epoch"],

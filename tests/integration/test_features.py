@@ -6,7 +6,7 @@ import shutil
 
 import torch
 
-from imgclf import data
+from imgclf import artifacts, data
 from imgclf.serving.inference import model_fn, predict_fn
 from tests.conftest import FAST_HPS, hp_args, run_launch
 
@@ -50,6 +50,21 @@ def test_features_are_computed_once_and_the_saved_model_serves_what_was_measured
     targets = torch.tensor([t for _, t in scan.samples])
     correct = int((predicted == targets).sum())
     assert correct == round(second["test_acc"] * second["test_images"]), correct
+
+    # Checkpoints keep only what trains (the head); a re-run of the job resumes from one and
+    # ends where it did.
+    checkpoint = torch.load(
+        tmp_path / "jobs" / "second" / "checkpoints" / artifacts.CHECKPOINT_FILE,
+        weights_only=True,
+    )
+    assert checkpoint["head_only"] is True
+    n_classes = len([d for d in (tiny_digits / "train").iterdir() if d.is_dir()])
+    assert sum(t.numel() for t in checkpoint["model"].values()) == (512 + 1) * n_classes
+    again = _train(tmp_path, tiny_digits, "second", lr="0.02")
+    assert "resuming from checkpoint after epoch 4" in (
+        tmp_path / "jobs" / "second" / "train.log"
+    ).read_text()
+    assert again["test_acc"] == second["test_acc"]
 
     # A changed image changes the key: the next job embeds again.
     changed = sorted((tiny_digits / "train").rglob("*.png"))[0]
