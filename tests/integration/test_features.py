@@ -61,9 +61,10 @@ def test_features_are_computed_once_and_the_saved_model_serves_what_was_measured
     n_classes = len([d for d in (tiny_digits / "train").iterdir() if d.is_dir()])
     assert sum(t.numel() for t in checkpoint["model"].values()) == (512 + 1) * n_classes
     again = _train(tmp_path, tiny_digits, "second", lr="0.02")
-    assert "resuming from checkpoint after epoch 4" in (
-        tmp_path / "jobs" / "second" / "train.log"
-    ).read_text()
+    assert (
+        "resuming from checkpoint after epoch 4"
+        in (tmp_path / "jobs" / "second" / "train.log").read_text()
+    )
     assert again["test_acc"] == second["test_acc"]
 
     # A changed image changes the key: the next job embeds again.
