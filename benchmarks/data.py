@@ -10,7 +10,11 @@ batches of 32:
 - ours: `launch.py data prepare` (decode once with JPEG draft mode, short side 256, stored as
   JPEG q95 or as raw RGB, the local default), then our dataset and loader (workers from the
   CPU count, persistent, prefetch) handing over uint8 crops that are normalised after the
-  hand-over, as training does.
+  hand-over, as training does;
+- ours + device augment (`device_augment`, auto on a GPU): the workers only cut 256 px squares
+  and `DeviceAugment` crops, flips and normalises whole batches on the device. With no GPU here
+  two rows: the workers' share alone (what bounds a GPU job's input) and with the batched crops
+  run on this CPU.
 Prints seconds per epoch and images/s, and the ratios against naive.
 """
 
@@ -59,13 +63,14 @@ def make_photos(root: Path, count: int, classes: int = 5) -> None:
 
 def epoch_seconds(loader, normalize=None) -> tuple[float, int]:
     """One pass; `normalize` (ours) turns the uint8 batches into the normalised float batches
-    the model gets, here on the CPU (on a GPU it runs on the device, after the copy)."""
+    the model gets, here on the CPU (on a GPU it runs on the device, after the copy). Without
+    it, the uint8 batches as they leave the workers."""
     start = time.perf_counter()
     images = 0
     for batch, _ in loader:
         if normalize is not None:
             batch = normalize(batch)
-        assert batch.shape[1:] == (3, 224, 224) and batch.dtype == torch.float32
+            assert batch.shape[1:] == (3, 224, 224) and batch.dtype == torch.float32
         images += batch.shape[0]
     return time.perf_counter() - start, images
 
@@ -86,16 +91,16 @@ def naive_loader(root: Path):
 PRE = models.get_architecture("resnet50").preprocess(224)
 
 
-def our_loader(root: Path, workers: int):
+def our_loader(root: Path, workers: int, *, device_augment: bool = False):
     pre = PRE
     _, files, _ = data.list_split("train", root / "train")
     samples = [(str(p), t) for p, t in files]
-    dataset = data.ImageListDataset(
-        samples,
-        data.train_transform(pre, hflip=True, min_crop_scale=0.25, normalize=False),
-        draft=2 * pre.image_size,
-        seed=0,
-    )
+    if device_augment:  # workers cut 256 px squares; DeviceAugment crops on the device
+        transform, draft = data.device_augment_transform(pre), pre.resize_size
+    else:
+        transform = data.train_transform(pre, hflip=True, min_crop_scale=0.25, normalize=False)
+        draft = 2 * pre.image_size
+    dataset = data.ImageListDataset(samples, transform, draft=draft, seed=0)
     sampler = data.EpochSampler(len(dataset), seed=0)
     return data.make_loader(dataset, sampler, batch_size=32, workers=workers, pin_memory=False)
 
@@ -133,6 +138,14 @@ def main() -> None:
             rows.append(
                 (f"ours {fmt}, later epochs (mean of {args.epochs})", float(np.mean(later)), n)
             )
+            if fmt == "raw":  # device_augment=on (auto on a GPU), at later epochs
+                loader = our_loader(prepared.root, workers, device_augment=True)
+                epoch_seconds(loader)  # start the workers, warm the page cache
+                later = [epoch_seconds(loader)[0] for _ in range(args.epochs)]
+                rows.append(("ours raw + device augment: the workers' share", np.mean(later), n))
+                augment = data.DeviceAugment(PRE, hflip=True, min_crop_scale=0.25)
+                later = [epoch_seconds(loader, augment)[0] for _ in range(args.epochs)]
+                rows.append(("ours raw + device augment, the crops on this CPU", np.mean(later), n))
             files = [p for p in prepared.root.rglob("*") if p.is_file() and p.suffix != ".json"]
             sizes[fmt] = sum(p.stat().st_size for p in files) / 1e6
             data.shutdown_loaders()

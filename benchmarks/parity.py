@@ -6,7 +6,9 @@ batch 64, AdamW lr 3e-3 with the same warmup + cosine schedule, the same crops:
 - naive: the seed projects' loop: torchvision ImageFolder, float ToTensor + Normalize in the
   loader, default DataLoader (no workers), fp32 NCHW, last epoch's weights;
 - ours: `launch.py train --prepare` (the prepared copy, raw RGB), uint8 batches normalised on the
-  device, loader workers, channels_last, best validation epoch's weights.
+  device, loader workers, channels_last, best validation epoch's weights; with
+  `--device-augment`, its random-resized crops and flips are DeviceAugment's batched ones (the
+  GPU default), run here on the CPU.
 Prints each run's test accuracy and wall time, the mean difference in points, and the speed
 ratio. The goal (issue #7): within 1 point.
 """
@@ -99,8 +101,9 @@ def naive(data: Path, epochs: int, seed: int) -> float:
     return correct / count
 
 
-def ours(data: Path, home: Path, epochs: int, seed: int) -> float:
+def ours(data: Path, home: Path, epochs: int, seed: int, device_augment: str) -> float:
     hps = {**HPS, "epochs": str(epochs), "seed": str(seed), "channels_last": "true"}
+    hps["device_augment"] = device_augment
     command = [sys.executable, str(ROOT / "launch.py"), "train", "--data", str(data), "--prepare"]
     command += ["--job-name", f"ours-{seed}", "--hp", *[f"{k}={v}" for k, v in hps.items()]]
     proc = subprocess.run(
@@ -116,6 +119,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument(
+        "--device-augment",
+        action="store_true",
+        help="ours with device_augment=on: the batched crops a GPU job uses (here on the CPU)",
+    )
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory(prefix="imgclf-bench-parity-") as tmp:
@@ -126,10 +134,15 @@ def main() -> None:
             acc_naive = naive(data, args.epochs, seed)
             t_naive = time.perf_counter() - start
             start = time.perf_counter()
-            acc_ours = ours(data, Path(tmp) / "home", args.epochs, seed)
+            augment = "on" if args.device_augment else "auto"
+            acc_ours = ours(data, Path(tmp) / "home", args.epochs, seed, augment)
             t_ours = time.perf_counter() - start
             rows.append((seed, acc_naive, t_naive, acc_ours, t_ours))
-    print(f"\nmachine: {describe()}; digits, resnet18 random init, 32 px, {args.epochs} epochs")
+    crops = "DeviceAugment" if args.device_augment else "CPU workers"
+    print(
+        f"\nmachine: {describe()}; digits, resnet18 random init, 32 px, {args.epochs} epochs; "
+        f"ours crops in: {crops}"
+    )
     print(f"{'seed':>5}{'naive acc':>11}{'naive s':>9}{'ours acc':>10}{'ours s':>8}{'diff pt':>9}")
     for seed, an, tn, ao, to in rows:
         print(f"{seed:>5}{an:>11.2%}{tn:>9.1f}{ao:>10.2%}{to:>8.1f}{(ao - an) * 100:>+9.2f}")

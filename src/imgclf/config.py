@@ -83,6 +83,12 @@ class TrainConfig:
     min_crop_scale: float = _hp(
         0.25, "smallest area fraction of a random-resized crop", minimum=0.01, maximum=1.0
     )
+    device_augment: str = _hp(
+        "auto",
+        "random-resized crops and flips of whole batches on the training device instead of in "
+        "the loader workers: auto (on a GPU), on, off",
+        choices=("auto", "on", "off"),
+    )
     workers: int = _hp(
         -1, "data loader workers per process (-1: from the CPU count)", minimum=-1, maximum=256
     )

@@ -7,6 +7,7 @@ from __future__ import annotations
 import atexit
 import hashlib
 import json
+import math
 import os
 import re
 import weakref
@@ -318,6 +319,20 @@ def train_transform(
     return transforms.Compose(steps + _to_tensor(pre, normalize))
 
 
+def device_augment_transform(pre: Preprocess) -> transforms.Compose:
+    """The workers' share when augmentation runs on the device: resize the short side to
+    `resize_size` and cut a square of that side at a random place along the long side (a slice,
+    no resampling); `DeviceAugment` then takes the random-resized crop and the flip of a whole
+    batch at once. Every sample has the same shape, so batches stack."""
+    return transforms.Compose(
+        [
+            transforms.Resize(pre.resize_size, interpolation=pre.mode, antialias=True),
+            transforms.RandomCrop(pre.resize_size),
+            transforms.PILToTensor(),
+        ]
+    )
+
+
 def _to_tensor(pre: Preprocess, normalize: bool) -> list:
     if normalize:
         return [transforms.ToTensor(), transforms.Normalize(pre.mean, pre.std)]
@@ -346,14 +361,95 @@ class DeviceNormalize:
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         if images.dtype != torch.uint8:
             return images
+        return self.apply_(images.float())
+
+    def apply_(self, images: torch.Tensor) -> torch.Tensor:
+        """Normalise float pixels in 0..255, in place: ~10x faster on a CPU than a broadcast
+        addcmul."""
         if images.device not in self._cache:
             self._cache[images.device] = (
                 self.scale.to(images.device),
                 self.shift.to(images.device),
             )
         scale, shift = self._cache[images.device]
-        # In place on the fresh float copy: ~10x faster on a CPU than a broadcast addcmul.
-        return images.float().mul_(scale).add_(shift)
+        return images.mul_(scale).add_(shift)
+
+
+class DeviceAugment:
+    """Random-resized crop, horizontal flip and normalisation of a uint8 batch, on the batch's
+    device, in a few batched kernels (a GPU does in microseconds what costs the CPU workers
+    most of their time).
+
+    Boxes follow torchvision's RandomResizedCrop (area fraction in `scale`, log-uniform aspect
+    ratio in 3/4..4/3, ten tries and then the whole image) and are cut and resized for the
+    whole batch by `torchvision.ops.roi_align`, which averages ceil(box / output) samples per
+    output pixel: an area filter when it shrinks, bilinear when it enlarges. The random numbers
+    come from a CPU generator seeded by (seed, rank, epoch), so a resumed job repeats them.
+    Float batches (already normalised) pass through.
+    """
+
+    RATIO = (3.0 / 4.0, 4.0 / 3.0)
+    TRIES = 10
+
+    def __init__(
+        self,
+        pre: Preprocess,
+        *,
+        hflip: bool,
+        min_crop_scale: float,
+        seed: int = 0,
+        rank: int = 0,
+    ) -> None:
+        self.size = pre.image_size
+        self.hflip = hflip
+        self.min_scale = min_crop_scale
+        self.seed, self.rank = seed, rank
+        self.normalize = DeviceNormalize.of(pre)
+        self.generator = torch.Generator()
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.generator.manual_seed(((self.seed * 1_000_003 + epoch) * 1_009 + self.rank) ^ 0x5A5A)
+
+    def boxes(self, n: int, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(n, 4) boxes x1, y1, x2, y2 in pixels and (n,) flip flags."""
+        g = self.generator
+        area = float(height * width)
+        scale = torch.empty(n, self.TRIES).uniform_(self.min_scale, 1.0, generator=g)
+        log_lo, log_hi = math.log(self.RATIO[0]), math.log(self.RATIO[1])
+        ratio = torch.exp(torch.empty(n, self.TRIES).uniform_(log_lo, log_hi, generator=g))
+        w = torch.sqrt(area * scale * ratio).round()
+        h = torch.sqrt(area * scale / ratio).round()
+        fits = (w <= width) & (h <= height) & (w > 0) & (h > 0)
+        first = torch.where(fits.any(1), fits.float().argmax(1), -1)
+        pick = first.clamp(min=0).unsqueeze(1)
+        w = torch.where(first >= 0, w.gather(1, pick).squeeze(1), float(width))
+        h = torch.where(first >= 0, h.gather(1, pick).squeeze(1), float(height))
+        x0 = (torch.rand(n, generator=g) * (width - w + 1)).floor()
+        y0 = (torch.rand(n, generator=g) * (height - h + 1)).floor()
+        flips = torch.rand(n, generator=g) < 0.5 if self.hflip else torch.zeros(n, dtype=bool)
+        return torch.stack([x0, y0, x0 + w, y0 + h], 1), flips
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dtype != torch.uint8:
+            return images
+        from torchvision.ops import roi_align
+
+        n, _, height, width = images.shape
+        boxes, flips = self.boxes(n, height, width)
+        rois = torch.cat([torch.arange(n, dtype=torch.float32).unsqueeze(1), boxes], 1)
+        out = roi_align(
+            images.float(),
+            rois.to(images.device),
+            output_size=self.size,
+            spatial_scale=1.0,
+            sampling_ratio=-1,
+            aligned=True,
+        )
+        if flips.any():
+            index = flips.nonzero().squeeze(1).to(images.device)
+            out[index] = out[index].flip(-1)
+        return self.normalize.apply_(out)
 
 
 # ---------------------------------------------------------------- datasets and loaders

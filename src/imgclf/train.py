@@ -86,6 +86,12 @@ def resolve_amp(setting: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
+def use_device_augment(setting: str, device: torch.device) -> bool:
+    """auto: on a GPU (the crops cost it next to nothing and free the CPU workers); off on a
+    CPU, where the batched crops would take the training process's own time."""
+    return setting == "on" or (setting == "auto" and device.type == "cuda")
+
+
 def setup_runtime(cfg: TrainConfig, environ) -> Runtime:
     world_size = int(environ.get("WORLD_SIZE", "1"))
     rank = int(environ.get("RANK", "0"))
@@ -180,15 +186,17 @@ def build_loaders(
     workers = _workers(cfg)
     pin = runtime.device.type == "cuda"
     loaders = {}
+    on_device = use_device_augment(cfg.device_augment, runtime.device)
     for name, split in scan.splits.items():
-        training = name == "train"
-        if training:
-            transform = data.train_transform(
-                pre, hflip=cfg.hflip, min_crop_scale=cfg.min_crop_scale, normalize=False
-            )
-            dataset = data.ImageListDataset(
-                split.samples, transform, draft=2 * pre.image_size, seed=cfg.seed
-            )
+        if name == "train":
+            if on_device:  # workers cut equal squares; DeviceAugment crops and flips batches
+                transform, draft = data.device_augment_transform(pre), pre.resize_size
+            else:
+                transform = data.train_transform(
+                    pre, hflip=cfg.hflip, min_crop_scale=cfg.min_crop_scale, normalize=False
+                )
+                draft = 2 * pre.image_size
+            dataset = data.ImageListDataset(split.samples, transform, draft=draft, seed=cfg.seed)
             sampler = data.EpochSampler(
                 len(dataset), seed=cfg.seed, rank=runtime.rank, world_size=runtime.world_size
             )
@@ -336,6 +344,17 @@ def run(contract: TrainingContract, cfg: TrainConfig, runtime: Runtime, stop: St
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     normalize = data.DeviceNormalize.of(pre)  # the loaders hand over uint8 batches
+    augment = None  # or crops, flips and normalisation of training batches on the device
+    if not cfg.features_cache and use_device_augment(cfg.device_augment, runtime.device):
+        augment = data.DeviceAugment(
+            pre,
+            hflip=cfg.hflip,
+            min_crop_scale=cfg.min_crop_scale,
+            seed=cfg.seed,
+            rank=runtime.rank,
+        )
+        if runtime.is_main:
+            log.info("augmentation: random-resized crops and flips on %s", runtime.device)
     trainable: nn.Module = model  # what the loop runs: the model, or only its head
     batch_channels_last = cfg.channels_last
     cached = None
@@ -436,6 +455,8 @@ def run(contract: TrainingContract, cfg: TrainConfig, runtime: Runtime, stop: St
             if cfg.patience and state["bad_epochs"] >= cfg.patience:
                 break
             train_loader.sampler.set_epoch(epoch)
+            if augment is not None:
+                augment.set_epoch(epoch)
             torch.manual_seed(cfg.seed * 1_000_003 + epoch)  # dropout etc.: same on resume
             progress.start(epoch, cfg.epochs, len(train_loader))
 
@@ -461,7 +482,7 @@ def run(contract: TrainingContract, cfg: TrainConfig, runtime: Runtime, stop: St
                     scaler=scaler,
                     amp_dtype=runtime.amp_dtype,
                     channels_last=batch_channels_last,
-                    normalize=normalize,
+                    normalize=augment or normalize,
                     should_stop=stop,
                     on_batch=on_batch,
                     on_step_time=on_step_time,

@@ -6,22 +6,28 @@ import signal
 import subprocess
 import time
 
+import pytest
 import torch
 
 from tests.conftest import FAST_HPS, LAUNCH, ROOT, hp_args, run_launch
 
 
-def test_digits_reach_95_percent_through_the_launcher(tmp_path, digits_dir):
+@pytest.mark.parametrize("device_augment", ["auto", "on"])
+def test_digits_reach_95_percent_through_the_launcher(tmp_path, digits_dir, device_augment):
+    """auto is the CPU workers' RandomResizedCrop here; on: the batched crops of DeviceAugment
+    (what a GPU job uses) must train as well."""
     proc = run_launch(
         "train",
         "--data",
         str(digits_dir),
         "--job-name",
         "digits",
-        *hp_args({**FAST_HPS, "epochs": "4"}),
+        *hp_args({**FAST_HPS, "epochs": "4", "device_augment": device_augment}),
         home=tmp_path,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    log_text = (tmp_path / "jobs" / "digits" / "train.log").read_text()
+    assert ("random-resized crops and flips on cpu" in log_text) == (device_augment == "on")
     model = tmp_path / "jobs" / "digits" / "model"
     metrics = json.loads((model / "metrics.json").read_text())
     assert metrics["test_acc"] >= 0.95, metrics["test_acc"]
