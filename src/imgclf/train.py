@@ -21,7 +21,12 @@ from torch import nn
 
 from imgclf import artifacts, data, engine, features, metrics, models
 from imgclf.config import TrainConfig, parse_hyperparameters
-from imgclf.contract import TrainingContract, read_training_contract, write_failure
+from imgclf.contract import (
+    NO_REPORT_ENV,
+    TrainingContract,
+    read_training_contract,
+    write_failure,
+)
 from imgclf.debugging import rules
 from imgclf.debugging.hook import DebugHook, create_hook
 from imgclf.debugging.hook import read_settings as read_debug_settings
@@ -628,6 +633,9 @@ def _rules_and_report(layout, cfg: TrainConfig, debug: DebugHook, summary: dict,
         artifacts.write_json(
             layout.output_data_dir / rules.RULES_FILE, rules.verdicts_to_json(verdicts)
         )
+    if os.environ.get(NO_REPORT_ENV) == "1":
+        log.info("report: not written now (launch.py report %s writes it)", layout.base)
+        return
     try:
         path = report.write_report(layout.base)
         log.info("report: %s", path)

@@ -6,6 +6,7 @@ import signal
 import sqlite3
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -93,6 +94,9 @@ def test_six_trials_two_parallel_prune_and_the_best_retrains_to_95_percent(tmp_p
     assert best["objective"]["metric"] == "valid_loss"
     assert {"lr", "batch_size", "arch", "epochs"} <= set(best["hyperparameters"])
     assert "best: trial" in proc.stdout and "PRUNED" in proc.stdout
+    # Trials skip their reports (~1.3 s each); the best trial's is written at the end.
+    reports = sorted(j.name for j in jobs if (j / "output/data/report.html").exists())
+    assert reports == [Path(best["job_dir"]).name], reports
 
     status = run_launch("tune", "--status", str(out), home=tmp_path)
     assert status.returncode == 0, status.stderr
