@@ -1,8 +1,8 @@
 """Tuning trials on cached features vs full fine-tune trials: time and accuracy of each.
 
 Run: .venv/bin/python benchmarks/features.py [--image-size 64] [--epochs 6] [--arch resnet18]
-Three local training jobs on scikit-learn's digits (the launcher, as a tuning trial runs them),
-with the same hyperparameters:
+Three local training jobs on scikit-learn's digits (the launcher, as a tuning trial runs them:
+without a report.html), with the same hyperparameters:
 - full: a full fine-tune (every layer trains, augmented crops every epoch);
 - cached, first: `features_cache=true`, which embeds every split once and trains the head;
 - cached, later: the same again with another learning rate, as the next trial of a study: the
@@ -37,7 +37,8 @@ def run_job(home: Path, data: Path, name: str, hps: dict[str, str]) -> dict:
     proc = subprocess.run(
         command,
         cwd=ROOT,
-        env={**os.environ, "IMGCLF_HOME": str(home)},
+        # as the local tuner runs its trials: no report.html per trial
+        env={**os.environ, "IMGCLF_HOME": str(home), "IMGCLF_NO_REPORT": "1"},
         capture_output=True,
         text=True,
     )
