@@ -1,6 +1,7 @@
 """Training step throughput: ResNet-50, fp32 NCHW (the naive fine-tune) vs our step options.
 
-Run: .venv/bin/python benchmarks/train_step.py [--batch 16] [--steps 6] [--size 224]
+Run: .venv/bin/python benchmarks/train_step.py [--batch B] [--steps N] [--size 224] [--compile]
+(defaults: batch 16, 6 steps on a CPU; batch 128, 20 steps on a GPU)
 On synthetic batches already in memory (the data pipeline is benchmarks/data.py), full forward
 + backward + AdamW step through `imgclf.engine.train_one_epoch`, for each of: fp32 NCHW,
 channels_last, bf16 autocast, bf16 + channels_last, and fused AdamW where the device has it.
@@ -44,8 +45,10 @@ def run(device, *, batch, steps, size, amp, channels_last, fused, compiled=False
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=6)
+    gpu = torch.cuda.is_available()
+    # A GPU needs large batches and enough steps to be measured; a CPU takes seconds a step.
+    parser.add_argument("--batch", type=int, default=128 if gpu else 16)
+    parser.add_argument("--steps", type=int, default=20 if gpu else 6)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--cpu-bf16", action="store_true", help="also time bf16 on a CPU")
     parser.add_argument(
