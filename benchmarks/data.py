@@ -95,11 +95,10 @@ def our_loader(root: Path, workers: int, *, device_augment: bool = False):
     pre = PRE
     _, files, _ = data.list_split("train", root / "train")
     samples = [(str(p), t) for p, t in files]
-    if device_augment:  # workers cut 256 px squares; DeviceAugment crops on the device
-        transform, draft = data.device_augment_transform(pre), pre.resize_size
-    else:
-        transform = data.train_transform(pre, hflip=True, min_crop_scale=0.25, normalize=False)
-        draft = 2 * pre.image_size
+    # device_augment: workers cut 256 px squares; DeviceAugment crops on the device
+    transform, draft, _ = data.train_input(
+        pre, hflip=True, min_crop_scale=0.25, on_device=device_augment
+    )
     dataset = data.ImageListDataset(samples, transform, draft=draft, seed=0)
     sampler = data.EpochSampler(len(dataset), seed=0)
     return data.make_loader(dataset, sampler, batch_size=32, workers=workers, pin_memory=False)

@@ -80,12 +80,9 @@ def ours(root: Path, arch: str, batch: int, device: torch.device) -> tuple[float
     on_device = use_device_augment("auto", device)
     _, files, _ = data.list_split("train", root / "train")
     samples = [(str(p), t) for p, t in files]
-    if on_device:
-        transform, draft = data.device_augment_transform(pre), pre.resize_size
-        prepare = data.DeviceAugment(pre, hflip=True, min_crop_scale=0.25)
-    else:
-        transform = data.train_transform(pre, hflip=True, min_crop_scale=0.25, normalize=False)
-        draft, prepare = 2 * pre.image_size, data.DeviceNormalize.of(pre)
+    transform, draft, prepare = data.train_input(
+        pre, hflip=True, min_crop_scale=0.25, on_device=on_device
+    )
     dataset = data.ImageListDataset(samples, transform, draft=draft, seed=0)
     sampler = data.EpochSampler(len(dataset), seed=0)
     loader = data.make_loader(

@@ -27,6 +27,8 @@ from pathlib import Path
 
 from machine import describe
 
+from imgclf.contract import NO_REPORT_ENV
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -38,7 +40,7 @@ def run_job(home: Path, data: Path, name: str, hps: dict[str, str]) -> dict:
         command,
         cwd=ROOT,
         # as the local tuner runs its trials: no report.html per trial
-        env={**os.environ, "IMGCLF_HOME": str(home), "IMGCLF_NO_REPORT": "1"},
+        env={**os.environ, "IMGCLF_HOME": str(home), NO_REPORT_ENV: "1"},
         capture_output=True,
         text=True,
     )

@@ -55,7 +55,7 @@ def main() -> None:
         "--compile", action="store_true", help="also time torch.compile (compiling is not timed)"
     )
     args = parser.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device("cuda" if gpu else "cpu")
     configs = [
         ("fp32 NCHW (naive)", None, False, False, False),
         ("fp32 channels_last", None, True, False, False),

@@ -22,6 +22,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms
+from torchvision.ops import roi_align
 
 from imgclf.errors import DataError
 
@@ -433,8 +434,6 @@ class DeviceAugment:
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         if images.dtype != torch.uint8:
             return images
-        from torchvision.ops import roi_align
-
         n, _, height, width = images.shape
         boxes, flips = self.boxes(n, height, width)
         rois = torch.cat([torch.arange(n, dtype=torch.float32).unsqueeze(1), boxes], 1)
@@ -450,6 +449,28 @@ class DeviceAugment:
             index = flips.nonzero().squeeze(1).to(images.device)
             out[index] = out[index].flip(-1)
         return self.normalize.apply_(out)
+
+
+def train_input(
+    pre: Preprocess,
+    *,
+    hflip: bool,
+    min_crop_scale: float,
+    on_device: bool,
+    seed: int = 0,
+    rank: int = 0,
+) -> tuple[transforms.Compose, int, DeviceNormalize | DeviceAugment]:
+    """How training images are augmented: (the workers' transform, the JPEG draft size they
+    decode at, what the device does to each uint8 batch). On the device (`device_augment`):
+    equal squares from the workers, crops, flips and normalisation by `DeviceAugment`;
+    otherwise random-resized crops in the workers, normalisation by `DeviceNormalize`."""
+    if on_device:
+        augment = DeviceAugment(
+            pre, hflip=hflip, min_crop_scale=min_crop_scale, seed=seed, rank=rank
+        )
+        return device_augment_transform(pre), pre.resize_size, augment
+    transform = train_transform(pre, hflip=hflip, min_crop_scale=min_crop_scale, normalize=False)
+    return transform, 2 * pre.image_size, DeviceNormalize.of(pre)
 
 
 # ---------------------------------------------------------------- datasets and loaders

@@ -13,6 +13,7 @@ import html
 import io
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 REPORT_FILE = "report.html"
@@ -330,3 +331,13 @@ def write_report(job_dir: Path, out: Path | None = None) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(build_report(job_dir))
     return out
+
+
+def write_report_or_warn(job_dir: Path, warn: Callable[[str], object]) -> Path | None:
+    """After a job or a study, where the model and the results are already saved: a failing
+    report is `warn`ed about (one line) instead of failing what ran."""
+    try:
+        return write_report(job_dir)
+    except Exception as exc:  # noqa: BLE001 - a report bug must not fail a finished job
+        warn(f"could not write the report of {job_dir}: {type(exc).__name__}: {exc}")
+        return None

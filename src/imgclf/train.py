@@ -186,21 +186,20 @@ def _workers(cfg: TrainConfig) -> int:
 
 
 def build_loaders(
-    scan: data.DatasetScan, cfg: TrainConfig, pre: data.Preprocess, runtime: Runtime
+    scan: data.DatasetScan,
+    cfg: TrainConfig,
+    pre: data.Preprocess,
+    runtime: Runtime,
+    train_input: tuple[Any, int],
 ) -> dict[str, Any]:
+    """Loaders of uint8 batches; the training split's workers apply `train_input` (transform,
+    JPEG draft size) from `data.train_input`."""
     workers = _workers(cfg)
     pin = runtime.device.type == "cuda"
     loaders = {}
-    on_device = use_device_augment(cfg.device_augment, runtime.device)
     for name, split in scan.splits.items():
         if name == "train":
-            if on_device:  # workers cut equal squares; DeviceAugment crops and flips batches
-                transform, draft = data.device_augment_transform(pre), pre.resize_size
-            else:
-                transform = data.train_transform(
-                    pre, hflip=cfg.hflip, min_crop_scale=cfg.min_crop_scale, normalize=False
-                )
-                draft = 2 * pre.image_size
+            transform, draft = train_input
             dataset = data.ImageListDataset(split.samples, transform, draft=draft, seed=cfg.seed)
             sampler = data.EpochSampler(
                 len(dataset), seed=cfg.seed, rank=runtime.rank, world_size=runtime.world_size
@@ -349,17 +348,7 @@ def run(contract: TrainingContract, cfg: TrainConfig, runtime: Runtime, stop: St
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     normalize = data.DeviceNormalize.of(pre)  # the loaders hand over uint8 batches
-    augment = None  # or crops, flips and normalisation of training batches on the device
-    if not cfg.features_cache and use_device_augment(cfg.device_augment, runtime.device):
-        augment = data.DeviceAugment(
-            pre,
-            hflip=cfg.hflip,
-            min_crop_scale=cfg.min_crop_scale,
-            seed=cfg.seed,
-            rank=runtime.rank,
-        )
-        if runtime.is_main:
-            log.info("augmentation: random-resized crops and flips on %s", runtime.device)
+    train_prepare = normalize  # training batches: DeviceNormalize, or DeviceAugment
     trainable: nn.Module = model  # what the loop runs: the model, or only its head
     batch_channels_last = cfg.channels_last
     cached = None
@@ -368,7 +357,18 @@ def run(contract: TrainingContract, cfg: TrainConfig, runtime: Runtime, stop: St
         trainable = models.head_module(model, cfg.arch)
         batch_channels_last = False  # batches of embeddings, not images
     else:
-        loaders = build_loaders(scan, cfg, pre, runtime)
+        on_device = use_device_augment(cfg.device_augment, runtime.device)
+        transform, draft, train_prepare = data.train_input(
+            pre,
+            hflip=cfg.hflip,
+            min_crop_scale=cfg.min_crop_scale,
+            on_device=on_device,
+            seed=cfg.seed,
+            rank=runtime.rank,
+        )
+        if on_device and runtime.is_main:
+            log.info("augmentation: random-resized crops and flips on %s", runtime.device)
+        loaders = build_loaders(scan, cfg, pre, runtime, (transform, draft))
     train_loader = loaders["train"]
 
     weight = None
@@ -460,8 +460,8 @@ def run(contract: TrainingContract, cfg: TrainConfig, runtime: Runtime, stop: St
             if cfg.patience and state["bad_epochs"] >= cfg.patience:
                 break
             train_loader.sampler.set_epoch(epoch)
-            if augment is not None:
-                augment.set_epoch(epoch)
+            if isinstance(train_prepare, data.DeviceAugment):
+                train_prepare.set_epoch(epoch)
             torch.manual_seed(cfg.seed * 1_000_003 + epoch)  # dropout etc.: same on resume
             progress.start(epoch, cfg.epochs, len(train_loader))
 
@@ -487,7 +487,7 @@ def run(contract: TrainingContract, cfg: TrainConfig, runtime: Runtime, stop: St
                     scaler=scaler,
                     amp_dtype=runtime.amp_dtype,
                     channels_last=batch_channels_last,
-                    normalize=augment or normalize,
+                    normalize=train_prepare,
                     should_stop=stop,
                     on_batch=on_batch,
                     on_step_time=on_step_time,
@@ -636,11 +636,9 @@ def _rules_and_report(layout, cfg: TrainConfig, debug: DebugHook, summary: dict,
     if os.environ.get(NO_REPORT_ENV) == "1":
         log.info("report: not written now (launch.py report %s writes it)", layout.base)
         return
-    try:
-        path = report.write_report(layout.base)
+    path = report.write_report_or_warn(layout.base, log.warning)
+    if path is not None:
         log.info("report: %s", path)
-    except Exception as exc:  # noqa: BLE001 - the model is saved; a report bug must not fail it
-        log.warning("could not write the report: %s: %s", type(exc).__name__, exc)
 
 
 def _configure_logging() -> None:

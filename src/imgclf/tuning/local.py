@@ -340,10 +340,9 @@ def _write_report(job_dir: Path) -> None:
     """The trials ran without their reports: the best one gets its report now."""
     from imgclf import report
 
-    try:
-        print(f"best trial's report: {report.write_report(job_dir)}")
-    except Exception as exc:  # noqa: BLE001 - best.json is written; a report bug must not fail
-        print(f"could not write the best trial's report: {type(exc).__name__}: {exc}")
+    path = report.write_report_or_warn(job_dir, print)
+    if path is not None:
+        print(f"best trial's report: {path}")
 
 
 REFINED_FILE = "refined.json"
