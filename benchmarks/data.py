@@ -91,8 +91,16 @@ def naive_loader(root: Path):
 PRE = models.get_architecture("resnet50").preprocess(224)
 
 
-def our_loader(root: Path, workers: int, *, device_augment: bool = False):
-    pre = PRE
+def our_loader(
+    root: Path,
+    workers: int,
+    *,
+    device_augment: bool = False,
+    pre: data.Preprocess = PRE,
+    batch: int = 32,
+    pin_memory: bool = False,
+):
+    """Our training loader over `root`/train, as `train` builds it (end_to_end.py uses it too)."""
     _, files, _ = data.list_split("train", root / "train")
     samples = [(str(p), t) for p, t in files]
     # device_augment: workers cut 256 px squares; DeviceAugment crops on the device
@@ -101,7 +109,9 @@ def our_loader(root: Path, workers: int, *, device_augment: bool = False):
     )
     dataset = data.ImageListDataset(samples, transform, draft=draft, seed=0)
     sampler = data.EpochSampler(len(dataset), seed=0)
-    return data.make_loader(dataset, sampler, batch_size=32, workers=workers, pin_memory=False)
+    return data.make_loader(
+        dataset, sampler, batch_size=batch, workers=workers, pin_memory=pin_memory
+    )
 
 
 def main() -> None:

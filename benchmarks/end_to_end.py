@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import torch
-from data import make_photos
+from data import make_photos, our_loader
 from machine import describe
 from torch import nn
 from torchvision import datasets, transforms
@@ -78,20 +78,17 @@ def naive(root: Path, arch: str, batch: int, device: torch.device) -> tuple[floa
 def ours(root: Path, arch: str, batch: int, device: torch.device) -> tuple[float, float, int]:
     pre = models.get_architecture(arch).preprocess(224)
     on_device = use_device_augment("auto", device)
-    _, files, _ = data.list_split("train", root / "train")
-    samples = [(str(p), t) for p, t in files]
-    transform, draft, prepare = data.train_input(
-        pre, hflip=True, min_crop_scale=0.25, on_device=on_device
-    )
-    dataset = data.ImageListDataset(samples, transform, draft=draft, seed=0)
-    sampler = data.EpochSampler(len(dataset), seed=0)
-    loader = data.make_loader(
-        dataset,
-        sampler,
-        batch_size=batch,
-        workers=data.default_workers(),
+    loader = our_loader(
+        root,
+        data.default_workers(),
+        device_augment=on_device,
+        pre=pre,
+        batch=batch,
         pin_memory=device.type == "cuda",
     )
+    sampler = loader.sampler
+    # the device's step on each batch: DeviceAugment or DeviceNormalize, as `train` picks it
+    _, _, prepare = data.train_input(pre, hflip=True, min_crop_scale=0.25, on_device=on_device)
     torch.manual_seed(0)
     model = models.build_model(arch, 133).to(device).to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
