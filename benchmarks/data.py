@@ -33,7 +33,7 @@ from PIL import Image, ImageEnhance
 from torchvision import datasets, transforms
 
 from imgclf import data, models
-from imgclf.prepare import prepare_dataset
+from imgclf.prepare import prepare_dataset, stored_short_side
 
 
 def make_photos(root: Path, count: int, classes: int = 5) -> None:
@@ -105,7 +105,11 @@ def our_loader(
     samples = [(str(p), t) for p, t in files]
     # device_augment: workers cut 256 px squares; DeviceAugment crops on the device
     transform, draft, _ = data.train_input(
-        pre, hflip=True, min_crop_scale=0.25, on_device=device_augment
+        pre,
+        hflip=True,
+        min_crop_scale=0.25,
+        on_device=device_augment,
+        stored_side=stored_short_side(root / "train"),
     )
     dataset = data.ImageListDataset(samples, transform, draft=draft, seed=0)
     sampler = data.EpochSampler(len(dataset), seed=0)

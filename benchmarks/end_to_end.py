@@ -28,7 +28,7 @@ from torch import nn
 from torchvision import datasets, transforms
 
 from imgclf import data, engine, models
-from imgclf.prepare import prepare_dataset
+from imgclf.prepare import prepare_dataset, stored_short_side
 from imgclf.train import resolve_amp, use_device_augment
 
 
@@ -75,12 +75,14 @@ def naive(root: Path, arch: str, batch: int, device: torch.device) -> tuple[floa
     return epoch()
 
 
-def ours(root: Path, arch: str, batch: int, device: torch.device) -> tuple[float, float, int]:
+def ours(
+    root: Path, arch: str, batch: int, device: torch.device, workers: int, augment: str = "auto"
+) -> tuple[float, float, int]:
     pre = models.get_architecture(arch).preprocess(224)
-    on_device = use_device_augment("auto", device)
+    on_device = use_device_augment(augment, device)
     loader = our_loader(
         root,
-        data.default_workers(),
+        workers,
         device_augment=on_device,
         pre=pre,
         batch=batch,
@@ -88,8 +90,15 @@ def ours(root: Path, arch: str, batch: int, device: torch.device) -> tuple[float
     )
     sampler = loader.sampler
     # the device's step on each batch: DeviceAugment or DeviceNormalize, as `train` picks it
-    _, _, prepare = data.train_input(pre, hflip=True, min_crop_scale=0.25, on_device=on_device)
+    _, _, prepare = data.train_input(
+        pre,
+        hflip=True,
+        min_crop_scale=0.25,
+        on_device=on_device,
+        stored_side=stored_short_side(root / "train"),
+    )
     torch.manual_seed(0)
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # as train sets it on a GPU
     model = models.build_model(arch, 133).to(device).to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     amp = resolve_amp("auto", device)
@@ -117,6 +126,20 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=512 if gpu else 64)
     parser.add_argument("--batch", type=int, default=64 if gpu else 16)
     parser.add_argument("--arch", default="resnet50")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        nargs="*",
+        default=[None],
+        help="loader workers of ours, one row each (default: as train picks)",
+    )
+    parser.add_argument(
+        "--device-augment",
+        nargs="*",
+        default=["auto"],
+        choices=["auto", "on", "off"],
+        help="ours with each device_augment setting, one row each",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="imgclf-bench-e2e-") as tmp:
         root = Path(tmp) / "photos"
@@ -127,11 +150,17 @@ def main() -> None:
                 "naive (ImageFolder, full decode, fp32 NCHW)",
                 *naive(root, args.arch, args.batch, device),
             ),
-            (
-                "ours (prepared, workers, amp/channels_last/augment auto)",
-                *ours(prepared, args.arch, args.batch, device),
-            ),
         ]
+        for workers in args.workers:
+            count = data.default_workers() if workers is None else workers
+            for augment in args.device_augment:
+                on = use_device_augment(augment, device)
+                rows.append(
+                    (
+                        f"ours (prepared, {count} workers, device_augment={on})",
+                        *ours(prepared, args.arch, args.batch, device, count, augment),
+                    )
+                )
     amp = resolve_amp("auto", device)
     print(
         f"\nmachine: {describe()}; {args.arch}, 224 px, batch {args.batch}, {args.images} images; "

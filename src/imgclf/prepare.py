@@ -56,6 +56,17 @@ def cache_dir(home: Path, source: Path, short_side: int, fmt: str = "raw") -> Pa
     return home / "prepared" / f"{source.resolve().name}-{short_side}-{fmt}-{key}"
 
 
+def stored_short_side(split_dir: Path) -> int | None:
+    """The short side a prepared copy was stored at, when `split_dir` (e.g. .../train) lies in
+    one; None for any other dataset. Device augmentation cuts its squares at this size."""
+    try:
+        manifest = json.loads((Path(split_dir).parent / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    side = manifest.get("short_side") if isinstance(manifest, dict) else None
+    return side if isinstance(side, int) and side > 0 else None
+
+
 def _resize(image: Image.Image, short_side: int) -> Image.Image:
     w, h = image.size
     scale = short_side / min(w, h)

@@ -32,6 +32,7 @@ from imgclf.debugging.hook import DebugHook, create_hook
 from imgclf.debugging.hook import read_settings as read_debug_settings
 from imgclf.debugging.profiling import PROFILER_DIR, Profiler
 from imgclf.errors import ConfigError, DataError, TrainingStopped, UserError
+from imgclf.prepare import stored_short_side
 
 log = logging.getLogger("imgclf.train")
 
@@ -104,6 +105,8 @@ def setup_runtime(cfg: TrainConfig, environ) -> Runtime:
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
+        # fixed-size training batches: let cuDNN time its kernels once and keep the fastest
+        torch.backends.cudnn.benchmark = True
     else:
         device = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
@@ -365,6 +368,7 @@ def run(contract: TrainingContract, cfg: TrainConfig, runtime: Runtime, stop: St
             on_device=on_device,
             seed=cfg.seed,
             rank=runtime.rank,
+            stored_side=stored_short_side(scan.splits["train"].root),
         )
         if on_device and runtime.is_main:
             log.info("augmentation: random-resized crops and flips on %s", runtime.device)

@@ -113,3 +113,38 @@ def test_workers_cut_equal_squares_along_the_long_side(tmp_path):
         lefts.add(int(x[0, :, 0].float().mean()))
     assert len(lefts) > 3  # different places along the width
     assert not math.isnan(float(x.float().mean()))
+
+
+def test_squares_of_a_prepared_copy_are_slices_not_resamples(tmp_path):
+    """On a copy stored at the square's side, the workers cut without resampling: every pixel
+    of the square is a pixel of the file. Another size is resized to the side."""
+    rng = np.random.default_rng(0)
+    tall = rng.integers(0, 256, (90, 48, 3), dtype=np.uint8)
+    Image.fromarray(tall).save(tmp_path / "tall.png")
+    sample = [(str(tmp_path / "tall.png"), 0)]
+    exact = data.ImageListDataset(sample, data.device_augment_transform(PRE, side=48), draft=None)
+    tops = set()
+    for epoch in range(10):
+        x, _ = exact[(0, epoch)]
+        assert x.shape == (3, 48, 48)
+        chw = torch.from_numpy(tall).permute(2, 0, 1)
+        top = next(t for t in range(90 - 48 + 1) if torch.equal(chw[:, t : t + 48], x))
+        tops.add(top)
+    assert len(tops) > 3
+    resized = data.ImageListDataset(sample, data.device_augment_transform(PRE, side=32), draft=None)
+    assert resized[(0, 0)][0].shape == (3, 32, 32)
+
+
+def test_training_on_a_prepared_copy_keeps_its_short_side(tmp_path):
+    from imgclf.prepare import prepare_dataset, stored_short_side
+
+    for split in ("train", "valid"):
+        (tmp_path / "src" / split / "001.a").mkdir(parents=True)
+        Image.new("RGB", (120, 80), "red").save(tmp_path / "src" / split / "001.a" / "x.png")
+    copy = prepare_dataset(tmp_path / "src", tmp_path / "copy", short_side=64, fmt="raw").root
+    assert stored_short_side(copy / "train") == 64
+    assert stored_short_side(tmp_path / "src" / "train") is None
+    transform, draft, _ = data.train_input(
+        PRE, hflip=True, min_crop_scale=0.25, on_device=True, stored_side=64
+    )
+    assert draft == 64 and transform.transforms[0].side == 64
