@@ -86,7 +86,7 @@ class TrainConfig:
     device_augment: str = _hp(
         "auto",
         "random-resized crops and flips of whole batches on the training device instead of in "
-        "the loader workers: auto (on a GPU), on, off",
+        "the loader workers: auto (on a GPU: measured 1.10x end to end on an H100), on, off",
         choices=("auto", "on", "off"),
     )
     workers: int = _hp(
@@ -94,21 +94,24 @@ class TrainConfig:
     )
     amp: str = _hp(
         "auto",
-        "mixed precision: auto (bf16/fp16 on GPU, off on CPU), bf16, fp16, off",
+        "mixed precision: auto (bf16 on a GPU that has it, else fp16; off on CPU), bf16, "
+        "fp16, off (bf16 + channels_last measured 1.76x fp32 NCHW on an H100)",
         choices=("auto", "bf16", "fp16", "off"),
     )
     channels_last: bool = _hp(
-        True, "channels_last memory format (measured 1.08x on CPU for ResNet-50 at 224 px)"
+        True,
+        "channels_last memory format (measured for ResNet-50 at 224 px: 1.08x on CPU, 1.30x "
+        "fp32 and 1.51x bf16 on an H100)",
     )
     compile: bool = _hp(
         False,
         "torch.compile the training step's model (inductor; minutes of compiling first, "
-        "then faster steps on a GPU; needs a C compiler)",
+        "needs a C compiler; measured no faster than eager bf16 + channels_last on an H100)",
     )
     fused_optimizer: bool = _hp(
         False,
-        "fused AdamW/SGD kernels (one kernel for all parameters; measured no gain on CPU, "
-        "so off unless asked for)",
+        "fused AdamW/SGD kernels (one kernel for all parameters; measured no gain on CPU and "
+        "+2% on an H100, so off unless asked for)",
     )
     seed: int = _hp(0, "random seed (data order, augmentation, init)", minimum=0, maximum=2**31 - 1)
     patience: int = _hp(
