@@ -128,7 +128,18 @@ def _prepared_data(args) -> Path:
 def _hyperparameters(args) -> dict[str, str]:
     hps: dict[str, str] = {}
     if args.hp_from:
-        loaded = json.loads(Path(args.hp_from).read_text())
+        try:
+            loaded = json.loads(Path(args.hp_from).read_text())
+        except OSError as exc:
+            raise UserError(
+                f"--hp-from {args.hp_from} cannot be read ({exc.strerror or exc}); give the path "
+                "of a JSON file such as a tuning run's best.json"
+            ) from None
+        except ValueError as exc:
+            raise UserError(
+                f"--hp-from {args.hp_from} is not valid JSON ({exc}); it must hold an object "
+                'such as {"lr": 0.001, "batch_size": 64}'
+            ) from None
         loaded = loaded.get("hyperparameters", loaded) if isinstance(loaded, dict) else loaded
         if not isinstance(loaded, dict):
             raise UserError(f"--hp-from {args.hp_from} must hold a JSON object of hyperparameters")
@@ -626,7 +637,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="hyperparameters (--hp key=value):\n" + describe(),
     )
     train.add_argument("--data", required=True, help="folder with train/ valid/ [test/]")
-    train.add_argument("--hp", nargs="*", metavar="KEY=VALUE", help="hyperparameters")
+    train.add_argument(
+        "--hp", nargs="*", action="extend", metavar="KEY=VALUE", help="hyperparameters"
+    )
     train.add_argument("--hp-from", help="JSON file of hyperparameters (e.g. a tuner's best.json)")
     train.add_argument(
         "--job-name", help="job name; an existing local job resumes from its checkpoint"
@@ -684,7 +697,9 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument(
         "--out", help="tuning dir (default .imgclf/tuning/tune-<time>); an existing one resumes"
     )
-    tune.add_argument("--hp", nargs="*", metavar="KEY=VALUE", help="fixed for every trial")
+    tune.add_argument(
+        "--hp", nargs="*", action="extend", metavar="KEY=VALUE", help="fixed for every trial"
+    )
     tune.add_argument("--storage", help="Optuna storage URL (default: SQLite in the tuning dir)")
     tune.add_argument("--status", metavar="DIR", help="print the trial table of a tuning dir")
     tune.add_argument(

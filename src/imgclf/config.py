@@ -255,7 +255,13 @@ def parse_assignments(items: list[str]) -> dict[str, str]:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--hp {item!r} is not key=value (for example --hp lr=0.01)")
-        out[canonical_key(key)] = value
+        name = canonical_key(key)
+        if name in out and out[name] != value:
+            raise ConfigError(
+                f"--hp sets {name} twice ({out[name]!r}, then {value!r}); give each "
+                "hyperparameter once (repeated --hp flags are merged)"
+            )
+        out[name] = value
     return out
 
 

@@ -128,9 +128,22 @@ def list_split(name: str, root: Path) -> tuple[tuple[str, ...], list[tuple[Path,
         )
     files: list[tuple[Path, int]] = []
     ignored: list[str] = []
+    # (device, inode) of the split and its class folders: a symbolic link back to one of them
+    # (e.g. train/001.x/loop -> ..) is listed once as ignored and not followed
+    known = {_identity(root), *(_identity(root / cls) for cls in classes)}
     for index, cls in enumerate(classes):
+        seen = set(known)
         for dirpath, dirnames, filenames in os.walk(root / cls, followlinks=True):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            keep = []
+            for d in sorted(d for d in dirnames if not d.startswith(".")):
+                identity = _identity(Path(dirpath) / d)
+                if identity in seen:
+                    where = (Path(dirpath) / d).relative_to(root)
+                    ignored.append(f"{where} (a link to a folder already read: not followed)")
+                else:
+                    seen.add(identity)
+                    keep.append(d)
+            dirnames[:] = keep
             for filename in sorted(filenames):
                 path = Path(dirpath) / filename
                 if filename.startswith(".") or path.suffix.lower() not in IMAGE_EXTENSIONS:
@@ -138,6 +151,11 @@ def list_split(name: str, root: Path) -> tuple[tuple[str, ...], list[tuple[Path,
                     continue
                 files.append((path, index))
     return classes, files, ignored
+
+
+def _identity(path: Path) -> tuple[int, int]:
+    stat = path.stat()
+    return stat.st_dev, stat.st_ino
 
 
 def _hidden(path: Path) -> bool:

@@ -39,3 +39,29 @@ def test_data_check_fails_on_a_broken_layout(tmp_path):
     proc = run_launch("data", "check", str(tmp_path / "flat"), home=tmp_path)
     assert proc.returncode == 2
     assert "valid" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_repeated_hp_flags_merge_and_a_key_set_twice_is_refused(tmp_path):
+    data_dir = str(tmp_path / "nowhere")
+    # both groups reach the check: an unknown key in either one is named
+    for groups in (
+        ["--hp", "arch=resnet18", "--hp", "bogus=1"],
+        ["--hp", "bogus=1", "--hp", "lr=0.1"],
+    ):
+        proc = run_launch("train", "--data", data_dir, *groups, home=tmp_path)
+        assert proc.returncode == 2 and "bogus" in proc.stderr, proc.stderr
+    proc = run_launch(
+        "train", "--data", data_dir, "--hp", "lr=0.1", "epochs=2", "--hp", "lr=0.05", home=tmp_path
+    )
+    assert proc.returncode == 2
+    assert "lr twice" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_missing_or_malformed_hp_from_file_is_one_clear_line(tmp_path):
+    bad = tmp_path / "best.json"
+    bad.write_text("{not json")
+    for path, words in ((tmp_path / "absent.json", "cannot be read"), (bad, "not valid JSON")):
+        proc = run_launch("train", "--data", str(tmp_path), "--hp-from", str(path), home=tmp_path)
+        assert proc.returncode == 2, proc.stderr
+        assert words in proc.stderr and str(path) in proc.stderr
+        assert "Traceback" not in proc.stderr

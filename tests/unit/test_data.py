@@ -207,3 +207,25 @@ def test_scan_verdicts_are_kept_so_the_next_job_decodes_only_changed_files(
     assert [b.path for b in data.scan_dataset(splits, cache_dir=cache).bad] == [
         str(broken.relative_to(root / "train"))
     ] and decoded == []  # a bad verdict is remembered too
+
+
+def test_a_symbolic_link_loop_is_read_once_and_named(tmp_path):
+    root = tmp_path / "train"
+    for cls in ("001.a", "002.b"):
+        (root / cls).mkdir(parents=True)
+        Image.new("RGB", (8, 8), "red").save(root / cls / "x.png")
+    (root / "001.a" / "loop").symlink_to("..")  # back to the split: every class again
+    (root / "001.a" / "self").symlink_to(".")
+    (root / "002.b" / "sub").mkdir()
+    Image.new("RGB", (8, 8), "blue").save(root / "002.b" / "sub" / "y.png")
+    (root / "002.b" / "sub" / "up").symlink_to("..")  # back to its own class folder
+    classes, files, ignored = data.list_split("train", root)
+    assert classes == ("001.a", "002.b")
+    assert sorted((p.relative_to(root).as_posix(), t) for p, t in files) == [
+        ("001.a/x.png", 0),
+        ("002.b/sub/y.png", 1),
+        ("002.b/x.png", 1),
+    ]
+    skipped = sorted(i.split(" ")[0] for i in ignored)
+    assert skipped == ["001.a/loop", "001.a/self", "002.b/sub/up"]
+    assert all("not followed" in i for i in ignored)
