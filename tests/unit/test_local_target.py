@@ -45,3 +45,38 @@ def test_docker_without_an_engine_is_a_clear_error(tmp_path, tiny_digits):
     proc = run_launch("train", "--data", str(tiny_digits), "--docker", "img", home=tmp_path)
     assert proc.returncode == 2
     assert "docker" in proc.stderr.lower() and "drop --docker" in proc.stderr
+
+
+def test_a_second_job_with_a_running_jobs_name_is_refused_at_once(tmp_path, tiny_digits):
+    """Another launcher holds jobs/<name>.lock: the second is refused before it touches the
+    directory, naming the running job; a new name runs."""
+    import subprocess
+    import sys
+    import time
+
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; from imgclf.targets import local; "
+            f"local.lock_job(Path({str(tmp_path / 'jobs')!r}), 'busy'); print('held', flush=True); "
+            "time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        (tmp_path / "jobs" / "busy" / "model").mkdir(parents=True)
+        (tmp_path / "jobs" / "busy" / "model" / "model.pt").write_bytes(b"theirs")
+        proc = run_launch("train", "--data", str(tiny_digits), "--job-name", "busy", home=tmp_path)
+        assert proc.returncode == 2, proc.stderr
+        assert "job busy is already running" in proc.stderr
+        assert f"launcher pid {holder.pid}" in proc.stderr and "Traceback" not in proc.stderr
+        assert (tmp_path / "jobs" / "busy" / "model" / "model.pt").read_bytes() == b"theirs"
+    finally:
+        holder.kill()
+        holder.wait()
+    time.sleep(0.1)
+    job = local.prepare_job(tmp_path, "busy", data_dir=tiny_digits, hyperparameters={})
+    assert job.layout.base == tmp_path / "jobs" / "busy"

@@ -38,6 +38,7 @@ class LocalJob:
     name: str
     layout: Layout
     data_dir: Path
+    lock: object = None  # the open, flock'ed jobs/<name>.lock: held while this object lives
 
     @property
     def log_file(self) -> Path:
@@ -74,6 +75,7 @@ def prepare_job(
     data_dir = Path(data_dir).resolve()
     if not data_dir.is_dir():
         raise UserError(f"--data {data_dir} is not a directory")
+    lock = lock_job(home / "jobs", name)
     layout = Layout(home / "jobs" / name)
     for stale in (layout.base / "input", layout.model_dir, layout.output_dir, layout.code_dir):
         if stale.is_symlink() or stale.is_file():
@@ -114,7 +116,39 @@ def prepare_job(
         channel.symlink_to(data_dir, target_is_directory=True)
     else:
         channel.mkdir()
-    return LocalJob(name, layout, data_dir)
+    return LocalJob(name, layout, data_dir, lock)
+
+
+def lock_job(jobs_dir: Path, name: str):
+    """Take jobs/<name>.lock (an flock, released when the launcher exits, however it exits), or
+    refuse at once when another launcher runs a job of that name: two jobs in one directory
+    would mix one's hyperparameters with the other's model and failure file."""
+    import fcntl
+
+    jobs_dir.mkdir(parents=True, exist_ok=True)
+    path = (jobs_dir / f"{name}.lock").resolve()
+    if path in _HELD_LOCKS:  # this process runs the job again (a resume, a refined trial)
+        return _HELD_LOCKS[path]
+    handle = open(path, "a+")  # noqa: SIM115 - held until this process exits
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise UserError(
+            f"job {name} is already running ({holder}); wait for it to end, stop it, or give "
+            "this one another --job-name"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"launcher pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}")
+    handle.flush()
+    _HELD_LOCKS[path] = handle
+    return handle
+
+
+_HELD_LOCKS: dict[Path, object] = {}
 
 
 def _write(path: Path, obj) -> None:
