@@ -124,3 +124,49 @@ def test_best_json_from_a_tuning_job_decodes_sdk_style_values():
     assert best["hyperparameters"] == {"arch": "resnet50", "lr": "0.0031", "batch_size": "32"}
     assert best["objective"] == {"metric": "valid_loss", "type": "minimize", "value": 0.2}
     assert best["trial"] == "t-003-abc"
+
+
+@pytest.mark.parametrize("instances", [1, 2])
+def test_training_and_tuning_requests_carry_the_same_training_definition(instances):
+    """One builder for both: a tuning trial is the very job `train --target sagemaker` runs
+    (with 2 instances, one distributed job, not 2 single-process copies)."""
+    from imgclf.tuning.space import load_space, tuning_job_request
+    from tests.unit.test_space import ROOT_SPACE
+
+    space = load_space(ROOT_SPACE, fixed={"arch": "resnet50", "pretrained": "true"})
+    common = {
+        "image": IMAGE,
+        "role_arn": ROLE,
+        "train_s3": "s3://b/imgclf/data/dogImages/",
+        "output_s3": "s3://b/imgclf/out",
+        "instance_type": "ml.g5.2xlarge",
+        "instance_count": instances,
+        "max_runtime_s": 7200,
+        "volume_gb": 80,
+    }
+    job = sm.training_job_request(
+        job_name="j",
+        checkpoint_s3="s3://b/c",
+        region="eu-west-1",
+        hyperparameters=dict(space.static),
+        **common,
+    )
+    definition = sm.training_definition(hyperparameters=dict(space.static), **common)
+    tuning = tuning_job_request(space, job_name="t", training_definition=definition)
+    validate("CreateTrainingJob", job)
+    validate("CreateHyperParameterTuningJob", tuning)
+    trial = tuning["TrainingJobDefinition"]
+    assert trial["StaticHyperParameters"] == job["HyperParameters"]
+    for key in ("RoleArn", "InputDataConfig", "OutputDataConfig", "ResourceConfig"):
+        assert trial[key] == job[key], key
+    assert trial["EnableNetworkIsolation"] is job["EnableNetworkIsolation"] is True
+    spec = {
+        k: v
+        for k, v in job["AlgorithmSpecification"].items()
+        if k in trial["AlgorithmSpecification"]
+    }
+    assert spec == trial["AlgorithmSpecification"]
+    assert trial["StoppingCondition"]["MaxRuntimeInSeconds"] == 7200
+    distributed = TORCH_DISTRIBUTED_KEY in trial["StaticHyperParameters"]
+    assert distributed == (instances > 1)
+    assert trial["ResourceConfig"]["InstanceCount"] == instances

@@ -5,6 +5,7 @@ from botocore.validate import ParamValidator
 
 from imgclf.errors import ConfigError
 from imgclf.metrics import metric_definitions
+from imgclf.targets.sagemaker import training_definition
 from imgclf.tuning import space as sp
 
 ROOT_SPACE = "tuning.yaml"
@@ -62,14 +63,14 @@ parameters:
 def test_tuning_request_passes_botocores_own_validation(strategy):
     space = sp.load_space(ROOT_SPACE, fixed={"arch": "resnet50"})
     space = sp.TuningSpace(**{**space.__dict__, "strategy": strategy})
-    request = sp.tuning_job_request(
-        space,
-        job_name="imgclf-tune-1",
+    definition = training_definition(
         image="1.dkr.ecr.us-east-1.amazonaws.com/t:1",
         role_arn="arn:aws:iam::123456789012:role/SageMakerRole",
+        hyperparameters=space.static,
         train_s3="s3://b/data/",
         output_s3="s3://b/out/",
     )
+    request = sp.tuning_job_request(space, job_name="imgclf-tune-1", training_definition=definition)
     model = botocore.session.get_session().get_service_model("sagemaker")
     shape = model.operation_model("CreateHyperParameterTuningJob").input_shape
     report = ParamValidator().validate(request, shape)

@@ -301,8 +301,10 @@ def upload_tree(
 
 
 def encode_hyperparameters(hps: dict[str, str]) -> dict[str, str]:
-    """As the SageMaker Python SDK (>= 2.110) sends them: each value JSON-encoded into a string.
-    The training program decodes each with json.loads and falls back to the raw string."""
+    """Each value JSON-encoded into a string, as the SageMaker Python SDK's framework estimators
+    (PyTorch and the like) send them; a plain `Estimator` sends `str(value)` instead ("False").
+    The training program reads both: it decodes each with json.loads and falls back to the
+    raw string."""
     return {k: json.dumps(v) for k, v in hps.items()}
 
 
@@ -348,41 +350,34 @@ def debugger_configs(region: str, output_s3: str) -> dict:
     }
 
 
-def training_job_request(
+def training_definition(
     *,
-    job_name: str,
     image: str,
     role_arn: str,
     hyperparameters: dict[str, str],
     train_s3: str,
     output_s3: str,
-    checkpoint_s3: str,
-    region: str,
     instance_type: str = DEFAULT_TRAIN_INSTANCE,
     instance_count: int = 1,
     max_runtime_s: int = 24 * 3600,
     volume_gb: int = 50,
-    spot: bool = False,
-    sagemaker_debugger: bool = False,
 ) -> dict:
-    """The CreateTrainingJob request body."""
+    """What a training job is, whether it runs alone (CreateTrainingJob) or as a tuning trial
+    (CreateHyperParameterTuningJob's TrainingJobDefinition): image, role, data, output,
+    instances, limits, network isolation and the hyperparameters, encoded. Built once here so
+    the two requests cannot drift apart."""
     from imgclf.contract import COMBINED_CHANNEL, TORCH_DISTRIBUTED_KEY
 
     hps = dict(hyperparameters)
     if instance_count > 1:
         # Several instances: torchrun through sagemaker-training's torch_distributed runner.
         hps[TORCH_DISTRIBUTED_KEY] = "true"
-    stopping = {"MaxRuntimeInSeconds": max_runtime_s}
-    if spot:
-        stopping["MaxWaitTimeInSeconds"] = max_runtime_s * 2
-    request = {
-        "TrainingJobName": job_name,
+    return {
         "HyperParameters": encode_hyperparameters(hps),
         "AlgorithmSpecification": {
             "TrainingImage": image,
             "TrainingInputMode": "File",
             "MetricDefinitions": metric_definitions(),
-            "EnableSageMakerMetricsTimeSeries": True,
         },
         "RoleArn": role_arn,
         "InputDataConfig": [
@@ -404,15 +399,33 @@ def training_job_request(
             "InstanceCount": instance_count,
             "VolumeSizeInGB": volume_gb,
         },
-        "StoppingCondition": stopping,
-        "CheckpointConfig": {"S3Uri": checkpoint_s3, "LocalPath": CHECKPOINT_LOCAL_PATH},
-        "EnableManagedSpotTraining": spot,
+        "StoppingCondition": {"MaxRuntimeInSeconds": max_runtime_s},
         # Weights are baked into the image at build time: the job needs no network.
         "EnableNetworkIsolation": True,
-        "Tags": [{"Key": TAG_KEY, "Value": "train"}],
     }
+
+
+def training_job_request(
+    *,
+    job_name: str,
+    checkpoint_s3: str,
+    region: str,
+    spot: bool = False,
+    sagemaker_debugger: bool = False,
+    **definition,
+) -> dict:
+    """The CreateTrainingJob request body: `training_definition(**definition)` plus what only a
+    job of its own has (name, checkpoints, spot, metrics time series, tags, Debugger)."""
+    request = {"TrainingJobName": job_name, **training_definition(**definition)}
+    request["AlgorithmSpecification"]["EnableSageMakerMetricsTimeSeries"] = True
+    if spot:
+        stopping = request["StoppingCondition"]
+        stopping["MaxWaitTimeInSeconds"] = stopping["MaxRuntimeInSeconds"] * 2
+    request["CheckpointConfig"] = {"S3Uri": checkpoint_s3, "LocalPath": CHECKPOINT_LOCAL_PATH}
+    request["EnableManagedSpotTraining"] = spot
+    request["Tags"] = [{"Key": TAG_KEY, "Value": "train"}]
     if sagemaker_debugger:
-        request.update(debugger_configs(region, output_s3))
+        request.update(debugger_configs(region, request["OutputDataConfig"]["S3OutputPath"]))
     return request
 
 
@@ -616,11 +629,10 @@ def start_tuning(c: Clients, options: AwsOptions, space, *, data: str | Path, jo
     from imgclf.tuning.space import tuning_job_request
 
     image, role, bucket, train_s3 = _job_inputs(c, options, data)
-    request = tuning_job_request(
-        space,
-        job_name=job_name,
+    definition = training_definition(
         image=image,
         role_arn=role,
+        hyperparameters=space.static,
         train_s3=train_s3,
         output_s3=f"s3://{bucket}/imgclf/tuning/{job_name}",
         instance_type=options.instance_type or DEFAULT_TRAIN_INSTANCE,
@@ -628,11 +640,7 @@ def start_tuning(c: Clients, options: AwsOptions, space, *, data: str | Path, jo
         max_runtime_s=options.max_runtime_s,
         volume_gb=options.volume_gb,
     )
-    definition = request["TrainingJobDefinition"]
-    definition["StaticHyperParameters"] = encode_hyperparameters(
-        definition["StaticHyperParameters"]
-    )
-    definition["EnableNetworkIsolation"] = True
+    request = tuning_job_request(space, job_name=job_name, training_definition=definition)
     with aws_errors():
         c.sagemaker.create_hyper_parameter_tuning_job(**request)
     return request

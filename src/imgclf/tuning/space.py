@@ -12,7 +12,7 @@ from typing import Any
 
 from imgclf.config import FIELDS, canonical_key, parse_hyperparameters
 from imgclf.errors import ConfigError, UserError
-from imgclf.metrics import EPOCH_METRICS, metric_definitions
+from imgclf.metrics import EPOCH_METRICS
 
 STRATEGIES = {"bayesian": "Bayesian", "random": "Random", "hyperband": "Hyperband", "grid": "Grid"}
 SCALINGS = {
@@ -369,20 +369,12 @@ def sagemaker_parameter_ranges(space: TuningSpace) -> dict[str, list]:
     return ranges
 
 
-def tuning_job_request(
-    space: TuningSpace,
-    *,
-    job_name: str,
-    image: str,
-    role_arn: str,
-    train_s3: str,
-    output_s3: str,
-    instance_type: str = "ml.g5.xlarge",
-    instance_count: int = 1,
-    max_runtime_s: int = 24 * 3600,
-    volume_gb: int = 50,
-) -> dict:
-    """The CreateHyperParameterTuningJob request body (pure; botocore validates its shape)."""
+def tuning_job_request(space: TuningSpace, *, job_name: str, training_definition: dict) -> dict:
+    """The CreateHyperParameterTuningJob request body (pure; botocore validates its shape).
+    `training_definition`: what each trial is, from `targets.sagemaker.training_definition`
+    (the very builder of a training job's request) with the space's static hyperparameters."""
+    definition = dict(training_definition)
+    definition["StaticHyperParameters"] = definition.pop("HyperParameters")
     config: dict[str, Any] = {
         "Strategy": STRATEGIES[space.strategy],
         "HyperParameterTuningJobObjective": {
@@ -408,33 +400,5 @@ def tuning_job_request(
     return {
         "HyperParameterTuningJobName": job_name,
         "HyperParameterTuningJobConfig": config,
-        "TrainingJobDefinition": {
-            "StaticHyperParameters": dict(space.static),
-            "AlgorithmSpecification": {
-                "TrainingImage": image,
-                "TrainingInputMode": "File",
-                "MetricDefinitions": metric_definitions(),
-            },
-            "RoleArn": role_arn,
-            "InputDataConfig": [
-                {
-                    "ChannelName": "training",
-                    "DataSource": {
-                        "S3DataSource": {
-                            "S3DataType": "S3Prefix",
-                            "S3Uri": train_s3,
-                            "S3DataDistributionType": "FullyReplicated",
-                        }
-                    },
-                }
-            ],
-            "OutputDataConfig": {"S3OutputPath": output_s3},
-            "ResourceConfig": {
-                "InstanceType": instance_type,
-                "InstanceCount": instance_count,
-                "VolumeSizeInGB": volume_gb,
-            },
-            "StoppingCondition": {"MaxRuntimeInSeconds": max_runtime_s},
-            "EnableNetworkIsolation": True,
-        },
+        "TrainingJobDefinition": definition,
     }
