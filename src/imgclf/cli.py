@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from imgclf.config import describe, parse_assignments, parse_hyperparameters
+from imgclf.contract import SAGEMAKER_ROLE_ENV
 from imgclf.errors import UserError
 
 
@@ -216,7 +217,7 @@ def _aws(args):
 
     options = sagemaker.AwsOptions(
         region=args.region,
-        role=getattr(args, "role", None),
+        role=getattr(args, "role", None) or os.environ.get(SAGEMAKER_ROLE_ENV),
         bucket=getattr(args, "bucket", None),
         instance_type=getattr(args, "instance_type", None),
         instance_count=getattr(args, "instance_count", None) or 1,

@@ -19,6 +19,8 @@ BASE_DIR_ENV = "SAGEMAKER_BASE_DIR"
 # "1": no report.html at the end of a job (the local tuner's trials: it writes the best trial's
 # report once, and `launch.py report JOB` writes any other's later).
 NO_REPORT_ENV = "IMGCLF_NO_REPORT"
+# The launcher's default SageMaker execution role (read at the edge, by the CLI, only).
+SAGEMAKER_ROLE_ENV = "IMGCLF_SAGEMAKER_ROLE"
 
 # The training image's environment (docker/train/Dockerfile sets the same; a test compares).
 # sagemaker-training's `train` entry imports SAGEMAKER_TRAINING_MODULE and calls it; our module

@@ -341,3 +341,26 @@ def test_report_and_debug_of_a_sagemaker_job_download_its_output(aws, tmp_path, 
     assert f"{metrics['test_acc']:.4f}" in path.read_text()
     debug = launch(aws, home, "debug", "remote", "--target", "sagemaker")
     assert "rule ExplodingTensor: QUIET" in debug.stdout, debug.stdout + debug.stderr
+
+
+def test_a_deploy_that_fails_midway_leaves_nothing_behind(aws, tmp_path):
+    """The model is created, then the endpoint config is refused (serverless memory under
+    SageMaker's 1024 MB minimum): the model is deleted again and the error is one line."""
+    home = tmp_path / "home"
+    remember_images(home)
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "model.pt").write_bytes(b"weights")
+    proc = launch(
+        aws,
+        home,
+        *["deploy", "--target", "sagemaker", "--model", str(model_dir), "--name", "half"],
+        *["--role", ROLE, "--serverless-mb", "100"],
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "MemorySizeInMB" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert "cleaned up: model half-" in proc.stdout
+    sm = aws.client("sagemaker")
+    assert sm.list_models()["Models"] == []
+    assert sm.list_endpoint_configs()["EndpointConfigs"] == []
+    assert sm.list_endpoints()["Endpoints"] == []

@@ -11,6 +11,7 @@ from botocore.validate import ParamValidator
 from imgclf.contract import TORCH_DISTRIBUTED_KEY
 from imgclf.errors import UserError
 from imgclf.targets import sagemaker as sm
+from imgclf.targets.sagemaker import s3 as sm_s3
 
 ROLE = "arn:aws:iam::123456789012:role/SageMakerRole"
 IMAGE = "123456789012.dkr.ecr.eu-west-1.amazonaws.com/imgclf-train:abc"
@@ -89,13 +90,13 @@ def test_model_and_endpoint_config_requests_pass_validation(serverless):
 def test_s3_etag_single_and_multipart(tmp_path):
     small = tmp_path / "small.bin"
     small.write_bytes(b"x" * 1000)
-    assert sm.s3_etag(small) == hashlib.md5(b"x" * 1000).hexdigest()
+    assert sm_s3.s3_etag(small) == hashlib.md5(b"x" * 1000).hexdigest()
     big = tmp_path / "big.bin"
     data = bytes(range(256)) * 40  # 10240 bytes, 3 parts of 4096
     big.write_bytes(data)
     parts = [data[i : i + 4096] for i in range(0, len(data), 4096)]
     joined = hashlib.md5(b"".join(hashlib.md5(p).digest() for p in parts)).hexdigest()
-    assert sm.s3_etag(big, part_size=4096) == f"{joined}-3"
+    assert sm_s3.s3_etag(big, part_size=4096) == f"{joined}-3"
 
 
 def test_best_json_from_a_tuning_job_decodes_sdk_style_values():
@@ -170,3 +171,19 @@ def test_training_and_tuning_requests_carry_the_same_training_definition(instanc
     distributed = TORCH_DISTRIBUTED_KEY in trial["StaticHyperParameters"]
     assert distributed == (instances > 1)
     assert trial["ResourceConfig"]["InstanceCount"] == instances
+
+
+def test_an_html_error_page_becomes_one_short_line():
+    from imgclf.targets.sagemaker.aws import one_line
+
+    page = (
+        "<html><head><style>body {color: red}</style><title>502</title></head>\n<body>\n"
+        "<h1>Bad Gateway</h1>\n<p>The proxy   could not reach\n the server.</p>"
+        + "<p>x</p>" * 200
+        + "</body></html>"
+    )
+    line = one_line(page)
+    assert "\n" not in line and "<" not in line and "color" not in line
+    assert line.startswith("502 Bad Gateway The proxy could not reach the server.")
+    assert len(line) <= 300 and line.endswith("...")
+    assert one_line("ValidationException: plain text") == "ValidationException: plain text"

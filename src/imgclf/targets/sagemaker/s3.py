@@ -1,0 +1,124 @@
+"""S3: incremental upload of a dataset (size + ETag), model packing, job output download."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import sys
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from imgclf.errors import UserError
+from imgclf.targets.sagemaker.aws import Clients, aws_errors
+
+MULTIPART_BYTES = 64 * 1024 * 1024  # upload part size; also how the ETag is computed
+
+
+# ---------------------------------------------------------------- S3 upload
+
+
+def s3_etag(path: Path, part_size: int = MULTIPART_BYTES) -> str:
+    """The ETag S3 gives an upload of this file made with `part_size` parts (no SSE-KMS)."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        if size <= part_size:
+            return hashlib.md5(f.read(), usedforsecurity=False).hexdigest()
+        digests = []
+        while chunk := f.read(part_size):
+            digests.append(hashlib.md5(chunk, usedforsecurity=False).digest())
+    joined = hashlib.md5(b"".join(digests), usedforsecurity=False).hexdigest()
+    return f"{joined}-{len(digests)}"
+
+
+def split_s3_uri(uri: str) -> tuple[str, str]:
+    if not uri.startswith("s3://"):
+        raise UserError(f"{uri} is not an s3:// URI")
+    bucket, _, key = uri[5:].partition("/")
+    return bucket, key
+
+
+@dataclass
+class UploadResult:
+    uri: str
+    uploaded: int
+    skipped: int
+    bytes_sent: int
+
+
+def upload_tree(
+    s3, local_dir: Path, bucket: str, prefix: str, *, progress: bool = True
+) -> UploadResult:
+    """Upload every file under `local_dir` to s3://bucket/prefix/, skipping files already there
+    with the same size and ETag (a re-run of an unchanged dataset sends nothing)."""
+    from boto3.s3.transfer import TransferConfig
+    from tqdm import tqdm
+
+    prefix = prefix.strip("/")
+    files = sorted(p for p in local_dir.rglob("*") if p.is_file() and not p.name.startswith("."))
+    if not files:
+        raise UserError(f"{local_dir} holds no files to upload")
+    existing: dict[str, tuple[int, str]] = {}
+    with aws_errors():
+        for page in s3.get_paginator("list_objects_v2").paginate(
+            Bucket=bucket, Prefix=prefix + "/"
+        ):
+            for obj in page.get("Contents", []):
+                existing[obj["Key"]] = (obj["Size"], obj["ETag"].strip('"'))
+    todo = []
+    for path in files:
+        key = f"{prefix}/{path.relative_to(local_dir).as_posix()}"
+        size = path.stat().st_size
+        have = existing.get(key)
+        if have and have[0] == size and have[1] == s3_etag(path):
+            continue
+        todo.append((path, key, size))
+    config = TransferConfig(
+        multipart_threshold=MULTIPART_BYTES, multipart_chunksize=MULTIPART_BYTES
+    )
+    total = sum(size for _, _, size in todo)
+    with (
+        tqdm(
+            total=total,
+            unit="B",
+            unit_scale=True,
+            desc=f"upload to s3://{bucket}/{prefix}",
+            disable=not progress or not todo,
+            file=sys.stderr,
+        ) as bar,
+        aws_errors(),
+    ):
+        for path, key, _ in todo:
+            s3.upload_file(str(path), bucket, key, Config=config, Callback=bar.update)
+    return UploadResult(f"s3://{bucket}/{prefix}/", len(todo), len(files) - len(todo), total)
+
+
+def pack_model(model_dir: Path) -> bytes:
+    """model.tar.gz of a local model dir (the layout SageMaker unpacks into /opt/ml/model)."""
+    if not (model_dir / "model.pt").is_file():
+        raise UserError(f"{model_dir} is not a model dir (no model.pt); pass a job's model/")
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for path in sorted(model_dir.iterdir()):
+            if path.is_file():
+                tar.add(path, arcname=path.name)
+    return buf.getvalue()
+
+
+def download_job_output(c: Clients, job_name: str, dest: Path) -> Path:
+    """A SageMaker job's model.tar.gz and output.tar.gz unpacked into a local job dir
+    (model/ and output/data/), for `launch.py report` and `debug`."""
+    with aws_errors():
+        desc = c.sagemaker.describe_training_job(TrainingJobName=job_name)
+    model_uri = desc.get("ModelArtifacts", {}).get("S3ModelArtifacts")
+    if not model_uri:
+        raise UserError(f"training job {job_name} has no output yet ({desc['TrainingJobStatus']})")
+    output_uri = model_uri.rsplit("/", 1)[0] + "/output.tar.gz"
+    for uri, folder in ((model_uri, dest / "model"), (output_uri, dest / "output" / "data")):
+        bucket, key = split_s3_uri(uri)
+        with aws_errors():
+            body = c.s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+        folder.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(fileobj=io.BytesIO(body), mode="r:gz") as tar:
+            tar.extractall(folder, filter="data")  # no absolute paths, links or devices
+    return dest
