@@ -163,9 +163,9 @@ def cmd_train(args) -> int:
         args.target == "sagemaker" or args.docker or "features_dir" in hps
     ):
         hps["features_dir"] = str((_home(args) / "features").resolve())  # shared by jobs
+    if args.debug:  # our hook and rules, the same way on every target
+        hps["debug"] = "true"
     if args.target == "sagemaker":
-        if args.debug:  # our in-container hook and rules (no file can be written there)
-            hps["debug"] = "true"
         return _sagemaker_train(args, hps)
     home = _home(args)
     name = args.job_name or local.new_job_name()
@@ -178,7 +178,6 @@ def cmd_train(args) -> int:
         hyperparameters=hps,
         nproc=args.nproc,
         link_data=not args.docker,
-        debug=args.debug,
     )
     print(f"job {name}: {job.layout.base}")
     if args.docker:

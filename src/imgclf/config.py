@@ -123,7 +123,7 @@ class TrainConfig:
     debug: bool = _hp(
         False,
         "record tensors with smdebug and run the debugging rules (also on when SageMaker "
-        "writes input/config/debughookconfig.json)",
+        "writes an input/config/debughookconfig.json that names collections)",
     )
     debug_stop_on: str = _hp(
         "ExplodingTensor",

@@ -58,7 +58,7 @@ def test_hook_records_losses_in_both_modes_that_match_the_logged_values(tmp_path
     from smdebug import modes
     from smdebug.trials import create_trial
 
-    trial = create_trial(str(job / "output" / "tensors"))
+    trial = create_trial(str(job / "output" / "data" / "tensors"))
     (name,) = trial.tensor_names(collection="losses")
     loss = trial.tensor(name)
     train_steps, eval_steps = loss.steps(mode=modes.TRAIN), loss.steps(mode=modes.EVAL)
@@ -74,7 +74,7 @@ def test_hook_records_losses_in_both_modes_that_match_the_logged_values(tmp_path
             assert mean == pytest.approx(row[f"{key}_loss"], rel=1e-4), (key, epoch)
     assert trial.tensor_names(collection="gradients")
     status = json.loads((job / "output/data/debug.json").read_text())
-    assert status["tensors"] is True and status["source"] == "debughookconfig.json"
+    assert status["tensors"] is True and status["source"] == "hyperparameter"
 
 
 def test_a_healthy_job_keeps_every_rule_quiet(tmp_path, digits_dir):
@@ -194,12 +194,12 @@ def test_frozen_backbone_with_the_hook_and_no_hook_at_all(tmp_path, tiny_digits)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     from smdebug.trials import create_trial
 
-    gradients = create_trial(str(job / "output/tensors")).tensor_names(collection="gradients")
+    gradients = create_trial(str(job / "output/data/tensors")).tensor_names(collection="gradients")
     assert gradients and all("fc." in g for g in gradients)  # only the head trains
 
     proc, plain = train(tmp_path, tiny_digits, "plain", epochs=1, batch_size=32)
     assert proc.returncode == 0
-    assert not (plain / "output/tensors").exists()
+    assert not (plain / "output/tensors").exists() and not (plain / "output/data/tensors").exists()
     assert not (plain / "output/data/rules.json").exists()
     report = (plain / "output/data/report.html").read_text()
     assert "Not run: train with --debug" in report
@@ -268,7 +268,7 @@ def test_ddp_with_the_hook_has_one_writer(tmp_path, tiny_digits):
         tmp_path, tiny_digits, "ddp", "--debug", "--nproc", "2", epochs=1, batch_size=16
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    events = list((job / "output/tensors/events").rglob("*.tfevents"))
+    events = list((job / "output/data/tensors/events").rglob("*.tfevents"))
     assert events and {p.name.split("_", 1)[1] for p in events} == {"worker_0.tfevents"}
     assert verdicts(job)["ExplodingTensor"]["status"] == "quiet"
 

@@ -49,17 +49,6 @@ def new_job_name(prefix: str = "imgclf") -> str:
     return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-DEBUG_HOOK_CONFIG = {
-    "LocalPath": "/opt/ml/output/tensors",
-    "HookParameters": {"save_interval": "10"},
-    "CollectionConfigurations": [
-        {"CollectionName": "losses", "CollectionParameters": {"save_interval": "1"}},
-        {"CollectionName": "gradients", "CollectionParameters": {"save_interval": "10"}},
-        {"CollectionName": "weights", "CollectionParameters": {"save_interval": "10"}},
-    ],
-}
-
-
 def prepare_job(
     home: Path,
     name: str,
@@ -68,7 +57,6 @@ def prepare_job(
     hyperparameters: dict[str, str],
     nproc: int = 1,
     link_data: bool = True,
-    debug: bool = False,
 ) -> LocalJob:
     """Lay out jobs/<name>/ as SageMaker lays out /opt/ml. A job dir that exists keeps its
     checkpoints/ (so the job resumes) and gets fresh config, model/ and output/."""
@@ -109,8 +97,6 @@ def prepare_job(
             }
         },
     )
-    if debug:  # the file SageMaker writes for a DebugHookConfig (container paths)
-        _write(layout.config_dir / "debughookconfig.json", DEBUG_HOOK_CONFIG)
     channel = layout.data_dir / COMBINED_CHANNEL
     if link_data:
         channel.symlink_to(data_dir, target_is_directory=True)

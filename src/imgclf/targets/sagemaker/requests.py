@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+from imgclf.contract import DEBUG_COLLECTIONS
 from imgclf.errors import UserError
 from imgclf.metrics import metric_definitions
 
@@ -71,8 +72,8 @@ def debugger_configs(region: str, output_s3: str) -> dict:
             "S3OutputPath": f"{base}/debug-output",
             "LocalPath": "/opt/ml/output/tensors",
             "CollectionConfigurations": [
-                {"CollectionName": "losses", "CollectionParameters": {"save_interval": "10"}},
-                {"CollectionName": "gradients", "CollectionParameters": {"save_interval": "50"}},
+                {"CollectionName": name, "CollectionParameters": {"save_interval": str(steps)}}
+                for name, steps in DEBUG_COLLECTIONS.items()
             ],
         },
         "DebugRuleConfigurations": [
