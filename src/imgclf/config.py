@@ -220,6 +220,29 @@ def _coerce(name: str, raw: Any) -> Any:
     return out
 
 
+# The debugging rules' names (imgclf.debugging.rules keeps their logic; a test holds the two
+# equal): debug_stop_on is checked here, before any data is read or weights are loaded.
+DEBUG_RULES = (
+    "LossNotDecreasing",
+    "Overfit",
+    "VanishingGradient",
+    "ExplodingTensor",
+    "PoorWeightInitialization",
+    "ClassImbalance",
+)
+
+
+def debug_stop_rules(value: str) -> frozenset[str]:
+    """`debug_stop_on` → the set of rule names; an unknown name is a ConfigError naming them."""
+    names = frozenset(r.strip() for r in value.split(",") if r.strip())
+    unknown = names - set(DEBUG_RULES)
+    if unknown:
+        raise ConfigError(
+            f"debug_stop_on names unknown rules {sorted(unknown)}; known: {', '.join(DEBUG_RULES)}"
+        )
+    return names
+
+
 def parse_hyperparameters(raw: Mapping[str, Any]) -> TrainConfig:
     """Validate a mapping of (usually string) hyperparameters into a frozen TrainConfig.
 
@@ -240,6 +263,7 @@ def parse_hyperparameters(raw: Mapping[str, Any]) -> TrainConfig:
             raise ConfigError(f"hyperparameter {name} is given twice (as {key!r} and another)")
         values[name] = _coerce(name, value)
     config = TrainConfig(**values)
+    debug_stop_rules(config.debug_stop_on)
     if config.freeze and not (config.pretrained or config.weights_path):
         raise ConfigError(
             "freeze=true trains only the head on a random backbone: set pretrained=true "

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from imgclf import artifacts, data, engine, features, metrics, models
-from imgclf.config import TrainConfig, parse_hyperparameters
+from imgclf.config import TrainConfig, debug_stop_rules, parse_hyperparameters
 from imgclf.contract import (
     NO_REPORT_ENV,
     TrainingContract,
@@ -415,13 +415,7 @@ def run(contract: TrainingContract, cfg: TrainConfig, runtime: Runtime, stop: St
 
     # Debugging (smdebug, one writer) and profiling, both off unless asked for.
     eval_criterion = nn.CrossEntropyLoss()  # plain mean loss, a module so smdebug sees it
-    stop_on = {r.strip() for r in cfg.debug_stop_on.split(",") if r.strip()}
-    unknown = stop_on - set(rules.RULE_NAMES)
-    if unknown:
-        raise ConfigError(
-            f"debug_stop_on names unknown rules {sorted(unknown)}; known: "
-            f"{', '.join(rules.RULE_NAMES)}"
-        )
+    stop_on = debug_stop_rules(cfg.debug_stop_on)  # checked when the config was parsed
     debug = DebugHook()
     if runtime.is_main:
         debug = create_hook(

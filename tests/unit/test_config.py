@@ -128,3 +128,15 @@ def test_parse_assignments():
     }
     with pytest.raises(ConfigError, match="key=value"):
         parse_assignments(["lr"])
+
+
+def test_debug_stop_on_is_checked_when_the_config_is_parsed():
+    from imgclf.config import DEBUG_RULES
+    from imgclf.debugging.rules import RULE_NAMES
+
+    assert DEBUG_RULES == RULE_NAMES  # one list of names, the rules' own
+    assert parse_hyperparameters({"debug_stop_on": "ExplodingTensor, Overfit"}).debug_stop_on
+    with pytest.raises(
+        ConfigError, match=r"unknown rules \['Overfitt'\].*known: LossNotDecreasing"
+    ):
+        parse_hyperparameters({"debug_stop_on": "Overfitt"})
