@@ -3,6 +3,7 @@ artifacts. Runs alone or under torchrun (one process per GPU, or several on CPU 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -11,7 +12,7 @@ import signal
 import sys
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,10 @@ class Runtime:
     device: torch.device
     amp_dtype: torch.dtype | None
     progress_bar: bool
+    # read from the environment once, here at the edge
+    local_world_size: int = 1
+    scan_cache: Path | None = None  # SCAN_CACHE_ENV: image-check verdicts of earlier jobs
+    write_report: bool = True  # NO_REPORT_ENV=1 (the local tuner's trials): no report.html
 
     @property
     def is_main(self) -> bool:
@@ -121,6 +126,9 @@ def setup_runtime(cfg: TrainConfig, environ) -> Runtime:
         device=device,
         amp_dtype=resolve_amp(cfg.amp, device),
         progress_bar=rank == 0 and sys.stderr.isatty(),
+        local_world_size=int(environ.get("LOCAL_WORLD_SIZE", "1")),
+        scan_cache=Path(environ[SCAN_CACHE_ENV]) if environ.get(SCAN_CACHE_ENV) else None,
+        write_report=environ.get(NO_REPORT_ENV) != "1",
     )
 
 
@@ -151,8 +159,7 @@ def scan_data(contract: TrainingContract, cfg: TrainConfig, runtime: Runtime) ->
     result: Any = None
     if runtime.is_main:
         try:
-            cache = os.environ.get(SCAN_CACHE_ENV)
-            result = data.scan_dataset(contract.splits, cache_dir=Path(cache) if cache else None)
+            result = data.scan_dataset(contract.splits, cache_dir=runtime.scan_cache)
         except UserError as exc:
             result = exc
     result = _broadcast(runtime, result)
@@ -182,10 +189,10 @@ def scan_data(contract: TrainingContract, cfg: TrainConfig, runtime: Runtime) ->
     return result
 
 
-def _workers(cfg: TrainConfig) -> int:
+def _workers(cfg: TrainConfig, runtime: Runtime) -> int:
     if cfg.workers >= 0:
         return cfg.workers
-    return data.default_workers(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return data.default_workers(runtime.local_world_size)
 
 
 def build_loaders(
@@ -197,7 +204,7 @@ def build_loaders(
 ) -> dict[str, Any]:
     """Loaders of uint8 batches; the training split's workers apply `train_input` (transform,
     JPEG draft size) from `data.train_input`."""
-    workers = _workers(cfg)
+    workers = _workers(cfg, runtime)
     pin = runtime.device.type == "cuda"
     loaders = {}
     for name, split in scan.splits.items():
@@ -230,7 +237,7 @@ def build_feature_loaders(
             "features_cache trains only the head on stored embeddings, which takes seconds: "
             "run it as one process (no torchrun, instance_count 1)"
         )
-    workers = _workers(cfg)
+    workers = _workers(cfg, runtime)
 
     def image_loader(name: str):
         split = scan.splits[name]
@@ -333,286 +340,373 @@ class Progress:
 # ---------------------------------------------------------------- the program
 
 
-def run(contract: TrainingContract, cfg: TrainConfig, runtime: Runtime, stop: StopFlag) -> dict:
-    layout = contract.layout
-    torch.manual_seed(cfg.seed)
-    scan = scan_data(contract, cfg, runtime)
-    classes = scan.classes
-    arch = models.get_architecture(cfg.arch)
-    pre = arch.preprocess(cfg.image_size)
-    model = models.build_model(
-        cfg.arch,
-        len(classes),
-        pretrained=cfg.pretrained,
-        weights_path=cfg.weights_path,
-        freeze=cfg.freeze or cfg.features_cache,
-    )
-    model.to(runtime.device)
-    if cfg.channels_last:
-        model.to(memory_format=torch.channels_last)
-    normalize = data.DeviceNormalize.of(pre)  # the loaders hand over uint8 batches
-    train_prepare = normalize  # training batches: DeviceNormalize, or DeviceAugment
-    trainable: nn.Module = model  # what the loop runs: the model, or only its head
-    batch_channels_last = cfg.channels_last
-    cached = None
-    if cfg.features_cache:
-        loaders, cached = build_feature_loaders(layout, scan, cfg, pre, model, runtime)
-        trainable = models.head_module(model, cfg.arch)
-        batch_channels_last = False  # batches of embeddings, not images
-    else:
+@dataclass
+class TrainState:
+    """What changes from epoch to epoch; a checkpoint keeps it (`to_dict` / `from_dict`)."""
+
+    epoch: int = 0
+    best_loss: float = math.inf
+    best_epoch: int = 0
+    bad_epochs: int = 0
+    history: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainState:
+        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
+
+    def record(self, epoch: int, row: dict, valid_loss: float) -> bool:
+        """One finished epoch; True when its validation loss is the best so far."""
+        self.history.append(row)
+        self.epoch = epoch
+        if valid_loss < self.best_loss:
+            self.best_loss, self.best_epoch, self.bad_epochs = valid_loss, epoch, 0
+            return True
+        self.bad_epochs += 1
+        return False
+
+    def patience_spent(self, patience: int) -> bool:
+        return bool(patience) and self.bad_epochs >= patience
+
+
+class TrainingRun:
+    """The training program in named stages over one TrainState: `setup` (data, model, loaders,
+    loss, optimizer, hooks), `resume` (from checkpoints/), `fit` (the epochs, a checkpoint after
+    each), `finish` (test split, artifact, outputs, rules and report)."""
+
+    def __init__(
+        self, contract: TrainingContract, cfg: TrainConfig, runtime: Runtime, stop: StopFlag
+    ) -> None:
+        self.contract, self.cfg, self.runtime, self.stop = contract, cfg, runtime, stop
+        self.layout = contract.layout
+        self.state = TrainState()
+
+    # ------------------------------------------------------------ setup
+
+    def setup(self) -> TrainingRun:
+        cfg, runtime = self.cfg, self.runtime
+        torch.manual_seed(cfg.seed)
+        self.scan = scan_data(self.contract, cfg, runtime)
+        self.classes = self.scan.classes
+        self._setup_model()
+        self._setup_data()
+        weight = None
+        if cfg.class_weights:
+            weight = data.class_weights(self.scan.splits["train"].counts()).to(runtime.device)
+        self.criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
+        self.eval_criterion = nn.CrossEntropyLoss()  # plain mean loss, a module smdebug sees
+        self.optimizer = build_optimizer(cfg, self.model)
+        self.scheduler = build_scheduler(cfg, self.optimizer, len(self.loaders["train"]))
+        self.scaler = torch.amp.GradScaler("cuda") if runtime.amp_dtype == torch.float16 else None
+        self.best_weights = self._weights()
+        self._setup_hooks()
+        return self
+
+    def _setup_model(self) -> None:
+        cfg = self.cfg
+        self.pre = models.get_architecture(cfg.arch).preprocess(cfg.image_size)
+        self.model = models.build_model(
+            cfg.arch,
+            len(self.classes),
+            pretrained=cfg.pretrained,
+            weights_path=cfg.weights_path,
+            freeze=cfg.freeze or cfg.features_cache,
+        )
+        self.model.to(self.runtime.device)
+        if cfg.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+
+    def _setup_data(self) -> None:
+        cfg, runtime, pre = self.cfg, self.runtime, self.pre
+        self.normalize = data.DeviceNormalize.of(pre)  # the loaders hand over uint8 batches
+        self.train_prepare: data.DeviceNormalize | data.DeviceAugment = self.normalize
+        self.trainable: nn.Module = self.model  # what the loop runs: the model, or its head
+        self.batch_channels_last = cfg.channels_last
+        self.cached = None
+        if cfg.features_cache:
+            self.loaders, self.cached = build_feature_loaders(
+                self.layout, self.scan, cfg, pre, self.model, runtime
+            )
+            self.trainable = models.head_module(self.model, cfg.arch)
+            self.batch_channels_last = False  # batches of embeddings, not images
+            return
         on_device = use_device_augment(cfg.device_augment, runtime.device)
-        transform, draft, train_prepare = data.train_input(
+        transform, draft, self.train_prepare = data.train_input(
             pre,
             hflip=cfg.hflip,
             min_crop_scale=cfg.min_crop_scale,
             on_device=on_device,
             seed=cfg.seed,
             rank=runtime.rank,
-            stored_side=stored_short_side(scan.splits["train"].root),
+            stored_side=stored_short_side(self.scan.splits["train"].root),
         )
         if on_device and runtime.is_main:
             log.info("augmentation: random-resized crops and flips on %s", runtime.device)
-        loaders = build_loaders(scan, cfg, pre, runtime, (transform, draft))
-    train_loader = loaders["train"]
+        self.loaders = build_loaders(self.scan, cfg, pre, runtime, (transform, draft))
 
-    weight = None
-    if cfg.class_weights:
-        weight = data.class_weights(scan.splits["train"].counts()).to(runtime.device)
-    criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
-    optimizer = build_optimizer(cfg, model)
-    scheduler = build_scheduler(cfg, optimizer, len(train_loader))
-    scaler = torch.amp.GradScaler("cuda") if runtime.amp_dtype == torch.float16 else None
+    def _setup_hooks(self) -> None:
+        """Debugging (smdebug, one writer) and profiling, both off unless asked for."""
+        cfg, runtime = self.cfg, self.runtime
+        self.stop_on = debug_stop_rules(cfg.debug_stop_on)  # checked when the config was parsed
+        self.debug = DebugHook()
+        if runtime.is_main:
+            self.debug = create_hook(
+                read_debug_settings(self.layout, cfg.debug),
+                self.trainable,
+                [self.criterion, self.eval_criterion],
+                status_dir=self.layout.output_data_dir,
+            )
+        self.profiler = None
+        if cfg.profile and runtime.is_main:
+            self.profiler = Profiler(
+                self.layout.output_data_dir / PROFILER_DIR, runtime.device
+            ).start()
 
-    state = {"epoch": 0, "best_loss": math.inf, "best_epoch": 0, "bad_epochs": 0, "history": []}
-    # What changes during training, so what checkpoints and the best epoch keep: the whole
-    # model, or on cached features only the head (the frozen backbone is never run, and
-    # writing it every epoch would cost more than the head's training).
-    head_only = cached is not None
-    best_weights = {k: v.detach().clone() for k, v in trainable.state_dict().items()}
-    checkpoint = artifacts.load_checkpoint(layout.checkpoint_dir)
-    if checkpoint is not None:
+    @property
+    def head_only(self) -> bool:
+        """On cached features only the head changes: checkpoints keep just it (the frozen
+        backbone is never run, and writing it every epoch would cost more than training)."""
+        return self.cached is not None
+
+    def _weights(self) -> dict:
+        return {k: v.detach().clone() for k, v in self.trainable.state_dict().items()}
+
+    # ------------------------------------------------------------ checkpoints
+
+    def resume(self) -> TrainingRun:
+        checkpoint = artifacts.load_checkpoint(self.layout.checkpoint_dir)
+        if checkpoint is None:
+            return self
         if (
-            checkpoint.get("classes") != list(classes)
-            or checkpoint.get("arch") != cfg.arch
-            or bool(checkpoint.get("head_only")) != head_only
+            checkpoint.get("classes") != list(self.classes)
+            or checkpoint.get("arch") != self.cfg.arch
+            or bool(checkpoint.get("head_only")) != self.head_only
         ):
             raise UserError(
-                f"the checkpoint in {layout.checkpoint_dir} is from another dataset, "
+                f"the checkpoint in {self.layout.checkpoint_dir} is from another dataset, "
                 "architecture or features_cache setting; delete it (or use a new job) to start "
                 "from scratch"
             )
-        trainable.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        if scheduler is not None and checkpoint.get("scheduler"):
-            scheduler.load_state_dict(checkpoint["scheduler"])
-        if scaler is not None and checkpoint.get("scaler"):
-            scaler.load_state_dict(checkpoint["scaler"])
+        self.trainable.load_state_dict(checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        if self.scheduler is not None and checkpoint.get("scheduler"):
+            self.scheduler.load_state_dict(checkpoint["scheduler"])
+        if self.scaler is not None and checkpoint.get("scaler"):
+            self.scaler.load_state_dict(checkpoint["scaler"])
         artifacts.set_rng_state(checkpoint["rng"])
-        best_weights = checkpoint["best_model"]
-        state = checkpoint["state"]
-        if runtime.is_main:
-            log.info("resuming from checkpoint after epoch %d", state["epoch"])
+        self.best_weights = checkpoint["best_model"]
+        self.state = TrainState.from_dict(checkpoint["state"])
+        if self.runtime.is_main:
+            log.info("resuming from checkpoint after epoch %d", self.state.epoch)
+        return self
 
-    # Debugging (smdebug, one writer) and profiling, both off unless asked for.
-    eval_criterion = nn.CrossEntropyLoss()  # plain mean loss, a module so smdebug sees it
-    stop_on = debug_stop_rules(cfg.debug_stop_on)  # checked when the config was parsed
-    debug = DebugHook()
-    if runtime.is_main:
-        debug = create_hook(
-            read_debug_settings(layout, cfg.debug),
-            trainable,
-            [criterion, eval_criterion],
-            status_dir=layout.output_data_dir,
+    def save_checkpoint(self) -> None:
+        artifacts.save_checkpoint(
+            self.layout.checkpoint_dir,
+            {
+                "model": self.trainable.state_dict(),
+                "head_only": self.head_only,
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "rng": artifacts.rng_state(),
+                "best_model": self.best_weights,
+                "state": self.state.to_dict(),
+                "classes": list(self.classes),
+                "arch": self.cfg.arch,
+            },
         )
-    profiler = None
-    if cfg.profile and runtime.is_main:
-        profiler = Profiler(layout.output_data_dir / PROFILER_DIR, runtime.device).start()
 
-    net: nn.Module = trainable
-    if runtime.distributed:
-        net = nn.parallel.DistributedDataParallel(
-            model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None
+    # ------------------------------------------------------------ fit
+
+    def _network(self) -> nn.Module:
+        net: nn.Module = self.trainable
+        if self.runtime.distributed:
+            device = self.runtime.device
+            net = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[device.index] if device.type == "cuda" else None
+            )
+        if self.cfg.compile:
+            if self.debug.active and self.runtime.is_main:
+                log.warning("compile with debug: smdebug's hooks break the compiled graph up")
+            net = torch.compile(net)  # training only: evaluation's last batch has another shape
+        return net
+
+    def evaluate(self, split: str) -> engine.EvalResult:
+        return engine.evaluate(
+            self.trainable,
+            self.loaders[split],
+            num_classes=len(self.classes),
+            device=self.runtime.device,
+            amp_dtype=self.runtime.amp_dtype,
+            channels_last=self.batch_channels_last,
+            normalize=self.normalize,
+            reduce=_sum(self.runtime),
+            criterion=self.eval_criterion,
         )
-    if cfg.compile:
-        if debug.active and runtime.is_main:
-            log.warning("compile with debug: smdebug's hooks break the compiled graph up")
-        net = torch.compile(net)  # training only: evaluation's last batch has another shape
-    reduce = _sum(runtime)
-    progress = Progress(runtime.progress_bar)
-    num_classes = len(classes)
-    evaluate = functools.partial(
-        engine.evaluate,
-        trainable,
-        num_classes=num_classes,
-        device=runtime.device,
-        amp_dtype=runtime.amp_dtype,
-        channels_last=batch_channels_last,
-        normalize=normalize,
-        reduce=reduce,
-        criterion=eval_criterion,
-    )
-    steps_done = [state["epoch"] * len(train_loader)]
 
-    try:
-        for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
-            if cfg.patience and state["bad_epochs"] >= cfg.patience:
-                break
-            train_loader.sampler.set_epoch(epoch)
-            if isinstance(train_prepare, data.DeviceAugment):
-                train_prepare.set_epoch(epoch)
-            torch.manual_seed(cfg.seed * 1_000_003 + epoch)  # dropout etc.: same on resume
-            progress.start(epoch, cfg.epochs, len(train_loader))
-
-            def on_batch(step: int, loss: float, epoch=epoch) -> None:
-                progress.update(step, loss)
-                steps_done[0] += 1
-                if "ExplodingTensor" in stop_on:
-                    lr = optimizer.param_groups[0]["lr"]
-                    rules.check_finite_loss(loss, step=steps_done[0], epoch=epoch, lr=lr)
-
-            on_step_time = None
-            if profiler is not None:
-                on_step_time = functools.partial(profiler.record_step, epoch)
-            debug.train_mode()
-            try:
-                result = engine.train_one_epoch(
-                    net,
-                    train_loader,
-                    criterion,
-                    optimizer,
-                    device=runtime.device,
-                    scheduler=scheduler,
-                    scaler=scaler,
-                    amp_dtype=runtime.amp_dtype,
-                    channels_last=batch_channels_last,
-                    normalize=train_prepare,
-                    should_stop=stop,
-                    on_batch=on_batch,
-                    on_step_time=on_step_time,
-                    reduce=reduce,
-                )
-            finally:
-                progress.close()
-            debug.eval_mode()
-            valid = evaluate(loaders["valid"])
-            lr = optimizer.param_groups[0]["lr"]
-            row = {
-                "epoch": epoch,
-                "train_loss": result.loss,
-                "train_acc": result.accuracy,
-                "valid_loss": valid.loss,
-                "valid_acc": valid.accuracy,
-                "lr": lr,
-                "epoch_time": result.seconds,
-                "images_per_s": result.images_per_second,
-            }
-            state["history"].append({**row, "data_wait_s": result.data_seconds})
-            if valid.loss < state["best_loss"]:
-                state.update(best_loss=valid.loss, best_epoch=epoch, bad_epochs=0)
-                best_weights = {k: v.detach().clone() for k, v in trainable.state_dict().items()}
-            else:
-                state["bad_epochs"] += 1
-            state["epoch"] = epoch
-            if runtime.is_main:
-                print(metrics.format_epoch_line(row), flush=True)
-                artifacts.save_checkpoint(
-                    layout.checkpoint_dir,
-                    {
-                        "model": trainable.state_dict(),
-                        "head_only": head_only,
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                        "scaler": scaler.state_dict() if scaler is not None else None,
-                        "rng": artifacts.rng_state(),
-                        "best_model": best_weights,
-                        "state": state,
-                        "classes": list(classes),
-                        "arch": cfg.arch,
-                    },
-                )
-            if runtime.distributed:
-                dist.barrier()
-            if stop():
-                raise TrainingStopped
-            if "Overfit" in stop_on:
-                rules.check_overfit_history(state["history"])
-    finally:
-        if profiler is not None:
-            profiler.stop()
-    if cfg.patience and state["bad_epochs"] >= cfg.patience and state["epoch"] < cfg.epochs:
-        if runtime.is_main:
+    def fit(self) -> TrainingRun:
+        cfg, state = self.cfg, self.state
+        net = self._network()
+        self.progress = Progress(self.runtime.progress_bar)
+        self.steps_done = state.epoch * len(self.loaders["train"])
+        try:
+            for epoch in range(state.epoch + 1, cfg.epochs + 1):
+                if state.patience_spent(cfg.patience):
+                    break
+                self._train_epoch(net, epoch)
+        finally:
+            if self.profiler is not None:
+                self.profiler.stop()
+        if state.patience_spent(cfg.patience) and state.epoch < cfg.epochs and self.runtime.is_main:
             log.info(
                 "early stopping: valid loss has not improved for %d epochs (best: epoch %d)",
                 cfg.patience,
-                state["best_epoch"],
+                state.best_epoch,
             )
+        return self
 
-    trainable.load_state_dict(best_weights)
-    summary: dict[str, Any] = {
-        "best_epoch": state["best_epoch"],
-        "epochs_run": state["epoch"],
-        "valid_loss": state["best_loss"],
-        "valid_acc": next(
-            (h["valid_acc"] for h in state["history"] if h["epoch"] == state["best_epoch"]), None
-        ),
-    }
-    if cached is not None:
-        summary["features"] = cached.info()
-    labels = [data.label_name(c) for c in classes]
-    if "test" in loaders:
-        debug.predict_mode()  # test batches land apart from validation (smdebug PREDICT)
-        test = evaluate(loaders["test"])
-        summary.update(
-            test_loss=test.loss,
-            test_acc=test.accuracy,
-            test_top5=test.top5,
-            test_images=test.images,
-            per_class_accuracy={name: acc for name, acc in zip(labels, test.per_class_accuracy())},
-            confusion_matrix=test.confusion.tolist(),
-        )
+    def _on_batch(self, epoch: int, step: int, loss: float) -> None:
+        self.progress.update(step, loss)
+        self.steps_done += 1
+        if "ExplodingTensor" in self.stop_on:
+            lr = self.optimizer.param_groups[0]["lr"]
+            rules.check_finite_loss(loss, step=self.steps_done, epoch=epoch, lr=lr)
+
+    def _train_epoch(self, net: nn.Module, epoch: int) -> None:
+        cfg, runtime, train_loader = self.cfg, self.runtime, self.loaders["train"]
+        train_loader.sampler.set_epoch(epoch)
+        if isinstance(self.train_prepare, data.DeviceAugment):
+            self.train_prepare.set_epoch(epoch)
+        torch.manual_seed(cfg.seed * 1_000_003 + epoch)  # dropout etc.: the same on resume
+        self.progress.start(epoch, cfg.epochs, len(train_loader))
+        on_step_time = None
+        if self.profiler is not None:
+            on_step_time = functools.partial(self.profiler.record_step, epoch)
+        self.debug.train_mode()
+        try:
+            result = engine.train_one_epoch(
+                net,
+                train_loader,
+                self.criterion,
+                self.optimizer,
+                device=runtime.device,
+                scheduler=self.scheduler,
+                scaler=self.scaler,
+                amp_dtype=runtime.amp_dtype,
+                channels_last=self.batch_channels_last,
+                normalize=self.train_prepare,
+                should_stop=self.stop,
+                on_batch=functools.partial(self._on_batch, epoch),
+                on_step_time=on_step_time,
+                reduce=_sum(runtime),
+            )
+        finally:
+            self.progress.close()
+        self.debug.eval_mode()
+        valid = self.evaluate("valid")
+        row = {
+            "epoch": epoch,
+            "train_loss": result.loss,
+            "train_acc": result.accuracy,
+            "valid_loss": valid.loss,
+            "valid_acc": valid.accuracy,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "epoch_time": result.seconds,
+            "images_per_s": result.images_per_second,
+        }
+        if self.state.record(epoch, {**row, "data_wait_s": result.data_seconds}, valid.loss):
+            self.best_weights = self._weights()
         if runtime.is_main:
-            print(
-                metrics.format_test_line(
-                    {"test_loss": test.loss, "test_acc": test.accuracy, "test_top5": test.top5}
-                ),
-                flush=True,
-            )
-    elif runtime.is_main:
-        log.warning("no test split: the model is saved without a test evaluation")
+            print(metrics.format_epoch_line(row), flush=True)
+            self.save_checkpoint()
+        if runtime.distributed:
+            dist.barrier()
+        if self.stop():
+            raise TrainingStopped
+        if "Overfit" in self.stop_on:
+            rules.check_overfit_history(self.state.history)
 
-    debug.close()
-    if runtime.is_main:
+    # ------------------------------------------------------------ finish
+
+    def finish(self) -> dict:
+        """The best epoch's weights, the test split, then (main process) the artifact, the
+        job's outputs, the rules' verdicts and the report. Returns the summary."""
+        state, runtime = self.state, self.runtime
+        self.trainable.load_state_dict(self.best_weights)
+        summary: dict[str, Any] = {
+            "best_epoch": state.best_epoch,
+            "epochs_run": state.epoch,
+            "valid_loss": state.best_loss,
+            "valid_acc": next(
+                (h["valid_acc"] for h in state.history if h["epoch"] == state.best_epoch), None
+            ),
+        }
+        if self.cached is not None:
+            summary["features"] = self.cached.info()
+        labels = [data.label_name(c) for c in self.classes]
+        if "test" in self.loaders:
+            self.debug.predict_mode()  # test batches land apart from validation (PREDICT)
+            test = self.evaluate("test")
+            summary.update(
+                test_loss=test.loss,
+                test_acc=test.accuracy,
+                test_top5=test.top5,
+                test_images=test.images,
+                per_class_accuracy=dict(zip(labels, test.per_class_accuracy())),
+                confusion_matrix=test.confusion.tolist(),
+            )
+            if runtime.is_main:
+                line = {"test_loss": test.loss, "test_acc": test.accuracy, "test_top5": test.top5}
+                print(metrics.format_test_line(line), flush=True)
+        elif runtime.is_main:
+            log.warning("no test split: the model is saved without a test evaluation")
+        self.debug.close()
+        if runtime.is_main:
+            self._write_outputs(summary, labels)
+            _rules_and_report(self.layout, self.cfg, self.debug, summary, self.scan, runtime)
+        return summary
+
+    def _write_outputs(self, summary: dict, labels: list[str]) -> None:
+        cfg, layout = self.cfg, self.layout
         model_config = {
             "arch": cfg.arch,
-            "classes": list(classes),
-            "preprocess": pre.to_dict(),
+            "classes": list(self.classes),
+            "preprocess": self.pre.to_dict(),
             "channels_last": cfg.channels_last,
         }
         artifacts.save_artifact(
             layout.model_dir,
-            state_dict=model.state_dict(),
+            state_dict=self.model.state_dict(),
             labels=labels,
             config=model_config,
             metrics=summary,
         )
         out = layout.output_data_dir
-        artifacts.write_json(out / "history.json", state["history"])
+        artifacts.write_json(out / "history.json", self.state.history)
         artifacts.write_json(out / "config.json", cfg.to_dict())
         artifacts.write_json(
             out / "evaluation.json",
             {
                 "labels": labels,
-                **{k: v for k, v in summary.items()},
-                "train_counts": scan.splits["train"].counts(),
-                "device": runtime.device.type,
+                **summary,
+                "train_counts": self.scan.splits["train"].counts(),
+                "device": self.runtime.device.type,
             },
         )
         log.info("model saved to %s", layout.model_dir)
-        _rules_and_report(layout, cfg, debug, summary, scan)
-    return summary
 
 
-def _rules_and_report(layout, cfg: TrainConfig, debug: DebugHook, summary: dict, scan) -> None:
+def run(contract: TrainingContract, cfg: TrainConfig, runtime: Runtime, stop: StopFlag) -> dict:
+    """The whole program: setup, resume, fit, finish."""
+    return TrainingRun(contract, cfg, runtime, stop).setup().resume().fit().finish()
+
+
+def _rules_and_report(
+    layout, cfg: TrainConfig, debug: DebugHook, summary: dict, scan, runtime: Runtime
+) -> None:
     """After training (main process): the rules over the recorded tensors, their verdicts in
     the log and output/data/rules.json, then output/data/report.html."""
     from imgclf import report
@@ -631,7 +725,7 @@ def _rules_and_report(layout, cfg: TrainConfig, debug: DebugHook, summary: dict,
         artifacts.write_json(
             layout.output_data_dir / rules.RULES_FILE, rules.verdicts_to_json(verdicts)
         )
-    if os.environ.get(NO_REPORT_ENV) == "1":
+    if not runtime.write_report:
         log.info("report: not written now (launch.py report %s writes it)", layout.base)
         return
     path = report.write_report_or_warn(layout.base, log.warning)
