@@ -18,12 +18,12 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from imgclf import jobs
 from imgclf.artifacts import write_json
 from imgclf.config import FIELDS
 from imgclf.contract import NO_REPORT_ENV
 from imgclf.errors import UserError
 from imgclf.metrics import parse_metric_line
-from imgclf.targets import local
 from imgclf.tuning.space import (
     TuningSpace,
     optuna_distributions,
@@ -102,7 +102,7 @@ def _claim(out_dir: Path) -> None:
             pid = int(lock.read_text().strip())
         except ValueError:
             pid = 0
-        if pid and pid != os.getpid() and local.process_alive(pid):
+        if pid and pid != os.getpid() and jobs.process_alive(pid):
             raise UserError(f"a tuner (pid {pid}) is already running in {out_dir}")
     lock.write_text(str(os.getpid()))
 
@@ -207,7 +207,7 @@ def run_tuning(
     def on_sigterm(signum, frame):
         stop.set()
         for proc in list(running.values()):
-            local.signal_group(proc, signal.SIGTERM)
+            jobs.signal_group(proc, signal.SIGTERM)
 
     previous = signal.signal(signal.SIGTERM, on_sigterm)
     distributions = optuna_distributions(space)
@@ -218,7 +218,7 @@ def run_tuning(
             raise KeyboardInterrupt
         params = {name: _suggest(trial, name, dist) for name, dist in distributions.items()}
         hps = trial_hyperparameters(space, params)
-        job = local.prepare_job(
+        job = jobs.prepare_job(
             out_dir, f"trial-{trial.number:03d}", data_dir=data_dir, hyperparameters=hps
         )
         trial.set_user_attr("job_dir", str(job.layout.base))
@@ -241,23 +241,23 @@ def run_tuning(
             # Stopping a trial at its last epoch saves nothing: let it finish.
             if not pruned.is_set() and epoch < last_epoch and trial.should_prune():
                 pruned.set()
-                local.signal_group(running[trial.number], signal.SIGTERM)
+                jobs.signal_group(running[trial.number], signal.SIGTERM)
 
         def on_start(proc: subprocess.Popen) -> None:
             running[trial.number] = proc
             if stop.is_set():  # the stop came while this job was starting
-                local.signal_group(proc, signal.SIGTERM)
+                jobs.signal_group(proc, signal.SIGTERM)
 
-        env = local.job_environment(job)
+        env = jobs.job_environment(job)
         # Trials share the CPUs: without a thread budget each one's OpenMP threads spin against
         # the others' and a CPU trial runs ~20x slower (seen: 8 vs 160 images/s on 2 cores).
         threads = str(max(1, (os.cpu_count() or 1) // parallel))
         env.update({"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads})
         # ~1.3 s a trial (matplotlib and the plots): only the best trial's report is written.
         env[NO_REPORT_ENV] = "1"
-        code = local.run_job(
+        code = jobs.run_job(
             job,
-            local.train_command(),
+            jobs.train_command(),
             env,
             echo=False,
             on_line=on_line,
@@ -274,7 +274,7 @@ def run_tuning(
             raise KeyboardInterrupt
         if code != 0 or not best:
             monitor.update(trial.number, state="FAILED")
-            reason = local.read_failure(job) or f"exit {code}, see {job.log_file}"
+            reason = jobs.read_failure(job) or f"exit {code}, see {job.log_file}"
             trial.set_user_attr("failure", reason[:500])
             print(f"trial {trial.number} failed: {reason.strip()[:500]}", flush=True)
             raise TrialJobFailed(reason)
@@ -367,11 +367,11 @@ def refine(space: TuningSpace, *, data_dir: Path, out_dir: Path, count: int) -> 
         name = f"refine-{trial.number:03d}"
         history_file = out_dir / "jobs" / name / "output" / "data" / "history.json"
         if not history_file.exists():
-            job = local.prepare_job(out_dir, name, data_dir=data_dir, hyperparameters=hps)
+            job = jobs.prepare_job(out_dir, name, data_dir=data_dir, hyperparameters=hps)
             print(f"refining trial {trial.number} as a full fine-tune ({job.layout.base})")
-            code = local.run_job(job, local.train_command(), local.job_environment(job), echo=False)
+            code = jobs.run_job(job, jobs.train_command(), jobs.job_environment(job), echo=False)
             if code != 0 or not history_file.exists():
-                reason = local.read_failure(job) or f"exit {code}, see {job.log_file}"
+                reason = jobs.read_failure(job) or f"exit {code}, see {job.log_file}"
                 print(f"refine of trial {trial.number} failed: {reason.strip()[:500]}")
                 continue
         history = json.loads(history_file.read_text())
