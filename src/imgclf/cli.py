@@ -13,6 +13,7 @@ from pathlib import Path
 from imgclf.config import describe, parse_assignments, parse_hyperparameters
 from imgclf.contract import SAGEMAKER_ROLE_ENV
 from imgclf.errors import UserError
+from imgclf.util import parse_bool
 
 
 def _print_table(rows: list[list[str]], header: list[str]) -> None:
@@ -159,7 +160,7 @@ def cmd_train(args) -> int:
         hps["profile"] = "true"
     if args.features_cache:
         hps["features_cache"] = "true"
-    if hps.get("features_cache", "").lower() in ("true", "1", "yes", "on") and not (
+    if parse_bool(hps.get("features_cache", "false")) and not (
         args.target == "sagemaker" or args.docker or "features_dir" in hps
     ):
         hps["features_dir"] = str((_home(args) / "features").resolve())  # shared by jobs

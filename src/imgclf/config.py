@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from imgclf.errors import ConfigError
+from imgclf.util import FALSE_STRINGS, TRUE_STRINGS
 
 # Keys SageMaker and its SDK add on their own; they are not ours to validate.
 _PLATFORM_PREFIXES = ("sagemaker_", "_tuning_objective_metric", "_sagemaker")
@@ -29,9 +30,6 @@ ARCHITECTURES = (
     "convnext_tiny",
     "mobilenet_v3_large",
 )
-
-_TRUE = {"true", "1", "yes", "y", "on"}
-_FALSE = {"false", "0", "no", "n", "off"}
 
 
 def _hp(
@@ -181,9 +179,9 @@ def _coerce(name: str, raw: Any) -> Any:
                 out: Any = value
             elif isinstance(value, int | float) and value in (0, 1):
                 out = bool(value)
-            elif str(value).strip().lower() in _TRUE:
+            elif str(value).strip().lower() in TRUE_STRINGS:
                 out = True
-            elif str(value).strip().lower() in _FALSE:
+            elif str(value).strip().lower() in FALSE_STRINGS:
                 out = False
             else:
                 raise ValueError

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from imgclf.errors import DataError, UserError
+from imgclf.util import atomic_write
 
 DEFAULT_BASE_DIR = "/opt/ml"
 BASE_DIR_ENV = "SAGEMAKER_BASE_DIR"
@@ -165,6 +166,4 @@ def write_failure(layout: Layout, message: str) -> None:
     text = message.strip()
     if len(text) > FAILURE_LIMIT:
         text = text[: FAILURE_LIMIT - 3] + "..."
-    tmp = layout.failure_file.with_suffix(".tmp")
-    tmp.write_text(text + "\n")
-    os.replace(tmp, layout.failure_file)
+    atomic_write(layout.failure_file, text + "\n")

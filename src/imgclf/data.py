@@ -25,6 +25,7 @@ from torchvision import transforms
 from torchvision.ops import roi_align
 
 from imgclf.errors import DataError
+from imgclf.util import cpu_count, write_json
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
@@ -252,10 +253,7 @@ def scan_dataset(split_dirs: dict[str, Path], *, cache_dir: Path | None = None) 
 
 def _write_verdicts(path: Path, root: str, verdicts: dict) -> None:
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"root": root, "verdicts": verdicts}))
-        os.replace(tmp, path)
+        write_json(path, {"root": root, "verdicts": verdicts}, indent=None)
     except OSError:
         pass  # a cache: the next scan decodes again
 
@@ -600,11 +598,7 @@ class ShardSampler(Sampler):
 
 
 def default_workers(local_world_size: int = 1) -> int:
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cpus = os.cpu_count() or 1
-    return max(0, min(8, cpus // max(1, local_world_size)))
+    return max(0, min(8, cpu_count() // max(1, local_world_size)))
 
 
 def _ignore_sigterm(worker_id: int) -> None:

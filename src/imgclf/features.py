@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from imgclf import data, engine, models
+from imgclf.util import atomic_write, write_json
 
 log = logging.getLogger("imgclf.features")
 
@@ -149,9 +150,10 @@ def embed(
 
 
 def _save(path: Path, split: SplitFeatures) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"features": split.features, "targets": split.targets}, tmp)
-    os.replace(tmp, path)
+    atomic_write(
+        path,
+        lambda handle: torch.save({"features": split.features, "targets": split.targets}, handle),
+    )
 
 
 def _load(path: Path) -> SplitFeatures:
@@ -207,7 +209,5 @@ def load_or_compute(
             "dims": int(splits[names[0]].features.shape[1]),
             "seconds": round(seconds, 3),
         }
-        tmp = done.with_suffix(".tmp")
-        tmp.write_text(json.dumps(info, indent=2))
-        os.replace(tmp, done)  # written last: a half-built folder is never taken as done
+        write_json(done, info)  # written last: a half-built folder is never taken as done
         return CachedFeatures(splits, key, folder, reused=False, seconds=seconds)

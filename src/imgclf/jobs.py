@@ -5,7 +5,6 @@ tuner both run their jobs through this module; it imports neither."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -26,6 +25,7 @@ from imgclf.contract import (
     Layout,
 )
 from imgclf.errors import UserError
+from imgclf.util import new_job_name, write_json  # noqa: F401 - re-exported
 
 HOST = "algo-1"
 STOP_GRACE_SECONDS = 120  # what SageMaker gives a stopped job
@@ -41,10 +41,6 @@ class LocalJob:
     @property
     def log_file(self) -> Path:
         return self.layout.base / "train.log"
-
-
-def new_job_name(prefix: str = "imgclf") -> str:
-    return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def prepare_job(
@@ -136,7 +132,7 @@ _HELD_LOCKS: dict[Path, object] = {}
 
 
 def _write(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=2) + "\n")
+    write_json(path, obj)
 
 
 def job_environment(job: LocalJob, base_env: dict[str, str] | None = None) -> dict[str, str]:

@@ -23,6 +23,7 @@ from PIL import Image
 from imgclf.contract import resolve_splits
 from imgclf.data import list_split, try_open_image
 from imgclf.errors import DataError
+from imgclf.util import atomic_write, write_json
 
 MANIFEST = "prepared.json"
 FORMAT_VERSION = 1
@@ -81,11 +82,8 @@ def _build(source: Path, target: Path, short_side: int, fmt: str) -> str | None:
     if image is None:
         return problem
     image = _resize(image, short_side)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.name + ".tmp")
     _, pil_format, options = FORMATS[fmt]
-    image.save(tmp, format=pil_format, **options)
-    os.replace(tmp, target)
+    atomic_write(target, lambda handle: image.save(handle, format=pil_format, **options))
     return None
 
 
@@ -155,18 +153,16 @@ def prepare_dataset(
     for folder in sorted((p for p in out_dir.rglob("*") if p.is_dir()), reverse=True):
         if not any(folder.iterdir()):
             folder.rmdir()  # a class or split that no longer has images
-    tmp = manifest_path.with_suffix(".tmp")
-    tmp.write_text(
-        json.dumps(
-            {
-                "version": FORMAT_VERSION,
-                "source": str(Path(data_dir).resolve()),
-                "short_side": short_side,
-                "format": fmt,
-                "files": files,
-            }
-        )
+    write_json(
+        manifest_path,
+        {
+            "version": FORMAT_VERSION,
+            "source": str(Path(data_dir).resolve()),
+            "short_side": short_side,
+            "format": fmt,
+            "files": files,
+        },
+        indent=None,
     )
-    os.replace(tmp, manifest_path)
     built = len(todo) - len(skipped)
     return PrepareResult(out_dir, built, kept, removed, skipped)

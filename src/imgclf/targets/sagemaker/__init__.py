@@ -40,6 +40,7 @@ from imgclf.targets.sagemaker.requests import (
     training_job_request,
 )
 from imgclf.targets.sagemaker.s3 import UploadResult, download_job_output, pack_model, upload_tree
+from imgclf.util import new_job_name
 
 __all__ = [  # the verbs, and what the CLI and tests reach through the package
     "AwsOptions",
@@ -66,10 +67,6 @@ __all__ = [  # the verbs, and what the CLI and tests reach through the package
 ]
 
 # ---------------------------------------------------------------- training
-
-
-def new_job_name(prefix: str = "imgclf") -> str:
-    return f"{prefix}-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}"
 
 
 def data_prefix(data_dir: Path) -> str:

@@ -1,0 +1,72 @@
+"""Small torch-free helpers shared across the package: atomic writes, booleans from strings,
+the CPU count, job names."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any
+
+# What SageMaker hyperparameters, environment switches and our CLI accept as true / false.
+TRUE_STRINGS = frozenset({"true", "1", "yes", "y", "on"})
+FALSE_STRINGS = frozenset({"false", "0", "no", "n", "off"})
+
+
+def parse_bool(value: Any) -> bool | None:
+    """ "True", "1", "yes", "on" (any case, surrounding quotes and spaces ignored) → True; the
+    false words → False; anything else → None, for the caller to name as an error."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().strip('"').strip().lower()
+    if text in TRUE_STRINGS:
+        return True
+    if text in FALSE_STRINGS:
+        return False
+    return None
+
+
+def atomic_write(
+    path: Path, content: bytes | str | Callable[[IO[bytes]], Any], *, mode: int = 0o644
+) -> None:
+    """Write through a temp file in the same folder, then rename over `path`: a reader (or a
+    resumed job) sees the old file or the new one, never half of one. `content` is the bytes,
+    the text, or a function that writes to the binary handle. The file gets `mode` (mkstemp's
+    0600 would travel in a model.tar.gz and lock out a server of another uid)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            if callable(content):
+                content(handle)
+            else:
+                handle.write(content.encode() if isinstance(content, str) else content)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, obj: Any, *, indent: int | None = 2) -> None:
+    """`obj` as JSON, atomically."""
+    atomic_write(path, json.dumps(obj, indent=indent) + "\n")
+
+
+def cpu_count() -> int:
+    """CPUs this process may run on (the affinity mask: a container's or taskset's share)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def new_job_name(prefix: str = "imgclf") -> str:
+    """prefix-YYYYmmdd-HHMMSS in UTC: the same form for local and SageMaker jobs."""
+    return f"{prefix}-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}"

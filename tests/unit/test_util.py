@@ -1,0 +1,49 @@
+import os
+import stat
+
+import pytest
+
+from imgclf import util
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("True", True),
+        ('"False"', False),
+        (" yes ", True),
+        ("0", False),
+        ("maybe", None),
+        ("", None),
+    ],
+)
+def test_parse_bool_reads_what_sagemaker_and_people_write(text, expected):
+    assert util.parse_bool(text) is expected
+
+
+def test_atomic_write_replaces_whole_files_readable_by_anyone(tmp_path):
+    target = tmp_path / "deep" / "model.json"
+    old_umask = os.umask(0o077)
+    try:
+        util.write_json(target, {"a": 1})
+        util.atomic_write(target, b"new")
+    finally:
+        os.umask(old_umask)
+    assert target.read_bytes() == b"new"
+    assert stat.S_IMODE(target.stat().st_mode) == 0o644
+    assert [p.name for p in target.parent.iterdir()] == ["model.json"]  # no temp file left
+
+    def broken(handle):
+        handle.write(b"half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        util.atomic_write(target, broken)
+    assert target.read_bytes() == b"new"
+    assert [p.name for p in target.parent.iterdir()] == ["model.json"]
+
+
+def test_job_names_are_utc_stamped():
+    name = util.new_job_name("demo")
+    assert name.startswith("demo-") and len(name) == len("demo-20261123-120000")
+    assert util.cpu_count() >= 1
