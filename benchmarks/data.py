@@ -91,6 +91,19 @@ def naive_loader(root: Path):
 PRE = models.get_architecture("resnet50").preprocess(224)
 
 
+def our_train_input(root: Path, pre: data.Preprocess, device_augment: bool):
+    """`data.train_input` as `train` calls it over `root`: (workers' transform, draft size, the
+    device's step on each batch). device_augment: workers cut squares at the stored short side;
+    DeviceAugment crops on the device."""
+    return data.train_input(
+        pre,
+        hflip=True,
+        min_crop_scale=0.25,
+        on_device=device_augment,
+        stored_side=stored_short_side(root / "train"),
+    )
+
+
 def our_loader(
     root: Path,
     workers: int,
@@ -103,14 +116,7 @@ def our_loader(
     """Our training loader over `root`/train, as `train` builds it (end_to_end.py uses it too)."""
     _, files, _ = data.list_split("train", root / "train")
     samples = [(str(p), t) for p, t in files]
-    # device_augment: workers cut 256 px squares; DeviceAugment crops on the device
-    transform, draft, _ = data.train_input(
-        pre,
-        hflip=True,
-        min_crop_scale=0.25,
-        on_device=device_augment,
-        stored_side=stored_short_side(root / "train"),
-    )
+    transform, draft, _ = our_train_input(root, pre, device_augment)
     dataset = data.ImageListDataset(samples, transform, draft=draft, seed=0)
     sampler = data.EpochSampler(len(dataset), seed=0)
     return data.make_loader(

@@ -22,13 +22,13 @@ import time
 from pathlib import Path
 
 import torch
-from data import make_photos, our_loader
+from data import make_photos, our_loader, our_train_input
 from machine import describe
 from torch import nn
 from torchvision import datasets, transforms
 
 from imgclf import data, engine, models
-from imgclf.prepare import prepare_dataset, stored_short_side
+from imgclf.prepare import prepare_dataset
 from imgclf.train import resolve_amp, use_device_augment
 
 
@@ -90,13 +90,7 @@ def ours(
     )
     sampler = loader.sampler
     # the device's step on each batch: DeviceAugment or DeviceNormalize, as `train` picks it
-    _, _, prepare = data.train_input(
-        pre,
-        hflip=True,
-        min_crop_scale=0.25,
-        on_device=on_device,
-        stored_side=stored_short_side(root / "train"),
-    )
+    _, _, prepare = our_train_input(root, pre, on_device)
     torch.manual_seed(0)
     torch.backends.cudnn.benchmark = device.type == "cuda"  # as train sets it on a GPU
     model = models.build_model(arch, 133).to(device).to(memory_format=torch.channels_last)
