@@ -19,6 +19,8 @@ BASE_DIR_ENV = "SAGEMAKER_BASE_DIR"
 # "1": no report.html at the end of a job (the local tuner's trials: it writes the best trial's
 # report once, and `launch.py report JOB` writes any other's later).
 NO_REPORT_ENV = "IMGCLF_NO_REPORT"
+# How a CPU endpoint runs the network: auto (ONNX Runtime when installed) | torch | onnxruntime.
+CPU_RUNTIME_ENV = "IMGCLF_CPU_RUNTIME"
 
 # The training image's environment (docker/train/Dockerfile sets the same; a test compares).
 # sagemaker-training's `train` entry imports SAGEMAKER_TRAINING_MODULE and calls it; our module
