@@ -1,9 +1,20 @@
 """Endpoint latency and throughput: a naive seed-style handler vs ours, both on MMS, same model.
 
-Run: .venv/bin/python benchmarks/serve.py [--requests 48] [--workers 1]
-Prints p50/p99 latency and requests/s at concurrency 1 and 16 for a ResNet-50 (random weights,
-133 classes like dogImages) on 1600x1200 JPEGs made from scikit-learn's sample photographs, and
-the ratios ours/naive. Both servers run the same `serve` entry; only the MMS handler differs.
+Run: .venv/bin/python benchmarks/serve.py [--requests 48] [--workers 1] [--servers naive,ours]
+Prints p50/p99 latency and requests/s at concurrency 1 and 16 (bursts of 16 simultaneous
+requests) for a ResNet-50 (random weights, 133 classes like dogImages) on 1600x1200 JPEGs made
+from scikit-learn's sample photographs, and the ratios ours/naive. Every server runs the same
+`serve` entry; `naive` swaps in the seed-style MMS handler, `ours-torch` is ours with
+IMGCLF_CPU_RUNTIME=torch (eager PyTorch), `ours` is the default (ONNX Runtime on CPU). All
+servers run side by side and take turns, one burst each, so a shared machine's changing load
+falls on each alike; only one is busy at a time.
+
+Then it splits a request's time at concurrency 1, for each of ours: decode, preprocessing, the
+model's forward pass and the answer's encoding are timed in this process on the same images,
+runtime and thread count as a worker (with the servers stopped); the handler's whole time is
+MMS's own PredictionTime metric from the worker, the worker round trip is MMS's "Backend response
+time", and what is left of the client's latency is MMS's frontend and HTTP. The overhead is the
+client's p50 latency less the model's p50 (the issue's goal: at most 2 ms).
 """
 
 from __future__ import annotations
@@ -11,6 +22,7 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -25,9 +37,24 @@ from machine import describe
 from PIL import Image
 
 from imgclf import artifacts, models
+from imgclf.contract import CPU_RUNTIME_ENV
+from imgclf.serving import inference
 from imgclf.serving.serve import free_port
 
 HERE = Path(__file__).resolve().parent
+# name: (MMS handler module or None for ours, CPU runtime; naive's only runs the entry's preflight)
+SERVERS = {
+    "naive": ("naive_handler", "torch"),
+    "ours-torch": (None, "torch"),
+    "ours": (None, "auto"),
+}
+# What MMS logs per request: the worker's handler time, the frontend's worker round trip and
+# its own total (whole milliseconds).
+LOG_TIMES = {
+    "handler": re.compile(rb"PredictionTime\.Milliseconds:([0-9.]+)"),
+    "worker round trip": re.compile(rb"Backend response time: ([0-9]+)"),
+    "frontend total": re.compile(rb'ACCESS_LOG - \S+ "POST /invocations[^"]*" 200 ([0-9]+)'),
+}
 
 
 def make_model(root: Path) -> Path:
@@ -61,7 +88,9 @@ def make_images() -> list[bytes]:
     return out
 
 
-def start(base: Path, port: int, workers: int, handler: str | None) -> subprocess.Popen:
+def start(
+    base: Path, port: int, workers: int, handler: str | None, cpu_runtime: str | None
+) -> subprocess.Popen:
     env = {
         **os.environ,
         "SAGEMAKER_BASE_DIR": str(base),
@@ -72,6 +101,8 @@ def start(base: Path, port: int, workers: int, handler: str | None) -> subproces
     }
     if handler:
         env["IMGCLF_MMS_HANDLER"] = handler
+    if cpu_runtime:
+        env[CPU_RUNTIME_ENV] = cpu_runtime
     log = open(base / "serve.log", "wb")
     proc = subprocess.Popen(
         [str(Path(sys.executable).parent / "serve")],
@@ -104,59 +135,162 @@ def post(port: int, body: bytes) -> float:
     return time.perf_counter() - start_time
 
 
-def load(port: int, images: list[bytes], concurrency: int, requests: int) -> dict:
-    for body in images[:2]:  # warm-up
-        post(port, body)
-    started = time.perf_counter()
+def measure(
+    ports: dict[str, int], images: list[bytes], concurrency: int, requests: int, logs: dict
+) -> dict:
+    """Every server in turn, a burst of `concurrency` requests each, until each has answered
+    `requests`: load from other processes on a shared machine falls on all servers alike."""
+    for port in ports.values():
+        for body in images[:2]:  # warm-up
+            post(port, body)
+    time.sleep(1.0)  # MMS logs asynchronously: let the warm-up's lines land first
+    offsets = {name: logs[name].stat().st_size for name in ports}
+    latencies: dict[str, list[float]] = {name: [] for name in ports}
+    busy = dict.fromkeys(ports, 0.0)
     with ThreadPoolExecutor(concurrency) as pool:
-        latencies = list(pool.map(lambda i: post(port, images[i % len(images)]), range(requests)))
-    wall = time.perf_counter() - started
-    latencies.sort()
-    return {
-        "p50": statistics.median(latencies) * 1000,
-        "p99": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] * 1000,
-        "rps": requests / wall,
+        for first in range(0, requests, concurrency):
+            indices = range(first, min(requests, first + concurrency))
+            for name, port in ports.items():
+                started = time.perf_counter()
+                latencies[name] += pool.map(
+                    lambda i, port=port: post(port, images[i % len(images)]), indices
+                )
+                busy[name] += time.perf_counter() - started
+    time.sleep(1.0)
+    out = {}
+    for name, values in latencies.items():
+        values.sort()
+        out[name] = {
+            "p50": statistics.median(values) * 1000,
+            "p99": values[min(len(values) - 1, int(0.99 * len(values)))] * 1000,
+            "rps": len(values) / busy[name],
+            "logged": logged_times(logs[name].read_bytes()[offsets[name] :]),
+        }
+    return out
+
+
+def logged_times(text: bytes) -> dict[str, float]:
+    """p50 of each per-request time MMS logged (ms); absent ones are left out."""
+    out = {}
+    for name, pattern in LOG_TIMES.items():
+        values = [float(v) for v in pattern.findall(text)]
+        if values:
+            out[name] = statistics.median(values)
+    return out
+
+
+def stage_times(model_dir: Path, images: list[bytes], cpu_runtime: str, rounds: int) -> dict:
+    """p50 ms of each stage of our handler, run here as a worker runs it (same threads)."""
+    loaded = inference.model_fn(model_dir, device=torch.device("cpu"), cpu_runtime=cpu_runtime)
+    options = inference.Options()
+    stages: dict[str, list[float]] = {"decode": [], "preprocess": [], "model": [], "encode": []}
+    with torch.inference_mode():
+        for index in range(rounds * len(images)):
+            body = images[index % len(images)]
+            t0 = time.perf_counter()
+            decoded = inference.input_fn(body, "image/jpeg", draft=loaded.preprocess.resize_size)
+            t1 = time.perf_counter()
+            batch = torch.stack([loaded.transform(image) for image in decoded])
+            t2 = time.perf_counter()
+            logits = loaded.forward(batch)
+            t3 = time.perf_counter()
+            probs = torch.softmax(logits, dim=1)
+            inference.output_fn(probs, loaded.labels, accept=None, options=options, batch=False)
+            t4 = time.perf_counter()
+            if index >= len(images):  # the first round warms up
+                for name, (a, b) in zip(stages, ((t0, t1), (t1, t2), (t2, t3), (t3, t4))):
+                    stages[name].append((b - a) * 1000)
+    return {"runtime": loaded.forward.runtime} | {
+        name: statistics.median(values) for name, values in stages.items()
     }
+
+
+def print_split(name: str, latency: float, stages: dict, logged: dict) -> None:
+    """The client's p50 latency at concurrency 1, split into where the time goes."""
+    inside = stages["decode"] + stages["preprocess"] + stages["model"] + stages["encode"]
+    handler = logged.get("handler", inside)
+    trip = logged.get("worker round trip", handler)
+    frontend = logged.get("frontend total", trip)
+    rows = [
+        ("decode (JPEG, draft)", stages["decode"]),
+        ("preprocess (resize, crop, normalise)", stages["preprocess"]),
+        (f"model ({stages['runtime']})", stages["model"]),
+        ("encode (softmax, top-k, JSON)", stages["encode"]),
+        ("rest of the handler (handler - stages above)", handler - inside),
+        ("MMS worker hop (round trip - handler)", trip - handler),
+        ("MMS frontend (its total - round trip)", frontend - trip),
+        ("HTTP client and loopback (client - MMS total)", latency - frontend),
+    ]
+    print(f"\n{name}: where a request's p50 of {latency:.1f} ms goes (concurrency 1)")
+    for label, ms in rows:
+        print(f"  {label:<46}{ms:>8.1f} ms")
+    print(
+        f"  overhead over the model's own time: {latency - stages['model']:.1f} ms "
+        f"(decode + preprocess {stages['decode'] + stages['preprocess']:.1f} ms, "
+        f"server {latency - inside:.1f} ms); goal <= 2 ms"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=48)
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--servers", default=",".join(SERVERS), help="from " + ",".join(SERVERS))
+    parser.add_argument("--split-rounds", type=int, default=8, help="rounds of the stage timing")
     args = parser.parse_args()
+    names = [n for n in args.servers.split(",") if n]
+    unknown = set(names) - set(SERVERS)
+    if unknown or "naive" not in names:
+        raise SystemExit(f"--servers takes naive and some of {', '.join(SERVERS)}")
     images = make_images()
-    results = {}
+    stages = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        make_model(root / "shared")
-        for name, handler in (("naive", "naive_handler"), ("ours", None)):
-            base = root / name
-            base.mkdir()
-            (base / "model").symlink_to(root / "shared" / "model")
-            port = free_port()
-            proc = start(base, port, args.workers, handler)
-            try:
-                results[name] = {
-                    c: load(port, images, c, args.requests if c > 1 else max(8, args.requests // 3))
-                    for c in (1, 16)
-                }
-            finally:
+        model_dir = make_model(root / "shared")
+        procs, ports, logs = [], {}, {}
+        try:
+            for name in names:
+                handler, cpu_runtime = SERVERS[name]
+                base = root / name
+                base.mkdir()
+                (base / "model").symlink_to(model_dir)
+                ports[name], logs[name] = free_port(), base / "serve.log"
+                procs.append(start(base, ports[name], args.workers, handler, cpu_runtime))
+            by_conc = {
+                c: measure(ports, images, c, args.requests if c > 1 else args.requests // 3, logs)
+                for c in (1, 16)
+            }
+        finally:
+            for proc in procs:
                 os.killpg(proc.pid, 15)
+            for proc in procs:
                 proc.wait(timeout=60)
+        results = {name: {c: by_conc[c][name] for c in by_conc} for name in names}
+        # The stages, timed with the servers stopped, on a worker's share of the CPUs.
+        torch.set_num_threads(inference.torch_threads(args.workers))
+        for name in names:
+            if name != "naive":
+                stages[name] = stage_times(model_dir, images, SERVERS[name][1], args.split_rounds)
     print(
         f"machine: {describe()}, "
         f"{args.workers} MMS worker(s), ResNet-50 at 224 px, 1600x1200 JPEG q90 requests"
     )
-    print(f"{'server':<7}{'conc':>5}{'p50 ms':>10}{'p99 ms':>10}{'req/s':>9}")
+    print(f"{'server':<11}{'conc':>5}{'p50 ms':>10}{'p99 ms':>10}{'req/s':>9}")
     for name, by_conc in results.items():
         for conc, r in by_conc.items():
-            print(f"{name:<7}{conc:>5}{r['p50']:>10.1f}{r['p99']:>10.1f}{r['rps']:>9.2f}")
-    for conc in (1, 16):
-        n, o = results["naive"][conc], results["ours"][conc]
-        print(
-            f"concurrency {conc}: ours/naive throughput {o['rps'] / n['rps']:.2f}x, "
-            f"p50 latency {n['p50'] / o['p50']:.2f}x lower, p99 {n['p99'] / o['p99']:.2f}x lower"
-        )
+            print(f"{name:<11}{conc:>5}{r['p50']:>10.1f}{r['p99']:>10.1f}{r['rps']:>9.2f}")
+    for name in results:
+        if name == "naive":
+            continue
+        for conc in (1, 16):
+            n, o = results["naive"][conc], results[name][conc]
+            print(
+                f"{name} concurrency {conc}: {name}/naive throughput "
+                f"{o['rps'] / n['rps']:.2f}x, p50 latency {n['p50'] / o['p50']:.2f}x lower, "
+                f"p99 {n['p99'] / o['p99']:.2f}x lower"
+            )
+    for name, stage in stages.items():
+        print_split(name, results[name][1]["p50"], stage, results[name][1]["logged"])
 
 
 if __name__ == "__main__":

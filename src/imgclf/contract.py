@@ -25,6 +25,8 @@ NO_REPORT_ENV = "IMGCLF_NO_REPORT"
 DEBUG_COLLECTIONS = {"losses": 1, "gradients": 10, "weights": 10}
 # The launcher's default SageMaker execution role (read at the edge, by the CLI, only).
 SAGEMAKER_ROLE_ENV = "IMGCLF_SAGEMAKER_ROLE"
+# How a CPU endpoint runs the network: auto (ONNX Runtime when installed) | torch | onnxruntime.
+CPU_RUNTIME_ENV = "IMGCLF_CPU_RUNTIME"
 
 # The training image's environment (docker/train/Dockerfile sets the same; a test compares).
 # sagemaker-training's `train` entry imports SAGEMAKER_TRAINING_MODULE and calls it; our module

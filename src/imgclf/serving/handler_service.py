@@ -13,7 +13,8 @@ import os
 
 import torch
 
-from imgclf.serving import inference
+from imgclf.contract import CPU_RUNTIME_ENV
+from imgclf.serving import inference, runtime
 
 log = logging.getLogger("imgclf.serving")
 
@@ -38,8 +39,10 @@ class HandlerService:
             if gpu is not None and torch.cuda.is_available()
             else torch.device("cpu")
         )
-        self.loaded = inference.model_fn(model_dir, device=device)
-        log.info("model loaded from %s on %s", model_dir, device)
+        self.loaded = inference.model_fn(
+            model_dir, device=device, cpu_runtime=os.environ.get(CPU_RUNTIME_ENV, runtime.AUTO)
+        )
+        log.info("model loaded from %s on %s (%s)", model_dir, device, self.loaded.forward.runtime)
 
     def handle(self, data, context):
         if data is None:

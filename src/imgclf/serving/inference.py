@@ -17,6 +17,7 @@ from PIL import Image, UnidentifiedImageError
 
 from imgclf import artifacts, data, models
 from imgclf.errors import UserError
+from imgclf.serving import runtime
 
 MAX_BODY_BYTES = 6 * 1024 * 1024  # SageMaker's real-time request limit
 MAX_PIXELS = 40_000_000  # per image; a larger one is refused before it is decoded
@@ -52,12 +53,12 @@ class RequestError(Exception):
 
 @dataclass(frozen=True)
 class LoadedModel:
-    model: torch.nn.Module
+    model: torch.nn.Module  # the eager network (what `forward` was built from and checked on)
     labels: list[str]
     preprocess: data.Preprocess
     transform: object
     device: torch.device
-    channels_last: bool
+    forward: runtime.Forward  # batch → logits, on the runtime the deployment chose
 
     @property
     def num_classes(self) -> int:
@@ -70,8 +71,14 @@ class Options:
     probabilities: bool = False  # the full vector, in label order
 
 
-def model_fn(model_dir: str | Path, device: torch.device | None = None) -> LoadedModel:
-    """Load the artifact (weights_only) and build the network it describes."""
+def model_fn(
+    model_dir: str | Path,
+    device: torch.device | None = None,
+    *,
+    cpu_runtime: str = runtime.AUTO,
+) -> LoadedModel:
+    """Load the artifact (weights_only), build the network it describes and ready it on the
+    runtime `cpu_runtime` resolves to (see imgclf.serving.runtime; GPUs always run torch)."""
     art = artifacts.load_artifact(Path(model_dir))
     try:
         arch = art.config["arch"]
@@ -88,9 +95,9 @@ def model_fn(model_dir: str | Path, device: torch.device | None = None) -> Loade
             f"{len(art.labels)} classes ({first})"
         ) from None
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    # channels_last: the faster convolution layout on CPU (oneDNN) and on tensor cores alike
-    model = model.to(device).eval().to(memory_format=torch.channels_last)
-    return LoadedModel(model, art.labels, pre, data.eval_transform(pre), device, True)
+    model = model.to(device).eval()
+    forward = runtime.build_forward(model, device, choice=cpu_runtime, image_size=pre.image_size)
+    return LoadedModel(model, art.labels, pre, data.eval_transform(pre), device, forward)
 
 
 def media_type(header: str | None) -> str:
@@ -220,10 +227,8 @@ def parse_options(custom_attributes: str | None, num_classes: int) -> Options:
 @torch.inference_mode()
 def predict_fn(images: list[Image.Image], loaded: LoadedModel) -> torch.Tensor:
     """One forward pass over every image: softmax probabilities [N, classes], float32 on CPU."""
-    batch = torch.stack([loaded.transform(image) for image in images]).to(loaded.device)
-    batch = batch.contiguous(memory_format=torch.channels_last)
-    logits = loaded.model(batch)
-    return torch.softmax(logits.float(), dim=1).cpu()
+    batch = torch.stack([loaded.transform(image) for image in images])
+    return torch.softmax(loaded.forward(batch), dim=1)
 
 
 def prediction(probs: torch.Tensor, labels: list[str], options: Options) -> dict:

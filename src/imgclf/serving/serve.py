@@ -34,7 +34,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from imgclf.contract import BASE_DIR_ENV, DEFAULT_BASE_DIR
+from imgclf.contract import BASE_DIR_ENV, CPU_RUNTIME_ENV, DEFAULT_BASE_DIR
 
 log = logging.getLogger("imgclf.serve")
 
@@ -57,6 +57,7 @@ class ServeSettings:
     timeout_s: int
     startup_timeout_s: int
     handler: str = HANDLER  # IMGCLF_MMS_HANDLER: another MMS service module (A/B benchmarks)
+    cpu_runtime: str = "auto"  # IMGCLF_CPU_RUNTIME: see imgclf.serving.runtime
 
 
 def default_workers() -> int:
@@ -86,6 +87,7 @@ def read_settings(environ) -> ServeSettings:
         timeout_s=int(environ.get("SAGEMAKER_MODEL_SERVER_TIMEOUT", "60")),
         startup_timeout_s=int(environ.get("SAGEMAKER_STARTUP_TIMEOUT", "300")),
         handler=environ.get("IMGCLF_MMS_HANDLER", HANDLER),
+        cpu_runtime=environ.get(CPU_RUNTIME_ENV, "auto"),
     )
 
 
@@ -125,21 +127,23 @@ def free_port(low: int = 20000, high: int = 32000) -> int:
     raise RuntimeError(f"no free port between {low} and {high}")
 
 
-def preflight(model_dir: Path) -> None:
+def preflight(model_dir: Path, *, cpu_runtime: str = "auto") -> None:
     """Load the model and predict once on a blank image, in this process, before MMS starts:
-    a broken artifact fails the endpoint's creation instead of answering 500s."""
+    a broken artifact (or an unknown runtime) fails the endpoint's creation instead of
+    answering 500s."""
     from PIL import Image
 
     from imgclf.serving import inference
 
-    loaded = inference.model_fn(model_dir)
+    loaded = inference.model_fn(model_dir, cpu_runtime=cpu_runtime)
     size = loaded.preprocess.resize_size
     probs = inference.predict_fn([Image.new("RGB", (size, size))], loaded)
     if probs.shape != (1, loaded.num_classes) or not bool(probs.isfinite().all()):
         raise RuntimeError(f"the model's output is {tuple(probs.shape)} or not finite")
     log.info(
-        "model at %s loads and predicts: %s, %d classes",
+        "model at %s loads and predicts on %s: %s, %d classes",
         model_dir,
+        loaded.forward.runtime,
         loaded.preprocess,
         loaded.num_classes,
     )
@@ -192,7 +196,7 @@ def main(environ=None) -> int:
     )
     settings = read_settings(environ)
     try:
-        preflight(settings.model_dir)
+        preflight(settings.model_dir, cpu_runtime=settings.cpu_runtime)
     except Exception as exc:  # a broken artifact: say so in one line, open no port
         log.error("cannot serve the model at %s: %s", settings.model_dir, exc)
         return 1
