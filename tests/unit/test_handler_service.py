@@ -112,8 +112,10 @@ HEADER_VALUES = st.one_of(
 )
 JSON_BODIES = st.recursive(
     st.none() | st.booleans() | st.integers() | st.text(max_size=20),
-    lambda children: st.lists(children, max_size=4)
-    | st.dictionaries(st.sampled_from(["instances", "images", "x"]), children, max_size=3),
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.dictionaries(st.sampled_from(["instances", "images", "x"]), children, max_size=3)
+    ),
     max_leaves=12,
 ).map(lambda doc: json.dumps(doc).encode())
 IMAGE_BODIES = st.builds(

@@ -87,8 +87,9 @@ def parse_request_head(raw: bytes) -> RequestHead:
         raise HttpError(400, "malformed request line", "send an HTTP/1.1 request")
     method, target, version = (p.decode("latin-1") for p in parts)
     if version not in ("HTTP/1.1", "HTTP/1.0"):
+        # 400 rather than 505: a client's mistake is a 4xx, whatever it is.
         raise HttpError(
-            505, f"{ascii(version[:20])} is not supported", "send HTTP/1.1 (HTTP/2 is not served)"
+            400, f"{ascii(version[:20])} is not supported", "send HTTP/1.1 (HTTP/2 is not served)"
         )
     headers: dict[str, str] = {}
     for line in lines[1:]:
@@ -115,7 +116,7 @@ def body_length(head: RequestHead) -> int | None:
             raise HttpError(400, "both Content-Length and Transfer-Encoding", "send one of them")
         if te.strip().lower() != "chunked":
             raise HttpError(
-                501, f"Transfer-Encoding {ascii(te[:30])} is not supported", "use chunked"
+                400, f"Transfer-Encoding {ascii(te[:30])} is not supported", "use chunked"
             )
         return None
     if cl is None:
@@ -304,10 +305,12 @@ class Front:
         limits: Limits,
         upstream: Upstream,
         ready: Callable[[], Awaitable[tuple[bool, str]]],
+        *,
+        can_forward: Callable[[], bool] = lambda: True,
         on_upstream_failure: Callable[[], None] = lambda: None,
     ) -> None:
         self.limits, self.upstream, self.ready = limits, upstream, ready
-        self.on_upstream_failure = on_upstream_failure
+        self.can_forward, self.on_upstream_failure = can_forward, on_upstream_failure
         self.budget = ByteBudget(limits.body_budget_bytes)
         self.counters = Counters()
         self.draining = False
@@ -481,6 +484,10 @@ class Front:
         headers = {k: head.headers[k] for k in FORWARDED_HEADERS if k in head.headers}
         try:
             async with asyncio.timeout_at(_loop_time(deadline)):
+                # No worker can answer now (restarting, reloading): wait, within the deadline,
+                # rather than hand MMS a request it would fail.
+                while not self.can_forward() and not (await self.ready())[0]:
+                    await asyncio.sleep(0.1)
                 async with self.upstream.slots:
                     while True:  # MMS restarting: wait for it, within the request's deadline
                         try:

@@ -83,6 +83,7 @@ class ServeSettings:
     recover_after_s: float = 20.0  # IMGCLF_RECOVER_SECONDS: no worker ready this long: restart
     max_restarts: int = 3  # restarts in a row that do not bring a worker back: exit 1
     response_format: str = "predictions"  # IMGCLF_RESPONSE_FORMAT: the default answer format
+    limits: front.Limits = front.Limits()  # the front's timeouts and caps (IMGCLF_*, below)
 
 
 def default_workers() -> int:
@@ -131,11 +132,18 @@ def read_settings(environ) -> ServeSettings:
         drain_s=_number(environ, "IMGCLF_DRAIN_SECONDS", "30", float),
         recover_after_s=_number(environ, "IMGCLF_RECOVER_SECONDS", "20", float),
         response_format=fmt,
+        limits=front.Limits(
+            request_timeout_s=_number(environ, "SAGEMAKER_MODEL_SERVER_TIMEOUT", "60", float),
+            header_timeout_s=_number(environ, "IMGCLF_HEADER_TIMEOUT_SECONDS", "10", float),
+            body_timeout_s=_number(environ, "IMGCLF_BODY_TIMEOUT_SECONDS", "30", float),
+            idle_timeout_s=_number(environ, "IMGCLF_IDLE_TIMEOUT_SECONDS", "75", float),
+            max_connections=_number(environ, "IMGCLF_MAX_CONNECTIONS", "1024"),
+        ),
     )
 
 
 def front_limits(settings: ServeSettings) -> front.Limits:
-    return front.Limits(request_timeout_s=float(settings.timeout_s))
+    return settings.limits
 
 
 def mms_config_properties(
@@ -421,10 +429,34 @@ class Supervisor:
             why = "" if count else "no worker has the model loaded"
         except (OSError, TimeoutError, ValueError, IndexError, TypeError, EOFError):
             count, why = 0, "the model server does not answer"
+        if count:
+            # MMS marks a worker READY until it notices the process is gone; the processes
+            # themselves say so at once.
+            count = min(count, self.live_workers())
+            why = "" if count else "no worker process is alive"
         self._ready_count = count
         result = (count > 0, why)
         self._probe = (time.monotonic(), *result)
         return result
+
+    def can_forward(self) -> bool:
+        """From the last probe: a worker was ready (requests wait in the front otherwise)."""
+        return not self.restarting and self._probe[1]
+
+    def live_workers(self) -> int:
+        """MMS's Python workers (children of its backend process) that are running."""
+        return len(self._mms_processes()[1])
+
+    def _mms_processes(self) -> tuple[list[int], list[int]]:
+        """(backend processes: children of Java; workers: other model_service_worker ones)."""
+        members = group_members(self.pgid)
+        javas = {p for p in members if " com.amazonaws.ml.mms.ModelServer" in _cmdline(p)}
+        backends, workers = [], []
+        for pid, (state, ppid) in members.items():
+            if state in ("Z", "X") or "model_service_worker" not in _cmdline(pid):
+                continue
+            (backends if ppid in javas else workers).append(pid)
+        return backends, workers
 
     async def ready(self) -> tuple[bool, str]:
         """For /ping: 200 only while MMS runs and one of its workers has the model loaded."""
@@ -438,12 +470,7 @@ class Supervisor:
 
     def backend_alive(self) -> bool:
         """MMS's Python backend (the workers' parent, a child of Java) is running."""
-        members = group_members(self.pgid)
-        javas = {p for p in members if " com.amazonaws.ml.mms.ModelServer" in _cmdline(p)}
-        return any(
-            ppid in javas and state != "Z" and "model_service_worker" in _cmdline(pid)
-            for pid, (state, ppid) in members.items()
-        )
+        return bool(self._mms_processes()[0])
 
     async def watch(self, stopping: asyncio.Event) -> int:
         """Restart MMS when it exits, when its backend is gone, or when no worker is ready for
@@ -501,6 +528,7 @@ async def _serve(settings: ServeSettings, environ: dict[str, str], workdir: Path
         front_limits(settings),
         supervisor.upstream,
         supervisor.ready,
+        can_forward=supervisor.can_forward,
         on_upstream_failure=supervisor.forget_probe,
     )
     code = 0
