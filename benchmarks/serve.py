@@ -141,8 +141,8 @@ def main() -> None:
                     for c in (1, 16)
                 }
             finally:
-                os.killpg(proc.pid, 15)
-                proc.wait(timeout=60)
+                proc.terminate()  # SIGTERM to serve alone, as SageMaker sends it: it drains
+                proc.wait(timeout=90)
     print(
         f"machine: {describe()}, "
         f"{args.workers} MMS worker(s), ResNet-50 at 224 px, 1600x1200 JPEG q90 requests"

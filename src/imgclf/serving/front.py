@@ -406,14 +406,15 @@ class Front:
             await self._send(writer, exc)
             return False
         try:
-            status = await self._route(reader, writer, head, length, arrived)
+            status, keep = await self._route(reader, writer, head, length, arrived)
         except HttpError as exc:
             await self._send(writer, exc, keep_alive=head.keep_alive and not exc.close)
             return not exc.close and head.keep_alive
         self.counters.answered[status] = self.counters.answered.get(status, 0) + 1
-        return head.keep_alive and not self.draining
+        return keep and head.keep_alive and not self.draining
 
-    async def _route(self, reader, writer, head: RequestHead, length, arrived) -> int:
+    async def _route(self, reader, writer, head: RequestHead, length, arrived):
+        """Answer one request: (status, whether the connection may stay open)."""
         if head.path == "/ping":
             if head.method not in ("GET", "HEAD"):
                 raise HttpError(405, "use GET /ping", "GET /ping", close=False)
@@ -426,7 +427,7 @@ class Front:
                 raw = raw[: raw.index(b"\r\n\r\n") + 4]
             writer.write(raw)
             await writer.drain()
-            return status
+            return status, True
         if head.path == "/invocations" or _INVOCATIONS.fullmatch(head.path):
             if head.method != "POST":
                 await self._discard_small_body(reader, length)
@@ -440,11 +441,13 @@ class Front:
             close=False,
         )
 
-    async def _invocation(self, reader, writer, head, length, arrived) -> int:
+    async def _invocation(self, reader, writer, head, length, arrived) -> tuple[int, bool]:
         limits = self.limits
+        if self.draining:
+            raise HttpError(503, "the endpoint is shutting down", "retry on another instance")
         if length is not None and length > limits.max_body_bytes:
             await self._refuse_body(reader, writer, head, length, too_large(length, limits))
-            return 413
+            return 413, False
         reserve = length if length is not None else limits.max_body_bytes
         self.counters.in_flight += 1
         try:
@@ -466,15 +469,14 @@ class Front:
                     raise HttpError(400, "the body ended early", "send all of it") from None
                 if body is None:  # a chunked body over the limit
                     await self._refuse_body(reader, writer, head, None, too_large(None, limits))
-                    return 413
+                    return 413, False
                 status, ctype, payload = await self._forward(head, body, deadline)
             finally:
                 await self.budget.give(reserve)
-            writer.write(
-                render_response(status, payload, content_type=ctype, keep_alive=head.keep_alive)
-            )
+            keep = head.keep_alive and not self.draining
+            writer.write(render_response(status, payload, content_type=ctype, keep_alive=keep))
             await writer.drain()
-            return status
+            return status, keep
         finally:
             self.counters.in_flight -= 1
             if not self.counters.in_flight:

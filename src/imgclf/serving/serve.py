@@ -63,7 +63,7 @@ MAX_REQUEST_BYTES = 6 * 1024 * 1024
 MAX_REQUEST_FRAME = MAX_REQUEST_BYTES + 64 * 1024
 JOB_QUEUE_SIZE = 1024  # MMS's queue; the front hands it at most Limits.upstream_concurrency
 RESPONSE_FORMAT_ENV = "IMGCLF_RESPONSE_FORMAT"  # read by handler_service in each worker
-PROBE_MAX_AGE_S = 0.2  # /ping asks the management API again when its answer is older
+PROBE_MAX_AGE_S = 0.5  # /ping asks the management API again when its answer is older
 BACKEND_GRACE_S = 3.0  # MMS's worker parent gone this long: restart MMS
 STOP_GRACE_S = 5.0  # MMS's processes get SIGTERM, then SIGKILL after this
 
@@ -310,6 +310,7 @@ class Supervisor:
         self._probe_task: asyncio.Task | None = None
         self._last_ready = time.monotonic()
         self._backend_missing_since: float | None = None
+        self._backend_seen = False  # MMS's backend process, at the last probe
         self.failed_restarts = 0
 
     # -- MMS
@@ -429,10 +430,12 @@ class Supervisor:
             why = "" if count else "no worker has the model loaded"
         except (OSError, TimeoutError, ValueError, IndexError, TypeError, EOFError):
             count, why = 0, "the model server does not answer"
+        # MMS marks a worker READY until it notices the process is gone; the processes
+        # themselves say so at once.
+        backends, workers = self._mms_processes()
+        self._backend_seen = bool(backends)
         if count:
-            # MMS marks a worker READY until it notices the process is gone; the processes
-            # themselves say so at once.
-            count = min(count, self.live_workers())
+            count = min(count, len(workers))
             why = "" if count else "no worker process is alive"
         self._ready_count = count
         result = (count > 0, why)
@@ -442,10 +445,6 @@ class Supervisor:
     def can_forward(self) -> bool:
         """From the last probe: a worker was ready (requests wait in the front otherwise)."""
         return not self.restarting and self._probe[1]
-
-    def live_workers(self) -> int:
-        """MMS's Python workers (children of its backend process) that are running."""
-        return len(self._mms_processes()[1])
 
     def _mms_processes(self) -> tuple[list[int], list[int]]:
         """(backend processes: children of Java; workers: other model_service_worker ones)."""
@@ -468,16 +467,12 @@ class Supervisor:
         """A request just failed upstream: the next /ping asks MMS afresh."""
         self._probe = (0.0, False, "")
 
-    def backend_alive(self) -> bool:
-        """MMS's Python backend (the workers' parent, a child of Java) is running."""
-        return bool(self._mms_processes()[0])
-
     async def watch(self, stopping: asyncio.Event) -> int:
         """Restart MMS when it exits, when its backend is gone, or when no worker is ready for
         recover_after_s. Returns 1 when restarts stop bringing it back."""
         while not stopping.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stopping.wait(), 0.5)
+                await asyncio.wait_for(stopping.wait(), 1.0)
             if stopping.is_set():
                 break
             self._reap()
@@ -491,7 +486,7 @@ class Supervisor:
                     self._last_ready = now
                 elif now - self._last_ready > self.settings.recover_after_s:
                     why = f"no worker was ready for {self.settings.recover_after_s:.0f} s"
-                if self.backend_alive():
+                if self._backend_seen:
                     self._backend_missing_since = None
                 elif self._backend_missing_since is None:
                     self._backend_missing_since = now
