@@ -372,6 +372,9 @@ class Front:
                 first = False
         except (ConnectionError, OSError):
             pass
+        except Exception:  # our bug: in the log with its traceback, a bare 500 to the client
+            log.exception("front: unexpected error")
+            await self._send(writer, HttpError(500, "internal error", "the log has the details"))
         finally:
             self.counters.connections -= 1
             self._writers.discard(writer)

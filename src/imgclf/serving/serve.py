@@ -311,6 +311,7 @@ class Supervisor:
         self._last_ready = time.monotonic()
         self._backend_missing_since: float | None = None
         self._backend_seen = False  # MMS's backend process, at the last probe
+        self._inference_port: int | None = None
         self.failed_restarts = 0
 
     # -- MMS
@@ -359,7 +360,7 @@ class Supervisor:
         self.proc = subprocess.Popen(
             self._command(config), cwd=run_dir, env=env, stdin=subprocess.DEVNULL
         )
-        self.management_port = management_port
+        self.management_port, self._inference_port = management_port, inference_port
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -370,7 +371,10 @@ class Supervisor:
             await asyncio.sleep(0.25)
         else:
             raise RuntimeError("the model's workers did not start in time")
-        self.upstream.retarget(inference_port)
+        self._ready_again()
+
+    def _ready_again(self) -> None:
+        self.upstream.retarget(self._inference_port)
         self.restarting = False
         self._last_ready = time.monotonic()
         self._backend_missing_since = None
@@ -482,6 +486,8 @@ class Supervisor:
                 why = "multi-model-server exited"
             else:
                 ok, _ = await self.probe()
+                if ok and self.restarting:  # came up after its start-up timeout after all
+                    self._ready_again()
                 if ok:
                     self._last_ready = now
                 elif now - self._last_ready > self.settings.recover_after_s:
@@ -553,6 +559,7 @@ async def _serve(settings: ServeSettings, environ: dict[str, str], workdir: Path
             code = await supervisor.watch(stopping)
         log.info("stopping: draining requests in flight (up to %.0f s)", settings.drain_s)
         drained = await gate.drain(settings.drain_s)
+        log.info("answers by status: %s", dict(sorted(gate.counters.answered.items())))
         log.info("drain %s; stopping multi-model-server", "done" if drained else "cut short")
         stop_wait.cancel()
     finally:
