@@ -347,7 +347,7 @@ TOKENS = st.sampled_from(
 )
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=60, deadline=None, database=None, suppress_health_check=list(HealthCheck))
 @given(parts=st.lists(TOKENS | st.binary(max_size=20), max_size=14))
 def test_fuzz_the_live_server_gets_no_5xx(endpoint, parts):
     data = b"".join(parts) + b"\r\n\r\n"

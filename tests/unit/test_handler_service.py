@@ -129,7 +129,9 @@ BASE64_BATCHES = st.lists(IMAGE_BODIES, min_size=1, max_size=4).map(
 BODIES = st.one_of(st.binary(max_size=300), JSON_BODIES, IMAGE_BODIES, BASE64_BATCHES)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow]
+)
 @given(
     body=BODIES,
     headers=st.dictionaries(HEADER_NAMES, HEADER_VALUES, max_size=3),
