@@ -203,6 +203,12 @@ def test_pixel_limits_count_what_preprocessing_will_make():
     with pytest.raises(inference.RequestError) as err:
         inference.input_fn(batch, "application/json", draft=256)
     assert err.value.status == 413 and str(inference.MAX_PIXELS) in err.value.error
+    # 16-bit pixels cost three times as much to decode and scale: 16 Mpx of them are too many.
+    deep = io.BytesIO()
+    Image.new("I;16", (4000, 4000), 300).save(deep, format="PNG")
+    with pytest.raises(inference.RequestError) as err:
+        inference.input_fn(deep.getvalue(), "image/png", draft=256)
+    assert err.value.status == 413 and "counts 3x" in err.value.error
     # A JPEG counts at its draft scale: 4000x3000 decodes at 1/8 scale for a 256 px resize.
     photo = _jpeg(size=(4000, 3000))
     size = inference.probe_image(photo, draft=256)

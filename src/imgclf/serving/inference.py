@@ -31,6 +31,11 @@ MAX_BODY_BYTES = 6 * 1024 * 1024  # SageMaker's real-time request limit
 # Decoded pixels per request, all images together (after the JPEG draft): 40 Mpx is one
 # 40 Mpx photo, or 64 phone photos drafted to 1/8 scale. Refused before anything is decoded.
 MAX_PIXELS = 40_000_000
+# What one pixel of a mode costs to decode and turn into RGB, against 8-bit RGB (measured peak
+# memory: RGB ~8 bytes a pixel, RGBA ~15, 16-bit or float ~25 through to_rgb's float64 scaling).
+# A pixel of these modes counts this many times against MAX_PIXELS.
+PIXEL_WEIGHT = {"RGBA": 2, "LA": 2, "PA": 2, "RGBa": 2, "La": 2, "CMYK": 2}
+PIXEL_WEIGHT.update(dict.fromkeys(("I;16", "I;16B", "I;16L", "I;16N", "I", "F"), 3))
 # What the eval transform's resize (short side to resize_size) may produce: per image, the
 # pixels of a 16:1 strip; per request, those of 64 images at 4:1. A 65535x1 PNG would resize to
 # gigapixels otherwise.
@@ -147,10 +152,12 @@ class ImageSize:
     width: int
     height: int
     resized_pixels: int
+    weight: int = 1  # PIXEL_WEIGHT of its mode
 
     @property
     def pixels(self) -> int:
-        return self.width * self.height
+        """Decoded pixels, weighted by what their mode costs (see PIXEL_WEIGHT)."""
+        return self.width * self.height * self.weight
 
 
 def resized_pixels(width: int, height: int, resize: int | None) -> int:
@@ -173,7 +180,7 @@ def probe_image(payload: bytes, *, draft: int | None, where: str = "body") -> Im
         with Image.open(io.BytesIO(payload)) as probe:
             if draft and probe.format == "JPEG":
                 probe.draft(probe.mode, (draft, draft))
-            width, height = probe.size
+            (width, height), mode = probe.size, probe.mode
     except Image.DecompressionBombError:
         raise _too_many_pixels(where, "an image") from None
     except Exception:  # any decoder's failure on a client's bytes is the client's bad image
@@ -184,9 +191,13 @@ def probe_image(payload: bytes, *, draft: int | None, where: str = "body") -> Im
         ) from None
     if width < 1 or height < 1:
         raise RequestError(400, f"the image in the {where} has no pixels", "send a real image")
-    size = ImageSize(width, height, resized_pixels(width, height, draft))
+    weight = PIXEL_WEIGHT.get(mode, 1)
+    size = ImageSize(width, height, resized_pixels(width, height, draft), weight)
     if size.pixels > MAX_PIXELS:
-        raise _too_many_pixels(where, f"image of {width}x{height} pixels")
+        shown = f"{mode} image of {width}x{height} pixels"
+        if weight > 1:
+            shown += f" (its mode counts {weight}x)"
+        raise _too_many_pixels(where, shown)
     if draft and size.resized_pixels > MAX_RESIZE_FACTOR_IMAGE * draft * draft:
         raise RequestError(
             413,
@@ -213,8 +224,8 @@ def check_request_work(sizes: list[ImageSize], *, draft: int | None) -> None:
     if total > MAX_PIXELS:
         raise RequestError(
             413,
-            f"the {len(sizes)} images decode to {total} pixels together, over the limit of "
-            f"{MAX_PIXELS} per request",
+            f"the {len(sizes)} images decode to {total} pixels together (16-bit and alpha "
+            f"modes count more), over the limit of {MAX_PIXELS} per request",
             "send fewer or smaller images per request",
         )
     if draft:

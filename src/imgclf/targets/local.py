@@ -402,11 +402,10 @@ def endpoint_state(endpoint: Endpoint) -> str:
 
 
 def _not_zombie(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_bytes()
-    except OSError:
-        return True  # no /proc: trust kill(pid, 0)
-    return stat[stat.rindex(b")") + 2 :].split()[0] not in (b"Z", b"X")
+    from imgclf.serving.serve import proc_stat
+
+    stat = proc_stat(pid)
+    return stat is None or stat[0] not in ("Z", "X")  # no /proc: trust kill(pid, 0)
 
 
 def deploy(
@@ -522,20 +521,11 @@ def _group_alive(pgid: int) -> bool:
         return False
     except PermissionError:
         return True
-    proc = Path("/proc")
-    if not proc.is_dir():
+    from imgclf.serving.serve import group_members
+
+    if not Path("/proc").is_dir():
         return True
-    for entry in proc.iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_bytes()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(b")") + 2 :].split()
-        if int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
-            return True
-    return False
+    return any(state not in ("Z", "X") for state, _ in group_members(pgid).values())
 
 
 def delete_endpoint(home: Path, name: str) -> tuple[Endpoint, bool]:
