@@ -183,7 +183,7 @@ def _strip(width: int, height: int) -> bytes:
 
 
 def test_pixel_limits_count_what_preprocessing_will_make():
-    # 142 bytes that the resize (short side to 36) would make into 2.4 Gpx: refused unread.
+    # ~100 bytes that a resize to 36 px would make 85 Mpx (4.3 Gpx at 256 px): refused unread.
     thin = _strip(65535, 1)
     assert len(thin) < 300
     with pytest.raises(inference.RequestError) as err:
