@@ -251,6 +251,11 @@ def lead_own_group() -> int:
     if os.getpgid(0) != os.getpid():
         with contextlib.suppress(PermissionError):  # a session leader already leads its group
             os.setpgid(0, 0)
+        if os.isatty(0):  # run by hand in a terminal: keep Ctrl-C reaching it
+            previous = signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+            with contextlib.suppress(OSError):
+                os.tcsetpgrp(0, os.getpgid(0))
+            signal.signal(signal.SIGTTOU, previous)
     return os.getpgid(0)
 
 
