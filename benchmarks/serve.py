@@ -262,9 +262,9 @@ def main() -> None:
             }
         finally:
             for proc in procs:
-                os.killpg(proc.pid, 15)
+                proc.terminate()  # SIGTERM to serve alone, as SageMaker sends it: it drains
             for proc in procs:
-                proc.wait(timeout=60)
+                proc.wait(timeout=90)
         results = {name: {c: by_conc[c][name] for c in by_conc} for name in names}
         # The stages, timed with the servers stopped, on a worker's share of the CPUs.
         torch.set_num_threads(inference.torch_threads(args.workers))

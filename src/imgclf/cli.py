@@ -382,7 +382,12 @@ def cmd_deploy(args) -> int:
 
     print(f"starting endpoint {args.name} on 127.0.0.1:{args.port} ...", flush=True)
     endpoint = local.deploy(
-        _home(args), Path(args.model), name=args.name, port=args.port, workers=args.workers
+        _home(args),
+        Path(args.model),
+        name=args.name,
+        port=args.port,
+        workers=args.workers,
+        response_format=args.response_format,
     )
     print(
         f"endpoint {endpoint.name} is up: {endpoint.url}/invocations (pid {endpoint.pid}, "
@@ -409,11 +414,7 @@ def cmd_endpoints(args) -> int:
     if not endpoints:
         print("no local endpoints")
         return 0
-    rows = []
-    for e in endpoints:
-        alive = local.process_alive(e.pid)
-        state = "healthy" if alive and local.ping(e.port) else ("starting?" if alive else "dead")
-        rows.append([e.name, str(e.port), str(e.pid), state, e.model])
+    rows = [[e.name, str(e.port), str(e.pid), local.endpoint_state(e), e.model] for e in endpoints]
     _print_table(rows, ["name", "port", "pid", "state", "model"])
     return 0
 
@@ -426,8 +427,8 @@ def cmd_delete(args) -> int:
         return 0
     from imgclf.targets import local
 
-    endpoint = local.delete_endpoint(_home(args), args.name)
-    print(f"endpoint {endpoint.name} stopped")
+    endpoint, was_running = local.delete_endpoint(_home(args), args.name)
+    print(f"endpoint {endpoint.name} {'stopped' if was_running else 'was not running; removed'}")
     return 0
 
 
@@ -731,6 +732,12 @@ def build_parser() -> argparse.ArgumentParser:
     deploy.add_argument("--name", default="local", help="endpoint name (local)")
     deploy.add_argument("--port", type=int, default=8080, help="port on 127.0.0.1 (8080)")
     deploy.add_argument("--workers", type=int, help="MMS workers (default: from the machine)")
+    deploy.add_argument(
+        "--response-format",
+        choices=("predictions", "vectors"),
+        help="default answer (local): top-k predictions (default), or vectors: "
+        "[[p0, ..., pN-1]] per image in label order, what the seed notebooks' clients read",
+    )
     _add_target(deploy, image=True, resources=True, wait=True)
     deploy.add_argument(
         "--serverless-mb", type=int, help="serverless endpoint with this memory (sagemaker)"

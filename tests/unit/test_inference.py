@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from imgclf import artifacts, data, models
-from imgclf.serving import inference
+from imgclf.serving import front, inference
 from imgclf.serving.serve import ServeSettings, mms_config_properties
 
 
@@ -149,7 +149,7 @@ def test_broken_artifacts_fail_with_the_file_named(tmp_path, model_dir):
         inference.model_fn(broken)
 
 
-def test_mms_config_keeps_management_on_loopback(tmp_path):
+def test_mms_config_means_what_it_says(tmp_path):
     settings = ServeSettings(
         model_dir=tmp_path / "model",
         bind_host="0.0.0.0",
@@ -158,12 +158,105 @@ def test_mms_config_keeps_management_on_loopback(tmp_path):
         timeout_s=60,
         startup_timeout_s=300,
     )
-    text = mms_config_properties(settings, management_port=20001, model_store=tmp_path)
+    text = mms_config_properties(
+        settings, inference_port=20002, management_port=20001, model_store=tmp_path
+    )
     props = dict(line.split("=", 1) for line in text.splitlines())
-    assert props["inference_address"] == "http://0.0.0.0:8080"
+    # MMS listens on loopback only; the public port (8080) is the front's.
+    assert props["inference_address"] == "http://127.0.0.1:20002"
     assert props["management_address"] == "http://127.0.0.1:20001"
     assert int(props["max_request_size"]) >= 6 * 1024 * 1024
     assert props["default_workers_per_model"] == "3"
-    assert props["default_response_timeout"] == "60"
+    # MMS 1.1.11 reads default_response_timeout in minutes; the seconds key wins over it.
+    assert props["default_response_timeout_seconds"] == "60"
+    assert props["default_response_timeout"] == "1"
+    # Above what the front hands MMS at once, so MMS never answers an instant 503.
+    assert int(props["job_queue_size"]) > front.Limits().upstream_concurrency
     assert props["blacklist_env_vars"] == "AWS_.*"
     assert props["default_service_handler"] == "imgclf.serving.handler_service"
+
+
+def _strip(width: int, height: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("L", (width, height)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_pixel_limits_count_what_preprocessing_will_make():
+    # ~100 bytes that a resize to 36 px would make 85 Mpx (4.3 Gpx at 256 px): refused unread.
+    thin = _strip(65535, 1)
+    assert len(thin) < 300
+    with pytest.raises(inference.RequestError) as err:
+        inference.input_fn(thin, "image/png", draft=36)
+    assert err.value.status == 413 and "aspect ratio" in err.value.error
+    # A 16:1 strip is fine alone...
+    ok = _strip(16 * 36, 36)
+    assert len(inference.input_fn(ok, "image/png", draft=36)) == 1
+    # ...but 64 of them in one JSON request are over the request's resize budget.
+    batch = json.dumps({"instances": [base64.b64encode(ok).decode()] * 64}).encode()
+    with pytest.raises(inference.RequestError) as err:
+        inference.input_fn(batch, "application/json", draft=36)
+    assert err.value.status == 413 and "together" in err.value.error
+    # Decoded pixels are summed over the batch: 5 images of 10 Mpx are over 40 Mpx.
+    big = _strip(4000, 2500)
+    batch = json.dumps({"instances": [base64.b64encode(big).decode()] * 5}).encode()
+    with pytest.raises(inference.RequestError) as err:
+        inference.input_fn(batch, "application/json", draft=256)
+    assert err.value.status == 413 and str(inference.MAX_PIXELS) in err.value.error
+    # 16-bit pixels cost three times as much to decode and scale: 16 Mpx of them are too many.
+    deep = io.BytesIO()
+    Image.new("I;16", (4000, 4000), 300).save(deep, format="PNG")
+    with pytest.raises(inference.RequestError) as err:
+        inference.input_fn(deep.getvalue(), "image/png", draft=256)
+    assert err.value.status == 413 and "counts 3x" in err.value.error
+    # A JPEG counts at its draft scale: 4000x3000 decodes at 1/8 scale for a 256 px resize.
+    photo = _jpeg(size=(4000, 3000))
+    size = inference.probe_image(photo, draft=256)
+    assert (size.width, size.height) == (500, 375)
+
+
+def test_resized_pixels_matches_torchvision_resize():
+    from torchvision import transforms
+
+    for w, h in [(300, 200), (37, 1000), (64, 64), (1001, 3)]:
+        out = transforms.Resize(36, antialias=True)(Image.new("RGB", (w, h)))
+        assert inference.resized_pixels(w, h, 36) == out.width * out.height
+
+
+def test_client_text_never_reaches_the_reason_phrase():
+    for status in (400, 406, 413, 415, 500, 503, 599):
+        inference.reason_phrase(status).encode("ascii")
+    with pytest.raises(inference.RequestError) as err:
+        inference.input_fn(_png(), "image/\u00e9" + "x" * 200)
+    assert err.value.status == 415 and err.value.reason == "Unsupported Media Type"
+    assert err.value.body().decode("ascii")  # JSON escapes what the client sent
+    assert len(err.value.error) < 200
+
+
+def test_deep_json_and_odd_digits_are_client_errors():
+    deep = b'{"instances": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    with pytest.raises(inference.RequestError) as err:
+        inference.input_fn(deep, "application/json")
+    assert err.value.status == 400
+    for value in ("\u00b2", "\u0663", "1" * 40, "-1", "0", ""):
+        with pytest.raises(inference.RequestError) as err:
+            inference.parse_options(f"topk={value}", 4)
+        assert err.value.status == 400
+
+
+def test_response_format_per_request_or_by_default(loaded):
+    probs = inference.predict_fn(inference.input_fn(_png(), "image/png"), loaded)
+    attrs = inference.parse_options("format=vectors", 4)
+    body, _ = inference.output_fn(probs, loaded.labels, accept=None, options=attrs, batch=False)
+    vectors = np.asarray(json.loads(body))
+    assert vectors.shape == (1, 4)
+    assert np.argmax(vectors, 1).tolist() == [int(probs[0].argmax())]
+    # Accept's parameter, then the deploy's default, when the attributes say nothing.
+    fmt = inference.check_accept("application/json; format=vectors")
+    assert inference.parse_options(None, 4, accept_format=fmt).format == "vectors"
+    assert inference.parse_options(None, 4, default_format="vectors").format == "vectors"
+    chosen = inference.parse_options("format=predictions", 4, default_format="vectors")
+    assert chosen.format == "predictions"
+    with pytest.raises(inference.RequestError) as err:
+        inference.parse_options("format=csv", 4)
+    assert err.value.status == 400 and "vectors" in err.value.hint

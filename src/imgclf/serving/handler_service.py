@@ -1,8 +1,10 @@
 """The multi-model-server adapter. MMS loads this module and wants exactly one class in it.
 
 Thin by design: decode each request of MMS's batch → one forward pass over all their images →
-encode each answer. Client mistakes become 4xx JSON answers; our own bugs are logged here with
-their traceback and answered with a bare 500, never with the traceback.
+encode each answer. Every exception a request's bytes or headers can cause is a 4xx JSON answer;
+our own bugs in the forward pass are logged here with their traceback and answered with a bare
+500, never with the traceback. Reason phrases are fixed ASCII text (see
+inference.reason_phrase).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ log = logging.getLogger("imgclf.serving")
 _INTERNAL = json.dumps(
     {"error": "internal error while predicting", "hint": "the endpoint's log has the details"}
 ).encode()
+FORMAT_ENV = "IMGCLF_RESPONSE_FORMAT"  # the deploy's default response format
 
 
 class HandlerService:
@@ -28,8 +31,13 @@ class HandlerService:
 
     def __init__(self) -> None:
         self.loaded: inference.LoadedModel | None = None
+        self.default_format = inference.DEFAULT_FORMAT
 
     def initialize(self, context) -> None:
+        fmt = os.environ.get(FORMAT_ENV) or inference.DEFAULT_FORMAT
+        if fmt not in inference.FORMATS:
+            raise ValueError(f"{FORMAT_ENV}={fmt!r}: use one of {', '.join(inference.FORMATS)}")
+        self.default_format = fmt
         workers = int(os.environ.get("IMGCLF_WORKERS", "1"))
         torch.set_num_threads(inference.torch_threads(workers))
         model_dir = context.system_properties.get("model_dir")
@@ -51,8 +59,8 @@ class HandlerService:
         answers: list[bytes | None] = [None] * len(data)
         work = []  # (request index, images, options, accept, is_batch)
         for idx, request in enumerate(data):
-            headers = _headers(context, idx)
             try:
+                headers = _headers(context, idx)
                 if loaded is None:
                     raise inference.RequestError(
                         503, "the model is not loaded", "see the endpoint's log"
@@ -63,16 +71,26 @@ class HandlerService:
                 body = bytes(body) if not isinstance(body, str) else body.encode()
                 content_type = headers.get("content-type")
                 accept = headers.get("accept")
-                inference.check_accept(accept)
                 options = inference.parse_options(
-                    headers.get("x-amzn-sagemaker-custom-attributes"), loaded.num_classes
+                    headers.get("x-amzn-sagemaker-custom-attributes"),
+                    loaded.num_classes,
+                    accept_format=inference.check_accept(accept),
+                    default_format=self.default_format,
                 )
                 images = inference.input_fn(body, content_type, draft=loaded.preprocess.resize_size)
                 is_batch = inference.media_type(content_type) == inference.JSON_TYPE
                 work.append((idx, images, options, accept, is_batch))
-            except inference.RequestError as exc:
+            except MemoryError:
+                raise  # the worker cannot go on; MMS restarts it
+            except Exception as exc:
+                if not isinstance(exc, inference.RequestError):
+                    # Caused by this request's bytes or headers, so a 4xx; logged as our bug.
+                    log.exception("request %d could not be read", idx)
+                    exc = inference.RequestError(
+                        400, "the request could not be read", "check its headers and body"
+                    )
                 answers[idx] = exc.body()
-                context.set_response_status(exc.status, exc.error[:100], idx=idx)
+                context.set_response_status(exc.status, exc.reason, idx=idx)
                 context.set_response_content_type(idx, inference.JSON_TYPE)
         if work:
             try:
@@ -90,7 +108,7 @@ class HandlerService:
                 log.exception("prediction failed")
                 for idx, *_ in work:
                     answers[idx] = _INTERNAL
-                    context.set_response_status(500, "internal error", idx=idx)
+                    context.set_response_status(500, inference.reason_phrase(500), idx=idx)
                     context.set_response_content_type(idx, inference.JSON_TYPE)
         return answers
 

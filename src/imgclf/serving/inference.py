@@ -1,28 +1,55 @@
 """The endpoint's four functions, pure and testable alone: model_fn (artifact → model),
 input_fn (request body → images), predict_fn (images → probabilities), output_fn
-(probabilities → response body). Bad input raises RequestError (a 4xx with a hint)."""
+(probabilities → response body). Bad input raises RequestError (a 4xx with a hint).
+
+Work per request is bounded before anything is decoded: the pixels every image will decode to
+(after the JPEG draft) and the pixels the eval transform's resize will produce are counted from
+the image headers, per image and summed over a JSON batch."""
 
 from __future__ import annotations
 
 import base64
 import binascii
+import http
 import io
 import json
+import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from imgclf import artifacts, data, models
 from imgclf.errors import UserError
 from imgclf.serving import runtime
 
+log = logging.getLogger("imgclf.serving")
+
 MAX_BODY_BYTES = 6 * 1024 * 1024  # SageMaker's real-time request limit
-MAX_PIXELS = 40_000_000  # per image; a larger one is refused before it is decoded
+# Decoded pixels per request, all images together (after the JPEG draft): 40 Mpx is one
+# 40 Mpx photo, or 64 phone photos drafted to 1/8 scale. Refused before anything is decoded.
+MAX_PIXELS = 40_000_000
+# What one pixel of a mode costs to decode and turn into RGB, against 8-bit RGB (measured peak
+# memory: RGB ~8 bytes a pixel, RGBA ~15, 16-bit or float ~25 through to_rgb's float64 scaling).
+# A pixel of these modes counts this many times against MAX_PIXELS.
+PIXEL_WEIGHT = {"RGBA": 2, "LA": 2, "PA": 2, "RGBa": 2, "La": 2, "CMYK": 2}
+PIXEL_WEIGHT.update(dict.fromkeys(("I;16", "I;16B", "I;16L", "I;16N", "I", "F"), 3))
+# What the eval transform's resize (short side to resize_size) may produce: per image, the
+# pixels of a 16:1 strip; per request, those of 64 images at 4:1. A 65535x1 PNG would resize to
+# gigapixels otherwise.
+MAX_RESIZE_FACTOR_IMAGE = 16
+MAX_RESIZE_FACTOR_REQUEST = 256
 MAX_IMAGES = 64  # per JSON request
 DEFAULT_TOPK = 5
+JSON_HINT = 'send {"instances": ["<base64 image>", ...]}'
+
+# Response formats: "predictions" (top-k objects) or "vectors" (the seed projects' format: one
+# list of class probabilities per image, in label order, `[[p0, ..., pN-1]]`).
+FORMATS = ("predictions", "vectors")
+DEFAULT_FORMAT = "predictions"
 
 IMAGE_TYPES = frozenset(
     {
@@ -50,6 +77,25 @@ class RequestError(Exception):
     def body(self) -> bytes:
         return json.dumps({"error": self.error, "hint": self.hint}).encode()
 
+    @property
+    def reason(self) -> str:
+        return reason_phrase(self.status)
+
+
+def reason_phrase(status: int) -> str:
+    """A fixed ASCII reason phrase: never the client's text (MMS frames the phrase by its
+    length in characters but writes UTF-8 bytes, so a non-ASCII phrase kills the worker)."""
+    try:
+        return http.HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
+
+
+def _shown(text: str | None, limit: int = 60) -> str:
+    """A client's value quoted for an error message: ASCII only, bounded."""
+    value = (text or "")[:limit]
+    return ascii(value) + ("..." if text and len(text) > limit else "")
+
 
 @dataclass(frozen=True)
 class LoadedModel:
@@ -69,6 +115,7 @@ class LoadedModel:
 class Options:
     topk: int = DEFAULT_TOPK
     probabilities: bool = False  # the full vector, in label order
+    format: str = DEFAULT_FORMAT  # one of FORMATS
 
 
 def model_fn(
@@ -104,8 +151,32 @@ def media_type(header: str | None) -> str:
     return (header or "").split(";", 1)[0].strip().lower()
 
 
-def decode_image(payload: bytes, *, draft: int | None, where: str = "body") -> Image.Image:
-    """Bytes → RGB image, refusing oversized (decompression-bomb) and undecodable input."""
+@dataclass(frozen=True)
+class ImageSize:
+    """What one image will cost: its decoded size (after the JPEG draft) and the size the eval
+    transform's resize will make of it."""
+
+    width: int
+    height: int
+    resized_pixels: int
+    weight: int = 1  # PIXEL_WEIGHT of its mode
+
+    @property
+    def pixels(self) -> int:
+        """Decoded pixels, weighted by what their mode costs (see PIXEL_WEIGHT)."""
+        return self.width * self.height * self.weight
+
+
+def resized_pixels(width: int, height: int, resize: int | None) -> int:
+    """Pixels torchvision's Resize(resize) (short side to `resize`) produces from w x h."""
+    if not resize:
+        return width * height
+    short, long = min(width, height), max(width, height)
+    return resize * int(resize * long / max(short, 1))
+
+
+def probe_image(payload: bytes, *, draft: int | None, where: str = "body") -> ImageSize:
+    """Read only the header: the size the image will decode to and resize to."""
     if not payload:
         raise RequestError(
             400,
@@ -114,22 +185,81 @@ def decode_image(payload: bytes, *, draft: int | None, where: str = "body") -> I
         )
     try:
         with Image.open(io.BytesIO(payload)) as probe:
-            width, height = probe.size
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+            if draft and probe.format == "JPEG":
+                probe.draft(probe.mode, (draft, draft))
+            (width, height), mode = probe.size, probe.mode
+    except Image.DecompressionBombError:
+        raise _too_many_pixels(where, "an image") from None
+    except Exception:  # any decoder's failure on a client's bytes is the client's bad image
         raise RequestError(
             400,
             f"the {where} is not an image that can be read",
             "send JPEG, PNG, WebP, BMP, GIF or TIFF bytes",
         ) from None
-    if width * height > MAX_PIXELS:
+    if width < 1 or height < 1:
+        raise RequestError(400, f"the image in the {where} has no pixels", "send a real image")
+    weight = PIXEL_WEIGHT.get(mode, 1)
+    size = ImageSize(width, height, resized_pixels(width, height, draft), weight)
+    if size.pixels > MAX_PIXELS:
+        shown = f"{mode} image of {width}x{height} pixels"
+        if weight > 1:
+            shown += f" (its mode counts {weight}x)"
+        raise _too_many_pixels(where, shown)
+    if draft and size.resized_pixels > MAX_RESIZE_FACTOR_IMAGE * draft * draft:
         raise RequestError(
             413,
-            f"image in the {where} is {width}x{height} pixels, over the limit of {MAX_PIXELS}",
-            "resize the image before sending it",
+            f"image in the {where} is {width}x{height} pixels: its short side resized to "
+            f"{draft} px would make {size.resized_pixels} pixels, over the limit of "
+            f"{MAX_RESIZE_FACTOR_IMAGE * draft * draft} (aspect ratio over "
+            f"{MAX_RESIZE_FACTOR_IMAGE}:1)",
+            "crop the image to a less elongated shape before sending it",
         )
+    return size
+
+
+def _too_many_pixels(where: str, what: str) -> RequestError:
+    return RequestError(
+        413,
+        f"{what} in the {where}: over the limit of {MAX_PIXELS} decoded pixels per request",
+        "resize the image before sending it (or send fewer images per request)",
+    )
+
+
+def check_request_work(sizes: list[ImageSize], *, draft: int | None) -> None:
+    """The whole request's work: decoded and resized pixels summed over its images."""
+    total = sum(s.pixels for s in sizes)
+    if total > MAX_PIXELS:
+        raise RequestError(
+            413,
+            f"the {len(sizes)} images decode to {total} pixels together (16-bit and alpha "
+            f"modes count more), over the limit of {MAX_PIXELS} per request",
+            "send fewer or smaller images per request",
+        )
+    if draft:
+        resized = sum(s.resized_pixels for s in sizes)
+        limit = MAX_RESIZE_FACTOR_REQUEST * draft * draft
+        if resized > limit:
+            raise RequestError(
+                413,
+                f"the {len(sizes)} images resize to {resized} pixels together, over the limit "
+                f"of {limit} per request",
+                "send fewer or less elongated images per request",
+            )
+
+
+def decode_image(payload: bytes, *, draft: int | None, where: str = "body") -> Image.Image:
+    """Bytes → RGB image, refusing oversized (decompression-bomb) and undecodable input."""
+    probe_image(payload, draft=draft, where=where)
+    return _decode(payload, draft=draft, where=where)
+
+
+def _decode(payload: bytes, *, draft: int | None, where: str) -> Image.Image:
     try:
         return data.open_image(io.BytesIO(payload), draft=draft)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+    except MemoryError:
+        raise
+    except Exception as exc:  # truncated, corrupt, or a decoder's own failure: the bytes' fault
+        log.info("image in the %s not decoded: %s", where, type(exc).__name__)
         raise RequestError(
             400, f"the image in the {where} is truncated or corrupt", "send the complete image file"
         ) from None
@@ -139,9 +269,9 @@ def _json_images(body: bytes) -> list[bytes]:
     try:
         doc = json.loads(body)
     except (ValueError, UnicodeDecodeError):
-        raise RequestError(
-            400, "the body is not valid JSON", 'send {"instances": ["<base64 image>", ...]}'
-        ) from None
+        raise RequestError(400, "the body is not valid JSON", JSON_HINT) from None
+    except RecursionError:
+        raise RequestError(400, "the JSON body is nested too deeply", JSON_HINT) from None
     items = doc.get("instances", doc.get("images")) if isinstance(doc, dict) else doc
     if isinstance(items, str):
         items = [items]
@@ -159,7 +289,7 @@ def _json_images(body: bytes) -> list[bytes]:
         )
     out = []
     for index, item in enumerate(items):
-        try:
+        try:  # a data: URL's "data:image/png;base64," prefix is dropped
             out.append(base64.b64decode(item.split(",", 1)[-1], validate=True))
         except (binascii.Error, ValueError):
             raise RequestError(
@@ -182,46 +312,92 @@ def input_fn(
         )
     media = media_type(content_type)
     if media == JSON_TYPE:
-        payloads = _json_images(body)
-        return [
-            decode_image(p, draft=draft, where=f"instances[{i}]") for i, p in enumerate(payloads)
-        ]
-    if media in IMAGE_TYPES or media == "":
-        return [decode_image(body, draft=draft)]
+        payloads = [(p, f"instances[{i}]") for i, p in enumerate(_json_images(body))]
+    elif media in IMAGE_TYPES or media == "":
+        payloads = [(body, "body")]
+    else:
+        payloads = []
+    if payloads:
+        # Every header first, so a batch over the request's budget decodes nothing at all.
+        sizes = [probe_image(p, draft=draft, where=where) for p, where in payloads]
+        check_request_work(sizes, draft=draft)
+        return [_decode(p, draft=draft, where=where) for p, where in payloads]
     raise RequestError(
         415,
-        f"content type {content_type!r} is not supported",
+        f"content type {_shown(content_type)} is not supported",
         "use image/jpeg, image/png, application/x-image, "
         "application/octet-stream or application/json (base64 images); "
         "application/x-npy is never accepted (no pickles)",
     )
 
 
-def check_accept(accept: str | None) -> None:
-    types = {media_type(part) for part in (accept or "").split(",")} - {""}
-    if types and not types & ACCEPTED:
+def check_accept(accept: str | None) -> str | None:
+    """406 unless JSON is acceptable; returns the `format=` parameter given with it, if any
+    (`Accept: application/json; format=vectors`)."""
+    chosen = None
+    acceptable = False
+    for part in (accept or "").split(","):
+        media, *params = part.split(";")
+        media = media.strip().lower()
+        if not media:
+            continue
+        if media in ACCEPTED:
+            acceptable = True
+            for param in params:
+                key, _, value = param.partition("=")
+                if key.strip().lower() == "format":
+                    chosen = _format(value)
+    if (accept or "").strip(" ,") and not acceptable:
         raise RequestError(
-            406, f"cannot answer in {accept!r}", "accept application/json (or leave Accept out)"
+            406,
+            f"cannot answer in {_shown(accept)}",
+            "accept application/json (or leave Accept out)",
         )
+    return chosen
 
 
-def parse_options(custom_attributes: str | None, num_classes: int) -> Options:
-    """`X-Amzn-SageMaker-Custom-Attributes: topk=3,probabilities=true`."""
-    topk, full = DEFAULT_TOPK, False
+def _format(value: str) -> str:
+    value = value.strip().strip('"').lower()
+    if value not in FORMATS:
+        raise RequestError(
+            400,
+            f"format={_shown(value)} is not a response format",
+            f"use format={' or format='.join(FORMATS)}",
+        )
+    return value
+
+
+_DIGITS = re.compile(r"[0-9]{1,9}")  # ASCII digits only: str.isdigit() also takes "²"
+
+
+def parse_options(
+    custom_attributes: str | None,
+    num_classes: int,
+    *,
+    accept_format: str | None = None,
+    default_format: str = DEFAULT_FORMAT,
+) -> Options:
+    """`X-Amzn-SageMaker-Custom-Attributes: topk=3,probabilities=true,format=vectors`. The
+    format comes from the attributes, else the Accept header's parameter, else the deploy's
+    default."""
+    topk, full, chosen = DEFAULT_TOPK, False, None
     for part in (custom_attributes or "").replace(";", ",").split(","):
         key, _, value = part.partition("=")
         key, value = key.strip().lower(), value.strip().lower()
         if key == "topk":
-            if not value.isdigit() or int(value) < 1:
+            if not _DIGITS.fullmatch(value) or int(value) < 1:
                 raise RequestError(
                     400,
-                    f"topk={value!r} is not a positive integer",
+                    f"topk={_shown(value)} is not a positive integer",
                     "send X-Amzn-SageMaker-Custom-Attributes: topk=5",
                 )
             topk = int(value)
         elif key == "probabilities":
             full = value in ("true", "1", "yes", "all")
-    return Options(min(topk, num_classes), full)
+        elif key == "format":
+            chosen = _format(value)
+    fmt = chosen or accept_format or default_format
+    return Options(min(topk, num_classes), full, fmt)
 
 
 @torch.inference_mode()
@@ -248,8 +424,13 @@ def prediction(probs: torch.Tensor, labels: list[str], options: Options) -> dict
 def output_fn(
     probs: torch.Tensor, labels: list[str], *, accept: str | None, options: Options, batch: bool
 ) -> tuple[bytes, str]:
-    """Probabilities → JSON: one object for one image, a list for a JSON batch."""
+    """Probabilities → JSON. "predictions": one object for one image, a list of them for a JSON
+    batch. "vectors": `[[p0, ..., pN-1], ...]`, one row per image in label order, always a list
+    of lists (what `np.argmax(np.asarray(json.loads(body)), 1)` reads)."""
     check_accept(accept)
+    if options.format == "vectors":
+        doc = [[round(float(p), 6) for p in row] for row in probs.tolist()]
+        return json.dumps(doc).encode(), JSON_TYPE
     results = [prediction(row, labels, options) for row in probs]
     doc = results if batch else results[0]
     return json.dumps(doc).encode(), JSON_TYPE

@@ -1,26 +1,45 @@
-"""The serving image's `serve` entry (and the local target's endpoint): multi-model-server with
-our handler.
+"""The serving image's `serve` entry (and the local target's endpoint): a supervisor that runs
+multi-model-server with our handler and makes the endpoint's promises true whatever MMS does.
+
+What MMS 1.1.11 gives, and what it does not (read from its Java frontend):
+- `default_response_timeout` is in minutes; the seconds key is `default_response_timeout_seconds`.
+  When it expires MMS kills the worker and restarts it: it is a last resort, our handler's work
+  limits keep every request far below it.
+- `job_queue_size` (default 100) answers 503 at once when full: we set it above what the front
+  hands MMS at a time, so requests queue instead of failing.
+- No header, body or idle timeout and no connection cap; bodies over `max_request_size` get a
+  reset or an empty 413; its own errors name Java classes; its /ping says 200 with an
+  "Unhealthy" body when no worker can answer; SIGTERM closes every connection at once; after
+  the worker's parent process dies it may never start a worker again.
+So MMS listens on private loopback ports only, and the public port is served by front.py, a
+small HTTP/1.1 server that enforces the limits, queues, answers /ping from the workers' real
+state, and drains on SIGTERM. This module starts MMS, watches its workers through the management
+API, restarts it when no worker can answer for a while (or its backend process is gone), and
+exits non-zero when it cannot bring it back, so the platform replaces the container.
+
+Process tree: serve leads its own process group, and MMS (launcher, Java, Python workers) stays
+in it, so `killpg` of serve's pid stops everything even after serve itself was killed. A tiny
+watchdog child kills the group the moment serve dies, so nothing outlives it.
 
 Why not sagemaker-inference's `start_model_server`: it writes /etc/sagemaker-mms.properties
 (root only), binds the management API to 0.0.0.0, pip-installs a requirements.txt found in the
-model at start-up, and its Transformer puts tracebacks in error responses. This module does the
-same job in a few steps instead: prove the model loads (load it and run it once on a blank
-image) before any port opens; write the MMS config, made by a pure function, to a private
-temporary folder; start MMS with the model; wait until its workers have loaded it; pass SIGTERM
-on so MMS drains and exits.
+model at start-up, and its Transformer puts tracebacks in error responses.
 
-MMS 1.1 routes /invocations to its start-up model and gives that model a batch size of 1 (no
-setting changes it; registering the model again through the management API drops it from the
-start-up set, and /invocations then fails). Several images share one forward pass when they
-come in one JSON request; concurrent requests are spread over the workers.
+MMS 1.1 routes /invocations to its start-up model and gives that model a batch size of 1.
+Several images share one forward pass when they come in one JSON request; concurrent requests
+are spread over the workers.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
+import math
 import os
 import random
+import resource
 import shutil
 import signal
 import socket
@@ -28,22 +47,25 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 from imgclf.contract import BASE_DIR_ENV, CPU_RUNTIME_ENV, DEFAULT_BASE_DIR
+from imgclf.serving import front
 
 log = logging.getLogger("imgclf.serve")
 
 MODEL_NAME = "model"
 HANDLER = "imgclf.serving.handler_service"
 MAX_REQUEST_BYTES = 6 * 1024 * 1024
-# Headroom over the 6 MB limit for the HTTP framing of a request that is exactly 6 MB; our
-# handler enforces the limit on the body itself.
+# Headroom over the 6 MB limit for the framing of a request that is exactly 6 MB (the front
+# enforces the limit on the body itself).
 MAX_REQUEST_FRAME = MAX_REQUEST_BYTES + 64 * 1024
+JOB_QUEUE_SIZE = 1024  # MMS's queue; the front hands it at most Limits.upstream_concurrency
+RESPONSE_FORMAT_ENV = "IMGCLF_RESPONSE_FORMAT"  # read by handler_service in each worker
+PROBE_MAX_AGE_S = 0.5  # /ping asks the management API again when its answer is older
+BACKEND_GRACE_S = 3.0  # MMS's worker parent gone this long: restart MMS
+STOP_GRACE_S = 5.0  # MMS's processes get SIGTERM, then SIGKILL after this
 
 
 @dataclass(frozen=True)
@@ -58,6 +80,11 @@ class ServeSettings:
     startup_timeout_s: int
     handler: str = HANDLER  # IMGCLF_MMS_HANDLER: another MMS service module (A/B benchmarks)
     cpu_runtime: str = "auto"  # IMGCLF_CPU_RUNTIME: see imgclf.serving.runtime
+    drain_s: float = 30.0  # IMGCLF_DRAIN_SECONDS: SIGTERM waits this long for requests in flight
+    recover_after_s: float = 20.0  # IMGCLF_RECOVER_SECONDS: no worker ready this long: restart
+    max_restarts: int = 3  # restarts in a row that do not bring a worker back: exit 1
+    response_format: str = "predictions"  # IMGCLF_RESPONSE_FORMAT: the default answer format
+    limits: front.Limits = front.Limits()  # the front's timeouts and caps (IMGCLF_*, below)
 
 
 def default_workers() -> int:
@@ -69,40 +96,74 @@ def default_workers() -> int:
             return torch.cuda.device_count()
     except ImportError:
         pass
+    return max(1, _cpus() // 4)
+
+
+def _cpus() -> int:
     try:
-        cpus = len(os.sched_getaffinity(0))
+        return len(os.sched_getaffinity(0))
     except AttributeError:
-        cpus = os.cpu_count() or 1
-    return max(1, cpus // 4)
+        return os.cpu_count() or 1
+
+
+def _number(environ, name: str, default: str, kind=int):
+    raw = environ.get(name) or default
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a number") from None
+    if value <= 0:
+        raise ValueError(f"{name}={raw!r} must be positive")
+    return value
 
 
 def read_settings(environ) -> ServeSettings:
     base = Path(environ.get(BASE_DIR_ENV, DEFAULT_BASE_DIR))
-    workers = environ.get("SAGEMAKER_MODEL_SERVER_WORKERS")
+    fmt = environ.get(RESPONSE_FORMAT_ENV) or "predictions"
+    if fmt not in ("predictions", "vectors"):
+        raise ValueError(f"{RESPONSE_FORMAT_ENV}={fmt!r}: use predictions or vectors")
     return ServeSettings(
         model_dir=Path(environ.get("IMGCLF_MODEL_DIR", str(base / "model"))),
         bind_host=environ.get("IMGCLF_BIND_HOST", "0.0.0.0"),  # noqa: S104 - the container port
-        port=int(environ.get("SAGEMAKER_BIND_TO_PORT", "8080")),
-        workers=int(workers) if workers else default_workers(),
-        timeout_s=int(environ.get("SAGEMAKER_MODEL_SERVER_TIMEOUT", "60")),
-        startup_timeout_s=int(environ.get("SAGEMAKER_STARTUP_TIMEOUT", "300")),
+        port=_number(environ, "SAGEMAKER_BIND_TO_PORT", "8080"),
+        workers=_number(environ, "SAGEMAKER_MODEL_SERVER_WORKERS", str(default_workers())),
+        timeout_s=_number(environ, "SAGEMAKER_MODEL_SERVER_TIMEOUT", "60"),
+        startup_timeout_s=_number(environ, "SAGEMAKER_STARTUP_TIMEOUT", "300"),
         handler=environ.get("IMGCLF_MMS_HANDLER", HANDLER),
         cpu_runtime=environ.get(CPU_RUNTIME_ENV, "auto"),
+        drain_s=_number(environ, "IMGCLF_DRAIN_SECONDS", "30", float),
+        recover_after_s=_number(environ, "IMGCLF_RECOVER_SECONDS", "20", float),
+        response_format=fmt,
+        limits=front.Limits(
+            request_timeout_s=_number(environ, "SAGEMAKER_MODEL_SERVER_TIMEOUT", "60", float),
+            header_timeout_s=_number(environ, "IMGCLF_HEADER_TIMEOUT_SECONDS", "10", float),
+            body_timeout_s=_number(environ, "IMGCLF_BODY_TIMEOUT_SECONDS", "30", float),
+            idle_timeout_s=_number(environ, "IMGCLF_IDLE_TIMEOUT_SECONDS", "75", float),
+            max_connections=_number(environ, "IMGCLF_MAX_CONNECTIONS", "1024"),
+        ),
     )
 
 
+def front_limits(settings: ServeSettings) -> front.Limits:
+    return settings.limits
+
+
 def mms_config_properties(
-    settings: ServeSettings, *, management_port: int, model_store: Path
+    settings: ServeSettings, *, inference_port: int, management_port: int, model_store: Path
 ) -> str:
-    """The MMS config file's text (pure)."""
+    """The MMS config file's text (pure). Every key as MMS 1.1.11's ConfigManager reads it."""
     props = {
-        "inference_address": f"http://{settings.bind_host}:{settings.port}",
+        # Both on loopback: the public port is the front's.
+        "inference_address": f"http://127.0.0.1:{inference_port}",
         # Management registers models from URLs: never reachable from outside.
         "management_address": f"http://127.0.0.1:{management_port}",
         "model_store": str(model_store),
         "default_service_handler": settings.handler,
         "default_workers_per_model": str(settings.workers),
-        "default_response_timeout": str(settings.timeout_s),
+        # Seconds (the plain key is read in minutes); when it expires MMS restarts the worker.
+        "default_response_timeout_seconds": str(settings.timeout_s),
+        "default_response_timeout": str(max(1, math.ceil(settings.timeout_s / 60))),
+        "job_queue_size": str(JOB_QUEUE_SIZE),
         "max_request_size": str(MAX_REQUEST_FRAME),
         "max_response_size": str(MAX_REQUEST_BYTES),
         "decode_input_request": "false",  # our handler reads the raw bytes, JSON included
@@ -149,41 +210,375 @@ def preflight(model_dir: Path, *, cpu_runtime: str = "auto") -> None:
     )
 
 
-def _http(method: str, url: str, timeout: float = 10.0) -> tuple[int, bytes]:
-    request = urllib.request.Request(url, method=method)  # noqa: S310 - our own http:// URLs
+def ready_workers(doc) -> int:
+    """READY workers in MMS's `GET /models/NAME` answer (a dict, or a list of one)."""
+    doc = doc[0] if isinstance(doc, list) and doc else doc
+    if not isinstance(doc, dict):
+        return 0
+    return sum(1 for w in doc.get("workers", []) if w.get("status") == "READY")
+
+
+# ---------------------------------------------------------------- processes
+
+
+def proc_stat(pid: int) -> tuple[str, int, int] | None:
+    """(state, ppid, process group) of a live process, from /proc."""
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
-            return response.status, response.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
+        raw = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    fields = raw[raw.rindex(b")") + 2 :].split()
+    return fields[0].decode(), int(fields[1]), int(fields[2])
 
 
-def wait_for_workers(management_port: int, settings: ServeSettings, deadline: float) -> None:
-    """Return once every worker has loaded the model (MMS's /ping says 200 before that)."""
-    url = f"http://127.0.0.1:{management_port}/models/{MODEL_NAME}"
-    while time.monotonic() < deadline:
-        status, body = _http("GET", url)
-        if status == 200:
-            doc = json.loads(body)
-            doc = doc[0] if isinstance(doc, list) else doc
-            ready = [w for w in doc.get("workers", []) if w.get("status") == "READY"]
-            if len(ready) >= settings.workers:
-                return
-        time.sleep(0.2)
-    raise RuntimeError("the model's workers did not start in time")
+def group_members(pgid: int) -> dict[int, tuple[str, int]]:
+    """{pid: (state, ppid)} of every process in the process group."""
+    out = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            stat = proc_stat(int(entry))
+            if stat is not None and stat[2] == pgid:
+                out[int(entry)] = (stat[0], stat[1])
+    return out
 
 
-def wait_until_up(proc: subprocess.Popen, management_port: int, deadline: float) -> None:
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"multi-model-server exited with {proc.returncode} at start-up")
+def _cmdline(pid: int) -> str:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return ""
+    return raw.replace(b"\0", b" ").decode(errors="replace")
+
+
+def lead_own_group() -> int:
+    """Make this process its group's leader (unless it already is) and return the group."""
+    if os.getpgid(0) != os.getpid():
+        with contextlib.suppress(PermissionError):  # a session leader already leads its group
+            os.setpgid(0, 0)
+        if os.isatty(0):  # run by hand in a terminal: keep Ctrl-C reaching it
+            previous = signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+            with contextlib.suppress(OSError):
+                os.tcsetpgrp(0, os.getpgid(0))
+            signal.signal(signal.SIGTTOU, previous)
+    return os.getpgid(0)
+
+
+WATCHDOG = """
+import os, signal, sys
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+if sys.stdin.buffer.read(1) != b"q":  # EOF: serve died without saying goodbye
+    os.killpg(0, signal.SIGKILL)
+"""
+
+
+def start_watchdog() -> subprocess.Popen:
+    """A child in serve's group that holds a pipe only serve writes to: when serve dies for any
+    reason (SIGKILL included) the pipe closes and the watchdog kills the whole group."""
+    return subprocess.Popen(
+        [sys.executable, "-c", WATCHDOG], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL
+    )
+
+
+def raise_fd_limit(wanted: int = 65536) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = min(wanted, hard) if hard != resource.RLIM_INFINITY else wanted
+    if soft < target:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
+# ---------------------------------------------------------------- the supervisor
+
+
+async def _get(port: int, path: str, timeout: float = 2.0) -> tuple[int, bytes]:
+    """GET from MMS's management API (which keeps connections open: read by length)."""
+    async with asyncio.timeout(timeout):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
         try:
-            if _http("GET", f"http://127.0.0.1:{management_port}/models", timeout=2)[0] == 200:
-                return
-        except OSError:
-            pass
-        time.sleep(0.25)
-    raise RuntimeError("multi-model-server did not start in time")
+            request = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+            writer.write(request.encode())
+            status, headers = front.parse_response_head(await reader.readuntil(b"\r\n\r\n"))
+            body = await reader.readexactly(int(headers.get("content-length", "0")))
+        finally:
+            writer.close()
+    return status, body
+
+
+class Supervisor:
+    """MMS's life: start, watch through the management API, restart, stop."""
+
+    def __init__(self, settings: ServeSettings, environ: dict[str, str], workdir: Path) -> None:
+        self.settings, self.environ, self.workdir = settings, environ, workdir
+        self.pgid = os.getpgid(0)
+        self.proc: subprocess.Popen | None = None
+        self.management_port: int | None = None
+        self.upstream = front.Upstream(front_limits(settings))
+        self.restarting = True
+        self.runs = 0
+        self._probe: tuple[float, bool, str] = (0.0, False, "starting")
+        self._probe_task: asyncio.Task | None = None
+        self._last_ready = time.monotonic()
+        self._backend_missing_since: float | None = None
+        self._backend_seen = False  # MMS's backend process, at the last probe
+        self._inference_port: int | None = None
+        self.failed_restarts = 0
+
+    # -- MMS
+
+    def _command(self, config: Path) -> list[str]:
+        return [
+            str(Path(sys.executable).parent / "multi-model-server"),
+            "--start",
+            "--foreground",
+            "--mms-config",
+            str(config),
+            "--model-store",
+            str(self.settings.model_dir.parent),
+            "--models",
+            f"{MODEL_NAME}={self.settings.model_dir.name}",
+        ]
+
+    async def start_mms(self, timeout_s: float) -> None:
+        """Start MMS on fresh private ports; return once its workers have loaded the model."""
+        self.runs += 1
+        run_dir = self.workdir / f"run-{self.runs}"  # MMS's pid file, sockets and logs
+        run_dir.mkdir()
+        inference_port, management_port = free_port(), free_port()
+        while management_port == inference_port:
+            management_port = free_port()
+        config = run_dir / "config.properties"
+        config.write_text(
+            mms_config_properties(
+                self.settings,
+                inference_port=inference_port,
+                management_port=management_port,
+                model_store=self.settings.model_dir.parent,
+            )
+        )
+        env = {k: v for k, v in self.environ.items() if not k.startswith("AWS_")}
+        env.update(
+            {
+                "TMPDIR": str(run_dir),
+                "TEMP": str(run_dir),
+                "IMGCLF_WORKERS": str(self.settings.workers),
+                RESPONSE_FORMAT_ENV: self.settings.response_format,
+                "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+            }
+        )
+        # Same process group as serve (no new session): killpg(serve) reaches every MMS process.
+        self.proc = subprocess.Popen(
+            self._command(config), cwd=run_dir, env=env, stdin=subprocess.DEVNULL
+        )
+        self.management_port, self._inference_port = management_port, inference_port
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"multi-model-server exited with {self.proc.returncode}")
+            ok, _ = await self.probe(max_age=0)
+            if ok and self._ready_count >= self.settings.workers:
+                break
+            await asyncio.sleep(0.25)
+        else:
+            raise RuntimeError("the model's workers did not start in time")
+        self._ready_again()
+
+    def _ready_again(self) -> None:
+        self.upstream.retarget(self._inference_port)
+        self.restarting = False
+        self._last_ready = time.monotonic()
+        self._backend_missing_since = None
+
+    async def stop_mms(self, grace_s: float = STOP_GRACE_S) -> None:
+        """Every process of the group but serve and its watchdog: SIGTERM, then SIGKILL."""
+        self.upstream.retarget(None)
+        keep = {os.getpid(), *self.keep}
+        for signum, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+            members = [p for p in group_members(self.pgid) if p not in keep]
+            for pid in members:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signum)
+            deadline = time.monotonic() + wait_s
+            while time.monotonic() < deadline:
+                self._reap()
+                alive = [
+                    p
+                    for p, (state, _) in group_members(self.pgid).items()
+                    if p not in keep and state != "Z"
+                ]
+                if not alive:
+                    break
+                await asyncio.sleep(0.1)
+        self._reap()
+
+    keep: tuple[int, ...] = ()  # the watchdog's pid, set by main
+
+    def _reap(self) -> None:
+        """Collect exited children: MMS's launcher, and orphans when serve is PID 1."""
+        if self.proc is not None:
+            self.proc.poll()
+        if os.getpid() != 1:
+            return
+        for pid, (state, ppid) in group_members(self.pgid).items():
+            if ppid == 1 and state == "Z" and pid not in self.keep:
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, os.WNOHANG)
+
+    # -- health
+
+    _ready_count = 0
+
+    async def probe(self, max_age: float = PROBE_MAX_AGE_S) -> tuple[bool, str]:
+        """Whether a worker can answer now, from the management API (one query at a time)."""
+        stamp, ok, why = self._probe
+        if time.monotonic() - stamp <= max_age:
+            return ok, why
+        if self._probe_task is None or self._probe_task.done():
+            self._probe_task = asyncio.ensure_future(self._query())
+        return await asyncio.shield(self._probe_task)
+
+    async def _query(self) -> tuple[bool, str]:
+        try:
+            status, body = await _get(self.management_port, f"/models/{MODEL_NAME}")
+            count = ready_workers(json.loads(body)) if status == 200 else 0
+            why = "" if count else "no worker has the model loaded"
+        except (OSError, TimeoutError, ValueError, IndexError, TypeError, EOFError):
+            count, why = 0, "the model server does not answer"
+        # MMS marks a worker READY until it notices the process is gone; the processes
+        # themselves say so at once.
+        backends, workers = self._mms_processes()
+        self._backend_seen = bool(backends)
+        if count:
+            count = min(count, len(workers))
+            why = "" if count else "no worker process is alive"
+        self._ready_count = count
+        result = (count > 0, why)
+        self._probe = (time.monotonic(), *result)
+        return result
+
+    def can_forward(self) -> bool:
+        """From the last probe: a worker was ready (requests wait in the front otherwise)."""
+        return not self.restarting and self._probe[1]
+
+    def _mms_processes(self) -> tuple[list[int], list[int]]:
+        """(backend processes: children of Java; workers: other model_service_worker ones)."""
+        members = group_members(self.pgid)
+        javas = {p for p in members if " com.amazonaws.ml.mms.ModelServer" in _cmdline(p)}
+        backends, workers = [], []
+        for pid, (state, ppid) in members.items():
+            if state in ("Z", "X") or "model_service_worker" not in _cmdline(pid):
+                continue
+            (backends if ppid in javas else workers).append(pid)
+        return backends, workers
+
+    async def ready(self) -> tuple[bool, str]:
+        """For /ping: 200 only while MMS runs and one of its workers has the model loaded."""
+        if self.restarting or self.proc is None or self.proc.poll() is not None:
+            return False, "the model server is (re)starting"
+        return await self.probe()
+
+    def forget_probe(self) -> None:
+        """A request just failed upstream: the next /ping asks MMS afresh."""
+        self._probe = (0.0, False, "")
+
+    async def watch(self, stopping: asyncio.Event) -> int:
+        """Restart MMS when it exits, when its backend is gone, or when no worker is ready for
+        recover_after_s. Returns 1 when restarts stop bringing it back."""
+        while not stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), 1.0)
+            if stopping.is_set():
+                break
+            self._reap()
+            why = None
+            now = time.monotonic()
+            if self.proc is None or self.proc.poll() is not None:
+                why = "multi-model-server exited"
+            else:
+                ok, _ = await self.probe()
+                if ok and self.restarting:  # came up after its start-up timeout after all
+                    self._ready_again()
+                if ok:
+                    self._last_ready = now
+                elif now - self._last_ready > self.settings.recover_after_s:
+                    why = f"no worker was ready for {self.settings.recover_after_s:.0f} s"
+                if self._backend_seen:
+                    self._backend_missing_since = None
+                elif self._backend_missing_since is None:
+                    self._backend_missing_since = now
+                elif now - self._backend_missing_since > BACKEND_GRACE_S:
+                    why = "the workers' parent process is gone"
+            if why is None:
+                continue
+            log.error("%s: restarting multi-model-server", why)
+            self.restarting = True
+            await self.stop_mms(grace_s=1.0)
+            try:
+                await self.start_mms(self.settings.startup_timeout_s)
+                self.failed_restarts = 0
+                log.info("multi-model-server restarted; endpoint ready again")
+            except RuntimeError as exc:
+                self.failed_restarts += 1
+                log.error("restart %d failed: %s", self.failed_restarts, exc)
+                if self.failed_restarts >= self.settings.max_restarts:
+                    log.error("giving up: the platform should replace this endpoint")
+                    return 1
+                self._last_ready = time.monotonic()
+        return 0
+
+
+async def _serve(settings: ServeSettings, environ: dict[str, str], workdir: Path) -> int:
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+    supervisor = Supervisor(settings, environ, workdir)
+    watchdog = start_watchdog()
+    supervisor.keep = (watchdog.pid,)
+    gate = front.Front(
+        front_limits(settings),
+        supervisor.upstream,
+        supervisor.ready,
+        can_forward=supervisor.can_forward,
+        on_upstream_failure=supervisor.forget_probe,
+    )
+    code = 0
+    try:
+        try:
+            await gate.start(settings.bind_host, settings.port)
+        except OSError as exc:
+            log.error("cannot listen on %s:%d: %s", settings.bind_host, settings.port, exc)
+            return 1
+        starting = asyncio.ensure_future(supervisor.start_mms(settings.startup_timeout_s))
+        stop_wait = asyncio.ensure_future(stopping.wait())
+        await asyncio.wait({starting, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await starting
+        elif starting.exception() is not None:
+            log.error("endpoint failed to start: %s", starting.exception())
+            return 1
+        if not stopping.is_set():
+            log.info(
+                "endpoint ready on %s:%d (%d workers)",
+                settings.bind_host,
+                settings.port,
+                settings.workers,
+            )
+            code = await supervisor.watch(stopping)
+        log.info("stopping: draining requests in flight (up to %.0f s)", settings.drain_s)
+        drained = await gate.drain(settings.drain_s)
+        log.info("answers by status: %s", dict(sorted(gate.counters.answered.items())))
+        log.info("drain %s; stopping multi-model-server", "done" if drained else "cut short")
+        stop_wait.cancel()
+    finally:
+        await supervisor.stop_mms()
+        with contextlib.suppress(OSError):
+            watchdog.stdin.write(b"q")
+            watchdog.stdin.close()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            watchdog.wait(timeout=5)
+    return code
 
 
 def main(environ=None) -> int:
@@ -194,84 +589,23 @@ def main(environ=None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         force=True,
     )
-    settings = read_settings(environ)
+    try:
+        settings = read_settings(environ)
+    except ValueError as exc:
+        log.error("cannot serve: %s", exc)
+        return 1
     try:
         preflight(settings.model_dir, cpu_runtime=settings.cpu_runtime)
     except Exception as exc:  # a broken artifact: say so in one line, open no port
         log.error("cannot serve the model at %s: %s", settings.model_dir, exc)
         return 1
-
+    lead_own_group()
+    raise_fd_limit()
     workdir = Path(tempfile.mkdtemp(prefix="imgclf-serve-"))
-    management_port = free_port()
-    config = workdir / "config.properties"
-    config.write_text(
-        mms_config_properties(
-            settings, management_port=management_port, model_store=settings.model_dir.parent
-        )
-    )
-    child_env = {k: v for k, v in environ.items() if not k.startswith("AWS_")}
-    # MMS keeps its pid file in the temp dir, and its logs in the working dir: both private.
-    child_env.update(
-        {
-            "TMPDIR": str(workdir),
-            "TEMP": str(workdir),
-            "IMGCLF_WORKERS": str(settings.workers),
-            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{child_env.get('PATH', '')}",
-        }
-    )
-    command = [
-        str(Path(sys.executable).parent / "multi-model-server"),
-        "--start",
-        "--foreground",
-        "--mms-config",
-        str(config),
-        "--model-store",
-        str(settings.model_dir.parent),
-        "--models",
-        f"{MODEL_NAME}={settings.model_dir.name}",
-    ]
-    proc = subprocess.Popen(command, cwd=workdir, env=child_env, start_new_session=True)
-
-    stopping = False
-
-    def on_sigterm(signum, frame):
-        nonlocal stopping
-        stopping = True
-        log.info("SIGTERM: draining and stopping multi-model-server")
-        _signal_group(proc, signal.SIGTERM)
-
-    signal.signal(signal.SIGTERM, on_sigterm)
-    signal.signal(signal.SIGINT, on_sigterm)
     try:
-        wait_until_up(proc, management_port, time.monotonic() + settings.startup_timeout_s)
-        wait_for_workers(management_port, settings, time.monotonic() + settings.startup_timeout_s)
-        log.info(
-            "endpoint ready on %s:%d (%d workers)",
-            settings.bind_host,
-            settings.port,
-            settings.workers,
-        )
-        code = proc.wait()
-    except Exception as exc:
-        if not stopping:
-            log.error("endpoint failed to start: %s", exc)
-        _signal_group(proc, signal.SIGTERM)
-        code = 0 if stopping else 1
+        return asyncio.run(_serve(settings, environ, workdir))
     finally:
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            _signal_group(proc, signal.SIGKILL)
-            proc.wait()
         shutil.rmtree(workdir, ignore_errors=True)
-    return 0 if stopping else (code or 0)
-
-
-def _signal_group(proc: subprocess.Popen, signum: int) -> None:
-    try:
-        os.killpg(proc.pid, signum)
-    except ProcessLookupError:
-        pass
 
 
 if __name__ == "__main__":

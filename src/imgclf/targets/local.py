@@ -3,6 +3,7 @@ serving image's `serve` entry as a process group)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -166,13 +167,42 @@ def unpack_model(source: Path, target: Path) -> None:
 
 
 def ping(port: int, timeout: float = 2.0) -> bool:
+    return ping_reason(port, timeout)[0]
+
+
+def ping_reason(port: int, timeout: float = 2.0) -> tuple[bool, str]:
+    """(/ping is 200, why not): the endpoint's own account of whether a worker can answer."""
+    import urllib.error
     import urllib.request
 
+    url = f"http://127.0.0.1:{port}/ping"
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=timeout) as r:  # noqa: S310
-            return r.status == 200
-    except OSError:
-        return False
+        with urllib.request.urlopen(url, timeout=timeout) as r:  # noqa: S310
+            return r.status == 200, ""
+    except urllib.error.HTTPError as exc:
+        try:
+            why = json.loads(exc.read()).get("why") or f"/ping says {exc.code}"
+        except (ValueError, AttributeError):
+            why = f"/ping says {exc.code}"
+        return False, str(why)
+    except OSError as exc:
+        return False, f"nothing answers on port {port} ({exc.__class__.__name__})"
+
+
+def endpoint_state(endpoint: Endpoint) -> str:
+    """healthy, unhealthy (why), dead, or orphaned (serve gone, its processes not)."""
+    serve_alive = process_alive(endpoint.pid) and _not_zombie(endpoint.pid)
+    if not serve_alive:
+        return "orphaned (delete stops it)" if _group_alive(endpoint.pid) else "dead"
+    ok, why = ping_reason(endpoint.port)
+    return "healthy" if ok else f"unhealthy ({why})"
+
+
+def _not_zombie(pid: int) -> bool:
+    from imgclf.serving.serve import proc_stat
+
+    stat = proc_stat(pid)
+    return stat is None or stat[0] not in ("Z", "X")  # no /proc: trust kill(pid, 0)
 
 
 def deploy(
@@ -182,17 +212,19 @@ def deploy(
     name: str,
     port: int,
     workers: int | None = None,
+    response_format: str | None = None,
     timeout: float = READY_TIMEOUT_SECONDS,
 ) -> Endpoint:
     """Start `serve` over <home>/endpoints/<name>/model on 127.0.0.1:<port> in the background;
-    return once it answers a real prediction."""
+    return once /ping says a worker can answer."""
     existing = load_endpoint(home, name)
     if existing is not None:
-        if process_alive(existing.pid):
+        if process_alive(existing.pid) and _not_zombie(existing.pid):
             raise UserError(
                 f"endpoint {name} is already running on port {existing.port}; "
                 f"`launch.py delete {name}` first, or pick another --name"
             )
+        stop_endpoint(existing)  # what is left of it, if `serve` died
         shutil.rmtree(existing.base, ignore_errors=True)
     if not port_free(port):
         raise UserError(f"port {port} is in use; pick another with --port")
@@ -214,6 +246,8 @@ def deploy(
     )
     if workers:
         env["SAGEMAKER_MODEL_SERVER_WORKERS"] = str(workers)
+    if response_format:
+        env["IMGCLF_RESPONSE_FORMAT"] = response_format
     serve = Path(sys.executable).parent / "serve"
     with open(base / "serve.log", "ab") as log:
         proc = subprocess.Popen(
@@ -252,22 +286,28 @@ def _log_reason(log_file: Path) -> str:
 
 
 def stop_endpoint(endpoint: Endpoint, grace: float = 60.0) -> bool:
-    """SIGTERM (MMS drains), then SIGKILL after `grace`; True when it had been running."""
-    if not process_alive(endpoint.pid):
+    """SIGTERM to `serve` alone (it drains requests in flight, then stops MMS), then SIGKILL
+    to its whole process group after `grace`. `serve` leads that group and MMS stays in it,
+    so this stops every process even when `serve` itself has died. True when any was running."""
+    if not _group_alive(endpoint.pid):
         return False
-    try:
-        os.killpg(endpoint.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return False
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and _group_alive(endpoint.pid):
-        time.sleep(0.2)
+    if process_alive(endpoint.pid) and _not_zombie(endpoint.pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(endpoint.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and _group_alive(endpoint.pid):
+            time.sleep(0.2)
     if _group_alive(endpoint.pid):
-        os.killpg(endpoint.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(endpoint.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and _group_alive(endpoint.pid):
+            time.sleep(0.1)
     return True
 
 
 def _group_alive(pgid: int) -> bool:
+    """Any process of the group is running (zombies waiting to be reaped do not count)."""
     try:
         os.waitpid(pgid, os.WNOHANG)  # reap it if it is our own child that has exited
     except ChildProcessError:
@@ -276,17 +316,24 @@ def _group_alive(pgid: int) -> bool:
         os.killpg(pgid, 0)
     except ProcessLookupError:
         return False
-    return True
+    except PermissionError:
+        return True
+    from imgclf.serving.serve import group_members
+
+    if not Path("/proc").is_dir():
+        return True
+    return any(state not in ("Z", "X") for state, _ in group_members(pgid).values())
 
 
-def delete_endpoint(home: Path, name: str) -> Endpoint:
+def delete_endpoint(home: Path, name: str) -> tuple[Endpoint, bool]:
+    """Stop the endpoint's processes and remove its folder: (endpoint, whether any ran)."""
     endpoint = load_endpoint(home, name)
     if endpoint is None:
         known = ", ".join(e.name for e in list_endpoints(home)) or "none"
         raise UserError(f"no local endpoint named {name} (running: {known})")
-    stop_endpoint(endpoint)
+    was_running = stop_endpoint(endpoint)
     shutil.rmtree(endpoint.base, ignore_errors=True)
-    return endpoint
+    return endpoint, was_running
 
 
 CONTENT_TYPES = {

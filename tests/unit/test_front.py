@@ -1,0 +1,106 @@
+"""The front's pure parts: request heads, body framing, MMS's errors rewritten, responses; and
+the supervisor's reading of MMS's management answers and of the environment."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from imgclf.serving import front, serve
+
+
+def test_request_heads_are_parsed_strictly():
+    head = front.parse_request_head(
+        b"POST /invocations?x=1 HTTP/1.1\r\nContent-Type: image/png\r\nContent-Length: 12\r\n"
+        b"X-Amzn-SageMaker-Custom-Attributes: topk=2\r\nAccept: text/\xe9"
+    )
+    assert (head.method, head.path, head.version) == ("POST", "/invocations", "HTTP/1.1")
+    assert head.headers["content-type"] == "image/png"
+    assert head.headers["accept"] == "text/\u00e9"  # latin-1, passed on for a 406 with a hint
+    assert head.keep_alive and front.body_length(head) == 12
+    assert not front.parse_request_head(b"GET /ping HTTP/1.0").keep_alive
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"PRI * HTTP/2.0",  # an HTTP/2 preface (MMS answers 500 naming a Java exception)
+        b"GET /ping",
+        b"GET  /ping HTTP/1.1",
+        b"\x16\x03\x01\x02\x00",
+        b"POST /invocations HTTP/1.1\r\n Folded: x",
+        b"POST /invocations HTTP/1.1\r\nBad Name: x",
+        b"POST /invocations HTTP/1.1\r\nX: a\x00b",
+        b"POST /invocations HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2",
+    ],
+)
+def test_malformed_heads_are_client_errors(raw):
+    with pytest.raises(front.HttpError) as err:
+        front.parse_request_head(raw)
+    assert 400 <= err.value.status < 500 and err.value.close
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        b"Content-Length: \xd9\xa1",  # Arabic-Indic digit one: isdigit() says yes, int() no
+        b"Content-Length: -1",
+        b"Content-Length: 1e3",
+        b"Content-Length: 5\r\nTransfer-Encoding: chunked",
+        b"Transfer-Encoding: gzip",
+    ],
+)
+def test_ambiguous_body_framing_is_a_400(headers):
+    head = front.parse_request_head(b"POST /invocations HTTP/1.1\r\n" + headers)
+    with pytest.raises(front.HttpError) as err:
+        front.body_length(head)
+    assert err.value.status == 400
+
+
+def test_mms_errors_are_rewritten_without_java_names():
+    mms = json.dumps(
+        {"code": 500, "type": "InternalServerException", "message": "Worker died."}
+    ).encode()
+    status, body = front.rewrite_upstream_error(500, mms)
+    doc = json.loads(body)
+    assert status == 503 and doc["error"] and doc["hint"]
+    assert "Exception" not in body.decode()
+    ours = json.dumps({"error": "bad image", "hint": "send a real one"}).encode()
+    assert front.rewrite_upstream_error(400, ours) == (400, ours)
+    status, body = front.rewrite_upstream_error(404, b"<html>not json</html>")
+    assert status == 404 and json.loads(body)["error"]
+
+
+def test_responses_have_ascii_phrases_and_exact_lengths():
+    raw = front.render_response(413, b'{"error": "x"}', keep_alive=False)
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413 Request Entity Too Large\r\n")
+    assert b"Content-Length: 14" in head and b"Connection: close" in head and body
+    assert front.render_response(599, b"").startswith(b"HTTP/1.1 599 Error\r\n")
+
+
+def test_ready_workers_reads_mms_describe_answers():
+    doc = {"workers": [{"status": "READY"}, {"status": "LOADING"}, {"status": "READY"}]}
+    assert serve.ready_workers(doc) == 2
+    assert serve.ready_workers([doc]) == 2
+    assert serve.ready_workers({"workers": [{"status": "UNLOADING"}]}) == 0
+    assert serve.ready_workers([]) == 0 and serve.ready_workers("junk") == 0
+
+
+def test_settings_come_from_the_environment_and_bad_values_are_named():
+    settings = serve.read_settings(
+        {
+            "SAGEMAKER_BASE_DIR": "/opt/ml",
+            "SAGEMAKER_MODEL_SERVER_TIMEOUT": "30",
+            "SAGEMAKER_MODEL_SERVER_WORKERS": "2",
+            "IMGCLF_HEADER_TIMEOUT_SECONDS": "2.5",
+            "IMGCLF_RESPONSE_FORMAT": "vectors",
+        }
+    )
+    assert settings.model_dir == Path("/opt/ml/model") and settings.workers == 2
+    assert settings.limits.request_timeout_s == 30 and settings.limits.header_timeout_s == 2.5
+    assert settings.response_format == "vectors"
+    with pytest.raises(ValueError, match="SAGEMAKER_MODEL_SERVER_TIMEOUT"):
+        serve.read_settings({"SAGEMAKER_MODEL_SERVER_TIMEOUT": "sixty"})
+    with pytest.raises(ValueError, match="IMGCLF_RESPONSE_FORMAT"):
+        serve.read_settings({"IMGCLF_RESPONSE_FORMAT": "csv"})

@@ -1,0 +1,161 @@
+"""The MMS adapter, driven through MMS's own Context and response encoder (mms.context,
+mms.protocol): whatever a request holds, the answer is a 4xx JSON (or a 200) whose reason
+phrase MMS can frame, i.e. ASCII. Fuzzed with hypothesis, bounded in examples."""
+
+import base64
+import io
+import json
+import struct
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from mms.context import Context, RequestProcessor
+from mms.protocol.otf_message_handler import create_predict_response
+from PIL import Image
+
+from imgclf import artifacts, models
+from imgclf.serving import inference
+from imgclf.serving.handler_service import HandlerService
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory):
+    path = tmp_path_factory.mktemp("model")
+    torch.manual_seed(0)
+    artifacts.save_artifact(
+        path,
+        state_dict=models.build_model("resnet18", 3).state_dict(),
+        labels=["a", "b", "c"],
+        config={
+            "arch": "resnet18",
+            "classes": ["1.a", "2.b", "3.c"],
+            "preprocess": models.get_architecture("resnet18").preprocess(32).to_dict(),
+        },
+    )
+    svc = HandlerService()
+    svc.initialize(Context("model", str(path), {}, 1, None, "1.1.11"))
+    return svc
+
+
+def _png(size=(20, 12)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, (10, 200, 30)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def call(service, requests: list[tuple[bytes, dict[str, str]]]):
+    """One MMS batch through the handler; returns [(status, phrase, body)] as MMS frames them."""
+    context = Context("model", "", {}, 1, None, "1.1.11")
+    context.request_processor = [RequestProcessor(headers) for _, headers in requests]
+    answers = service.handle([{"body": body} for body, _ in requests], context)
+    frame = create_predict_response(
+        answers, {i: f"req-{i}" for i in range(len(requests))}, "ok", 200, context
+    )
+    out = []
+    for idx in range(len(requests)):
+        status, phrase = context.get_response_status(idx)
+        phrase = phrase or ""
+        # MMS writes the phrase's length in characters, then its UTF-8 bytes: equal only if ASCII.
+        assert len(phrase) == len(phrase.encode("utf-8")), phrase
+        assert struct.pack("!i", len(phrase)) + phrase.encode() in frame
+        out.append((status, phrase, answers[idx]))
+    return out
+
+
+def test_non_ascii_headers_get_4xx_with_ascii_phrases(service):
+    cases = [
+        {"Content-Type": "image/\u00e9"},
+        {"Content-Type": "image/png", "Accept": "text/\u00e9"},
+        {"Content-Type": "image/png", "X-Amzn-SageMaker-Custom-Attributes": "topk=\u00b2"},
+        {"Content-Type": "image/png", "X-Amzn-SageMaker-Custom-Attributes": "format=\u4e2d"},
+    ]
+    results = call(service, [(_png(), headers) for headers in cases])
+    for (status, phrase, body), headers in zip(results, cases, strict=True):
+        assert 400 <= status < 500, headers
+        doc = json.loads(body)
+        assert doc["error"] and doc["hint"]
+        assert phrase.isascii() and "\u00e9" not in phrase
+
+
+def test_a_batch_mixes_answers_and_the_seed_format(service):
+    results = call(
+        service,
+        [
+            (_png(), {"Content-Type": "image/png"}),
+            (b"junk", {"Content-Type": "image/png"}),
+            (_png(), {"Content-Type": "image/png", "Accept": "application/json; format=vectors"}),
+        ],
+    )
+    assert [r[0] for r in results] == [200, 400, 200]
+    assert json.loads(results[0][2])["predictions"][0]["label"] in ("a", "b", "c")
+    vectors = json.loads(results[2][2])
+    assert len(vectors) == 1 and len(vectors[0]) == 3
+
+
+HEADER_NAMES = st.sampled_from(
+    ["Content-Type", "content-type", "Accept", "X-Amzn-SageMaker-Custom-Attributes"]
+)
+HEADER_VALUES = st.one_of(
+    st.text(max_size=80),
+    st.sampled_from(
+        [
+            "image/png",
+            "application/json",
+            "application/json; format=vectors",
+            "topk=3,probabilities=true",
+            "topk=99999999999999999999",
+            "*/*",
+        ]
+    ),
+)
+JSON_BODIES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.dictionaries(st.sampled_from(["instances", "images", "x"]), children, max_size=3)
+    ),
+    max_leaves=12,
+).map(lambda doc: json.dumps(doc).encode())
+IMAGE_BODIES = st.builds(
+    lambda data, cut: data[:cut],
+    st.sampled_from([_png(), _png((1, 300)), _png((300, 1))]),
+    st.integers(0, 400),
+)
+BASE64_BATCHES = st.lists(IMAGE_BODIES, min_size=1, max_size=4).map(
+    lambda items: json.dumps({"instances": [base64.b64encode(i).decode() for i in items]}).encode()
+)
+BODIES = st.one_of(st.binary(max_size=300), JSON_BODIES, IMAGE_BODIES, BASE64_BATCHES)
+
+
+@settings(
+    max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow]
+)
+@given(
+    body=BODIES,
+    headers=st.dictionaries(HEADER_NAMES, HEADER_VALUES, max_size=3),
+)
+def test_fuzz_no_request_gets_a_5xx(service, body, headers):
+    ((status, phrase, answer),) = call(service, [(body, headers)])
+    assert status in (200, 400, 406, 413, 415), (status, answer)
+    doc = json.loads(answer)
+    if status != 200:
+        assert doc["error"] and doc["hint"] and "Traceback" not in answer.decode()
+
+
+def test_work_limits_hold_in_the_handler(service):
+    thin = io.BytesIO()
+    Image.new("L", (65535, 1)).save(thin, format="PNG")
+    batch = json.dumps(
+        {"instances": [base64.b64encode(_png((16 * 36, 36))).decode()] * inference.MAX_IMAGES}
+    ).encode()
+    results = call(
+        service,
+        [
+            (thin.getvalue(), {"Content-Type": "image/png"}),
+            (batch, {"Content-Type": "application/json"}),
+        ],
+    )
+    assert [r[0] for r in results] == [413, 413]
+    assert [r[1] for r in results] == ["Request Entity Too Large"] * 2
