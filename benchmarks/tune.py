@@ -72,12 +72,11 @@ def run(data: Path, root: Path, space: TuningSpace, name: str, epochs: int) -> d
     best = tuner.run_tuning(space, data_dir=data, out_dir=out)
     wall = time.perf_counter() - start
     _, rows = tuner.load_status(out)
-    histories = {
-        t.number: json.loads(
-            (Path(t.user_attrs["job_dir"]) / "output" / "data" / "history.json").read_text()
-        )
-        for t in study.trials
+    # Each finished trial's learning curve (a pruned trial stops before it writes one).
+    files = {
+        t.number: Path(t.user_attrs["job_dir"]) / "output/data/history.json" for t in study.trials
     }
+    histories = {n: json.loads(f.read_text()) for n, f in files.items() if f.exists()}
     shutil.rmtree(out)  # the trials' models: ~45 MB each
     return {
         "wall": wall,
