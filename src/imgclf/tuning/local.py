@@ -28,7 +28,7 @@ from pathlib import Path
 from imgclf.artifacts import write_json
 from imgclf.config import FIELDS, parse_hyperparameters
 from imgclf.contract import NO_REPORT_ENV
-from imgclf.errors import UserError
+from imgclf.errors import ConfigError, UserError
 from imgclf.metrics import parse_metric_line
 from imgclf.targets import local
 from imgclf.tuning import worker as trial_worker
@@ -264,8 +264,12 @@ class WorkerPool:
 
 
 def runs_in_worker(hyperparameters: dict[str, str]) -> bool:
-    """Cached-feature trials run in a trial worker; every other trial is a `train` process."""
-    return parse_hyperparameters(hyperparameters).features_cache
+    """Cached-feature trials run in a trial worker; every other trial is a `train` process
+    (so are trials whose hyperparameters do not parse: the job reports why it failed)."""
+    try:
+        return parse_hyperparameters(hyperparameters).features_cache
+    except ConfigError:
+        return False
 
 
 def open_study(space: TuningSpace, storage: str, *, max_epochs: int, create: bool = True):
