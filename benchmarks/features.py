@@ -1,56 +1,75 @@
 """Tuning trials on cached features vs full fine-tune trials: time and accuracy of each.
 
-Run: .venv/bin/python benchmarks/features.py [--image-size 64] [--epochs 6] [--arch resnet18]
-Three local training jobs on scikit-learn's digits (the launcher, as a tuning trial runs them:
-without a report.html), with the same hyperparameters:
-- full: a full fine-tune (every layer trains, augmented crops every epoch);
-- cached, first: `features_cache=true`, which embeds every split once and trains the head;
-- cached, later: the same again with another learning rate, as the next trial of a study: the
-  embeddings are read back.
-Prints each job's wall time (process start to exit, as the tuner sees it) and training time (the
-job's own "training finished" figure, without interpreter start-up), test accuracy, and the
-ratios full / cached. No pretrained weights can be downloaded here, so the backbone is a
-random-init network: that limits the cached head's accuracy, not its speed.
+Run: .venv/bin/python benchmarks/features.py [--image-size 64] [--epochs 6] [--trials 4]
+Two local tuning studies on scikit-learn's digits, run by the local tuner as `launch.py tune`
+runs them, with the same fixed hyperparameters and queued learning rates:
+- full: one full fine-tune trial (every layer trains, augmented crops every epoch): a `train`
+  process over a job dir, as SageMaker runs a trial;
+- cached: `--trials` trials with `features_cache=true`, one after another in the tuner's trial
+  worker: the first starts the worker (imports, once per tuning job) and embeds every split,
+  the later ones read the embeddings back and train the head.
+Prints each trial's wall time as the tuner sees it (Optuna's trial start to end: job dir,
+process or worker, training, test, artifact), its training time (the job's own "training
+finished" figure), test accuracy, and the ratios full / cached. No pretrained weights can be
+downloaded here, so the backbone is a random-init network: that limits the cached head's
+accuracy, not its speed.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+import yaml
 from machine import describe
 
-from imgclf.contract import NO_REPORT_ENV
+from imgclf.sample import write_digits
+from imgclf.tuning import local as tuner
+from imgclf.tuning.space import load_space
 
-ROOT = Path(__file__).resolve().parents[1]
 
-
-def run_job(home: Path, data: Path, name: str, hps: dict[str, str]) -> dict:
-    command = [sys.executable, str(ROOT / "launch.py"), "train", "--data", str(data)]
-    command += ["--job-name", name, "--hp", *[f"{k}={v}" for k, v in hps.items()]]
-    start = time.perf_counter()
-    proc = subprocess.run(
-        command,
-        cwd=ROOT,
-        # as the local tuner runs its trials: no report.html per trial
-        env={**os.environ, "IMGCLF_HOME": str(home), NO_REPORT_ENV: "1"},
-        capture_output=True,
-        text=True,
+def run_study(root: Path, data: Path, name: str, fixed: dict[str, str], lrs: list[float]):
+    """A study of len(lrs) trials (those learning rates, in order), one at a time."""
+    space_file = root / f"{name}.yaml"
+    space_file.write_text(
+        yaml.safe_dump(
+            {
+                "objective": {"metric": "valid_loss", "type": "minimize"},
+                "strategy": "random",
+                "max_trials": len(lrs),
+                "parallel_trials": 1,
+                "early_stopping": False,
+                "parameters": {"lr": {"type": "continuous", "min": 1e-4, "max": 0.1}},
+            }
+        )
     )
-    wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        sys.exit(f"job {name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
-    log = (home / "jobs" / name / "train.log").read_text()
-    trained = float(re.search(r"training finished in ([0-9.]+) s", log).group(1))
-    metrics = json.loads((home / "jobs" / name / "model" / "metrics.json").read_text())
-    return {"wall": wall, "train": trained, "acc": metrics["test_acc"], "metrics": metrics}
+    space = load_space(space_file, fixed=fixed)
+    out = root / name
+    out.mkdir()
+    study = tuner.open_study(space, tuner.default_storage(out), max_epochs=space.max_epochs())
+    for lr in lrs:
+        study.enqueue_trial({"lr": lr})
+    start = time.perf_counter()
+    tuner.run_tuning(space, data_dir=data, out_dir=out)
+    total = time.perf_counter() - start
+    rows = []
+    for trial in study.trials:
+        job = Path(trial.user_attrs["job_dir"])
+        log = (job / "train.log").read_text()
+        metrics = json.loads((job / "model" / "metrics.json").read_text())
+        rows.append(
+            {
+                "wall": (trial.datetime_complete - trial.datetime_start).total_seconds(),
+                "train": float(re.search(r"training finished in ([0-9.]+) s", log).group(1)),
+                "acc": metrics["test_acc"],
+                "reused": metrics.get("features", {}).get("reused"),
+            }
+        )
+    return rows, total
 
 
 def main() -> None:
@@ -58,10 +77,8 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--arch", default="resnet18")
+    parser.add_argument("--trials", type=int, default=4, help="cached-feature trials")
     args = parser.parse_args()
-    sys.path.insert(0, str(ROOT / "src"))
-    from imgclf.sample import write_digits
-
     common = {
         "arch": args.arch,
         "pretrained": "false",
@@ -72,32 +89,41 @@ def main() -> None:
         "min_crop_scale": "0.6",
         "patience": "0",
     }
-    rows = []
     with tempfile.TemporaryDirectory(prefix="imgclf-bench-features-") as tmp:
-        home, data = Path(tmp) / "home", Path(tmp) / "digits"
+        root, data = Path(tmp), Path(tmp) / "digits"
         write_digits(data)
-        full = run_job(home, data, "full", {**common, "lr": "0.003"})
-        rows.append(("full fine-tune", full))
-        cached = {**common, "features_cache": "true", "features_dir": str(home / "features")}
-        first = run_job(home, data, "cached-1", {**cached, "lr": "0.01"})
-        rows.append(("cached features, first trial (embeds)", first))
-        later = run_job(home, data, "cached-2", {**cached, "lr": "0.02"})
-        rows.append(("cached features, later trial (reads back)", later))
-        assert later["metrics"]["features"]["reused"], "the second cached job did not reuse"
+        (full,), full_total = run_study(root, data, "full", common, [0.003])
+        cached_hps = {**common, "features_cache": "true", "features_dir": str(root / "features")}
+        lrs = [0.01 * (i + 1) for i in range(args.trials)]
+        cached, cached_total = run_study(root, data, "cached", cached_hps, lrs)
+    assert [r["reused"] for r in cached] == [False] + [True] * (len(cached) - 1), cached
+    later = cached[1:]
+    later_wall = sum(r["wall"] for r in later) / len(later)
+    later_train = sum(r["train"] for r in later) / len(later)
+    per_trial = cached_total / len(cached)
     print(
         f"\nmachine: {describe()}; digits 1797 images, {args.arch} random init, "
-        f"{args.image_size} px, {args.epochs} epochs"
+        f"{args.image_size} px, {args.epochs} epochs; trials as the local tuner runs them"
     )
-    print(f"{'trial':<44}{'wall s':>8}{'train s':>9}{'test acc':>10}{'wall vs full':>14}")
-    for name, r in rows:
+    print(f"{'trial':<46}{'wall s':>8}{'train s':>9}{'test acc':>10}{'wall vs full':>14}")
+    named = [("full fine-tune (a train process)", full)]
+    named.append(("cached, first (starts the worker, embeds)", cached[0]))
+    for i, r in enumerate(later, 1):
+        named.append((f"cached, later #{i} (reads back, in the worker)", r))
+    for name, r in named:
         print(
-            f"{name:<44}{r['wall']:>8.1f}{r['train']:>9.1f}{r['acc']:>10.2%}"
+            f"{name:<46}{r['wall']:>8.1f}{r['train']:>9.1f}{r['acc']:>10.2%}"
             f"{full['wall'] / r['wall']:>13.1f}x"
         )
     print(
-        f"\nlater cached trial vs full fine-tune: {full['wall'] / later['wall']:.1f}x less wall "
-        f"time per trial, {full['train'] / later['train']:.1f}x less training time; "
-        f"test accuracy {later['acc']:.2%} vs {full['acc']:.2%}"
+        f"\nlater cached trial vs full fine-tune: {full['wall'] / later_wall:.1f}x less wall time "
+        f"per trial ({later_wall:.2f} s vs {full['wall']:.1f} s), "
+        f"{full['train'] / later_train:.1f}x less training time"
+    )
+    print(
+        f"whole cached study, worker start and embedding included: {cached_total:.1f} s for "
+        f"{len(cached)} trials, {per_trial:.2f} s a trial, {full['wall'] / per_trial:.1f}x less "
+        f"than the full fine-tune trial (its study: {full_total:.1f} s)"
     )
 
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -206,6 +207,32 @@ def test_trials_on_cached_features_share_one_cache_and_the_best_are_refined(tmp_
         for job in sorted(out.glob("jobs/trial-*"))
     ]
     assert sorted(reused) == [False, True, True, True], reused
+    # They ran in trial workers that paid the imports once each: one per parallel slot at most.
+    logs = [(job / "train.log").read_text() for job in sorted(out.glob("jobs/trial-*"))]
+    pids = {re.search(r"trial worker (\d+): running", log).group(1) for log in logs}
+    assert 1 <= len(pids) <= 2, pids
+    assert "trial worker" in proc.stdout and "ready in" in proc.stdout
+    # A trial in a worker is the job a `train` process runs: the same job as a process gives
+    # the same result.
+    trial_dir = out / "jobs" / "trial-003"
+    again = run_launch(
+        "train",
+        "--data",
+        str(tiny_digits),
+        "--job-name",
+        "as-a-process",
+        "--hp-from",
+        str(trial_dir / "input" / "config" / "hyperparameters.json"),
+        home=tmp_path,
+    )
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    in_worker = json.loads((trial_dir / "model" / "metrics.json").read_text())
+    as_process = json.loads(
+        (tmp_path / "jobs" / "as-a-process" / "model" / "metrics.json").read_text()
+    )
+    assert as_process["features"]["reused"] and as_process["best_epoch"] == in_worker["best_epoch"]
+    for key in ("valid_loss", "test_loss", "test_acc"):
+        assert as_process[key] == pytest.approx(in_worker[key], rel=1e-4), key
     # The two best trials ran again as full fine-tunes; best.json is the best of those.
     refined = json.loads((out / "refined.json").read_text())
     by_value = sorted((t for t in trials), key=lambda t: t[3])
@@ -213,6 +240,10 @@ def test_trials_on_cached_features_share_one_cache_and_the_best_are_refined(tmp_
     best = json.loads((out / "best.json").read_text())
     assert best["hyperparameters"]["features_cache"] == "false"
     assert best["objective"]["value"] == min(r["value"] for r in refined)
+    # The full fine-tunes are `train` processes, as on SageMaker, not worker trials.
+    for r in refined:
+        log = (out / "jobs" / f"refine-{r['trial']:03d}" / "train.log").read_text()
+        assert "trial worker" not in log and "#metrics epoch=" in log
     for r in refined:
         config = json.loads(
             (

@@ -1,4 +1,5 @@
 import botocore.session
+import optuna
 import optuna.distributions as d
 import pytest
 from botocore.validate import ParamValidator
@@ -141,11 +142,53 @@ def test_a_tuned_name_cannot_also_be_fixed(tmp_path):
 
 
 def test_the_median_rule_waits_for_the_minimum_epochs(tmp_path):
-    text = "parameters:\n  epochs: {type: integer, min: 4, max: 10}\n"
+    text = "early_stopping_rule: median\nparameters:\n  epochs: {type: integer, min: 4, max: 10}\n"
     space = sp.load_space(_write(tmp_path, text))
     assert space.min_epochs_before_stopping() == 5  # half the most epochs
     _, pruner = sp.sampler_and_pruner(space, max_epochs=10)
+    assert isinstance(pruner, optuna.pruners.MedianPruner)
     assert pruner._n_warmup_steps == 6  # epochs 1-5 are never judged
     explicit = sp.load_space(_write(tmp_path, "early_stopping_min_epochs: 2\n" + text))
     _, pruner = sp.sampler_and_pruner(explicit, max_epochs=10)
     assert pruner._n_warmup_steps == 3
+
+
+def test_the_default_rule_is_successive_halving_on_the_training_loss(tmp_path):
+    space = sp.load_space(ROOT_SPACE)
+    assert space.early_stopping and space.early_stopping_rule == "asha"
+    assert space.stopping_metric() == "train_loss" and space.min_epochs_before_stopping() == 0
+    _, pruner = sp.sampler_and_pruner(space, max_epochs=15)
+    assert isinstance(pruner, optuna.pruners.SuccessiveHalvingPruner)
+    assert (pruner._min_resource, pruner._reduction_factor) == (1, sp.ASHA_REDUCTION_FACTOR)
+    later = sp.load_space(_write(tmp_path, "early_stopping_min_epochs: 2\n" + _LR))
+    assert sp.sampler_and_pruner(later, max_epochs=8)[1]._min_resource == 3
+
+
+_LR = "parameters:\n  lr: {type: continuous, min: 0.001, max: 0.1}\n"
+
+
+@pytest.mark.parametrize(
+    "text, judged_on",
+    [
+        (_LR, "train_loss"),
+        # Tuned over what the training loss measures: the objective ranks trials instead.
+        (_LR + "  label_smoothing: {type: continuous, min: 0, max: 0.2}\n", "valid_loss"),
+        (_LR + "  min_crop_scale: {type: continuous, min: 0.1, max: 0.9}\n", "valid_loss"),
+        ("early_stopping_metric: valid_acc\n" + _LR, "valid_acc"),
+    ],
+)
+def test_early_stopping_judges_by_a_metric_that_ranks_trials_fairly(tmp_path, text, judged_on):
+    assert sp.load_space(_write(tmp_path, text)).stopping_metric() == judged_on
+
+
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ("early_stopping_rule: bohb\n" + _LR, "asha, median"),
+        ("early_stopping_metric: f1\n" + _LR, "auto or one of train_loss"),
+    ],
+)
+def test_unknown_early_stopping_settings_name_the_choices(tmp_path, text, fragment):
+    with pytest.raises(ConfigError, match="line 1") as err:
+        sp.load_space(_write(tmp_path, text))
+    assert fragment in str(err.value)

@@ -4,6 +4,10 @@ Each trial is the same `train` entry as `launch.py train`, in its own job dir un
 dir. The tuner reads each job's metric lines with the regexes SageMaker's MetricDefinitions use,
 reports them to Optuna per epoch, and stops (SIGTERM) the jobs Optuna prunes. The study lives in
 SQLite in the tuning dir (or any Optuna storage URL), so a killed tuner resumes where it was.
+
+Trials on cached features (`features_cache=true`) train a head for about a second: they run in
+long-lived trial workers (`imgclf.tuning.worker`, one per parallel slot) that pay the imports
+once per tuning job, not ~5.5 s per trial. Every other trial is a `train` process.
 """
 
 from __future__ import annotations
@@ -11,21 +15,26 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from imgclf import jobs
 from imgclf.artifacts import write_json
-from imgclf.config import FIELDS
+from imgclf.config import FIELDS, parse_hyperparameters
 from imgclf.contract import NO_REPORT_ENV
-from imgclf.errors import UserError
+from imgclf.errors import ConfigError, UserError
 from imgclf.metrics import parse_metric_line
+from imgclf.tuning import worker as trial_worker
 from imgclf.tuning.space import (
     TuningSpace,
+    metric_direction,
     optuna_distributions,
     sampler_and_pruner,
     trial_hyperparameters,
@@ -146,6 +155,123 @@ def _storage(url: str):
     return LockedSQLiteStorage(url)
 
 
+class TrialWorker:
+    """The tuner's end of one trial worker process (imgclf.tuning.worker): starts it, waits for
+    its imports, hands it one job at a time and copies the job's output to its train.log."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        started = time.perf_counter()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "imgclf.tuning.worker"],
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # Ctrl-C reaches the tuner, which stops the trial itself
+        )
+        assert self.proc.stdout is not None
+        said = []
+        for raw in self.proc.stdout:
+            line = raw.decode("utf-8", "replace")
+            if line.startswith(trial_worker.READY):
+                break
+            said.append(line)
+        else:
+            self.proc.wait()
+            raise UserError(
+                f"the trial worker ({sys.executable} -m imgclf.tuning.worker) exited with "
+                f"{self.proc.returncode} before it was ready; it said:\n{''.join(said)[-2000:]}"
+            )
+        self.ready_seconds = time.perf_counter() - started
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop_trial(self) -> None:
+        """SIGTERM: the running trial stops as a job does (checkpoint kept, output/failure)."""
+        if self.alive:
+            os.kill(self.proc.pid, signal.SIGTERM)
+
+    def run(self, job: jobs.LocalJob, env: dict[str, str], *, on_line) -> int:
+        """Run `job` (its environment `env`) and return its exit code, as run_job would."""
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        try:
+            self.proc.stdin.write((json.dumps({"env": env}) + "\n").encode())
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            return self.proc.wait() or 1
+        with open(job.log_file, "ab") as log:
+            for raw in self.proc.stdout:
+                line = raw.decode("utf-8", "replace")
+                if line.startswith(trial_worker.DONE):
+                    return int(line.split()[-1])
+                log.write(raw)
+                log.flush()
+                on_line(line)
+        # The worker died during the trial (killed, out of memory): the trial failed.
+        return self.proc.wait() or 1
+
+    def close(self, grace: float = jobs.STOP_GRACE_SECONDS) -> None:
+        """Stop a running trial, end the worker (EOF), SIGKILL after the grace period."""
+        if not self.alive:
+            return
+        self.stop_trial()
+        try:
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()
+        except BrokenPipeError:
+            pass
+        try:
+            self.proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            jobs.signal_group(self.proc, signal.SIGKILL)
+            self.proc.wait()
+
+
+class WorkerPool:
+    """Trial workers for the parallel slots: one is started when a trial finds none idle."""
+
+    def __init__(self) -> None:
+        self.idle: list[TrialWorker] = []
+        self.started: list[TrialWorker] = []
+        self.lock = threading.Lock()
+
+    def acquire(self, env: dict[str, str]) -> TrialWorker:
+        with self.lock:
+            while self.idle:
+                worker = self.idle.pop()
+                if worker.alive:
+                    return worker
+        worker = TrialWorker(env)
+        print(
+            f"trial worker {worker.proc.pid} ready in {worker.ready_seconds:.1f} s "
+            "(cached-feature trials run in it, without a process start each)",
+            flush=True,
+        )
+        with self.lock:
+            self.started.append(worker)
+        return worker
+
+    def release(self, worker: TrialWorker) -> None:
+        with self.lock:
+            if worker.alive:
+                self.idle.append(worker)
+
+    def close(self) -> None:
+        for worker in self.started:
+            worker.close()
+
+
+def runs_in_worker(hyperparameters: dict[str, str]) -> bool:
+    """Cached-feature trials run in a trial worker; every other trial is a `train` process
+    (so are trials whose hyperparameters do not parse: the job reports why it failed)."""
+    try:
+        return parse_hyperparameters(hyperparameters).features_cache
+    except ConfigError:
+        return False
+
+
 def open_study(space: TuningSpace, storage: str, *, max_epochs: int, create: bool = True):
     import optuna
 
@@ -201,17 +327,26 @@ def run_tuning(
             + (f", {recovered} interrupted trials queued again" if recovered else "")
         )
     monitor = Monitor(space.metric)
-    running: dict[int, subprocess.Popen] = {}
+    running: dict[int, Callable[[], None]] = {}  # trial number -> how to stop it
+    workers = WorkerPool()
     stop = threading.Event()
 
     def on_sigterm(signum, frame):
         stop.set()
-        for proc in list(running.values()):
-            jobs.signal_group(proc, signal.SIGTERM)
+        for stop_trial in list(running.values()):
+            stop_trial()
 
     previous = signal.signal(signal.SIGTERM, on_sigterm)
     distributions = optuna_distributions(space)
     sign = 1.0 if space.direction == "minimize" else -1.0
+    judge_metric = space.stopping_metric()
+    judge_sign = 1.0 if metric_direction(judge_metric) == space.direction else -1.0
+    if space.early_stopping and space.strategy != "hyperband":
+        print(
+            f"early stopping: {space.early_stopping_rule} rule on {judge_metric}, first "
+            f"judged after epoch {space.min_epochs_before_stopping() + 1}",
+            flush=True,
+        )
 
     def objective(trial) -> float:
         if stop.is_set():
@@ -234,19 +369,21 @@ def run_tuning(
             epoch, value = int(values["epoch"]), values[space.metric]
             if math.isfinite(value):
                 best.append(value)
-            trial.report(value if math.isfinite(value) else sign * math.inf, epoch)
+            # What early stopping compares trials by, as the study's direction reads it.
+            judged = values.get(judge_metric, math.nan) * judge_sign
+            trial.report(judged if math.isfinite(judged) else sign * math.inf, epoch)
             monitor.update(
                 trial.number, epoch=epoch, value=min(best, key=lambda v: sign * v) if best else None
             )
             # Stopping a trial at its last epoch saves nothing: let it finish.
             if not pruned.is_set() and epoch < last_epoch and trial.should_prune():
                 pruned.set()
-                jobs.signal_group(running[trial.number], signal.SIGTERM)
+                running[trial.number]()
 
-        def on_start(proc: subprocess.Popen) -> None:
-            running[trial.number] = proc
+        def on_start(stop_trial: Callable[[], None]) -> None:
+            running[trial.number] = stop_trial
             if stop.is_set():  # the stop came while this job was starting
-                jobs.signal_group(proc, signal.SIGTERM)
+                stop_trial()
 
         env = jobs.job_environment(job)
         # Trials share the CPUs: without a thread budget each one's OpenMP threads spin against
@@ -255,15 +392,27 @@ def run_tuning(
         env.update({"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads})
         # ~1.3 s a trial (matplotlib and the plots): only the best trial's report is written.
         env[NO_REPORT_ENV] = "1"
-        code = jobs.run_job(
-            job,
-            jobs.train_command(),
-            env,
-            echo=False,
-            on_line=on_line,
-            on_start=on_start,
-        )
+        if runs_in_worker(hps):
+            worker = workers.acquire(env)
+            try:
+                on_start(worker.stop_trial)
+                code = worker.run(job, env, on_line=on_line)
+            finally:
+                workers.release(worker)
+        else:
+            code = jobs.run_job(
+                job,
+                jobs.train_command(),
+                env,
+                echo=False,
+                on_line=on_line,
+                on_start=lambda proc: on_start(lambda: jobs.signal_group(proc, signal.SIGTERM)),
+            )
         running.pop(trial.number, None)
+        # A trial's checkpoints (the whole model, twice, and the optimizer: ~170 MB for a
+        # ResNet-18) are never read again: a trial queued again runs as a new trial in a new
+        # job dir. The model/ artifact stays.
+        shutil.rmtree(job.layout.checkpoint_dir, ignore_errors=True)
         if pruned.is_set():
             monitor.update(trial.number, state="PRUNED")
             raise optuna.TrialPruned()
@@ -302,6 +451,7 @@ def run_tuning(
     except KeyboardInterrupt:
         pass
     finally:
+        workers.close()
         signal.signal(signal.SIGTERM, previous)
         (out_dir / LOCK_FILE).unlink(missing_ok=True)
     if stop.is_set():

@@ -24,6 +24,23 @@ SCALINGS = {
 TYPES = ("continuous", "integer", "categorical")
 # Metrics a tuning objective may use: the per-epoch ones that carry a value to optimise.
 OBJECTIVE_METRICS = tuple(m for m in EPOCH_METRICS if m not in ("epoch", "lr"))
+# Local early stopping. asha: successive halving (Optuna's SuccessiveHalvingPruner): a trial
+# goes on past epoch r, 2r, 4r, ... only while it is in the better half of the trials that
+# reached that epoch. median: stop a trial that trails the median of finished trials at the
+# same epoch (SageMaker's rule). benchmarks/tune.py measured both (benchmarks/README.md).
+EARLY_STOPPING_RULES = ("asha", "median")
+ASHA_REDUCTION_FACTOR = 2
+# Hyperparameters that change what the training loss measures (a smoothed target, weighted
+# classes, harder crops, embeddings instead of images): trials tuned over them cannot be ranked
+# by their training loss, so "auto" judges them by the objective metric instead.
+CHANGE_TRAIN_LOSS = (
+    "label_smoothing",
+    "class_weights",
+    "min_crop_scale",
+    "hflip",
+    "features_cache",
+    "freeze",
+)
 
 
 @dataclass(frozen=True)
@@ -51,13 +68,30 @@ class TuningSpace:
     early_stopping: bool = True
     seed: int | None = None
     static: dict[str, str] = field(default_factory=dict)
-    # Epochs every trial runs before the median rule may stop it (None: half the most epochs).
+    # Epochs every trial runs before it may be stopped (None: the rule's default).
     early_stopping_min_epochs: int | None = None
+    early_stopping_rule: str = "asha"
+    # The per-epoch metric trials are compared by to stop them early ("auto": see below).
+    early_stopping_metric: str = "auto"
 
     def min_epochs_before_stopping(self) -> int:
+        """Epochs a trial runs before the first judgement (after the next one). asha: 0;
+        median: half the most epochs (benchmarks/README.md: judged earlier on the validation
+        loss, it stopped the eventual best trial)."""
         if self.early_stopping_min_epochs is not None:
             return self.early_stopping_min_epochs
-        return self.max_epochs() // 2
+        return 0 if self.early_stopping_rule == "asha" else self.max_epochs() // 2
+
+    def stopping_metric(self) -> str:
+        """What early stopping ranks trials by. auto: the training loss (the mean over a whole
+        epoch ranks trials the way their final validation loss does, where one validation pass
+        early on, at a high learning rate, does not), unless a tuned hyperparameter changes
+        what the training loss measures; then the objective metric."""
+        if self.early_stopping_metric != "auto":
+            return self.early_stopping_metric
+        if any(name in CHANGE_TRAIN_LOSS for name in self.names):
+            return self.metric
+        return "train_loss"
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -127,6 +161,8 @@ _TOP_KEYS = {
     "parallel_trials",
     "early_stopping",
     "early_stopping_min_epochs",
+    "early_stopping_rule",
+    "early_stopping_metric",
     "parameters",
     "seed",
     "static",
@@ -171,6 +207,19 @@ def parse_space(doc: dict, where: _Located, *, fixed: dict[str, str]) -> TuningS
         raise where.error(
             "early_stopping_min_epochs must be an integer >= 0", "early_stopping_min_epochs"
         )
+    rule = str(doc.get("early_stopping_rule", "asha")).lower()
+    if rule not in EARLY_STOPPING_RULES:
+        raise where.error(
+            f"unknown early_stopping_rule {rule!r}; use {', '.join(EARLY_STOPPING_RULES)}",
+            "early_stopping_rule",
+        )
+    stopping_metric = str(doc.get("early_stopping_metric", "auto"))
+    if stopping_metric not in ("auto", *OBJECTIVE_METRICS):
+        raise where.error(
+            f"unknown early_stopping_metric {stopping_metric!r}; use auto or one of "
+            f"{', '.join(OBJECTIVE_METRICS)}",
+            "early_stopping_metric",
+        )
     raw_params = doc.get("parameters")
     if not isinstance(raw_params, dict) or not raw_params:
         raise where.error("parameters must map hyperparameter names to ranges", "parameters")
@@ -211,6 +260,8 @@ def parse_space(doc: dict, where: _Located, *, fixed: dict[str, str]) -> TuningS
         seed,
         static,
         min_epochs,
+        rule,
+        stopping_metric,
     )
 
 
@@ -327,16 +378,26 @@ def sampler_and_pruner(space: TuningSpace, *, max_epochs: int):
         pruner = optuna.pruners.NopPruner()
     elif space.strategy == "hyperband":
         pruner = optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max_epochs)
+    elif space.early_stopping_rule == "asha":
+        # Rungs at epochs r, 2r, 4r, ... (r: one more than the minimum epochs): a trial that
+        # reaches one in the worse half of the trials that reached it so far stops.
+        pruner = optuna.pruners.SuccessiveHalvingPruner(
+            min_resource=space.min_epochs_before_stopping() + 1,
+            reduction_factor=ASHA_REDUCTION_FACTOR,
+        )
     else:
         # SageMaker's early stopping: stop a job whose metric is worse than the median of
-        # earlier jobs' at the same epoch. Early epochs' validation is too noisy to judge by
-        # (benchmarks/tune.py: judged from epoch 2, the eventual best trial was stopped), so
-        # trials run `early_stopping_min_epochs` (default: half) before they can be stopped.
+        # earlier jobs' at the same epoch, after `early_stopping_min_epochs` (default: half).
         # Steps are epoch numbers (from 1); Optuna judges steps >= n_warmup_steps.
         pruner = optuna.pruners.MedianPruner(
             n_startup_trials=2, n_warmup_steps=space.min_epochs_before_stopping() + 1
         )
     return sampler, pruner
+
+
+def metric_direction(metric: str) -> str:
+    """Losses and times go down, accuracies and throughput up."""
+    return "maximize" if metric.endswith(("_acc", "_per_s")) else "minimize"
 
 
 def trial_hyperparameters(space: TuningSpace, params: dict[str, Any]) -> dict[str, str]:
