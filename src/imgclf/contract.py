@@ -28,6 +28,30 @@ SAGEMAKER_ROLE_ENV = "IMGCLF_SAGEMAKER_ROLE"
 # How a CPU endpoint runs the network: auto (ONNX Runtime when installed) | torch | onnxruntime.
 CPU_RUNTIME_ENV = "IMGCLF_CPU_RUNTIME"
 
+# ---------------------------------------------------------------- the serving process
+# Every environment name `serve` honours (SageMaker's names where SageMaker has one), read once
+# by serving.serve.read_settings; the local target and the Dockerfile set the same names.
+SERVE_PORT_ENV = "SAGEMAKER_BIND_TO_PORT"
+SERVE_WORKERS_ENV = "SAGEMAKER_MODEL_SERVER_WORKERS"
+SERVE_TIMEOUT_ENV = "SAGEMAKER_MODEL_SERVER_TIMEOUT"  # seconds per request
+SERVE_STARTUP_TIMEOUT_ENV = "SAGEMAKER_STARTUP_TIMEOUT"
+SERVE_MODEL_DIR_ENV = "IMGCLF_MODEL_DIR"
+SERVE_BIND_HOST_ENV = "IMGCLF_BIND_HOST"  # 0.0.0.0 in a container; 127.0.0.1 locally
+SERVE_HANDLER_ENV = "IMGCLF_MMS_HANDLER"  # another MMS service module (A/B benchmarks)
+SERVE_DRAIN_ENV = "IMGCLF_DRAIN_SECONDS"
+SERVE_RECOVER_ENV = "IMGCLF_RECOVER_SECONDS"
+SERVE_HEADER_TIMEOUT_ENV = "IMGCLF_HEADER_TIMEOUT_SECONDS"
+SERVE_BODY_TIMEOUT_ENV = "IMGCLF_BODY_TIMEOUT_SECONDS"
+SERVE_IDLE_TIMEOUT_ENV = "IMGCLF_IDLE_TIMEOUT_SECONDS"
+SERVE_MAX_CONNECTIONS_ENV = "IMGCLF_MAX_CONNECTIONS"
+RESPONSE_FORMAT_ENV = "IMGCLF_RESPONSE_FORMAT"  # the deploy's default answer format
+MMS_WORKERS_ENV = "IMGCLF_WORKERS"  # set by serve for each MMS worker: how to split the CPUs
+# The launcher's state lives here (default .imgclf).
+HOME_ENV = "IMGCLF_HOME"
+# Set by the local target: where image-check verdicts of earlier jobs are kept (the files of a
+# dataset are decoded once to find unreadable ones, not once per job or tuning trial).
+SCAN_CACHE_ENV = "IMGCLF_SCAN_CACHE"
+
 # The training image's environment (docker/train/Dockerfile sets the same; a test compares).
 # sagemaker-training's `train` entry imports SAGEMAKER_TRAINING_MODULE and calls it; our module
 # runs SAGEMAKER_PROGRAM as a process, or under torchrun when distribution is enabled.

@@ -20,6 +20,7 @@ from imgclf.contract import (
     BASE_DIR_ENV,
     COMBINED_CHANNEL,
     PROCESSES_PER_HOST_KEY,
+    SCAN_CACHE_ENV,
     TORCH_DISTRIBUTED_KEY,
     TRAIN_IMAGE_ENV,
     Layout,
@@ -150,7 +151,7 @@ def job_environment(job: LocalJob, base_env: dict[str, str] | None = None) -> di
             "PATH": bindir + os.pathsep + env.get("PATH", ""),
             "PYTHONUNBUFFERED": "1",
             # Jobs under one home (or one tuning dir) share their image-check verdicts.
-            "IMGCLF_SCAN_CACHE": str(job.layout.base.parent.parent / "scans"),
+            SCAN_CACHE_ENV: str(job.layout.base.parent.parent / "scans"),
         }
     )
     return env

@@ -24,6 +24,7 @@ from imgclf import artifacts, data, engine, features, metrics, models
 from imgclf.config import TrainConfig, debug_stop_rules, parse_hyperparameters
 from imgclf.contract import (
     NO_REPORT_ENV,
+    SCAN_CACHE_ENV,
     TrainingContract,
     read_training_contract,
     write_failure,
@@ -38,9 +39,6 @@ from imgclf.prepare import stored_short_side
 log = logging.getLogger("imgclf.train")
 
 EXIT_STOPPED = 143  # 128 + SIGTERM
-# Set by the local target: where image-check verdicts of earlier jobs are kept (the files of a
-# dataset are decoded once to find unreadable ones, not once per job or tuning trial).
-SCAN_CACHE_ENV = "IMGCLF_SCAN_CACHE"
 
 
 @dataclass(frozen=True)

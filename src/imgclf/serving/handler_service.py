@@ -15,7 +15,7 @@ import os
 
 import torch
 
-from imgclf.contract import CPU_RUNTIME_ENV
+from imgclf.contract import CPU_RUNTIME_ENV, MMS_WORKERS_ENV, RESPONSE_FORMAT_ENV
 from imgclf.serving import inference, runtime
 
 log = logging.getLogger("imgclf.serving")
@@ -23,7 +23,6 @@ log = logging.getLogger("imgclf.serving")
 _INTERNAL = json.dumps(
     {"error": "internal error while predicting", "hint": "the endpoint's log has the details"}
 ).encode()
-FORMAT_ENV = "IMGCLF_RESPONSE_FORMAT"  # the deploy's default response format
 
 
 class HandlerService:
@@ -34,11 +33,13 @@ class HandlerService:
         self.default_format = inference.DEFAULT_FORMAT
 
     def initialize(self, context) -> None:
-        fmt = os.environ.get(FORMAT_ENV) or inference.DEFAULT_FORMAT
+        fmt = os.environ.get(RESPONSE_FORMAT_ENV) or inference.DEFAULT_FORMAT
         if fmt not in inference.FORMATS:
-            raise ValueError(f"{FORMAT_ENV}={fmt!r}: use one of {', '.join(inference.FORMATS)}")
+            raise ValueError(
+                f"{RESPONSE_FORMAT_ENV}={fmt!r}: use one of {', '.join(inference.FORMATS)}"
+            )
         self.default_format = fmt
-        workers = int(os.environ.get("IMGCLF_WORKERS", "1"))
+        workers = int(os.environ.get(MMS_WORKERS_ENV, "1"))
         torch.set_num_threads(inference.torch_threads(workers))
         model_dir = context.system_properties.get("model_dir")
         gpu = context.system_properties.get("gpu_id")

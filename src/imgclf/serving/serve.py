@@ -50,7 +50,26 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from imgclf.contract import BASE_DIR_ENV, CPU_RUNTIME_ENV, DEFAULT_BASE_DIR
+from imgclf.contract import (
+    BASE_DIR_ENV,
+    CPU_RUNTIME_ENV,
+    DEFAULT_BASE_DIR,
+    MMS_WORKERS_ENV,
+    RESPONSE_FORMAT_ENV,
+    SERVE_BIND_HOST_ENV,
+    SERVE_BODY_TIMEOUT_ENV,
+    SERVE_DRAIN_ENV,
+    SERVE_HANDLER_ENV,
+    SERVE_HEADER_TIMEOUT_ENV,
+    SERVE_IDLE_TIMEOUT_ENV,
+    SERVE_MAX_CONNECTIONS_ENV,
+    SERVE_MODEL_DIR_ENV,
+    SERVE_PORT_ENV,
+    SERVE_RECOVER_ENV,
+    SERVE_STARTUP_TIMEOUT_ENV,
+    SERVE_TIMEOUT_ENV,
+    SERVE_WORKERS_ENV,
+)
 from imgclf.serving import front
 
 log = logging.getLogger("imgclf.serve")
@@ -62,7 +81,6 @@ MAX_REQUEST_BYTES = 6 * 1024 * 1024
 # enforces the limit on the body itself).
 MAX_REQUEST_FRAME = MAX_REQUEST_BYTES + 64 * 1024
 JOB_QUEUE_SIZE = 1024  # MMS's queue; the front hands it at most Limits.upstream_concurrency
-RESPONSE_FORMAT_ENV = "IMGCLF_RESPONSE_FORMAT"  # read by handler_service in each worker
 PROBE_MAX_AGE_S = 0.5  # /ping asks the management API again when its answer is older
 BACKEND_GRACE_S = 3.0  # MMS's worker parent gone this long: restart MMS
 STOP_GRACE_S = 5.0  # MMS's processes get SIGTERM, then SIGKILL after this
@@ -123,23 +141,23 @@ def read_settings(environ) -> ServeSettings:
     if fmt not in ("predictions", "vectors"):
         raise ValueError(f"{RESPONSE_FORMAT_ENV}={fmt!r}: use predictions or vectors")
     return ServeSettings(
-        model_dir=Path(environ.get("IMGCLF_MODEL_DIR", str(base / "model"))),
-        bind_host=environ.get("IMGCLF_BIND_HOST", "0.0.0.0"),  # noqa: S104 - the container port
-        port=_number(environ, "SAGEMAKER_BIND_TO_PORT", "8080"),
-        workers=_number(environ, "SAGEMAKER_MODEL_SERVER_WORKERS", str(default_workers())),
-        timeout_s=_number(environ, "SAGEMAKER_MODEL_SERVER_TIMEOUT", "60"),
-        startup_timeout_s=_number(environ, "SAGEMAKER_STARTUP_TIMEOUT", "300"),
-        handler=environ.get("IMGCLF_MMS_HANDLER", HANDLER),
+        model_dir=Path(environ.get(SERVE_MODEL_DIR_ENV, str(base / "model"))),
+        bind_host=environ.get(SERVE_BIND_HOST_ENV, "0.0.0.0"),  # noqa: S104 - the container port
+        port=_number(environ, SERVE_PORT_ENV, "8080"),
+        workers=_number(environ, SERVE_WORKERS_ENV, str(default_workers())),
+        timeout_s=_number(environ, SERVE_TIMEOUT_ENV, "60"),
+        startup_timeout_s=_number(environ, SERVE_STARTUP_TIMEOUT_ENV, "300"),
+        handler=environ.get(SERVE_HANDLER_ENV, HANDLER),
         cpu_runtime=environ.get(CPU_RUNTIME_ENV, "auto"),
-        drain_s=_number(environ, "IMGCLF_DRAIN_SECONDS", "30", float),
-        recover_after_s=_number(environ, "IMGCLF_RECOVER_SECONDS", "20", float),
+        drain_s=_number(environ, SERVE_DRAIN_ENV, "30", float),
+        recover_after_s=_number(environ, SERVE_RECOVER_ENV, "20", float),
         response_format=fmt,
         limits=front.Limits(
-            request_timeout_s=_number(environ, "SAGEMAKER_MODEL_SERVER_TIMEOUT", "60", float),
-            header_timeout_s=_number(environ, "IMGCLF_HEADER_TIMEOUT_SECONDS", "10", float),
-            body_timeout_s=_number(environ, "IMGCLF_BODY_TIMEOUT_SECONDS", "30", float),
-            idle_timeout_s=_number(environ, "IMGCLF_IDLE_TIMEOUT_SECONDS", "75", float),
-            max_connections=_number(environ, "IMGCLF_MAX_CONNECTIONS", "1024"),
+            request_timeout_s=_number(environ, SERVE_TIMEOUT_ENV, "60", float),
+            header_timeout_s=_number(environ, SERVE_HEADER_TIMEOUT_ENV, "10", float),
+            body_timeout_s=_number(environ, SERVE_BODY_TIMEOUT_ENV, "30", float),
+            idle_timeout_s=_number(environ, SERVE_IDLE_TIMEOUT_ENV, "75", float),
+            max_connections=_number(environ, SERVE_MAX_CONNECTIONS_ENV, "1024"),
         ),
     )
 
@@ -360,7 +378,7 @@ class Supervisor:
             {
                 "TMPDIR": str(run_dir),
                 "TEMP": str(run_dir),
-                "IMGCLF_WORKERS": str(self.settings.workers),
+                MMS_WORKERS_ENV: str(self.settings.workers),
                 RESPONSE_FORMAT_ENV: self.settings.response_format,
                 "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
             }

@@ -17,6 +17,11 @@ from pathlib import Path
 from imgclf.contract import (
     BASE_DIR_ENV,
     COMBINED_CHANNEL,
+    HOME_ENV,
+    RESPONSE_FORMAT_ENV,
+    SERVE_BIND_HOST_ENV,
+    SERVE_PORT_ENV,
+    SERVE_WORKERS_ENV,
 )
 from imgclf.errors import UserError
 from imgclf.jobs import (  # noqa: F401 - the local target's job verbs, re-exported
@@ -37,7 +42,7 @@ from imgclf.jobs import (  # noqa: F401 - the local target's job verbs, re-expor
 
 
 def default_home() -> Path:
-    return Path(os.environ.get("IMGCLF_HOME", ".imgclf")).resolve()
+    return Path(os.environ.get(HOME_ENV, ".imgclf")).resolve()
 
 
 def docker_command(job: LocalJob, image: str, *, gpus: bool | None = None) -> list[str]:
@@ -239,15 +244,15 @@ def deploy(
     env.update(
         {
             BASE_DIR_ENV: str(base),
-            "SAGEMAKER_BIND_TO_PORT": str(port),
-            "IMGCLF_BIND_HOST": "127.0.0.1",
+            SERVE_PORT_ENV: str(port),
+            SERVE_BIND_HOST_ENV: "127.0.0.1",
             "PYTHONUNBUFFERED": "1",
         }
     )
     if workers:
-        env["SAGEMAKER_MODEL_SERVER_WORKERS"] = str(workers)
+        env[SERVE_WORKERS_ENV] = str(workers)
     if response_format:
-        env["IMGCLF_RESPONSE_FORMAT"] = response_format
+        env[RESPONSE_FORMAT_ENV] = response_format
     serve = Path(sys.executable).parent / "serve"
     with open(base / "serve.log", "ab") as log:
         proc = subprocess.Popen(
