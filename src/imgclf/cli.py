@@ -369,6 +369,8 @@ def cmd_deploy(args) -> int:
     from imgclf.targets import local
 
     print(f"starting endpoint {args.name} on 127.0.0.1:{args.port} ...", flush=True)
+    if args.docker:
+        return _deploy_container(args)
     endpoint = local.deploy(
         _home(args), Path(args.model), name=args.name, port=args.port, workers=args.workers
     )
@@ -378,6 +380,26 @@ def cmd_deploy(args) -> int:
     )
     print(f"  python launch.py invoke --endpoint {endpoint.name} IMAGE...")
     print(f"  curl --data-binary @IMAGE -H 'Content-Type: image/jpeg' {endpoint.url}/invocations")
+    return 0
+
+
+def _deploy_container(args) -> int:
+    from imgclf.targets import local
+
+    local.require_docker()
+    endpoint = local.deploy_container(
+        _home(args),
+        Path(args.model),
+        name=args.name,
+        port=args.port,
+        image=args.docker,
+        workers=args.workers,
+    )
+    print(
+        f"endpoint {endpoint.name} is up: {endpoint.url}/invocations (container "
+        f"{endpoint.container}, image {endpoint.image}; docker logs {endpoint.container})"
+    )
+    print(f"  python launch.py invoke --endpoint {endpoint.name} IMAGE...")
     return 0
 
 
@@ -394,7 +416,8 @@ def cmd_endpoints(args) -> int:
     from imgclf.targets import local
 
     endpoints = local.list_endpoints(_home(args))
-    if not endpoints:
+    containers = local.list_container_endpoints(_home(args))
+    if not endpoints and not containers:
         print("no local endpoints")
         return 0
     rows = []
@@ -402,6 +425,10 @@ def cmd_endpoints(args) -> int:
         alive = local.process_alive(e.pid)
         state = "healthy" if alive and local.ping(e.port) else ("starting?" if alive else "dead")
         rows.append([e.name, str(e.port), str(e.pid), state, e.model])
+    for c in containers:  # deploy --docker: the pid column names the container
+        alive = local.container_running(c.container)
+        state = "healthy" if alive and local.ping(c.port) else ("starting?" if alive else "dead")
+        rows.append([c.name, str(c.port), c.container, state, c.model])
     _print_table(rows, ["name", "port", "pid", "state", "model"])
     return 0
 
@@ -414,6 +441,10 @@ def cmd_delete(args) -> int:
         return 0
     from imgclf.targets import local
 
+    if local.load_container_endpoint(_home(args), args.name) is not None:
+        container = local.delete_container_endpoint(_home(args), args.name)
+        print(f"endpoint {container.name} stopped (container {container.container} removed)")
+        return 0
     endpoint = local.delete_endpoint(_home(args), args.name)
     print(f"endpoint {endpoint.name} stopped")
     return 0
@@ -423,11 +454,14 @@ def _pick_endpoint(home: Path, name: str | None):
     from imgclf.targets import local
 
     if name:
-        endpoint = local.load_endpoint(home, name)
+        endpoint = local.load_endpoint(home, name) or local.load_container_endpoint(home, name)
         if endpoint is None:
             raise UserError(f"no local endpoint named {name}; `launch.py endpoints` lists them")
         return endpoint
     endpoints = [e for e in local.list_endpoints(home) if local.process_alive(e.pid)]
+    endpoints += [
+        c for c in local.list_container_endpoints(home) if local.container_running(c.container)
+    ]
     if len(endpoints) != 1:
         names = ", ".join(e.name for e in endpoints) or "none running"
         raise UserError(f"name the endpoint with --endpoint ({names})")
@@ -715,6 +749,11 @@ def build_parser() -> argparse.ArgumentParser:
     deploy.add_argument("--name", default="local", help="endpoint name (local)")
     deploy.add_argument("--port", type=int, default=8080, help="port on 127.0.0.1 (8080)")
     deploy.add_argument("--workers", type=int, help="MMS workers (default: from the machine)")
+    deploy.add_argument(
+        "--docker",
+        metavar="IMAGE",
+        help="run the serving image under Docker, as SageMaker runs it (local)",
+    )
     _add_target(deploy, image=True, resources=True, wait=True)
     deploy.add_argument(
         "--serverless-mb", type=int, help="serverless endpoint with this memory (sagemaker)"
