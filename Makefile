@@ -5,7 +5,7 @@ VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DATA := .imgclf/data/digits
 
-.PHONY: setup demo test test-all lint lock clean browser
+.PHONY: setup demo test test-all lint lock clean browser engine
 
 setup: $(STAMP)
 
@@ -32,10 +32,19 @@ lint: setup
 	$(VPY) -m ruff check src tests $(wildcard benchmarks) launch.py
 	$(VPY) -m ruff format --check src tests $(wildcard benchmarks) launch.py
 	$(VENV)/bin/hadolint docker/train/Dockerfile docker/serve/Dockerfile
-	$(VENV)/bin/shellcheck build_and_push.sh
+	$(VENV)/bin/shellcheck build_and_push.sh docker/engine.sh
 
 test: setup lint browser
+	-@bash docker/engine.sh
 	$(VPY) -m pytest
+
+# A Docker engine for the image tests (tests/docker): the one at DOCKER_HOST or the default
+# socket, else Debian's docker.io started on a private socket and data root under
+# /var/lib/imgclf-docker (root and apt-get needed), with the base image debian:bookworm-slim made
+# by debootstrap and kept. `make test` runs it best effort: without an engine the docker tests
+# are skipped with one line.
+engine:
+	bash docker/engine.sh
 
 # Headless Chromium checks that report.html renders (Debian's package; best effort: without it
 # that one test is skipped).
@@ -46,6 +55,7 @@ browser:
 		echo "chromium is not installed (apt-get install chromium): the report screenshot test will be skipped"
 
 test-all: setup lint browser
+	-@bash docker/engine.sh
 	$(VPY) -m pytest -m ''
 
 lock: setup

@@ -23,14 +23,18 @@ CONFIG_FILE = "model_config.json"
 METRICS_FILE = "metrics.json"
 CHECKPOINT_FILE = "checkpoint.pt"
 ARTIFACT_FORMAT = 1
+# Readable by any user: SageMaker tars model/ with its modes, and whoever serves the unpacked
+# model.tar.gz (any uid) must read it. mkstemp alone would leave 0600.
+FILE_MODE = 0o644
 
 
 def atomic_write_bytes(path: Path, write) -> None:
     """Write through a temp file in the same folder, then rename over `path`: a reader (or a
-    resumed job) sees the old file or the new one, never half of one."""
+    resumed job) sees the old file or the new one, never half of one. The file is FILE_MODE."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()

@@ -381,6 +381,8 @@ def cmd_deploy(args) -> int:
     from imgclf.targets import local
 
     print(f"starting endpoint {args.name} on 127.0.0.1:{args.port} ...", flush=True)
+    if args.docker:
+        return _deploy_container(args)
     endpoint = local.deploy(
         _home(args),
         Path(args.model),
@@ -398,6 +400,26 @@ def cmd_deploy(args) -> int:
     return 0
 
 
+def _deploy_container(args) -> int:
+    from imgclf.targets import local
+
+    local.require_docker()
+    endpoint = local.deploy_container(
+        _home(args),
+        Path(args.model),
+        name=args.name,
+        port=args.port,
+        image=args.docker,
+        workers=args.workers,
+    )
+    print(
+        f"endpoint {endpoint.name} is up: {endpoint.url}/invocations (container "
+        f"{endpoint.container}, image {endpoint.image}; docker logs {endpoint.container})"
+    )
+    print(f"  python launch.py invoke --endpoint {endpoint.name} IMAGE...")
+    return 0
+
+
 def cmd_endpoints(args) -> int:
     if args.target == "sagemaker":
         sm, _, c = _aws(args)
@@ -411,10 +433,15 @@ def cmd_endpoints(args) -> int:
     from imgclf.targets import local
 
     endpoints = local.list_endpoints(_home(args))
-    if not endpoints:
+    containers = local.list_container_endpoints(_home(args))
+    if not endpoints and not containers:
         print("no local endpoints")
         return 0
     rows = [[e.name, str(e.port), str(e.pid), local.endpoint_state(e), e.model] for e in endpoints]
+    for c in containers:  # deploy --docker: the pid column names the container
+        alive = local.container_running(c.container)
+        state = "healthy" if alive and local.ping(c.port) else ("starting?" if alive else "dead")
+        rows.append([c.name, str(c.port), c.container, state, c.model])
     _print_table(rows, ["name", "port", "pid", "state", "model"])
     return 0
 
@@ -427,6 +454,10 @@ def cmd_delete(args) -> int:
         return 0
     from imgclf.targets import local
 
+    if local.load_container_endpoint(_home(args), args.name) is not None:
+        container = local.delete_container_endpoint(_home(args), args.name)
+        print(f"endpoint {container.name} stopped (container {container.container} removed)")
+        return 0
     endpoint, was_running = local.delete_endpoint(_home(args), args.name)
     print(f"endpoint {endpoint.name} {'stopped' if was_running else 'was not running; removed'}")
     return 0
@@ -436,11 +467,14 @@ def _pick_endpoint(home: Path, name: str | None):
     from imgclf.targets import local
 
     if name:
-        endpoint = local.load_endpoint(home, name)
+        endpoint = local.load_endpoint(home, name) or local.load_container_endpoint(home, name)
         if endpoint is None:
             raise UserError(f"no local endpoint named {name}; `launch.py endpoints` lists them")
         return endpoint
     endpoints = [e for e in local.list_endpoints(home) if local.process_alive(e.pid)]
+    endpoints += [
+        c for c in local.list_container_endpoints(home) if local.container_running(c.container)
+    ]
     if len(endpoints) != 1:
         names = ", ".join(e.name for e in endpoints) or "none running"
         raise UserError(f"name the endpoint with --endpoint ({names})")
@@ -737,6 +771,11 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("predictions", "vectors"),
         help="default answer (local): top-k predictions (default), or vectors: "
         "[[p0, ..., pN-1]] per image in label order, what the seed notebooks' clients read",
+    )
+    deploy.add_argument(
+        "--docker",
+        metavar="IMAGE",
+        help="run the serving image under Docker, as SageMaker runs it (local)",
     )
     _add_target(deploy, image=True, resources=True, wait=True)
     deploy.add_argument(

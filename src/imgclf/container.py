@@ -4,7 +4,10 @@ sagemaker-training's `train` entry imports this and calls `main`. We run our pro
 (SAGEMAKER_PROGRAM, shipped in imgclf/_program) as a child process, under torchrun through
 sagemaker-training's torch_distributed runner when `sagemaker_torch_distributed_enabled` is set.
 SIGTERM (docker stop, a spot interruption) is passed on to the whole process group so the
-program can keep its checkpoint and leave a reason in output/failure.
+program can keep its checkpoint and leave a reason in output/failure. In a container this
+module's process is PID 1, where `killpg(1)` would mean kill(-1): every other process in the
+container is signalled instead, and with none yet (still waiting for the hosts), it writes
+output/failure and exits 143.
 """
 
 from __future__ import annotations
@@ -13,16 +16,38 @@ import os
 import signal
 from pathlib import Path
 
-from imgclf.contract import TORCH_DISTRIBUTED_KEY, TRAIN_IMAGE_ENV
+from imgclf.contract import (
+    BASE_DIR_ENV,
+    DEFAULT_BASE_DIR,
+    TORCH_DISTRIBUTED_KEY,
+    TRAIN_IMAGE_ENV,
+    Layout,
+    write_failure,
+)
 
 PROGRAM_DIR = Path(__file__).parent / "_program"
 PROGRAM_ARG = "--hyperparameters-from-config"
 
 
+def signal_the_job(signum: int) -> bool:
+    """Send `signum` to every process of the job but this one; False when there is none."""
+    try:
+        if os.getpid() == 1 or os.getpgrp() == 1:
+            os.kill(-1, signum)  # PID 1 in a container: every other process in it
+        else:
+            os.killpg(os.getpgrp(), signum)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def _forward_sigterm() -> None:
     def forward(signum, frame):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # keep waiting for the children
-        os.killpg(os.getpgrp(), signal.SIGTERM)
+        if not signal_the_job(signal.SIGTERM):  # stopped before the program started
+            base = Path(os.environ.get(BASE_DIR_ENV, DEFAULT_BASE_DIR))
+            write_failure(Layout(base), "Stopped by SIGTERM before the training program started")
+            os._exit(128 + signum)  # sagemaker-training's `finally` would turn SystemExit into 0
 
     signal.signal(signal.SIGTERM, forward)
 

@@ -46,6 +46,40 @@ def test_the_train_image_sets_the_contracts_environment():
     assert env["TORCH_HOME"] == "/opt/torch"  # where the build put the pretrained weights
 
 
+def _instructions(kind: str, word: str) -> list[str]:
+    """The arguments of every `word` instruction (continuation lines joined) of a Dockerfile."""
+    text = (ROOT / "docker" / kind / "Dockerfile").read_text().replace("\\\n", " ")
+    return [
+        line.split(None, 1)[1]
+        for line in text.splitlines()
+        if line.split(None, 1)[:1] == [word] and len(line.split(None, 1)) == 2
+    ]
+
+
+def test_the_serve_image_sets_the_contracts_environment():
+    env, entry = dockerfile_runtime("serve")
+    assert entry == ["serve"]  # SageMaker runs `docker run IMAGE serve`
+    assert env["SAGEMAKER_BIND_TO_PORT"] == "8080"  # the port SageMaker sends requests to
+    assert "8080" in _instructions("serve", "EXPOSE")
+    labels = " ".join(_instructions("serve", "LABEL"))
+    assert "com.amazonaws.sagemaker.capabilities.accept-bind-to-port=true" in labels
+
+
+@pytest.mark.parametrize("kind", ["train", "serve"])
+def test_the_images_run_as_root_on_a_base_made_from_debians_archive(kind):
+    env, _ = dockerfile_runtime(kind)
+    assert not _instructions(kind, "USER")  # SageMaker expects root; see the README
+    assert (
+        "ARG BASE_IMAGE=debian:bookworm-slim" in (ROOT / "docker" / kind / "Dockerfile").read_text()
+    )
+    # The NVIDIA container runtime mounts the driver when these are set.
+    assert env["NVIDIA_VISIBLE_DEVICES"] == "all"
+    assert set(env["NVIDIA_DRIVER_CAPABILITIES"].split(",")) >= {"compute", "utility"}
+    # Build-time pip settings stay in the builder stage.
+    assert not [k for k in env if k.startswith("PIP_")]
+    assert "# syntax=" not in (ROOT / "docker" / kind / "Dockerfile").read_text()
+
+
 def _bare_path(tmp_path: Path, without: str) -> str:
     """A PATH holding this machine's tools except `without`."""
     tools = tmp_path / "bin"

@@ -1,4 +1,6 @@
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -22,6 +24,24 @@ def test_artifact_round_trip_is_weights_only(tmp_path):
     assert art.labels == ["cat", "dog"]
     assert art.config["num_classes"] == 2 and art.config["arch"] == "resnet18"
     assert json.loads((tmp_path / "labels.json").read_text()) == {"0": "cat", "1": "dog"}
+
+
+def test_artifact_files_are_readable_by_any_user_whatever_the_umask(tmp_path):
+    # SageMaker tars model/ with its modes; a server of another uid must read the files.
+    previous = os.umask(0o077)
+    try:
+        artifacts.save_artifact(
+            tmp_path, state_dict={"w": torch.ones(1)}, labels=["a"], config={}, metrics={}
+        )
+    finally:
+        os.umask(previous)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
+    assert modes == {
+        "model.pt": 0o644,
+        "labels.json": 0o644,
+        "model_config.json": 0o644,
+        "metrics.json": 0o644,
+    }
 
 
 def test_missing_or_corrupt_artifact_files_are_named(tmp_path):

@@ -1,4 +1,5 @@
 import json
+import os
 
 from imgclf.contract import TRAIN_IMAGE_ENV, read_training_contract
 from imgclf.targets import local
@@ -39,10 +40,27 @@ def test_docker_command_mounts_the_job_and_data_as_sagemaker_does(tmp_path, tiny
     assert f"{job.layout.base}:/opt/ml" in cmd
     assert f"{tiny_digits.resolve()}:/opt/ml/input/data/training:ro" in cmd
     assert "--gpus" in cmd
+    pairs = list(zip(cmd, cmd[1:]))
+    assert ("--network", "none") in pairs  # training needs no network
+    assert ("--add-host", "algo-1:127.0.0.1") in pairs  # sagemaker-training waits for algo-1
+
+
+def test_serving_container_is_bound_to_loopback_with_the_model_read_only(tmp_path):
+    endpoint = local.ContainerEndpoint("e", 8123, "imgclf-serve:abc", tmp_path, "m")
+    cmd = local.serve_container_command(endpoint, tmp_path / "model", workers=2, gpus=False)
+    assert cmd[-2:] == ["imgclf-serve:abc", "serve"] and "--user" not in cmd
+    pairs = list(zip(cmd, cmd[1:]))
+    assert ("--network", "host") in pairs
+    assert ("-v", f"{tmp_path / 'model'}:/opt/ml/model:ro") in pairs
+    assert ("-e", "IMGCLF_BIND_HOST=127.0.0.1") in pairs
+    assert ("-e", "SAGEMAKER_BIND_TO_PORT=8123") in pairs
 
 
 def test_docker_without_an_engine_is_a_clear_error(tmp_path, tiny_digits):
-    proc = run_launch("train", "--data", str(tiny_digits), "--docker", "img", home=tmp_path)
+    env = {**os.environ, "DOCKER_HOST": f"unix://{tmp_path}/no-engine.sock"}  # even if one runs
+    proc = run_launch(
+        "train", "--data", str(tiny_digits), "--docker", "img", home=tmp_path, env=env
+    )
     assert proc.returncode == 2
     assert "docker" in proc.stderr.lower() and "drop --docker" in proc.stderr
 
