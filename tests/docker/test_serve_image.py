@@ -174,11 +174,6 @@ def test_a_broken_model_exits_non_zero_with_the_reason_and_never_pings(
     assert "cannot serve the model" in text and "model.pt" in text, text[-3000:]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="serve.py passes SIGTERM to multi-model-server 1.1, which answers the request its "
-    "worker holds and drops the queued ones (7 of 8 here); the serving rewrite owns the fix",
-)
 def test_docker_stop_drains_in_flight_requests_and_exits_0(engine, served, tiny_digits):
     """Last in this module: it stops the shared container."""
     name, url = served
