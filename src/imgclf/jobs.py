@@ -101,13 +101,15 @@ def prepare_job(
 
 
 def lock_job(jobs_dir: Path, name: str):
-    """Take jobs/<name>.lock (an flock, released when the launcher exits, however it exits), or
-    refuse at once when another launcher runs a job of that name: two jobs in one directory
-    would mix one's hyperparameters with the other's model and failure file."""
+    """Take locks/<name>.lock beside jobs/ (an flock, released when the launcher exits, however
+    it exits), or refuse at once when another launcher runs a job of that name: two jobs in one
+    directory would mix one's hyperparameters with the other's model and failure file. (Not in
+    jobs/ itself, where every entry is a job directory.)"""
     import fcntl
 
-    jobs_dir.mkdir(parents=True, exist_ok=True)
-    path = (jobs_dir / f"{name}.lock").resolve()
+    locks = jobs_dir.parent / "locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    path = (locks / f"{name}.lock").resolve()
     if path in _HELD_LOCKS:  # this process runs the job again (a resume, a refined trial)
         return _HELD_LOCKS[path]
     handle = open(path, "a+")  # noqa: SIM115 - held until this process exits
