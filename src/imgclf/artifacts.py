@@ -4,9 +4,7 @@ training checkpoints. Everything is loadable with `torch.load(weights_only=True)
 from __future__ import annotations
 
 import json
-import os
 import random
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +14,7 @@ import torch
 
 from imgclf import __version__
 from imgclf.errors import UserError
+from imgclf.util import atomic_write, write_json  # noqa: F401 - write_json: re-exported
 
 MODEL_FILE = "model.pt"
 LABELS_FILE = "labels.json"
@@ -29,29 +28,14 @@ FILE_MODE = 0o644
 
 
 def atomic_write_bytes(path: Path, write) -> None:
-    """Write through a temp file in the same folder, then rename over `path`: a reader (or a
-    resumed job) sees the old file or the new one, never half of one. The file is FILE_MODE."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, FILE_MODE)
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write through a temp file in the same folder, then rename over `path` (util.atomic_write):
+    a reader (or a resumed job) sees the old file or the new one, never half of one. The file
+    is FILE_MODE."""
+    atomic_write(path, write, mode=FILE_MODE)
 
 
 def atomic_save(obj: Any, path: Path) -> None:
     atomic_write_bytes(path, lambda handle: torch.save(obj, handle))
-
-
-def write_json(path: Path, obj: Any) -> None:
-    data = (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode()
-    atomic_write_bytes(path, lambda handle: handle.write(data))
 
 
 @dataclass(frozen=True)

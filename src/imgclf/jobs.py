@@ -37,7 +37,7 @@ class LocalJob:
     name: str
     layout: Layout
     data_dir: Path
-    lock: object = None  # the open, flock'ed jobs/<name>.lock: held while this object lives
+    lock: object = None  # the open, flock'ed locks/<name>.lock (see lock_job)
 
     @property
     def log_file(self) -> Path:
