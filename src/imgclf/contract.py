@@ -44,6 +44,9 @@ SERVE_HEADER_TIMEOUT_ENV = "IMGCLF_HEADER_TIMEOUT_SECONDS"
 SERVE_BODY_TIMEOUT_ENV = "IMGCLF_BODY_TIMEOUT_SECONDS"
 SERVE_IDLE_TIMEOUT_ENV = "IMGCLF_IDLE_TIMEOUT_SECONDS"
 SERVE_MAX_CONNECTIONS_ENV = "IMGCLF_MAX_CONNECTIONS"
+# Where `serve` writes its state as JSON ({"state": starting|ready|failed|stopping|stopped,
+# "reason", "pid", "port"}), replaced atomically at each change; unset: no file (a container).
+SERVE_STATE_FILE_ENV = "IMGCLF_STATE_FILE"
 RESPONSE_FORMAT_ENV = "IMGCLF_RESPONSE_FORMAT"  # the deploy's default answer format
 MMS_WORKERS_ENV = "IMGCLF_WORKERS"  # set by serve for each MMS worker: how to split the CPUs
 # The launcher's state lives here (default .imgclf).

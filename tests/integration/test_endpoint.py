@@ -217,6 +217,10 @@ def test_concurrent_clients_and_ping_stays_fast(endpoint, tiny_digits):
 
 
 def test_launcher_lists_and_invokes_the_endpoint(endpoint, home, tiny_digits):
+    # deploy returned on serve's own word: the state file it keeps says ready, with its pid
+    record = json.loads((home / "endpoints" / "ep" / "endpoint.json").read_text())
+    state = json.loads((home / "endpoints" / "ep" / "state.json").read_text())
+    assert state == {"state": "ready", "reason": "", "pid": record["pid"]}
     listed = run_launch("endpoints", home=home)
     row = next(line for line in listed.stdout.splitlines() if line.startswith("ep "))
     assert row.split()[3] == "healthy", listed.stdout
@@ -232,6 +236,22 @@ def test_launcher_lists_and_invokes_the_endpoint(endpoint, home, tiny_digits):
     assert single.returncode == 0 and batch.returncode == 0, single.stderr + batch.stderr
     assert batch.stdout == single.stdout
     assert single.stdout.count("(folder: ") == 2
+
+
+def test_deploy_of_a_broken_model_names_serves_reason_and_leaves_nothing(tmp_path, model_dir):
+    broken = tmp_path / "broken"
+    shutil.copytree(model_dir, broken)
+    (broken / "labels.json").unlink()
+    home = tmp_path / "home"
+    port = str(free_port())
+    proc = run_launch("deploy", "--model", str(broken), "--name", "b", "--port", port, home=home)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    # the reason serve recorded in its state file, in one line, not a log sentence to grep
+    error = proc.stderr.strip().splitlines()
+    assert len(error) == 1 and "endpoint b did not start: cannot serve the model" in error[0]
+    assert "labels.json" in error[0] and "Traceback" not in proc.stderr
+    assert not (home / "endpoints" / "b").exists()
+    assert "no local endpoints" in run_launch("endpoints", home=home).stdout
 
 
 @pytest.mark.parametrize("damage", ["corrupt weights", "missing labels"])

@@ -1,19 +1,20 @@
 import json
 import os
 
+from imgclf import jobs
 from imgclf.contract import TRAIN_IMAGE_ENV, read_training_contract
-from imgclf.targets import local
+from imgclf.targets import docker
 from tests.conftest import run_launch
 
 
 def test_job_dir_is_shaped_like_opt_ml_and_read_back_by_the_contract(tmp_path, tiny_digits):
-    job = local.prepare_job(
+    job = jobs.prepare_job(
         tmp_path, "j1", data_dir=tiny_digits, hyperparameters={"epochs": "2"}, nproc=2
     )
     base = job.layout.base
     hps = json.loads((base / "input/config/hyperparameters.json").read_text())
     assert hps["epochs"] == "2" and hps["sagemaker_torch_distributed_enabled"] == "true"
-    env = local.job_environment(job, {"PATH": "/bin", "AWS_SECRET_ACCESS_KEY": "x"})
+    env = jobs.job_environment(job, {"PATH": "/bin", "AWS_SECRET_ACCESS_KEY": "x"})
     assert "AWS_SECRET_ACCESS_KEY" not in env
     assert env["SAGEMAKER_BASE_DIR"] == str(base)
     assert all(env[k] == v for k, v in TRAIN_IMAGE_ENV.items())
@@ -23,19 +24,17 @@ def test_job_dir_is_shaped_like_opt_ml_and_read_back_by_the_contract(tmp_path, t
 
 
 def test_rerunning_a_job_keeps_checkpoints_and_clears_old_outputs(tmp_path, tiny_digits):
-    job = local.prepare_job(tmp_path, "j", data_dir=tiny_digits, hyperparameters={})
+    job = jobs.prepare_job(tmp_path, "j", data_dir=tiny_digits, hyperparameters={})
     (job.layout.checkpoint_dir / "checkpoint.pt").write_bytes(b"x")
     job.layout.failure_file.write_text("old failure")
-    job = local.prepare_job(tmp_path, "j", data_dir=tiny_digits, hyperparameters={})
+    job = jobs.prepare_job(tmp_path, "j", data_dir=tiny_digits, hyperparameters={})
     assert (job.layout.checkpoint_dir / "checkpoint.pt").exists()
     assert not job.layout.failure_file.exists()
 
 
 def test_docker_command_mounts_the_job_and_data_as_sagemaker_does(tmp_path, tiny_digits):
-    job = local.prepare_job(
-        tmp_path, "j", data_dir=tiny_digits, hyperparameters={}, link_data=False
-    )
-    cmd = local.docker_command(job, "acct.dkr.ecr/imgclf-train:abc", gpus=True)
+    job = jobs.prepare_job(tmp_path, "j", data_dir=tiny_digits, hyperparameters={}, link_data=False)
+    cmd = docker.docker_command(job, "acct.dkr.ecr/imgclf-train:abc", gpus=True)
     assert cmd[:2] == ["docker", "run"] and cmd[-2:] == ["acct.dkr.ecr/imgclf-train:abc", "train"]
     assert f"{job.layout.base}:/opt/ml" in cmd
     assert f"{tiny_digits.resolve()}:/opt/ml/input/data/training:ro" in cmd
@@ -46,8 +45,8 @@ def test_docker_command_mounts_the_job_and_data_as_sagemaker_does(tmp_path, tiny
 
 
 def test_serving_container_is_bound_to_loopback_with_the_model_read_only(tmp_path):
-    endpoint = local.ContainerEndpoint("e", 8123, "imgclf-serve:abc", tmp_path, "m")
-    cmd = local.serve_container_command(endpoint, tmp_path / "model", workers=2, gpus=False)
+    endpoint = docker.ContainerEndpoint("e", 8123, "imgclf-serve:abc", tmp_path, "m")
+    cmd = docker.serve_container_command(endpoint, tmp_path / "model", workers=2, gpus=False)
     assert cmd[-2:] == ["imgclf-serve:abc", "serve"] and "--user" not in cmd
     pairs = list(zip(cmd, cmd[1:]))
     assert ("--network", "host") in pairs
@@ -76,8 +75,8 @@ def test_a_second_job_with_a_running_jobs_name_is_refused_at_once(tmp_path, tiny
         [
             sys.executable,
             "-c",
-            "import sys, time; from pathlib import Path; from imgclf.targets import local; "
-            f"local.lock_job(Path({str(tmp_path / 'jobs')!r}), 'busy'); print('held', flush=True); "
+            "import sys, time; from pathlib import Path; from imgclf import jobs; "
+            f"jobs.lock_job(Path({str(tmp_path / 'jobs')!r}), 'busy'); print('held', flush=True); "
             "time.sleep(60)",
         ],
         stdout=subprocess.PIPE,
@@ -96,5 +95,5 @@ def test_a_second_job_with_a_running_jobs_name_is_refused_at_once(tmp_path, tiny
         holder.kill()
         holder.wait()
     time.sleep(0.1)
-    job = local.prepare_job(tmp_path, "busy", data_dir=tiny_digits, hyperparameters={})
+    job = jobs.prepare_job(tmp_path, "busy", data_dir=tiny_digits, hyperparameters={})
     assert job.layout.base == tmp_path / "jobs" / "busy"

@@ -8,9 +8,9 @@ import threading
 import time
 from pathlib import Path
 
+from imgclf import jobs
 from imgclf.contract import NO_REPORT_ENV
 from imgclf.metrics import parse_metric_line
-from imgclf.targets import local
 from imgclf.tuning import local as tuner
 from imgclf.tuning.replay import replay
 from imgclf.tuning.space import load_space
@@ -47,8 +47,8 @@ def _cached_trial(home, data_dir, name, **hps):
         "patience": "0",
         **hps,
     }
-    job = local.prepare_job(home, name, data_dir=data_dir, hyperparameters=hps)
-    env = local.job_environment(job)
+    job = jobs.prepare_job(home, name, data_dir=data_dir, hyperparameters=hps)
+    env = jobs.job_environment(job)
     env[NO_REPORT_ENV] = "1"
     return job, env
 
@@ -64,7 +64,7 @@ def test_one_trial_worker_runs_trials_in_turn_through_failures_and_stops(tmp_pat
     worker = tuner.TrialWorker(good_env)
     try:
         assert worker.run(bad, bad_env, on_line=lambda line: None) == 2
-        assert "optimizer" in local.read_failure(bad) and "adamw, sgd" in local.read_failure(bad)
+        assert "optimizer" in jobs.read_failure(bad) and "adamw, sgd" in jobs.read_failure(bad)
 
         epochs = []
 
@@ -74,13 +74,13 @@ def test_one_trial_worker_runs_trials_in_turn_through_failures_and_stops(tmp_pat
                 worker.stop_trial()
 
         assert worker.run(stopped, stopped_env, on_line=stop_after_the_first_epoch) == 143
-        assert len(epochs) < 50 and "Stopped by SIGTERM" in local.read_failure(stopped)
+        assert len(epochs) < 50 and "Stopped by SIGTERM" in jobs.read_failure(stopped)
 
         lines = []
         assert worker.run(good, good_env, on_line=lines.append) == 0
         assert sum("#metrics epoch=" in line for line in lines) == 2
         assert (good.layout.model_dir / "model.pt").exists()
-        assert local.read_failure(good) is None
+        assert jobs.read_failure(good) is None
         pids = {
             re.search(r"trial worker (\d+): running", job.log_file.read_text()).group(1)
             for job in (bad, stopped, good)

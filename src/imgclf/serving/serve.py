@@ -67,10 +67,12 @@ from imgclf.contract import (
     SERVE_PORT_ENV,
     SERVE_RECOVER_ENV,
     SERVE_STARTUP_TIMEOUT_ENV,
+    SERVE_STATE_FILE_ENV,
     SERVE_TIMEOUT_ENV,
     SERVE_WORKERS_ENV,
 )
 from imgclf.serving import front
+from imgclf.util import write_json
 
 log = logging.getLogger("imgclf.serve")
 
@@ -544,7 +546,31 @@ class Supervisor:
         return 0
 
 
-async def _serve(settings: ServeSettings, environ: dict[str, str], workdir: Path) -> int:
+class StateFile:
+    """`serve`'s state for whoever started it (the launcher's `deploy` waits on it): JSON at
+    contract.SERVE_STATE_FILE_ENV, replaced atomically at each change; nothing when unset."""
+
+    def __init__(self, path: str | None) -> None:
+        self.path = Path(path) if path else None
+
+    def set(self, state: str, reason: str = "") -> None:
+        if self.path is None:
+            return
+        try:
+            write_json(self.path, {"state": state, "reason": reason, "pid": os.getpid()})
+        except OSError as exc:  # the launcher then times out and names the log
+            log.warning("cannot write the state file %s: %s", self.path, exc.strerror)
+
+    def failed(self, message: str, *args) -> int:
+        """Log the reason and record it: the exit code 1."""
+        log.error(message, *args)
+        self.set("failed", message % args)
+        return 1
+
+
+async def _serve(
+    settings: ServeSettings, environ: dict[str, str], workdir: Path, state: StateFile
+) -> int:
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -564,8 +590,9 @@ async def _serve(settings: ServeSettings, environ: dict[str, str], workdir: Path
         try:
             await gate.start(settings.bind_host, settings.port)
         except OSError as exc:
-            log.error("cannot listen on %s:%d: %s", settings.bind_host, settings.port, exc)
-            return 1
+            return state.failed(
+                "cannot listen on %s:%d: %s", settings.bind_host, settings.port, exc.strerror
+            )
         starting = asyncio.ensure_future(supervisor.start_mms(settings.startup_timeout_s))
         stop_wait = asyncio.ensure_future(stopping.wait())
         await asyncio.wait({starting, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
@@ -574,8 +601,7 @@ async def _serve(settings: ServeSettings, environ: dict[str, str], workdir: Path
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await starting
         elif starting.exception() is not None:
-            log.error("endpoint failed to start: %s", starting.exception())
-            return 1
+            return state.failed("endpoint failed to start: %s", starting.exception())
         if not stopping.is_set():
             log.info(
                 "endpoint ready on %s:%d (%d workers)",
@@ -583,7 +609,12 @@ async def _serve(settings: ServeSettings, environ: dict[str, str], workdir: Path
                 settings.port,
                 settings.workers,
             )
+            state.set("ready")
             code = await supervisor.watch(stopping)
+        if code:
+            state.set("failed", "multi-model-server kept failing; replace this endpoint")
+        else:
+            state.set("stopping")
         log.info("stopping: draining requests in flight (up to %.0f s)", settings.drain_s)
         drained = await gate.drain(settings.drain_s)
         log.info("answers by status: %s", dict(sorted(gate.counters.answered.items())))
@@ -607,23 +638,26 @@ def main(environ=None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         force=True,
     )
+    state = StateFile(environ.get(SERVE_STATE_FILE_ENV))
+    state.set("starting")
     try:
         settings = read_settings(environ)
     except ValueError as exc:
-        log.error("cannot serve: %s", exc)
-        return 1
+        return state.failed("cannot serve: %s", exc)
     try:
         preflight(settings.model_dir, cpu_runtime=settings.cpu_runtime)
     except Exception as exc:  # a broken artifact: say so in one line, open no port
-        log.error("cannot serve the model at %s: %s", settings.model_dir, exc)
-        return 1
+        return state.failed("cannot serve the model at %s: %s", settings.model_dir, exc)
     lead_own_group()
     raise_fd_limit()
     workdir = Path(tempfile.mkdtemp(prefix="imgclf-serve-"))
     try:
-        return asyncio.run(_serve(settings, environ, workdir))
+        code = asyncio.run(_serve(settings, environ, workdir, state))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+    if code == 0:
+        state.set("stopped")
+    return code
 
 
 if __name__ == "__main__":

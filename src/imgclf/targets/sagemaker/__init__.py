@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from imgclf.errors import UserError
+from imgclf.targets.base import EndpointInfo
 from imgclf.targets.sagemaker.aws import (
     AwsOptions,
     Clients,
@@ -286,23 +287,24 @@ def _undo(c: Clients, created: list[tuple[str, dict]]) -> None:
             print(f"could not clean up ({method} {kwargs}): {exc}", file=sys.stderr)
 
 
-def list_endpoints(c: Clients) -> list[list[str]]:
-    rows = []
+def list_endpoints(c: Clients) -> list[EndpointInfo]:
+    found = []
     now = datetime.now(UTC)
     with aws_errors():
         for page in c.sagemaker.get_paginator("list_endpoints").paginate():
             for e in page.get("Endpoints", []):
-                age = now - e["CreationTime"]
-                hours = age.total_seconds() / 3600
-                rows.append(
-                    [
+                age = (now - e["CreationTime"]).total_seconds()
+                found.append(
+                    EndpointInfo(
                         e["EndpointName"],
-                        e["EndpointStatus"],
-                        f"{hours:.1f} h" if hours >= 1 else f"{age.total_seconds() / 60:.0f} min",
-                        _endpoint_instances(c, e["EndpointName"]),
-                    ]
+                        state=e["EndpointStatus"],
+                        model="",
+                        runs_as=_endpoint_instances(c, e["EndpointName"]),
+                        age=f"{age / 3600:.1f} h" if age >= 3600 else f"{age / 60:.0f} min",
+                        bills=True,
+                    )
                 )
-    return rows
+    return found
 
 
 def _endpoint_instances(c: Clients, name: str) -> str:

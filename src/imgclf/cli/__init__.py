@@ -1,0 +1,261 @@
+"""launch.py's commands: `build_parser` turns the command line into a verb, `main` runs it.
+The verbs live in cli.data (datasets) and cli.commands (what runs on a target). Importing this
+package does not import torch: `--help` is instant."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from imgclf.cli import commands
+from imgclf.cli.data import cmd_data_check, cmd_data_prepare, cmd_data_sample
+from imgclf.config import describe
+from imgclf.errors import UserError
+
+# ---------------------------------------------------------------- parser
+
+
+TARGETS = ["local", "sagemaker"]
+
+
+def _add_target(parser, *, image: bool = False, resources: bool = False, wait: bool = False):
+    parser.add_argument(
+        "--target", choices=TARGETS, default="local", help="local (default) or sagemaker (boto3)"
+    )
+    aws = parser.add_argument_group("--target sagemaker")
+    aws.add_argument("--region", help="AWS region (default: AWS_REGION / the profile's)")
+    if image:
+        aws.add_argument("--role", help="SageMaker execution role ARN ($IMGCLF_SAGEMAKER_ROLE)")
+        aws.add_argument("--bucket", help="S3 bucket (default sagemaker-REGION-ACCOUNT)")
+        aws.add_argument(
+            "--image", help="image URI (default: the one build_and_push.sh last pushed)"
+        )
+    if resources:
+        aws.add_argument("--instance-type", help="e.g. ml.g5.xlarge (the default)")
+        aws.add_argument("--instance-count", type=int, default=1)
+    if wait:
+        aws.add_argument("--no-wait", action="store_true", help="return once it is created")
+
+
+def _data_parsers(sub) -> None:
+    data = sub.add_parser("data", help="sample datasets and dataset checks")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    sample = data_sub.add_parser("sample", help="write scikit-learn's digits as an ImageFolder")
+    sample.add_argument("dir")
+    sample.add_argument("--size", type=int, default=32, help="image side in pixels (32)")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--force", action="store_true", help="write into a non-empty folder")
+    sample.set_defaults(func=cmd_data_sample)
+    check = data_sub.add_parser("check", help="classes, counts, imbalance, unreadable images")
+    check.add_argument("dir", help="a folder holding train/ valid/ [test/]")
+    check.add_argument("--strict", action="store_true", help="exit 1 if any image is unreadable")
+    check.add_argument("--max-rows", type=int, default=40, help="print per-class rows up to this")
+    check.set_defaults(func=cmd_data_check)
+    prep = data_sub.add_parser(
+        "prepare", help="decode and resize every image once into a fast-loading copy"
+    )
+    prep.add_argument("dir", help="a folder holding train/ valid/ [test/]")
+    prep.add_argument("--size", type=int, default=256, help="short side in pixels (256)")
+    prep.add_argument(
+        "--out", help="where (default .imgclf/prepared/<name>-<size>-<format>-<hash>)"
+    )
+    prep.add_argument(
+        "--format",
+        choices=("raw", "jpeg"),
+        default="raw",
+        help="raw: RGB (binary PPM), nothing to decode when read (default); jpeg: quality 95, "
+        "~5x smaller, for uploading as a SageMaker channel",
+    )
+    prep.add_argument("--home", help="where imgclf keeps its files (default .imgclf)")
+    prep.set_defaults(func=cmd_data_prepare)
+
+
+def _train_parser(sub) -> None:
+    train = sub.add_parser(
+        "train",
+        help="run a training job",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="hyperparameters (--hp key=value):\n" + describe(),
+    )
+    train.add_argument("--data", required=True, help="folder with train/ valid/ [test/]")
+    train.add_argument(
+        "--hp", nargs="*", action="extend", metavar="KEY=VALUE", help="hyperparameters"
+    )
+    train.add_argument("--hp-from", help="JSON file of hyperparameters (e.g. a tuner's best.json)")
+    train.add_argument(
+        "--job-name", help="job name; an existing local job resumes from its checkpoint"
+    )
+    _add_target(train, image=True, resources=True, wait=True)
+    train.add_argument(
+        "--sagemaker-debugger",
+        action="store_true",
+        help="also send SageMaker Debugger's hook, built-in rules and profiler (accounts that "
+        "still have it)",
+    )
+    train.add_argument(
+        "--debug",
+        action="store_true",
+        help="record tensors with smdebug and run the debugging rules (verdicts in the log, "
+        "output/data/rules.json and the report)",
+    )
+    train.add_argument(
+        "--profile",
+        action="store_true",
+        help="torch.profiler window, data-wait vs compute per step, system usage",
+    )
+    train.add_argument(
+        "--prepare",
+        type=int,
+        nargs="?",
+        const=256,
+        metavar="SIZE",
+        help="train on a prepared copy of --data (short side SIZE, default 256; rebuilt only "
+        "where files changed)",
+    )
+    train.add_argument(
+        "--prepare-format",
+        choices=("raw", "jpeg"),
+        help="format of the prepared copy (default: raw locally, jpeg for --target sagemaker)",
+    )
+    train.add_argument(
+        "--features-cache",
+        action="store_true",
+        help="frozen backbone: embed the images once (kept in .imgclf/features), train only "
+        "the head on the embeddings (hyperparameter features_cache)",
+    )
+    train.add_argument("--spot", action="store_true", help="managed spot training (sagemaker)")
+    train.add_argument("--max-runtime-hours", type=float, default=24, help="sagemaker stop limit")
+    train.add_argument("--nproc", type=int, default=1, help="processes under torchrun (local)")
+    train.add_argument("--docker", metavar="IMAGE", help="run the training image under Docker")
+    train.add_argument("--home", help="where local jobs live (default .imgclf, or $IMGCLF_HOME)")
+    train.set_defaults(func=commands.cmd_train)
+
+
+def _tune_parser(sub) -> None:
+    tune = sub.add_parser("tune", help="hyperparameter tuning (local: Optuna, trials are jobs)")
+    tune.add_argument("--data", help="folder with train/ valid/ [test/]")
+    tune.add_argument("--space", help="tuning.yaml: search space and objective")
+    tune.add_argument("--max-trials", type=int, help="overrides max_trials of the space")
+    tune.add_argument("--parallel", type=int, help="overrides parallel_trials of the space")
+    tune.add_argument(
+        "--out", help="tuning dir (default .imgclf/tuning/tune-<time>); an existing one resumes"
+    )
+    tune.add_argument(
+        "--hp", nargs="*", action="extend", metavar="KEY=VALUE", help="fixed for every trial"
+    )
+    tune.add_argument("--storage", help="Optuna storage URL (default: SQLite in the tuning dir)")
+    tune.add_argument("--status", metavar="DIR", help="print the trial table of a tuning dir")
+    tune.add_argument(
+        "--features-cache",
+        action="store_true",
+        help="cheap trials: frozen backbone, head trained on features embedded once per "
+        "tuning job (hyperparameter features_cache)",
+    )
+    tune.add_argument(
+        "--refine",
+        type=int,
+        default=0,
+        metavar="K",
+        help="afterwards, run the K best trials as full fine-tunes; best.json names the best",
+    )
+    tune.add_argument("--home", help="where local jobs live (default .imgclf)")
+    tune.add_argument("--job-name", help="tuning job name (sagemaker, <= 32 characters)")
+    _add_target(tune, image=True, resources=True, wait=True)
+    tune.add_argument("--max-runtime-hours", type=float, default=24, help="per training job")
+    tune.set_defaults(func=commands.cmd_tune)
+
+
+def _deploy_parser(sub) -> None:
+    deploy = sub.add_parser("deploy", help="start an endpoint for a model (local: MMS process)")
+    deploy.add_argument(
+        "--model",
+        required=True,
+        help="a model dir or model.tar.gz (sagemaker also: s3://... or a training job name)",
+    )
+    deploy.add_argument("--name", default="local", help="endpoint name (local)")
+    deploy.add_argument("--port", type=int, default=8080, help="port on 127.0.0.1 (8080)")
+    deploy.add_argument("--workers", type=int, help="MMS workers (default: from the machine)")
+    deploy.add_argument(
+        "--response-format",
+        choices=("predictions", "vectors"),
+        help="default answer (local): top-k predictions (default), or vectors: "
+        "[[p0, ..., pN-1]] per image in label order, what the seed notebooks' clients read",
+    )
+    deploy.add_argument(
+        "--docker",
+        metavar="IMAGE",
+        help="run the serving image under Docker, as SageMaker runs it (local)",
+    )
+    _add_target(deploy, image=True, resources=True, wait=True)
+    deploy.add_argument(
+        "--serverless-mb", type=int, help="serverless endpoint with this memory (sagemaker)"
+    )
+    deploy.add_argument("--home", help="where local endpoints live (default .imgclf)")
+    deploy.set_defaults(func=commands.cmd_deploy)
+
+
+def _endpoint_parsers(sub) -> None:
+    endpoints = sub.add_parser("endpoints", help="list endpoints")
+    endpoints.add_argument("--home", help="where local endpoints live (default .imgclf)")
+    _add_target(endpoints)
+    endpoints.set_defaults(func=commands.cmd_endpoints)
+
+    delete = sub.add_parser("delete", help="stop an endpoint and remove it")
+    delete.add_argument("name")
+    delete.add_argument("--home", help="where local endpoints live (default .imgclf)")
+    _add_target(delete)
+    delete.set_defaults(func=commands.cmd_delete)
+
+    invoke = sub.add_parser("invoke", help="send images to an endpoint, print top-k labels")
+    invoke.add_argument("images", nargs="+", metavar="IMAGE")
+    invoke.add_argument("--endpoint", help="endpoint name (default: the one running)")
+    invoke.add_argument("--topk", type=int, default=3)
+    invoke.add_argument(
+        "--probabilities", action="store_true", help="also print every class's probability"
+    )
+    invoke.add_argument(
+        "--batch", action="store_true", help="all images in one JSON request (one forward pass)"
+    )
+    invoke.add_argument("--home", help="where local endpoints live (default .imgclf)")
+    _add_target(invoke)
+    invoke.set_defaults(func=commands.cmd_invoke)
+    debug = sub.add_parser("debug", help="run the debugging rules over a job's tensors")
+    debug.add_argument("job", help="a local job dir or name (sagemaker: a training job name)")
+    debug.add_argument("--home", help="where local jobs live (default .imgclf)")
+    _add_target(debug)
+    debug.set_defaults(func=commands.cmd_debug)
+
+    rep = sub.add_parser("report", help="write a job's report.html")
+    rep.add_argument("job", help="a local job dir or name (sagemaker: a training job name)")
+    rep.add_argument("--out", help="where to write it (default: the job's output/data/)")
+    rep.add_argument("--home", help="where local jobs live (default .imgclf)")
+    _add_target(rep)
+    rep.set_defaults(func=commands.cmd_report)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="launch.py",
+        description="Fine-tune torchvision classifiers through the SageMaker container "
+        "contract, locally (default) or on SageMaker.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    _data_parsers(sub)
+    _train_parser(sub)
+    _tune_parser(sub)
+    _deploy_parser(sub)
+    _endpoint_parsers(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,353 @@
+"""The launcher's target verbs: arguments → a request → `target.verb(request)` → printed lines.
+Which target runs them is decided once, in `open_target`; nothing here branches on it."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+
+from imgclf.cli.common import home, print_table
+from imgclf.cli.data import prepared_data
+from imgclf.config import parse_assignments, parse_hyperparameters
+from imgclf.contract import SAGEMAKER_ROLE_ENV
+from imgclf.errors import UserError
+from imgclf.targets.base import (
+    DeployRequest,
+    EndpointInfo,
+    JobResult,
+    Target,
+    TrainRequest,
+    TuneRequest,
+    TuningResult,
+)
+from imgclf.util import parse_bool
+
+CONTENT_TYPES = {
+    ".jpg": "image/jpeg",
+    ".jpeg": "image/jpeg",
+    ".png": "image/png",
+    ".webp": "image/webp",
+    ".bmp": "image/bmp",
+    ".gif": "image/gif",
+    ".tif": "image/tiff",
+    ".tiff": "image/tiff",
+}
+
+
+def open_target(args) -> Target:
+    """--target local (default) or sagemaker, with what the command line says about it."""
+    if getattr(args, "target", "local") != "sagemaker":
+        from imgclf.targets.local import LocalTarget
+
+        return LocalTarget(home(args))
+    from imgclf.targets.sagemaker import AwsOptions
+    from imgclf.targets.sagemaker.target import SageMakerTarget
+
+    return SageMakerTarget(
+        AwsOptions(
+            region=args.region,
+            role=getattr(args, "role", None) or os.environ.get(SAGEMAKER_ROLE_ENV),
+            bucket=getattr(args, "bucket", None),
+            instance_type=getattr(args, "instance_type", None),
+            instance_count=getattr(args, "instance_count", None) or 1,
+            image=getattr(args, "image", None),
+            wait=not getattr(args, "no_wait", False),
+            sagemaker_debugger=getattr(args, "sagemaker_debugger", False),
+            spot=getattr(args, "spot", False),
+            max_runtime_s=int(getattr(args, "max_runtime_hours", 24) * 3600),
+            poll_s=float(os.environ.get("IMGCLF_POLL_SECONDS", "30")),
+            home=home(args),
+        )
+    )
+
+
+def _on(target: Target) -> str:
+    """The `--target` words of a follow-up command line."""
+    return "" if target.name == "local" else f" --target {target.name}"
+
+
+# ---------------------------------------------------------------- train
+
+
+def _hyperparameters(args) -> dict[str, str]:
+    hps: dict[str, str] = {}
+    if args.hp_from:
+        hps.update(_read_hp_file(args.hp_from))
+    hps.update(parse_assignments(args.hp or []))
+    if args.profile:
+        hps["profile"] = "true"
+    if args.features_cache:
+        hps["features_cache"] = "true"
+    if args.debug:  # our hook and rules, the same way on every target
+        hps["debug"] = "true"
+    parse_hyperparameters(hps)  # fail here, before a job is laid out
+    return hps
+
+
+def _read_hp_file(path: str) -> dict[str, str]:
+    try:
+        loaded = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise UserError(
+            f"--hp-from {path} cannot be read ({exc.strerror or exc}); give the path "
+            "of a JSON file such as a tuning run's best.json"
+        ) from None
+    except ValueError as exc:
+        raise UserError(
+            f"--hp-from {path} is not valid JSON ({exc}); it must hold an object "
+            'such as {"lr": 0.001, "batch_size": 64}'
+        ) from None
+    loaded = loaded.get("hyperparameters", loaded) if isinstance(loaded, dict) else loaded
+    if not isinstance(loaded, dict):
+        raise UserError(f"--hp-from {path} must hold a JSON object of hyperparameters")
+    return {str(k).replace("-", "_"): str(v) for k, v in loaded.items()}
+
+
+def cmd_train(args) -> int:
+    hps = _hyperparameters(args)
+    target = open_target(args)
+    data = str(prepared_data(args))
+    if (
+        parse_bool(hps.get("features_cache", "false"))
+        and target.name == "local"
+        and not (args.docker or "features_dir" in hps)
+    ):
+        hps["features_dir"] = str((home(args) / "features").resolve())  # shared by local jobs
+    request = TrainRequest(data, hps, args.job_name, nproc=args.nproc, docker=args.docker)
+    result = target.train(request)
+    print_job(result, target)
+    return 0 if result.ok else result.code or 1
+
+
+def print_job(result: JobResult, target: Target) -> None:
+    if not result.ok:
+        print(f"\njob {result.name} failed ({result.failure})", file=sys.stderr)
+    elif result.waited and result.model and not result.details:
+        print(f"\njob {result.name} finished")
+    for line in result.details:
+        print(line)
+    if not result.ok or not result.waited:
+        return
+    for label, value in (
+        ("model", result.model if not result.details else None),
+        ("outputs", result.outputs),
+        ("report", result.report),
+        ("log", result.log),
+    ):
+        if value:
+            print(f"  {label + ':':<8} {value}")
+    m = result.metrics
+    if "test_acc" in m:
+        print(
+            f"  test accuracy {m['test_acc']:.2%}, top-5 {m['test_top5']:.2%} "
+            f"on {m['test_images']} images (best epoch {m['best_epoch']})"
+        )
+    model = result.model if target.name == "local" else result.name
+    print(f"  deploy: python launch.py deploy{_on(target)} --model {model} --name NAME")
+
+
+# ---------------------------------------------------------------- tune
+
+
+def cmd_tune(args) -> int:
+    from imgclf.tuning.space import load_space
+
+    if args.status:
+        from imgclf.targets.local import LocalTarget
+
+        status = LocalTarget(home(args)).tuning_status(Path(args.status), args.storage)
+        print_table(status.rows, status.header)
+        return 0
+    if not (args.data and args.space):
+        raise UserError("tune needs --data DIR and --space tuning.yaml (or --status DIR)")
+    fixed = parse_assignments(args.hp or [])
+    if args.features_cache:
+        fixed["features_cache"] = "true"
+    space = load_space(args.space, fixed=fixed)
+    if args.max_trials:
+        space = dataclasses.replace(space, max_trials=args.max_trials)
+    if args.parallel:
+        space = dataclasses.replace(space, parallel_trials=args.parallel)
+    target = open_target(args)
+    result = target.tune(
+        TuneRequest(
+            space,
+            args.data,
+            out=Path(args.out) if args.out else None,
+            storage=args.storage,
+            refine=args.refine,
+            job_name=args.job_name,
+        )
+    )
+    print_tuning(result, args.data, target)
+    return 0 if result.ok else 1
+
+
+def print_tuning(result: TuningResult, data: str, target: Target) -> None:
+    if result.rows:
+        print()
+        print_table(result.rows, result.header)
+    if not result.ok:
+        print(result.failure, file=sys.stderr)
+    if result.refined:
+        print(f"\nfull fine-tunes of the {len(result.refined)} best trials:")
+        for r in result.refined:
+            print(
+                f"  trial {r['trial']}: {r['cached_value']:.5f} on cached features, "
+                f"{r['value']:.5f} fine-tuned"
+            )
+    best = result.best
+    if best is None:
+        return
+    value = f"{best.value:.5f}" if isinstance(best.value, float) else str(best.value)
+    print(f"\nbest: trial {best.trial}, {best.metric} {value}")
+    print(f"  {best.file}")
+    print(f"  retrain: python launch.py train{_on(target)} --data {data} --hp-from {best.file}")
+
+
+# ---------------------------------------------------------------- endpoints
+
+
+def cmd_deploy(args) -> int:
+    target = open_target(args)
+    request = DeployRequest(
+        args.model,
+        args.name,
+        port=args.port,
+        workers=args.workers,
+        response_format=args.response_format,
+        docker=args.docker,
+        serverless_mb=args.serverless_mb,
+    )
+    e = target.deploy(request)
+    where = f"{e.url}/invocations" if e.url else e.state
+    print(f"endpoint {e.name} is {'up: ' if e.url else ''}{where} ({e.runs_as}; log: {e.log})")
+    if e.state not in ("Creating",):
+        print(f"  python launch.py invoke{_on(target)} --endpoint {e.name} IMAGE...")
+    if e.url:
+        print(f"  curl --data-binary @IMAGE -H 'Content-Type: image/jpeg' {e.url}/invocations")
+    if e.bills:
+        print(f"  it bills until deleted: python launch.py delete {e.name}{_on(target)}")
+    return 0
+
+
+def cmd_endpoints(args) -> int:
+    target = open_target(args)
+    found = target.endpoints()
+    if not found:
+        print(f"no {target.name} endpoints")
+        return 0
+    rows = [[e.name, str(e.port or ""), e.runs_as, e.state, e.age, e.model] for e in found]
+    print_table(rows, ["name", "port", "runs as", "state", "age", "model"])
+    if any(e.bills for e in found):
+        print("each InService endpoint bills per instance-hour until deleted")
+    return 0
+
+
+def cmd_delete(args) -> int:
+    for line in open_target(args).delete(args.name):
+        print(line)
+    return 0
+
+
+def cmd_invoke(args) -> int:
+    from imgclf.data import label_name
+
+    target = open_target(args)
+    endpoint = target.pick_endpoint(args.endpoint)
+    attributes = f"topk={args.topk}" + (",probabilities=true" if args.probabilities else "")
+
+    def show(path: Path, status: int, answer: dict) -> bool:
+        print(f"{path}  (folder: {label_name(path.parent.name)})")
+        if status != 200:
+            print(f"  error {status}: {answer.get('error')} ({answer.get('hint')})")
+            return False
+        rows = [[f"  {p['label']}", f"{p['probability']:.4f}"] for p in answer["predictions"]]
+        print_table(rows, ["  label", "probability"])
+        if args.probabilities:
+            print("  probabilities: " + json.dumps(answer["probabilities"]))
+        return True
+
+    paths = [Path(image) for image in args.images]
+    sent = _send_all(target, endpoint, paths, attributes, batch=args.batch)
+    if sent is None:
+        return 1
+    results = [show(p, status, answer) for p, (status, answer) in zip(paths, sent, strict=True)]
+    return 0 if all(results) else 1
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise UserError(f"cannot read {path}: {exc.strerror}") from None
+
+
+def _send_all(
+    target: Target, endpoint: EndpointInfo, paths: list[Path], attributes: str, *, batch: bool
+) -> list[tuple[int, dict]] | None:
+    """(status, answer) per image: one request each, or with `batch` one JSON request (one
+    forward pass) of {"instances": [base64 image, ...]}; None when that one request failed."""
+    if not batch:
+        return [
+            target.invoke(
+                endpoint,
+                _read(p),
+                content_type=CONTENT_TYPES.get(p.suffix.lower(), "application/octet-stream"),
+                custom_attributes=attributes,
+            )
+            for p in paths
+        ]
+    images = [base64.b64encode(_read(p)).decode("ascii") for p in paths]
+    status, answer = target.invoke(
+        endpoint,
+        json.dumps({"instances": images}).encode(),
+        content_type="application/json",
+        custom_attributes=attributes,
+    )
+    if status != 200:
+        print(f"error {status}: {answer.get('error')} ({answer.get('hint')})")
+        return None
+    return [(200, a) for a in answer]
+
+
+# ---------------------------------------------------------------- debug / report
+
+
+def cmd_debug(args) -> int:
+    from imgclf.debugging import rules
+    from imgclf.debugging.hook import find_tensor_dir
+
+    job = open_target(args).job_dir(args.job)
+    data = job / "output" / "data"
+    evaluation = _read_json(data / "evaluation.json")
+    config = _read_json(data / "config.json")
+    context = {
+        "pretrained": config.get("pretrained", False) and not config.get("weights_path"),
+        "train_counts": evaluation.get("train_counts"),
+        "labels": evaluation.get("labels"),
+        "per_class_accuracy": evaluation.get("per_class_accuracy"),
+    }
+    verdicts = rules.run_rules(find_tensor_dir(job) or job / "output" / "tensors", context)
+    for verdict in verdicts:
+        print(verdict.line())
+    data.mkdir(parents=True, exist_ok=True)
+    (data / rules.RULES_FILE).write_text(json.dumps(rules.verdicts_to_json(verdicts), indent=2))
+    return 1 if any(v.status == "fired" for v in verdicts) else 0
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text() or "{}") if path.exists() else {}
+
+
+def cmd_report(args) -> int:
+    from imgclf import report
+
+    job = open_target(args).job_dir(args.job)
+    path = report.write_report(job, Path(args.out) if args.out else None)
+    print(f"report: {path}")
+    return 0

@@ -1,0 +1,127 @@
+"""The Target protocol: the launcher's verbs, the same on every target, and the small results they
+return. `cli` parses arguments into the requests below, calls `target.verb(request)` and prints
+the result; it never asks which target it holds. Torch-free, and nothing here imports a target.
+
+A verb may print progress while it runs (an upload, a waiter's status lines); what it found out
+comes back as one of these dataclasses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True)
+class TrainRequest:
+    data: str  # a dataset folder, or s3://… on SageMaker
+    hyperparameters: dict[str, str]
+    job_name: str | None = None  # None: a new UTC-stamped name
+    nproc: int = 1  # processes under torchrun (local)
+    docker: str | None = None  # run this training image under Docker (local)
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """A training job: finished (ok or not), or created and not followed (`waited` False)."""
+
+    name: str
+    ok: bool
+    waited: bool = True
+    code: int = 0  # the exit status the launcher returns (nonzero when not ok)
+    failure: str | None = None
+    model: str | None = None  # the model dir, or the model.tar.gz's S3 URI
+    outputs: str | None = None
+    report: str | None = None
+    log: str | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)  # metrics.json's summary, if any
+    details: tuple[str, ...] = ()  # the target's own lines (instances, console, billable time)
+
+
+@dataclass(frozen=True)
+class TuneRequest:
+    space: Any  # imgclf.tuning.space.TuningSpace
+    data: str
+    out: Path | None = None  # the tuning dir (local; SageMaker: where best.json is written)
+    storage: str | None = None  # Optuna storage URL (local)
+    refine: int = 0  # full fine-tunes of the K best trials afterwards (local)
+    job_name: str | None = None
+
+
+@dataclass(frozen=True)
+class BestTrial:
+    trial: str
+    metric: str
+    value: float | None
+    file: Path  # best.json: `launch.py train --hp-from` reads it
+
+
+@dataclass(frozen=True)
+class TuningResult:
+    name: str  # the tuning dir (local) or the tuning job's name
+    ok: bool
+    waited: bool = True
+    header: tuple[str, ...] = ()
+    rows: tuple[tuple[str, ...], ...] = ()
+    best: BestTrial | None = None
+    failure: str | None = None
+    refined: tuple[dict, ...] = ()  # {trial, cached_value, value} per full fine-tune
+
+
+@dataclass(frozen=True)
+class DeployRequest:
+    model: str  # a model dir, a model.tar.gz, s3://… or a training job name (SageMaker)
+    name: str
+    port: int = 8080  # local
+    workers: int | None = None  # local
+    response_format: str | None = None  # local
+    docker: str | None = None  # run this serving image under Docker (local)
+    serverless_mb: int | None = None  # SageMaker
+
+
+@dataclass(frozen=True)
+class EndpointInfo:
+    """One endpoint as `deploy`, `endpoints` and `invoke` see it."""
+
+    name: str
+    state: str  # healthy, unhealthy (why), dead, orphaned; InService, Creating…
+    model: str
+    runs_as: str  # "pid=123", "container=imgclf-endpoint-x", "1 x ml.m5.xlarge"
+    url: str | None = None  # where /invocations is (local)
+    log: str | None = None  # where its log is read
+    port: int | None = None
+    age: str = ""
+    bills: bool = False  # billed per instance-hour until deleted
+
+
+class Target(Protocol):
+    """What `launch.py VERB --target NAME` runs."""
+
+    name: str
+
+    def train(self, request: TrainRequest) -> JobResult: ...
+
+    def tune(self, request: TuneRequest) -> TuningResult: ...
+
+    def deploy(self, request: DeployRequest) -> EndpointInfo: ...
+
+    def endpoints(self) -> list[EndpointInfo]: ...
+
+    def delete(self, name: str) -> list[str]:
+        """Stop and remove an endpoint: one line per thing removed."""
+        ...
+
+    def pick_endpoint(self, name: str | None) -> EndpointInfo:
+        """The endpoint `invoke` talks to (None: the only one there is, where that is known)."""
+        ...
+
+    def invoke(
+        self, endpoint: EndpointInfo, body: bytes, *, content_type: str, custom_attributes: str
+    ) -> tuple[int, Any]:
+        """POST /invocations: (status, the answer's JSON), a model's 4xx included."""
+        ...
+
+    def job_dir(self, job: str) -> Path:
+        """A job's directory (model/, output/data/) for `debug` and `report`."""
+        ...

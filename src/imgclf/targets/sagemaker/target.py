@@ -1,0 +1,155 @@
+"""SageMakerTarget: the Target protocol over this package's verbs (boto3 clients made once)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from imgclf.errors import UserError
+from imgclf.targets import sagemaker as sm
+from imgclf.targets.base import (
+    BestTrial,
+    DeployRequest,
+    EndpointInfo,
+    JobResult,
+    TrainRequest,
+    TuneRequest,
+    TuningResult,
+)
+from imgclf.util import new_job_name, write_json
+
+CONSOLE = "https://console.aws.amazon.com/sagemaker/home#/jobs/"
+TRIAL_HEADER = ("training job", "status")  # then the metric, then the hyperparameters
+
+
+class SageMakerTarget:
+    name = "sagemaker"
+
+    def __init__(self, options: sm.AwsOptions) -> None:
+        self.options = options
+        self.c = sm.clients(options)
+
+    def train(self, request: TrainRequest) -> JobResult:
+        if request.docker:
+            raise UserError("--docker runs the image locally; drop --target sagemaker or --docker")
+        name = request.job_name or new_job_name()
+        sent = sm.start_training(
+            self.c,
+            self.options,
+            data=request.data,
+            hyperparameters=request.hyperparameters,
+            job_name=name,
+        )
+        resources = sent["ResourceConfig"]
+        details = (
+            f"training job {name} created: {resources['InstanceCount']} x "
+            f"{resources['InstanceType']}, image {sent['AlgorithmSpecification']['TrainingImage']}",
+            f"  console: {CONSOLE}{name}",
+        )
+        if not self.options.wait:
+            follow = f"  follow: aws sagemaker describe-training-job --training-job-name {name}"
+            return JobResult(name, ok=True, waited=False, details=(*details, follow))
+        for line in details:
+            print(line, flush=True)
+        desc = sm.wait_for_training(self.c, name, poll_s=self.options.poll_s)
+        ok = desc["TrainingJobStatus"] == "Completed"
+        return JobResult(
+            name,
+            ok=ok,
+            code=0 if ok else 1,
+            failure=None if ok else desc.get("FailureReason") or desc["TrainingJobStatus"],
+            model=desc.get("ModelArtifacts", {}).get("S3ModelArtifacts"),
+            details=tuple(sm.training_summary(desc)),
+        )
+
+    def job_dir(self, job: str) -> Path:
+        return sm.download_job_output(self.c, job, self.options.home / "sagemaker" / job)
+
+    def tune(self, request: TuneRequest) -> TuningResult:
+        if request.refine:
+            raise UserError(
+                "--refine runs on the local target only; on SageMaker, tune with "
+                "--features-cache, then train the best trials with --hp-from"
+            )
+        space = request.space
+        name = request.job_name or new_job_name("tune")[:32]
+        sm.start_tuning(self.c, self.options, space, data=request.data, job_name=name)
+        print(
+            f"tuning job {name} created: {space.max_trials} trials, {space.parallel_trials} at "
+            f"once, {space.strategy}, {space.direction} {space.metric}",
+            flush=True,
+        )
+        if not self.options.wait:
+            return TuningResult(name, ok=True, waited=False)
+        desc = sm.wait_for_tuning(self.c, name, poll_s=self.options.poll_s)
+        table = {
+            "header": (*TRIAL_HEADER, space.metric, "hyperparameters"),
+            "rows": tuple(tuple(r) for r in sm.tuning_trials(self.c, name)),
+        }
+        status = desc["HyperParameterTuningJobStatus"]
+        if status != "Completed":
+            why = f"tuning job {name} {status}: {desc.get('FailureReason') or ''}"
+            return TuningResult(name, ok=False, failure=why, **table)
+        best = sm.best_from_tuning(desc)
+        out = request.out or self.options.home / "tuning" / name
+        write_json(out / "best.json", best)
+        trial = BestTrial(
+            best["trial"],
+            best["objective"]["metric"],
+            best["objective"]["value"],
+            out / "best.json",
+        )
+        return TuningResult(name, ok=True, best=trial, **table)
+
+    def deploy(self, request: DeployRequest) -> EndpointInfo:
+        if request.docker:
+            raise UserError("--docker runs the image locally; drop --target sagemaker or --docker")
+        made = sm.deploy(
+            self.c,
+            self.options,
+            model=request.model,
+            name=request.name,
+            serverless_memory_mb=request.serverless_mb,
+        )
+        print(
+            f"endpoint {request.name} creating: model {made['model']} from {made['model_data']}",
+            flush=True,
+        )
+        state = "Creating"
+        if self.options.wait:
+            state = sm.wait_for_endpoint(self.c, request.name, poll_s=self.options.poll_s)[
+                "EndpointStatus"
+            ]
+        return EndpointInfo(
+            request.name,
+            state=state,
+            model=made["model_data"],
+            runs_as=made["model"],
+            log=f"CloudWatch /aws/sagemaker/Endpoints/{request.name}",
+            bills=True,
+        )
+
+    def endpoints(self) -> list[EndpointInfo]:
+        return sm.list_endpoints(self.c)
+
+    def delete(self, name: str) -> list[str]:
+        return [f"deleted {item}" for item in sm.delete_endpoint(self.c, name)]
+
+    def pick_endpoint(self, name: str | None) -> EndpointInfo:
+        if not name:
+            raise UserError(
+                "name the endpoint with --endpoint (launch.py endpoints --target "
+                "sagemaker lists them)"
+            )
+        return EndpointInfo(name, state="", model="", runs_as="", bills=True)
+
+    def invoke(
+        self, endpoint: EndpointInfo, body: bytes, *, content_type: str, custom_attributes: str
+    ) -> tuple[int, Any]:
+        return sm.invoke(
+            self.c,
+            endpoint.name,
+            body,
+            content_type=content_type,
+            custom_attributes=custom_attributes,
+        )
