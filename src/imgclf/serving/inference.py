@@ -25,6 +25,7 @@ from PIL import Image
 from imgclf import artifacts, data, models
 from imgclf.errors import UserError
 from imgclf.serving import runtime
+from imgclf.util import parse_bool
 
 log = logging.getLogger("imgclf.serving")
 
@@ -393,7 +394,9 @@ def parse_options(
                 )
             topk = int(value)
         elif key == "probabilities":
-            full = value in ("true", "1", "yes", "all")
+            # "all" is this header's own word for every class; an unknown value means false
+            # here (no 400), as it always has.
+            full = value == "all" or parse_bool(value) is True
         elif key == "format":
             chosen = _format(value)
     fmt = chosen or accept_format or default_format
