@@ -14,7 +14,6 @@ import http
 import io
 import json
 import logging
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ from PIL import Image
 from imgclf import artifacts, data, models
 from imgclf.errors import UserError
 from imgclf.serving import runtime
-from imgclf.util import parse_bool
+from imgclf.util import cpu_count, parse_bool
 
 log = logging.getLogger("imgclf.serving")
 
@@ -441,8 +440,4 @@ def output_fn(
 
 def torch_threads(workers: int) -> int:
     """Split the CPUs between MMS workers so they do not oversubscribe the cores."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cpus = os.cpu_count() or 1
-    return max(1, cpus // max(1, workers))
+    return max(1, cpu_count() // max(1, workers))
