@@ -1,16 +1,44 @@
 """HTTP clients for the serving tests (integration, docker, contract): urllib's POST, GET and
 /ping, raw exact bytes on the wire (odd headers, partial bodies, HTTP/2 prefaces) and a
-closed-loop load generator. Loopback only."""
+closed-loop load generator; `deploy` for a local endpoint. Loopback only."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 import time
 import urllib.error
 import urllib.request
 from collections import Counter
+from pathlib import Path
+
+from imgclf.serving.serve import free_port
+from tests.conftest import run_launch
+
+
+def deploy(home: Path, model_dir: Path, name: str, *args: str, port=None, env=None) -> dict:
+    """`launch.py deploy` with one worker (plus `args`), asserted to succeed: url, port, the
+    serve pid (its process group) and name. `env` is added to os.environ."""
+    port = port or free_port()
+    proc = run_launch(
+        "deploy",
+        "--model",
+        str(model_dir),
+        "--name",
+        name,
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        *args,
+        home=home,
+        env={**os.environ, **(env or {})},
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    record = json.loads((home / "endpoints" / name / "endpoint.json").read_text())
+    return {"url": f"http://127.0.0.1:{port}", "port": port, "pid": record["pid"], "name": name}
 
 
 def _exchange(request, timeout) -> tuple[int, bytes]:

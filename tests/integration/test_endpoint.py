@@ -21,12 +21,7 @@ from PIL import Image
 from imgclf.serving import inference
 from imgclf.serving.serve import free_port
 from tests.conftest import FAST_HPS, hp_args, run_launch
-from tests.integration.serving_client import ping_status, post
-
-
-@pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    return tmp_path_factory.mktemp("home")
+from tests.integration.serving_client import deploy, ping_status, post
 
 
 @pytest.fixture(scope="module")
@@ -46,21 +41,7 @@ def model_dir(home, tiny_digits):
 
 @pytest.fixture(scope="module")
 def endpoint(home, model_dir):
-    port = free_port()
-    proc = run_launch(
-        "deploy",
-        "--model",
-        str(model_dir),
-        "--name",
-        "ep",
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-        home=home,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    yield f"http://127.0.0.1:{port}"
+    yield deploy(home, model_dir, "ep")["url"]
     stop = run_launch("delete", "ep", home=home)
     assert stop.returncode == 0, stop.stderr
     assert "stopped" in stop.stdout
