@@ -24,6 +24,7 @@ from imgclf.contract import (
     Layout,
     write_failure,
 )
+from imgclf.util import parse_bool
 
 PROGRAM_DIR = Path(__file__).parent / "_program"
 PROGRAM_ARG = "--hyperparameters-from-config"
@@ -52,15 +53,11 @@ def _forward_sigterm() -> None:
     signal.signal(signal.SIGTERM, forward)
 
 
-def _enabled(value) -> bool:
-    return str(value).strip().strip('"').lower() in ("true", "1")
-
-
 def main() -> None:
     from sagemaker_training import entry_point, environment, runner
 
     env = environment.Environment()
-    distributed = _enabled(env.additional_framework_parameters.get(TORCH_DISTRIBUTED_KEY, False))
+    distributed = parse_bool(env.additional_framework_parameters.get(TORCH_DISTRIBUTED_KEY)) is True
     runner_type = runner.TorchDistributedRunnerType if distributed else runner.ProcessRunnerType
     _forward_sigterm()
     # The program ships in the package; the code dir SageMaker would fill from

@@ -175,7 +175,7 @@ def scan_split(
     `verdicts` ("relative path|size|mtime" -> problem or None) holds what earlier scans found:
     files it knows are not decoded again, and it is updated in place."""
     classes, files, ignored = list_split(name, root)
-    threads = threads or min(16, 2 * (os.cpu_count() or 1))
+    threads = threads or min(16, 2 * cpu_count())
     known = verdicts if verdicts is not None else {}
     keys = [_verdict_key(root, path) for path, _ in files]
     todo = [(path, key) for (path, _), key in zip(files, keys) if key not in known]

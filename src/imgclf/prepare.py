@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ from PIL import Image
 from imgclf.contract import resolve_splits
 from imgclf.data import list_split, try_open_image
 from imgclf.errors import DataError
-from imgclf.util import atomic_write, write_json
+from imgclf.util import atomic_write, cpu_count, write_json
 
 MANIFEST = "prepared.json"
 FORMAT_VERSION = 1
@@ -131,7 +130,7 @@ def prepare_dataset(
             else:
                 todo.append((rel, path, target))
                 files[rel] = [*key, None]
-    threads = threads or min(16, 2 * (os.cpu_count() or 1))
+    threads = threads or min(16, 2 * cpu_count())
     with ThreadPoolExecutor(max_workers=threads) as pool:
         problems = list(pool.map(lambda item: _build(item[1], item[2], short_side, fmt), todo))
     skipped = []

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,7 @@ from imgclf import artifacts, models
 from imgclf.contract import TRAIN_IMAGE_ENV
 from imgclf.serving.serve import free_port
 from tests.conftest import ROOT, dockerfile_runtime
+from tests.integration.serving_client import ping_status, post
 
 BIN = Path(sys.executable).parent
 
@@ -174,12 +174,8 @@ def test_the_serve_entry_answers_ping_and_invocations_then_stops_on_sigterm(tmp_
     try:
         deadline = time.monotonic() + 180
         while True:
-            try:
-                with urllib.request.urlopen(url + "/ping", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
+            if ping_status(url) == 200:
+                break
             assert proc.poll() is None, proc.stdout.read()
             assert time.monotonic() < deadline, "no /ping within 180 s"
             time.sleep(0.5)
@@ -189,12 +185,8 @@ def test_the_serve_entry_answers_ping_and_invocations_then_stops_on_sigterm(tmp_
 
         buf = io.BytesIO()
         Image.new("RGB", (50, 40), (200, 30, 30)).save(buf, format="PNG")
-        request = urllib.request.Request(
-            url + "/invocations", data=buf.getvalue(), headers={"Content-Type": "image/png"}
-        )
-        with urllib.request.urlopen(request, timeout=60) as response:
-            assert response.status == 200
-            assert b'"predictions"' in response.read()
+        status, raw = post(url, buf.getvalue(), "image/png")
+        assert status == 200 and b'"predictions"' in raw, raw[:500]
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         output, _ = proc.communicate(timeout=60)

@@ -12,8 +12,6 @@ import os
 import shutil
 import subprocess
 import time
-import urllib.error
-import urllib.request
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import FAST_HPS, ROOT, make_sagemaker_job
+from tests.integration.serving_client import post
 
 ENGINE_DIR = Path(os.environ.get("IMGCLF_ENGINE_DIR", "/var/lib/imgclf-docker"))
 NO_ENGINE = (
@@ -205,26 +204,9 @@ def trained_job(engine, images, tiny_digits, tmp_path_factory) -> Path:
 # ---------------------------------------------------------------- HTTP helpers
 
 
-def http(url: str, body: bytes | None = None, headers: dict | None = None, timeout=60.0):
-    """(status, body) of a GET (no body) or POST; (0, b"") when nothing answers."""
-    request = urllib.request.Request(url, data=body, headers=headers or {})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
-    except OSError:
-        return 0, b""
-
-
 def predict(url: str, body: bytes, content_type: str = "image/png") -> dict:
-    status, raw = http(
-        url + "/invocations",
-        body,
-        {
-            "Content-Type": content_type,
-            "X-Amzn-SageMaker-Custom-Attributes": "probabilities=true",
-        },
+    status, raw = post(
+        url, body, content_type, {"X-Amzn-SageMaker-Custom-Attributes": "probabilities=true"}
     )
     assert status == 200, raw[:500]
     return json.loads(raw)

@@ -15,7 +15,7 @@ import pytest
 
 from imgclf.serving.serve import free_port
 from tests.conftest import ROOT
-from tests.docker.conftest import http
+from tests.integration.serving_client import http
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(2400)]
 

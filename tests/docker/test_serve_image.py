@@ -22,7 +22,8 @@ from PIL import Image
 
 from imgclf.serving.serve import free_port
 from tests.conftest import run_launch
-from tests.docker.conftest import NOTES, http, predict
+from tests.docker.conftest import NOTES, predict
+from tests.integration.serving_client import http, ping_status
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(2400)]
 
@@ -74,7 +75,7 @@ def served(engine, images, unpacked_model):
     name, url = start_serving(engine, images.serve, unpacked_model)
     try:
         deadline = time.monotonic() + 300
-        while http(url + "/ping", timeout=2)[0] != 200:
+        while ping_status(url) != 200:
             logs = engine.docker("logs", name, check=False)
             assert running(engine, name), logs.stdout[-3000:] + logs.stderr[-3000:]
             assert time.monotonic() < deadline, "no /ping 200 within 300 s"
@@ -149,7 +150,7 @@ def test_bad_input_gets_the_local_endpoints_4xx_and_the_container_stays_healthy(
         expected, _ = http(local_endpoint + "/invocations", body, sent)
         assert 400 <= status < 500 and status == expected, (name, status, expected, raw[:300])
         assert b"Traceback" not in raw and b"/site-packages/" not in raw, name
-        assert http(url + "/ping", timeout=2)[0] == 200, name
+        assert ping_status(url) == 200, name
 
 
 def test_a_broken_model_exits_non_zero_with_the_reason_and_never_pings(
@@ -162,7 +163,7 @@ def test_a_broken_model_exits_non_zero_with_the_reason_and_never_pings(
     try:
         deadline = time.monotonic() + 300
         while running(engine, name):
-            assert http(url + "/ping", timeout=2)[0] != 200
+            assert ping_status(url) != 200
             assert time.monotonic() < deadline, "the container is still running after 300 s"
             time.sleep(0.2)
         code = engine.docker("inspect", "--format", "{{.State.ExitCode}}", name).stdout.strip()

@@ -1,24 +1,47 @@
-"""Raw HTTP clients for the serving tests: exact bytes on the wire (odd headers, partial
-bodies, HTTP/2 prefaces) and a closed-loop load generator. Loopback only."""
+"""HTTP clients for the serving tests (integration, docker, contract): urllib's POST, GET and
+/ping, raw exact bytes on the wire (odd headers, partial bodies, HTTP/2 prefaces) and a
+closed-loop load generator; `deploy` for a local endpoint. Loopback only."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 import time
 import urllib.error
 import urllib.request
 from collections import Counter
+from pathlib import Path
+
+from imgclf.serving.serve import free_port
+from tests.conftest import run_launch
 
 
-def post(url, body, content_type, headers=None, timeout=60):
-    request = urllib.request.Request(
-        f"{url}/invocations",
-        data=body,
-        method="POST",
-        headers={"Content-Type": content_type, **(headers or {})},
+def deploy(home: Path, model_dir: Path, name: str, *args: str, port=None, env=None) -> dict:
+    """`launch.py deploy` with one worker (plus `args`), asserted to succeed: url, port, the
+    serve pid (its process group) and name. `env` is added to os.environ."""
+    port = port or free_port()
+    proc = run_launch(
+        "deploy",
+        "--model",
+        str(model_dir),
+        "--name",
+        name,
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        *args,
+        home=home,
+        env={**os.environ, **(env or {})},
     )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    record = json.loads((home / "endpoints" / name / "endpoint.json").read_text())
+    return {"url": f"http://127.0.0.1:{port}", "port": port, "pid": record["pid"], "name": name}
+
+
+def _exchange(request, timeout) -> tuple[int, bytes]:
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.status, response.read()
@@ -26,15 +49,28 @@ def post(url, body, content_type, headers=None, timeout=60):
         return exc.code, exc.read()
 
 
+def post(url, body, content_type, headers=None, timeout=60) -> tuple[int, bytes]:
+    """(status, body) of a POST to `url`/invocations; raises OSError when nothing answers."""
+    request = urllib.request.Request(
+        f"{url}/invocations",
+        data=body,
+        method="POST",
+        headers={"Content-Type": content_type, **(headers or {})},
+    )
+    return _exchange(request, timeout)
+
+
+def http(url: str, body: bytes | None = None, headers: dict | None = None, timeout=60.0):
+    """(status, body) of a GET (no body) or POST; (0, b"") when nothing answers."""
+    try:
+        return _exchange(urllib.request.Request(url, data=body, headers=headers or {}), timeout)
+    except OSError:
+        return 0, b""
+
+
 def ping_status(url, timeout=2.0) -> int:
     """/ping's status code; 0 when nothing answers."""
-    try:
-        with urllib.request.urlopen(f"{url}/ping", timeout=timeout) as response:
-            return response.status
-    except urllib.error.HTTPError as exc:
-        return exc.code
-    except OSError:
-        return 0
+    return http(f"{url}/ping", timeout=timeout)[0]
 
 
 def raw_exchange(port: int, data: bytes, *, timeout: float = 30.0, read_limit=1 << 20):

@@ -4,7 +4,6 @@ and our handler), one test per failure of issue 15. Loopback only, bounded in co
 import base64
 import io
 import json
-import os
 import socket
 import threading
 import time
@@ -20,9 +19,10 @@ from PIL import Image
 
 from imgclf import artifacts, models
 from imgclf.serving import inference
-from imgclf.serving.serve import free_port, group_members
+from imgclf.serving.serve import group_members
 from tests.conftest import run_launch
 from tests.integration.serving_client import (
+    deploy,
     load,
     ping_status,
     post,
@@ -56,11 +56,6 @@ def make_model(path: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    return tmp_path_factory.mktemp("home")
-
-
-@pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     return make_model(tmp_path_factory.mktemp("ml") / "model")
 
@@ -68,28 +63,11 @@ def model_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def endpoint(home, model_dir):
     """Deployed as a seed user would: answers default to the vectors format."""
-    port = free_port()
-    proc = run_launch(
-        "deploy",
-        "--model",
-        str(model_dir),
-        "--name",
-        "faults",
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-        "--response-format",
-        "vectors",
-        home=home,
-        env={**os.environ, **LIMITS_ENV},
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    record = json.loads((home / "endpoints" / "faults" / "endpoint.json").read_text())
-    yield {"url": f"http://127.0.0.1:{port}", "port": port, "pid": record["pid"]}
+    ep = deploy(home, model_dir, "faults", "--response-format", "vectors", env=LIMITS_ENV)
+    yield ep
     stop = run_launch("delete", "faults", home=home)
     assert stop.returncode == 0 and "stopped" in stop.stdout, stop.stdout + stop.stderr
-    assert not running(record["pid"])
+    assert not running(ep["pid"])
 
 
 def running(pgid: int) -> list[int]:

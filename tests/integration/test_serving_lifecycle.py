@@ -11,42 +11,17 @@ from pathlib import Path
 
 import pytest
 
-from imgclf.serving.serve import free_port, group_members
+from imgclf.serving.serve import group_members
 from tests.conftest import run_launch
-from tests.integration.serving_client import ping_status, post, read_response
+from tests.integration.serving_client import deploy, ping_status, post, read_response
 from tests.integration.test_serving_faults import make_model, png, running
 
 RECOVERY_LIMIT_S = 240  # a bound on recovery, not a timing assertion: generous for 2 slow cores
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    return tmp_path_factory.mktemp("home")
-
-
-@pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     return make_model(tmp_path_factory.mktemp("ml") / "model")
-
-
-def deploy(home, model_dir, name, port=None, env=None):
-    port = port or free_port()
-    proc = run_launch(
-        "deploy",
-        "--model",
-        str(model_dir),
-        "--name",
-        name,
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-        home=home,
-        env={**os.environ, **(env or {})},
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    record = json.loads((home / "endpoints" / name / "endpoint.json").read_text())
-    return {"url": f"http://127.0.0.1:{port}", "port": port, "pid": record["pid"], "name": name}
 
 
 @pytest.fixture(scope="module")

@@ -134,6 +134,27 @@ def test_accept_and_custom_attributes():
         inference.parse_options("topk=zero", 4)
 
 
+@pytest.mark.parametrize(
+    ("value", "full"),
+    [
+        ("true", True),
+        ("TRUE", True),
+        ("1", True),
+        ("yes", True),
+        ("on", True),
+        ("all", True),  # this header's own word for every class
+        (" All ", True),
+        ("false", False),
+        ("0", False),
+        ("no", False),
+        ("", False),
+        ("maybe", False),  # unknown: false, not a 400
+    ],
+)
+def test_probabilities_attribute_values(value, full):
+    assert inference.parse_options(f"probabilities={value}", 4).probabilities is full
+
+
 def test_broken_artifacts_fail_with_the_file_named(tmp_path, model_dir):
     import shutil
 

@@ -14,7 +14,6 @@ import http
 import io
 import json
 import logging
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from PIL import Image
 from imgclf import artifacts, data, models
 from imgclf.errors import UserError
 from imgclf.serving import runtime
+from imgclf.util import cpu_count, parse_bool
 
 log = logging.getLogger("imgclf.serving")
 
@@ -393,7 +393,9 @@ def parse_options(
                 )
             topk = int(value)
         elif key == "probabilities":
-            full = value in ("true", "1", "yes", "all")
+            # "all" is this header's own word for every class; an unknown value means false
+            # here (no 400), as it always has.
+            full = value == "all" or parse_bool(value) is True
         elif key == "format":
             chosen = _format(value)
     fmt = chosen or accept_format or default_format
@@ -438,8 +440,4 @@ def output_fn(
 
 def torch_threads(workers: int) -> int:
     """Split the CPUs between MMS workers so they do not oversubscribe the cores."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cpus = os.cpu_count() or 1
-    return max(1, cpus // max(1, workers))
+    return max(1, cpu_count() // max(1, workers))

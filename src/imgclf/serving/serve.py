@@ -72,7 +72,7 @@ from imgclf.contract import (
     SERVE_WORKERS_ENV,
 )
 from imgclf.serving import front
-from imgclf.util import write_json
+from imgclf.util import cpu_count, write_json
 
 log = logging.getLogger("imgclf.serve")
 
@@ -116,14 +116,7 @@ def default_workers() -> int:
             return torch.cuda.device_count()
     except ImportError:
         pass
-    return max(1, _cpus() // 4)
-
-
-def _cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
+    return max(1, cpu_count() // 4)
 
 
 def _number(environ, name: str, default: str, kind=int):

@@ -39,6 +39,7 @@ from imgclf.tuning.space import (
     sampler_and_pruner,
     trial_hyperparameters,
 )
+from imgclf.util import cpu_count
 
 STUDY_NAME = "imgclf"
 LOCK_FILE = "tuner.pid"
@@ -388,7 +389,7 @@ def run_tuning(
         env = jobs.job_environment(job)
         # Trials share the CPUs: without a thread budget each one's OpenMP threads spin against
         # the others' and a CPU trial runs ~20x slower (seen: 8 vs 160 images/s on 2 cores).
-        threads = str(max(1, (os.cpu_count() or 1) // parallel))
+        threads = str(max(1, cpu_count() // parallel))
         env.update({"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads})
         # ~1.3 s a trial (matplotlib and the plots): only the best trial's report is written.
         env[NO_REPORT_ENV] = "1"
