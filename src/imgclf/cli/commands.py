@@ -241,8 +241,10 @@ def cmd_endpoints(args) -> int:
     if not found:
         print(f"no {target.name} endpoints")
         return 0
+    header = ["name", "port", "runs as", "state", "age", "model"]
     rows = [[e.name, str(e.port or ""), e.runs_as, e.state, e.age, e.model] for e in found]
-    print_table(rows, ["name", "port", "runs as", "state", "age", "model"])
+    kept = [i for i in range(len(header)) if any(row[i] for row in rows)]  # none empty
+    print_table([[row[i] for i in kept] for row in rows], [header[i] for i in kept])
     if any(e.bills for e in found):
         print("each InService endpoint bills per instance-hour until deleted")
     return 0
