@@ -201,18 +201,28 @@ th{background:#f3f3f3}.fired td:nth-child(2){font-weight:bold}.note{color:#666}
 
 
 def build_report(job_dir: Path) -> str:
-    from imgclf.debugging.hook import find_tensor_dir
-    from imgclf.debugging.profiling import PROFILER_DIR, bottleneck_sentence
-
     data_dir = job_dir / "output" / "data"
     history = _load(data_dir / "history.json", [])
     metrics = _load(job_dir / "model" / "metrics.json", {})
     evaluation = _load(data_dir / "evaluation.json", {})
-    config = _load(data_dir / "config.json", {})
-    verdicts = _load(data_dir / "rules.json")
-    debug = _load(data_dir / "debug.json")
     labels = evaluation.get("labels") or list((metrics.get("per_class_accuracy") or {}).keys())
-    parts = [f"<h1>Training report: {html.escape(job_dir.name)}</h1>"]
+    parts = [
+        f"<h1>Training report: {html.escape(job_dir.name)}</h1>",
+        _summary_section(metrics, _load(data_dir / "config.json", {}), history),
+        *_curves_section(job_dir, history, _load(data_dir / "debug.json")),
+        *_class_sections(metrics, labels),
+        _rules_section(_load(data_dir / "rules.json")),
+        *_time_section(history, evaluation.get("device", "cpu")),
+        *_profile_sections(data_dir),
+    ]
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'>"
+        f"<title>imgclf report {html.escape(job_dir.name)}</title><style>{CSS}</style></head>"
+        f"<body>{''.join(parts)}</body></html>"
+    )
+
+
+def _summary_section(metrics: dict, config: dict, history: list) -> str:
     summary = [
         ["architecture", config.get("arch", "?")],
         ["epochs run", metrics.get("epochs_run", len(history))],
@@ -221,8 +231,14 @@ def build_report(job_dir: Path) -> str:
     for key in ("valid_loss", "valid_acc", "test_loss", "test_acc", "test_top5"):
         if isinstance(metrics.get(key), float):
             summary.append([key, f"{metrics[key]:.4f}"])
-    parts.append(f"<section id='summary'><h2>Summary</h2>{_table(['', ''], summary)}</section>")
+    return f"<section id='summary'><h2>Summary</h2>{_table(['', ''], summary)}</section>"
 
+
+def _curves_section(job_dir: Path, history: list, debug: dict | None) -> list[str]:
+    from imgclf.debugging.hook import find_tensor_dir
+
+    if not history:
+        return []
     tensor_dir = find_tensor_dir(job_dir)
     losses = step_losses(tensor_dir) if tensor_dir is not None else {}
     note = ""
@@ -230,12 +246,15 @@ def build_report(job_dir: Path) -> str:
         note = "No smdebug tensors: the job ran without --debug; curves are per epoch."
     elif not debug.get("tensors"):
         note = f"The smdebug tensors are missing: {debug.get('reason', 'unknown reason')}."
-    if history:
-        parts.append(
-            "<section id='curves'><h2>Loss, accuracy and learning rate</h2>"
-            f"<p class='note'>{html.escape(note)}</p>"
-            f"{_img(fig_curves(history, losses), 'loss and accuracy curves')}</section>"
-        )
+    return [
+        "<section id='curves'><h2>Loss, accuracy and learning rate</h2>"
+        f"<p class='note'>{html.escape(note)}</p>"
+        f"{_img(fig_curves(history, losses), 'loss and accuracy curves')}</section>"
+    ]
+
+
+def _class_sections(metrics: dict, labels: list[str]) -> list[str]:
+    parts = []
     per_class = metrics.get("per_class_accuracy")
     if per_class:
         worst = sorted(per_class.items(), key=lambda kv: kv[1])[:5]
@@ -258,38 +277,52 @@ def build_report(job_dir: Path) -> str:
             + _img(fig_confusion(confusion, labels), "confusion matrix")
             + "</section>"
         )
-    if verdicts is not None:
-        rows = [
-            [v["rule"], v["status"], "" if v["step"] is None else v["step"], v["message"]]
-            for v in verdicts
-        ]
-        fired = [v for v in verdicts if v["status"] == "fired"]
-        advice = "".join(
-            f"<li><b>{html.escape(v['rule'])}</b>: {html.escape(v['advice'])}</li>" for v in fired
-        )
-        parts.append(
-            "<section id='rules'><h2>Debugging rules</h2>"
-            + _table(["rule", "verdict", "step", "detail"], rows)
-            + (f"<ul>{advice}</ul>" if advice else "<p class='ok'>No rule fired.</p>")
-            + "</section>"
-        )
-    else:
-        parts.append(
+    return parts
+
+
+def _rules_section(verdicts: list | None) -> str:
+    if verdicts is None:
+        return (
             "<section id='rules'><h2>Debugging rules</h2><p class='note'>Not run: train with "
             "--debug (or debug=true) to record tensors and run the rules.</p></section>"
         )
-    if history:
-        wait = sum(h.get("data_wait_s", 0.0) for h in history)
-        total = sum(h["epoch_time"] for h in history)
-        device = evaluation.get("device", "cpu")
-        sentence = bottleneck_sentence(wait, max(total - wait, 0.0), device)
-        parts.append(
-            "<section id='time'><h2>Where the time went</h2>"
-            f"<p>{html.escape(sentence[0].upper() + sentence[1:])}.</p>"
-            f"{_img(fig_time_split(history), 'data wait vs compute')}</section>"
-        )
-    profiler_dir = job_dir / "output" / "data" / PROFILER_DIR
-    samples = []
+    rows = [
+        [v["rule"], v["status"], "" if v["step"] is None else v["step"], v["message"]]
+        for v in verdicts
+    ]
+    advice = "".join(
+        f"<li><b>{html.escape(v['rule'])}</b>: {html.escape(v['advice'])}</li>"
+        for v in verdicts
+        if v["status"] == "fired"
+    )
+    return (
+        "<section id='rules'><h2>Debugging rules</h2>"
+        + _table(["rule", "verdict", "step", "detail"], rows)
+        + (f"<ul>{advice}</ul>" if advice else "<p class='ok'>No rule fired.</p>")
+        + "</section>"
+    )
+
+
+def _time_section(history: list, device: str) -> list[str]:
+    from imgclf.debugging.profiling import bottleneck_sentence
+
+    if not history:
+        return []
+    wait = sum(h.get("data_wait_s", 0.0) for h in history)
+    total = sum(h["epoch_time"] for h in history)
+    sentence = bottleneck_sentence(wait, max(total - wait, 0.0), device)
+    return [
+        "<section id='time'><h2>Where the time went</h2>"
+        f"<p>{html.escape(sentence[0].upper() + sentence[1:])}.</p>"
+        f"{_img(fig_time_split(history), 'data wait vs compute')}</section>"
+    ]
+
+
+def _profile_sections(data_dir: Path) -> list[str]:
+    from imgclf.debugging.profiling import PROFILER_DIR
+
+    profiler_dir = data_dir / PROFILER_DIR
+    parts, samples = [], []
     if (profiler_dir / "system.jsonl").exists():
         samples = [
             json.loads(x) for x in (profiler_dir / "system.jsonl").read_text().split("\n") if x
@@ -316,11 +349,7 @@ def build_report(job_dir: Path) -> str:
             "<section id='profile'><h2>Profile</h2><p class='note'>Not profiled: train with "
             "--profile (or profile=true).</p></section>"
         )
-    return (
-        "<!doctype html><html><head><meta charset='utf-8'>"
-        f"<title>imgclf report {html.escape(job_dir.name)}</title><style>{CSS}</style></head>"
-        f"<body>{''.join(parts)}</body></html>"
-    )
+    return parts
 
 
 def write_report(job_dir: Path, out: Path | None = None) -> Path:
