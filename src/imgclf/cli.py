@@ -259,10 +259,11 @@ def _sagemaker_train(args, hps: dict[str, str]) -> int:
 
 def cmd_tune(args) -> int:
     from imgclf.tuning import local as tuner
+    from imgclf.tuning import results
     from imgclf.tuning.space import load_space
 
     if args.status:
-        meta, rows = tuner.load_status(Path(args.status), args.storage)
+        meta, rows = results.load_status(Path(args.status), args.storage)
         _print_table(rows, ["trial", "state", "epochs", meta["metric"], "hyperparameters"])
         return 0
     if not (args.data and args.space):
@@ -303,22 +304,24 @@ def cmd_tune(args) -> int:
         max_trials=args.max_trials,
         parallel=args.parallel,
     )
-    meta, rows = tuner.load_status(out, args.storage)
+    meta, rows = results.load_status(out, args.storage)
     print()
     _print_table(rows, ["trial", "state", "epochs", space.metric, "hyperparameters"])
     if args.refine:
         if args.storage:
             raise UserError("--refine works with the default storage (SQLite in the tuning dir)")
-        best = tuner.refine(space, data_dir=Path(args.data), out_dir=out, count=args.refine)
+        best = results.refine(space, data_dir=Path(args.data), out_dir=out, count=args.refine)
         print(f"\nfull fine-tunes of the {args.refine} best trials:")
-        for r in json.loads((out / tuner.REFINED_FILE).read_text()):
+        for r in json.loads((out / results.REFINED_FILE).read_text()):
             print(
                 f"  trial {r['trial']}: {space.metric} {r['cached_value']:.5f} on cached "
                 f"features, {r['value']:.5f} fine-tuned"
             )
     print(f"\nbest: trial {best['trial']}, {space.metric} {best['objective']['value']:.5f}")
-    print(f"  {out / tuner.BEST_FILE}")
-    print(f"  retrain: python launch.py train --data {args.data} --hp-from {out / tuner.BEST_FILE}")
+    print(f"  {out / results.BEST_FILE}")
+    print(
+        f"  retrain: python launch.py train --data {args.data} --hp-from {out / results.BEST_FILE}"
+    )
     return 0
 
 
