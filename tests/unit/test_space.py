@@ -7,6 +7,7 @@ from botocore.validate import ParamValidator
 from imgclf.errors import ConfigError
 from imgclf.metrics import metric_definitions
 from imgclf.targets.sagemaker import training_definition
+from imgclf.targets.sagemaker.requests import tuning_job_request
 from imgclf.tuning import space as sp
 
 ROOT_SPACE = "tuning.yaml"
@@ -71,7 +72,7 @@ def test_tuning_request_passes_botocores_own_validation(strategy):
         train_s3="s3://b/data/",
         output_s3="s3://b/out/",
     )
-    request = sp.tuning_job_request(space, job_name="imgclf-tune-1", training_definition=definition)
+    request = tuning_job_request(space, job_name="imgclf-tune-1", training_definition=definition)
     model = botocore.session.get_session().get_service_model("sagemaker")
     shape = model.operation_model("CreateHyperParameterTuningJob").input_shape
     report = ParamValidator().validate(request, shape)

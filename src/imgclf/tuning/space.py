@@ -1,5 +1,6 @@
 """tuning.yaml: the search space and objective, in SageMaker's terms, turned into Optuna
-distributions (local tuner) and into a CreateHyperParameterTuningJob request (SageMaker).
+distributions (local tuner) and into SageMaker's parameter ranges (the
+CreateHyperParameterTuningJob request itself is built in `targets.sagemaker.requests`).
 
 Importing this module does not import torch or optuna."""
 
@@ -428,38 +429,3 @@ def sagemaker_parameter_ranges(space: TuningSpace) -> dict[str, list]:
                 }
             )
     return ranges
-
-
-def tuning_job_request(space: TuningSpace, *, job_name: str, training_definition: dict) -> dict:
-    """The CreateHyperParameterTuningJob request body (pure; botocore validates its shape).
-    `training_definition`: what each trial is, from `targets.sagemaker.training_definition`
-    (the very builder of a training job's request) with the space's static hyperparameters."""
-    definition = dict(training_definition)
-    definition["StaticHyperParameters"] = definition.pop("HyperParameters")
-    config: dict[str, Any] = {
-        "Strategy": STRATEGIES[space.strategy],
-        "HyperParameterTuningJobObjective": {
-            "Type": space.direction.capitalize(),
-            "MetricName": space.metric,
-        },
-        "ResourceLimits": {
-            "MaxNumberOfTrainingJobs": space.max_trials,
-            "MaxParallelTrainingJobs": space.parallel_trials,
-        },
-        "ParameterRanges": sagemaker_parameter_ranges(space),
-        # Hyperband stops jobs itself; SageMaker refuses its early stopping type beside it.
-        "TrainingJobEarlyStoppingType": "Auto"
-        if space.early_stopping and space.strategy != "hyperband"
-        else "Off",
-    }
-    if space.strategy == "hyperband":
-        config["StrategyConfig"] = {
-            "HyperbandStrategyConfig": {"MinResource": 1, "MaxResource": space.max_epochs()}
-        }
-    if space.seed is not None:
-        config["RandomSeed"] = space.seed
-    return {
-        "HyperParameterTuningJobName": job_name,
-        "HyperParameterTuningJobConfig": config,
-        "TrainingJobDefinition": definition,
-    }
