@@ -174,6 +174,40 @@ def parse_space(doc: dict, where: _Located, *, fixed: dict[str, str]) -> TuningS
     for key in doc:
         if key not in _TOP_KEYS:
             raise where.error(f"unknown key {key!r}; valid: {', '.join(sorted(_TOP_KEYS))}", key)
+    metric, direction = _objective(doc, where)
+    strategy = str(doc.get("strategy", "bayesian")).lower()
+    if strategy not in STRATEGIES:
+        raise where.error(f"unknown strategy {strategy!r}; use {', '.join(STRATEGIES)}", "strategy")
+    max_trials = _positive_int(doc.get("max_trials", 10), where, "max_trials")
+    parallel = _positive_int(doc.get("parallel_trials", 1), where, "parallel_trials")
+    early = doc.get("early_stopping", True)
+    if not isinstance(early, bool):
+        raise where.error("early_stopping must be true or false", "early_stopping")
+    seed = doc.get("seed")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        raise where.error("seed must be an integer", "seed")
+    min_epochs, rule, stopping_metric = _early_stopping_settings(doc, where)
+    params, static = _parameters(doc, where, fixed)
+    if strategy == "grid":
+        max_trials = _grid_trials(params, max_trials, where)
+    return TuningSpace(
+        tuple(params),
+        metric,
+        direction,
+        strategy,
+        max_trials,
+        parallel,
+        early,
+        seed,
+        static,
+        min_epochs,
+        rule,
+        stopping_metric,
+    )
+
+
+def _objective(doc: dict, where: _Located) -> tuple[str, str]:
+    """objective: {metric, type}: the metric and the direction (minimize or maximize)."""
     objective = doc.get("objective") or {}
     if not isinstance(objective, dict):
         raise where.error("objective must be a mapping with metric: and type:", "objective")
@@ -190,17 +224,11 @@ def parse_space(doc: dict, where: _Located, *, fixed: dict[str, str]) -> TuningS
         raise where.error(
             f"objective type {direction!r}: use minimize or maximize", "objective", "type"
         )
-    strategy = str(doc.get("strategy", "bayesian")).lower()
-    if strategy not in STRATEGIES:
-        raise where.error(f"unknown strategy {strategy!r}; use {', '.join(STRATEGIES)}", "strategy")
-    max_trials = _positive_int(doc.get("max_trials", 10), where, "max_trials")
-    parallel = _positive_int(doc.get("parallel_trials", 1), where, "parallel_trials")
-    early = doc.get("early_stopping", True)
-    if not isinstance(early, bool):
-        raise where.error("early_stopping must be true or false", "early_stopping")
-    seed = doc.get("seed")
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-        raise where.error("seed must be an integer", "seed")
+    return metric, direction
+
+
+def _early_stopping_settings(doc: dict, where: _Located) -> tuple[int | None, str, str]:
+    """early_stopping_min_epochs, early_stopping_rule and early_stopping_metric."""
     min_epochs = doc.get("early_stopping_min_epochs")
     if min_epochs is not None and (
         not isinstance(min_epochs, int) or isinstance(min_epochs, bool) or min_epochs < 0
@@ -221,6 +249,13 @@ def parse_space(doc: dict, where: _Located, *, fixed: dict[str, str]) -> TuningS
             f"{', '.join(OBJECTIVE_METRICS)}",
             "early_stopping_metric",
         )
+    return min_epochs, rule, stopping_metric
+
+
+def _parameters(
+    doc: dict, where: _Located, fixed: dict[str, str]
+) -> tuple[list[Parameter], dict[str, str]]:
+    """The tuned ranges (parameters:) and the fixed values (static: and --hp), checked."""
     raw_params = doc.get("parameters")
     if not isinstance(raw_params, dict) or not raw_params:
         raise where.error("parameters must map hyperparameter names to ranges", "parameters")
@@ -240,30 +275,20 @@ def parse_space(doc: dict, where: _Located, *, fixed: dict[str, str]) -> TuningS
         parse_hyperparameters(static)
     except ConfigError as exc:
         raise where.error(f"fixed hyperparameters: {exc}", "static") from None
-    if strategy == "grid":
-        for p in params:
-            if p.type == "continuous":
-                raise where.error(
-                    f"grid search needs integer or categorical ranges; {p.name} is continuous",
-                    "parameters",
-                    p.name,
-                )
-        size = math.prod(len(v) for v in grid(TuningSpace(tuple(params))).values())
-        max_trials = min(max_trials, size)
-    return TuningSpace(
-        tuple(params),
-        metric,
-        direction,
-        strategy,
-        max_trials,
-        parallel,
-        early,
-        seed,
-        static,
-        min_epochs,
-        rule,
-        stopping_metric,
-    )
+    return params, static
+
+
+def _grid_trials(params: list[Parameter], max_trials: int, where: _Located) -> int:
+    """A grid search runs at most every point of the grid once."""
+    for p in params:
+        if p.type == "continuous":
+            raise where.error(
+                f"grid search needs integer or categorical ranges; {p.name} is continuous",
+                "parameters",
+                p.name,
+            )
+    size = math.prod(len(v) for v in grid(TuningSpace(tuple(params))).values())
+    return min(max_trials, size)
 
 
 def _positive_int(value, where: _Located, key: str) -> int:
