@@ -29,13 +29,9 @@ from imgclf.contract import NO_REPORT_ENV
 from imgclf.errors import UserError
 from imgclf.metrics import parse_metric_line
 from imgclf.tuning.monitor import Monitor
+from imgclf.tuning.optuna_setup import optuna_distributions, suggest
 from imgclf.tuning.results import write_best
-from imgclf.tuning.space import (
-    TuningSpace,
-    metric_direction,
-    optuna_distributions,
-    trial_hyperparameters,
-)
+from imgclf.tuning.space import TuningSpace, metric_direction, trial_hyperparameters
 from imgclf.tuning.study import default_storage, finished_count, open_study, recover_interrupted
 from imgclf.tuning.worker_pool import WorkerPool, runs_in_worker
 
@@ -161,7 +157,7 @@ class _Tuner:
     def objective(self, trial) -> float:
         if self.stop.is_set():
             raise KeyboardInterrupt
-        params = {name: _suggest(trial, name, dist) for name, dist in self.distributions.items()}
+        params = {name: suggest(trial, name, dist) for name, dist in self.distributions.items()}
         hps = trial_hyperparameters(self.space, params)
         job = jobs.prepare_job(
             self.out_dir, f"trial-{trial.number:03d}", data_dir=self.data_dir, hyperparameters=hps
@@ -267,13 +263,3 @@ class _TrialWatch:
         if not self.pruned.is_set() and epoch < self.last_epoch and trial.should_prune():
             self.pruned.set()
             tuner.running[trial.number]()
-
-
-def _suggest(trial, name: str, distribution):
-    import optuna.distributions as d
-
-    if isinstance(distribution, d.CategoricalDistribution):
-        return trial.suggest_categorical(name, distribution.choices)
-    if isinstance(distribution, d.IntDistribution):
-        return trial.suggest_int(name, distribution.low, distribution.high, log=distribution.log)
-    return trial.suggest_float(name, distribution.low, distribution.high, log=distribution.log)

@@ -1,6 +1,7 @@
-"""tuning.yaml: the search space and objective, in SageMaker's terms, turned into Optuna
-distributions (local tuner) and into SageMaker's parameter ranges (the
-CreateHyperParameterTuningJob request itself is built in `targets.sagemaker.requests`).
+"""tuning.yaml: the search space and objective, in SageMaker's terms, read and checked, and
+turned into SageMaker's parameter ranges. Optuna's distributions, sampler and pruner are built
+from it in `tuning.optuna_setup`; the CreateHyperParameterTuningJob request that carries the
+ranges in `targets.sagemaker.requests`.
 
 Importing this module does not import torch or optuna."""
 
@@ -30,7 +31,6 @@ OBJECTIVE_METRICS = tuple(m for m in EPOCH_METRICS if m not in ("epoch", "lr"))
 # reached that epoch. median: stop a trial that trails the median of finished trials at the
 # same epoch (SageMaker's rule). benchmarks/tune.py measured both (benchmarks/README.md).
 EARLY_STOPPING_RULES = ("asha", "median")
-ASHA_REDUCTION_FACTOR = 2
 # Hyperparameters that change what the training loss measures (a smoothed target, weighted
 # classes, harder crops, embeddings instead of images): trials tuned over them cannot be ranked
 # by their training loss, so "auto" judges them by the objective metric instead.
@@ -363,21 +363,7 @@ def _check_value(name: str, text: str, where: _Located, *keys: str) -> None:
         raise where.error(str(exc), *keys) from None
 
 
-# ---------------------------------------------------------------- Optuna
-
-
-def optuna_distributions(space: TuningSpace) -> dict[str, Any]:
-    import optuna.distributions as d
-
-    out: dict[str, Any] = {}
-    for p in space.parameters:
-        if p.type == "categorical":
-            out[p.name] = d.CategoricalDistribution(list(p.values))
-        elif p.type == "integer":
-            out[p.name] = d.IntDistribution(int(p.min), int(p.max), log=p.log)
-        else:
-            out[p.name] = d.FloatDistribution(float(p.min), float(p.max), log=p.log)
-    return out
+# ---------------------------------------------------------------- trials
 
 
 def grid(space: TuningSpace) -> dict[str, list]:
@@ -388,37 +374,6 @@ def grid(space: TuningSpace) -> dict[str, list]:
             list(p.values) if p.type == "categorical" else list(range(int(p.min), int(p.max) + 1))
         )
     return out
-
-
-def sampler_and_pruner(space: TuningSpace, *, max_epochs: int):
-    import optuna
-
-    seed = space.seed
-    if space.strategy == "random":
-        sampler = optuna.samplers.RandomSampler(seed=seed)
-    elif space.strategy == "grid":
-        sampler = optuna.samplers.GridSampler(grid(space), seed=seed)
-    else:
-        sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(5, space.max_trials))
-    if not space.early_stopping:
-        pruner = optuna.pruners.NopPruner()
-    elif space.strategy == "hyperband":
-        pruner = optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max_epochs)
-    elif space.early_stopping_rule == "asha":
-        # Rungs at epochs r, 2r, 4r, ... (r: one more than the minimum epochs): a trial that
-        # reaches one in the worse half of the trials that reached it so far stops.
-        pruner = optuna.pruners.SuccessiveHalvingPruner(
-            min_resource=space.min_epochs_before_stopping() + 1,
-            reduction_factor=ASHA_REDUCTION_FACTOR,
-        )
-    else:
-        # SageMaker's early stopping: stop a job whose metric is worse than the median of
-        # earlier jobs' at the same epoch, after `early_stopping_min_epochs` (default: half).
-        # Steps are epoch numbers (from 1); Optuna judges steps >= n_warmup_steps.
-        pruner = optuna.pruners.MedianPruner(
-            n_startup_trials=2, n_warmup_steps=space.min_epochs_before_stopping() + 1
-        )
-    return sampler, pruner
 
 
 def metric_direction(metric: str) -> str:

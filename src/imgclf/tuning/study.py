@@ -6,7 +6,8 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-from imgclf.tuning.space import TuningSpace, sampler_and_pruner
+from imgclf.tuning.optuna_setup import sampler_and_pruner
+from imgclf.tuning.space import TuningSpace
 
 STUDY_NAME = "imgclf"
 
