@@ -30,6 +30,7 @@ from machine import describe
 from imgclf.sample import write_digits
 from imgclf.tuning import local as tuner
 from imgclf.tuning.space import load_space
+from imgclf.tuning.study import default_storage, open_study
 
 
 def run_study(root: Path, data: Path, name: str, fixed: dict[str, str], lrs: list[float]):
@@ -50,7 +51,7 @@ def run_study(root: Path, data: Path, name: str, fixed: dict[str, str], lrs: lis
     space = load_space(space_file, fixed=fixed)
     out = root / name
     out.mkdir()
-    study = tuner.open_study(space, tuner.default_storage(out), max_epochs=space.max_epochs())
+    study = open_study(space, default_storage(out), max_epochs=space.max_epochs())
     for lr in lrs:
         study.enqueue_trial({"lr": lr})
     start = time.perf_counter()

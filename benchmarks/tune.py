@@ -29,7 +29,9 @@ from machine import describe
 from imgclf.sample import write_digits
 from imgclf.tuning import local as tuner
 from imgclf.tuning.replay import replay
+from imgclf.tuning.results import load_status
 from imgclf.tuning.space import TuningSpace, load_space
+from imgclf.tuning.study import default_storage, open_study
 
 FIXED = {"arch": "resnet18", "pretrained": "false", "image_size": "16", "hflip": "false"}
 
@@ -65,13 +67,13 @@ def make_space(root: Path, rule: str | None, *, trials: int, parallel: int, epoc
 def run(data: Path, root: Path, space: TuningSpace, name: str, epochs: int) -> dict:
     out = root / name
     out.mkdir()
-    study = tuner.open_study(space, tuner.default_storage(out), max_epochs=epochs)
+    study = open_study(space, default_storage(out), max_epochs=epochs)
     for params in trial_params(space.max_trials):
         study.enqueue_trial(params)
     start = time.perf_counter()
     best = tuner.run_tuning(space, data_dir=data, out_dir=out)
     wall = time.perf_counter() - start
-    _, rows = tuner.load_status(out)
+    _, rows = load_status(out)
     # Each finished trial's learning curve (a pruned trial stops before it writes one).
     files = {
         t.number: Path(t.user_attrs["job_dir"]) / "output/data/history.json" for t in study.trials

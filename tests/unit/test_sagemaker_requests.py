@@ -131,7 +131,8 @@ def test_best_json_from_a_tuning_job_decodes_sdk_style_values():
 def test_training_and_tuning_requests_carry_the_same_training_definition(instances):
     """One builder for both: a tuning trial is the very job `train --target sagemaker` runs
     (with 2 instances, one distributed job, not 2 single-process copies)."""
-    from imgclf.tuning.space import load_space, tuning_job_request
+    from imgclf.targets.sagemaker.requests import tuning_job_request
+    from imgclf.tuning.space import load_space
     from tests.unit.test_space import ROOT_SPACE
 
     space = load_space(ROOT_SPACE, fixed={"arch": "resnet50", "pretrained": "true"})

@@ -7,6 +7,8 @@ from botocore.validate import ParamValidator
 from imgclf.errors import ConfigError
 from imgclf.metrics import metric_definitions
 from imgclf.targets.sagemaker import training_definition
+from imgclf.targets.sagemaker.requests import tuning_job_request
+from imgclf.tuning import optuna_setup
 from imgclf.tuning import space as sp
 
 ROOT_SPACE = "tuning.yaml"
@@ -39,7 +41,7 @@ parameters:
         ),
         fixed={"arch": "resnet18"},
     )
-    dists = sp.optuna_distributions(space)
+    dists = optuna_setup.optuna_distributions(space)
     assert dists["lr"] == d.FloatDistribution(1e-4, 0.1, log=True)
     assert dists["label_smoothing"] == d.FloatDistribution(0.0, 0.2)
     assert dists["epochs"] == d.IntDistribution(2, 9)
@@ -71,7 +73,7 @@ def test_tuning_request_passes_botocores_own_validation(strategy):
         train_s3="s3://b/data/",
         output_s3="s3://b/out/",
     )
-    request = sp.tuning_job_request(space, job_name="imgclf-tune-1", training_definition=definition)
+    request = tuning_job_request(space, job_name="imgclf-tune-1", training_definition=definition)
     model = botocore.session.get_session().get_service_model("sagemaker")
     shape = model.operation_model("CreateHyperParameterTuningJob").input_shape
     report = ParamValidator().validate(request, shape)
@@ -145,11 +147,11 @@ def test_the_median_rule_waits_for_the_minimum_epochs(tmp_path):
     text = "early_stopping_rule: median\nparameters:\n  epochs: {type: integer, min: 4, max: 10}\n"
     space = sp.load_space(_write(tmp_path, text))
     assert space.min_epochs_before_stopping() == 5  # half the most epochs
-    _, pruner = sp.sampler_and_pruner(space, max_epochs=10)
+    _, pruner = optuna_setup.sampler_and_pruner(space, max_epochs=10)
     assert isinstance(pruner, optuna.pruners.MedianPruner)
     assert pruner._n_warmup_steps == 6  # epochs 1-5 are never judged
     explicit = sp.load_space(_write(tmp_path, "early_stopping_min_epochs: 2\n" + text))
-    _, pruner = sp.sampler_and_pruner(explicit, max_epochs=10)
+    _, pruner = optuna_setup.sampler_and_pruner(explicit, max_epochs=10)
     assert pruner._n_warmup_steps == 3
 
 
@@ -157,11 +159,14 @@ def test_the_default_rule_is_successive_halving_on_the_training_loss(tmp_path):
     space = sp.load_space(ROOT_SPACE)
     assert space.early_stopping and space.early_stopping_rule == "asha"
     assert space.stopping_metric() == "train_loss" and space.min_epochs_before_stopping() == 0
-    _, pruner = sp.sampler_and_pruner(space, max_epochs=15)
+    _, pruner = optuna_setup.sampler_and_pruner(space, max_epochs=15)
     assert isinstance(pruner, optuna.pruners.SuccessiveHalvingPruner)
-    assert (pruner._min_resource, pruner._reduction_factor) == (1, sp.ASHA_REDUCTION_FACTOR)
+    assert (pruner._min_resource, pruner._reduction_factor) == (
+        1,
+        optuna_setup.ASHA_REDUCTION_FACTOR,
+    )
     later = sp.load_space(_write(tmp_path, "early_stopping_min_epochs: 2\n" + _LR))
-    assert sp.sampler_and_pruner(later, max_epochs=8)[1]._min_resource == 3
+    assert optuna_setup.sampler_and_pruner(later, max_epochs=8)[1]._min_resource == 3
 
 
 _LR = "parameters:\n  lr: {type: continuous, min: 0.001, max: 0.1}\n"

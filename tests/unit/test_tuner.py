@@ -11,15 +11,16 @@ from pathlib import Path
 from imgclf import jobs
 from imgclf.contract import NO_REPORT_ENV
 from imgclf.metrics import parse_metric_line
-from imgclf.tuning import local as tuner
+from imgclf.tuning import worker_pool
 from imgclf.tuning.replay import replay
 from imgclf.tuning.space import load_space
+from imgclf.tuning.study import default_storage, finished_count, open_study
 from tests.conftest import ROOT
 
 
 def test_queued_trials_run_once_each_with_parallel_workers(tmp_path):
     space = load_space(ROOT / "tuning.yaml")
-    study = tuner.open_study(space, tuner.default_storage(tmp_path), max_epochs=5)
+    study = open_study(space, default_storage(tmp_path), max_epochs=5)
     for i in range(8):
         study.enqueue_trial({"lr": 0.001 * (i + 1)})
     seen, lock = [], threading.Lock()
@@ -33,7 +34,7 @@ def test_queued_trials_run_once_each_with_parallel_workers(tmp_path):
     study.optimize(objective, n_trials=8, n_jobs=4)
     assert sorted(seen) == list(range(8))
     assert sorted(t.params["lr"] for t in study.trials) == [0.001 * (i + 1) for i in range(8)]
-    assert tuner.finished_count(study) == 8
+    assert finished_count(study) == 8
 
 
 def _cached_trial(home, data_dir, name, **hps):
@@ -56,12 +57,12 @@ def _cached_trial(home, data_dir, name, **hps):
 def test_one_trial_worker_runs_trials_in_turn_through_failures_and_stops(tmp_path, tiny_digits):
     """Cached-feature trials share one process: a failed trial and a stopped one leave it able
     to run the next, and each trial ends as its job would (exit code, output/failure, model)."""
-    assert tuner.runs_in_worker({"features_cache": "true"})
-    assert not tuner.runs_in_worker({"features_cache": "false", "epochs": "3"})
+    assert worker_pool.runs_in_worker({"features_cache": "true"})
+    assert not worker_pool.runs_in_worker({"features_cache": "false", "epochs": "3"})
     bad, bad_env = _cached_trial(tmp_path, tiny_digits, "bad", optimizer="lion")
     stopped, stopped_env = _cached_trial(tmp_path, tiny_digits, "stopped", epochs="50")
     good, good_env = _cached_trial(tmp_path, tiny_digits, "good", epochs="2")
-    worker = tuner.TrialWorker(good_env)
+    worker = worker_pool.TrialWorker(good_env)
     try:
         assert worker.run(bad, bad_env, on_line=lambda line: None) == 2
         assert "optimizer" in jobs.read_failure(bad) and "adamw, sgd" in jobs.read_failure(bad)

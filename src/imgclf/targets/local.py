@@ -92,6 +92,7 @@ class LocalTarget:
 
     def tune(self, request: TuneRequest) -> TuningResult:
         from imgclf.tuning import local as tuner
+        from imgclf.tuning import results
 
         out = request.out or self.home / "tuning" / new_job_name("tune")
         space = request.space
@@ -113,20 +114,20 @@ class LocalTarget:
                 raise UserError(
                     "--refine works with the default storage (SQLite in the tuning dir)"
                 )
-            best = tuner.refine(
+            best = results.refine(
                 space, data_dir=Path(request.data), out_dir=out, count=request.refine
             )
-            refined = tuple(json.loads((out / tuner.REFINED_FILE).read_text()))
+            refined = tuple(json.loads((out / results.REFINED_FILE).read_text()))
         status = self.tuning_status(out, request.storage)
         return dataclasses.replace(
-            status, best=_best_trial(best, out / tuner.BEST_FILE), refined=refined
+            status, best=_best_trial(best, out / results.BEST_FILE), refined=refined
         )
 
     def tuning_status(self, out: Path, storage: str | None = None) -> TuningResult:
         """The trial table of a tuning dir, running or done."""
-        from imgclf.tuning import local as tuner
+        from imgclf.tuning import results
 
-        meta, rows = tuner.load_status(out, storage)
+        meta, rows = results.load_status(out, storage)
         return TuningResult(
             str(out),
             ok=True,

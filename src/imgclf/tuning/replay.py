@@ -10,7 +10,8 @@ import heapq
 import itertools
 from dataclasses import dataclass
 
-from imgclf.tuning.space import TuningSpace, metric_direction, sampler_and_pruner
+from imgclf.tuning.optuna_setup import sampler_and_pruner
+from imgclf.tuning.space import TuningSpace, metric_direction
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,7 @@
-"""tuning.yaml: the search space and objective, in SageMaker's terms, turned into Optuna
-distributions (local tuner) and into a CreateHyperParameterTuningJob request (SageMaker).
+"""tuning.yaml: the search space and objective, in SageMaker's terms, read and checked, and
+turned into SageMaker's parameter ranges. Optuna's distributions, sampler and pruner are built
+from it in `tuning.optuna_setup`; the CreateHyperParameterTuningJob request that carries the
+ranges in `targets.sagemaker.requests`.
 
 Importing this module does not import torch or optuna."""
 
@@ -29,7 +31,6 @@ OBJECTIVE_METRICS = tuple(m for m in EPOCH_METRICS if m not in ("epoch", "lr"))
 # reached that epoch. median: stop a trial that trails the median of finished trials at the
 # same epoch (SageMaker's rule). benchmarks/tune.py measured both (benchmarks/README.md).
 EARLY_STOPPING_RULES = ("asha", "median")
-ASHA_REDUCTION_FACTOR = 2
 # Hyperparameters that change what the training loss measures (a smoothed target, weighted
 # classes, harder crops, embeddings instead of images): trials tuned over them cannot be ranked
 # by their training loss, so "auto" judges them by the objective metric instead.
@@ -173,6 +174,40 @@ def parse_space(doc: dict, where: _Located, *, fixed: dict[str, str]) -> TuningS
     for key in doc:
         if key not in _TOP_KEYS:
             raise where.error(f"unknown key {key!r}; valid: {', '.join(sorted(_TOP_KEYS))}", key)
+    metric, direction = _objective(doc, where)
+    strategy = str(doc.get("strategy", "bayesian")).lower()
+    if strategy not in STRATEGIES:
+        raise where.error(f"unknown strategy {strategy!r}; use {', '.join(STRATEGIES)}", "strategy")
+    max_trials = _positive_int(doc.get("max_trials", 10), where, "max_trials")
+    parallel = _positive_int(doc.get("parallel_trials", 1), where, "parallel_trials")
+    early = doc.get("early_stopping", True)
+    if not isinstance(early, bool):
+        raise where.error("early_stopping must be true or false", "early_stopping")
+    seed = doc.get("seed")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        raise where.error("seed must be an integer", "seed")
+    min_epochs, rule, stopping_metric = _early_stopping_settings(doc, where)
+    params, static = _parameters(doc, where, fixed)
+    if strategy == "grid":
+        max_trials = _grid_trials(params, max_trials, where)
+    return TuningSpace(
+        tuple(params),
+        metric,
+        direction,
+        strategy,
+        max_trials,
+        parallel,
+        early,
+        seed,
+        static,
+        min_epochs,
+        rule,
+        stopping_metric,
+    )
+
+
+def _objective(doc: dict, where: _Located) -> tuple[str, str]:
+    """objective: {metric, type}: the metric and the direction (minimize or maximize)."""
     objective = doc.get("objective") or {}
     if not isinstance(objective, dict):
         raise where.error("objective must be a mapping with metric: and type:", "objective")
@@ -189,17 +224,11 @@ def parse_space(doc: dict, where: _Located, *, fixed: dict[str, str]) -> TuningS
         raise where.error(
             f"objective type {direction!r}: use minimize or maximize", "objective", "type"
         )
-    strategy = str(doc.get("strategy", "bayesian")).lower()
-    if strategy not in STRATEGIES:
-        raise where.error(f"unknown strategy {strategy!r}; use {', '.join(STRATEGIES)}", "strategy")
-    max_trials = _positive_int(doc.get("max_trials", 10), where, "max_trials")
-    parallel = _positive_int(doc.get("parallel_trials", 1), where, "parallel_trials")
-    early = doc.get("early_stopping", True)
-    if not isinstance(early, bool):
-        raise where.error("early_stopping must be true or false", "early_stopping")
-    seed = doc.get("seed")
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-        raise where.error("seed must be an integer", "seed")
+    return metric, direction
+
+
+def _early_stopping_settings(doc: dict, where: _Located) -> tuple[int | None, str, str]:
+    """early_stopping_min_epochs, early_stopping_rule and early_stopping_metric."""
     min_epochs = doc.get("early_stopping_min_epochs")
     if min_epochs is not None and (
         not isinstance(min_epochs, int) or isinstance(min_epochs, bool) or min_epochs < 0
@@ -220,6 +249,13 @@ def parse_space(doc: dict, where: _Located, *, fixed: dict[str, str]) -> TuningS
             f"{', '.join(OBJECTIVE_METRICS)}",
             "early_stopping_metric",
         )
+    return min_epochs, rule, stopping_metric
+
+
+def _parameters(
+    doc: dict, where: _Located, fixed: dict[str, str]
+) -> tuple[list[Parameter], dict[str, str]]:
+    """The tuned ranges (parameters:) and the fixed values (static: and --hp), checked."""
     raw_params = doc.get("parameters")
     if not isinstance(raw_params, dict) or not raw_params:
         raise where.error("parameters must map hyperparameter names to ranges", "parameters")
@@ -239,30 +275,20 @@ def parse_space(doc: dict, where: _Located, *, fixed: dict[str, str]) -> TuningS
         parse_hyperparameters(static)
     except ConfigError as exc:
         raise where.error(f"fixed hyperparameters: {exc}", "static") from None
-    if strategy == "grid":
-        for p in params:
-            if p.type == "continuous":
-                raise where.error(
-                    f"grid search needs integer or categorical ranges; {p.name} is continuous",
-                    "parameters",
-                    p.name,
-                )
-        size = math.prod(len(v) for v in grid(TuningSpace(tuple(params))).values())
-        max_trials = min(max_trials, size)
-    return TuningSpace(
-        tuple(params),
-        metric,
-        direction,
-        strategy,
-        max_trials,
-        parallel,
-        early,
-        seed,
-        static,
-        min_epochs,
-        rule,
-        stopping_metric,
-    )
+    return params, static
+
+
+def _grid_trials(params: list[Parameter], max_trials: int, where: _Located) -> int:
+    """A grid search runs at most every point of the grid once."""
+    for p in params:
+        if p.type == "continuous":
+            raise where.error(
+                f"grid search needs integer or categorical ranges; {p.name} is continuous",
+                "parameters",
+                p.name,
+            )
+    size = math.prod(len(v) for v in grid(TuningSpace(tuple(params))).values())
+    return min(max_trials, size)
 
 
 def _positive_int(value, where: _Located, key: str) -> int:
@@ -337,21 +363,7 @@ def _check_value(name: str, text: str, where: _Located, *keys: str) -> None:
         raise where.error(str(exc), *keys) from None
 
 
-# ---------------------------------------------------------------- Optuna
-
-
-def optuna_distributions(space: TuningSpace) -> dict[str, Any]:
-    import optuna.distributions as d
-
-    out: dict[str, Any] = {}
-    for p in space.parameters:
-        if p.type == "categorical":
-            out[p.name] = d.CategoricalDistribution(list(p.values))
-        elif p.type == "integer":
-            out[p.name] = d.IntDistribution(int(p.min), int(p.max), log=p.log)
-        else:
-            out[p.name] = d.FloatDistribution(float(p.min), float(p.max), log=p.log)
-    return out
+# ---------------------------------------------------------------- trials
 
 
 def grid(space: TuningSpace) -> dict[str, list]:
@@ -362,37 +374,6 @@ def grid(space: TuningSpace) -> dict[str, list]:
             list(p.values) if p.type == "categorical" else list(range(int(p.min), int(p.max) + 1))
         )
     return out
-
-
-def sampler_and_pruner(space: TuningSpace, *, max_epochs: int):
-    import optuna
-
-    seed = space.seed
-    if space.strategy == "random":
-        sampler = optuna.samplers.RandomSampler(seed=seed)
-    elif space.strategy == "grid":
-        sampler = optuna.samplers.GridSampler(grid(space), seed=seed)
-    else:
-        sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(5, space.max_trials))
-    if not space.early_stopping:
-        pruner = optuna.pruners.NopPruner()
-    elif space.strategy == "hyperband":
-        pruner = optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max_epochs)
-    elif space.early_stopping_rule == "asha":
-        # Rungs at epochs r, 2r, 4r, ... (r: one more than the minimum epochs): a trial that
-        # reaches one in the worse half of the trials that reached it so far stops.
-        pruner = optuna.pruners.SuccessiveHalvingPruner(
-            min_resource=space.min_epochs_before_stopping() + 1,
-            reduction_factor=ASHA_REDUCTION_FACTOR,
-        )
-    else:
-        # SageMaker's early stopping: stop a job whose metric is worse than the median of
-        # earlier jobs' at the same epoch, after `early_stopping_min_epochs` (default: half).
-        # Steps are epoch numbers (from 1); Optuna judges steps >= n_warmup_steps.
-        pruner = optuna.pruners.MedianPruner(
-            n_startup_trials=2, n_warmup_steps=space.min_epochs_before_stopping() + 1
-        )
-    return sampler, pruner
 
 
 def metric_direction(metric: str) -> str:
@@ -428,38 +409,3 @@ def sagemaker_parameter_ranges(space: TuningSpace) -> dict[str, list]:
                 }
             )
     return ranges
-
-
-def tuning_job_request(space: TuningSpace, *, job_name: str, training_definition: dict) -> dict:
-    """The CreateHyperParameterTuningJob request body (pure; botocore validates its shape).
-    `training_definition`: what each trial is, from `targets.sagemaker.training_definition`
-    (the very builder of a training job's request) with the space's static hyperparameters."""
-    definition = dict(training_definition)
-    definition["StaticHyperParameters"] = definition.pop("HyperParameters")
-    config: dict[str, Any] = {
-        "Strategy": STRATEGIES[space.strategy],
-        "HyperParameterTuningJobObjective": {
-            "Type": space.direction.capitalize(),
-            "MetricName": space.metric,
-        },
-        "ResourceLimits": {
-            "MaxNumberOfTrainingJobs": space.max_trials,
-            "MaxParallelTrainingJobs": space.parallel_trials,
-        },
-        "ParameterRanges": sagemaker_parameter_ranges(space),
-        # Hyperband stops jobs itself; SageMaker refuses its early stopping type beside it.
-        "TrainingJobEarlyStoppingType": "Auto"
-        if space.early_stopping and space.strategy != "hyperband"
-        else "Off",
-    }
-    if space.strategy == "hyperband":
-        config["StrategyConfig"] = {
-            "HyperbandStrategyConfig": {"MinResource": 1, "MaxResource": space.max_epochs()}
-        }
-    if space.seed is not None:
-        config["RandomSeed"] = space.seed
-    return {
-        "HyperParameterTuningJobName": job_name,
-        "HyperParameterTuningJobConfig": config,
-        "TrainingJobDefinition": definition,
-    }

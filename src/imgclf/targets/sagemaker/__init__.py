@@ -39,6 +39,7 @@ from imgclf.targets.sagemaker.requests import (
     model_request,
     training_definition,
     training_job_request,
+    tuning_job_request,
 )
 from imgclf.targets.sagemaker.s3 import UploadResult, download_job_output, pack_model, upload_tree
 from imgclf.util import new_job_name
@@ -131,8 +132,6 @@ def start_training(
 
 
 def start_tuning(c: Clients, options: AwsOptions, space, *, data: str | Path, job_name: str):
-    from imgclf.tuning.space import tuning_job_request
-
     image, role, bucket, train_s3 = _job_inputs(c, options, data)
     definition = training_definition(
         image=image,

@@ -4,10 +4,12 @@ environment): botocore's service model validates them in the tests."""
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from imgclf.contract import DEBUG_COLLECTIONS
 from imgclf.errors import UserError
 from imgclf.metrics import metric_definitions
+from imgclf.tuning.space import STRATEGIES, TuningSpace, sagemaker_parameter_ranges
 
 DEFAULT_TRAIN_INSTANCE = "ml.g5.xlarge"
 DEFAULT_SERVE_INSTANCE = "ml.g5.xlarge"
@@ -175,6 +177,41 @@ def training_job_request(
     if sagemaker_debugger:
         request.update(debugger_configs(region, request["OutputDataConfig"]["S3OutputPath"]))
     return request
+
+
+def tuning_job_request(space: TuningSpace, *, job_name: str, training_definition: dict) -> dict:
+    """The CreateHyperParameterTuningJob request body (pure; botocore validates its shape).
+    `training_definition`: what each trial is, from `training_definition` above (the very
+    builder of a training job's request) with the space's static hyperparameters."""
+    definition = dict(training_definition)
+    definition["StaticHyperParameters"] = definition.pop("HyperParameters")
+    config: dict[str, Any] = {
+        "Strategy": STRATEGIES[space.strategy],
+        "HyperParameterTuningJobObjective": {
+            "Type": space.direction.capitalize(),
+            "MetricName": space.metric,
+        },
+        "ResourceLimits": {
+            "MaxNumberOfTrainingJobs": space.max_trials,
+            "MaxParallelTrainingJobs": space.parallel_trials,
+        },
+        "ParameterRanges": sagemaker_parameter_ranges(space),
+        # Hyperband stops jobs itself; SageMaker refuses its early stopping type beside it.
+        "TrainingJobEarlyStoppingType": "Auto"
+        if space.early_stopping and space.strategy != "hyperband"
+        else "Off",
+    }
+    if space.strategy == "hyperband":
+        config["StrategyConfig"] = {
+            "HyperbandStrategyConfig": {"MinResource": 1, "MaxResource": space.max_epochs()}
+        }
+    if space.seed is not None:
+        config["RandomSeed"] = space.seed
+    return {
+        "HyperParameterTuningJobName": job_name,
+        "HyperParameterTuningJobConfig": config,
+        "TrainingJobDefinition": definition,
+    }
 
 
 def model_request(*, name: str, image: str, model_s3: str, role_arn: str) -> dict:
