@@ -207,7 +207,7 @@ def test_deploy_invoke_list_and_delete_an_endpoint(aws, tmp_path, tiny_digits):
             aws,
             home,
             *["deploy", "--target", "sagemaker", "--model", "for-deploy", "--name", "dogs"],
-            *["--role", ROLE, "--instance-type", "ml.c5.xlarge"],
+            *["--role", ROLE, "--instance-type", "ml.c5.xlarge", "--response-format", "vectors"],
         )
     )
     assert "InService" in deployed.stdout and "delete dogs" in deployed.stdout
@@ -220,6 +220,8 @@ def test_deploy_invoke_list_and_delete_an_endpoint(aws, tmp_path, tiny_digits):
     job = sm.describe_training_job(TrainingJobName="for-deploy")
     assert model["PrimaryContainer"]["Image"] == SERVE_IMAGE
     assert model["PrimaryContainer"]["ModelDataUrl"] == job["ModelArtifacts"]["S3ModelArtifacts"]
+    # the deploy's default answer travels as the serving contract's variable
+    assert model["PrimaryContainer"]["Environment"] == {"IMGCLF_RESPONSE_FORMAT": "vectors"}
 
     listed = ok(launch(aws, home, "endpoints", "--target", "sagemaker"))
     assert "dogs" in listed.stdout and "1 x ml.c5.xlarge" in listed.stdout

@@ -72,12 +72,16 @@ def test_debugger_in_a_region_without_rule_images_is_a_clear_error():
 
 @pytest.mark.parametrize("serverless", [None, 2048])
 def test_model_and_endpoint_config_requests_pass_validation(serverless):
-    validate(
-        "CreateModel",
-        sm.model_request(
-            name="dogs-1", image=IMAGE, model_s3="s3://b/m/model.tar.gz", role_arn=ROLE
-        ),
+    environment = {"IMGCLF_RESPONSE_FORMAT": "vectors"} if serverless else None
+    model = sm.model_request(
+        name="dogs-1",
+        image=IMAGE,
+        model_s3="s3://b/m/model.tar.gz",
+        role_arn=ROLE,
+        environment=environment,
     )
+    validate("CreateModel", model)
+    assert model["PrimaryContainer"].get("Environment") == environment
     config = sm.endpoint_config_request(
         name="dogs-1", model_name="dogs-1", serverless_memory_mb=serverless
     )

@@ -178,7 +178,7 @@ def _deploy_parser(sub) -> None:
     deploy.add_argument(
         "--response-format",
         choices=("predictions", "vectors"),
-        help="default answer (local): top-k predictions (default), or vectors: "
+        help="default answer: top-k predictions (default), or vectors: "
         "[[p0, ..., pN-1]] per image in label order, what the seed notebooks' clients read",
     )
     deploy.add_argument(

@@ -13,6 +13,7 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
+from imgclf.contract import RESPONSE_FORMAT_ENV
 from imgclf.errors import UserError
 from imgclf.targets.base import EndpointInfo
 from imgclf.targets.sagemaker.aws import (
@@ -242,8 +243,10 @@ def deploy(
     model: str,
     name: str,
     serverless_memory_mb: int | None = None,
+    response_format: str | None = None,
 ) -> dict:
     image, role = resolve_image(options, "serve"), resolve_role(options)
+    environment = {RESPONSE_FORMAT_ENV: response_format} if response_format else None
     model_s3 = resolve_model_s3(c, options, model, name)
     suffix = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     model_name = f"{name}-{suffix}"
@@ -251,7 +254,13 @@ def deploy(
     try:
         with aws_errors():
             c.sagemaker.create_model(
-                **model_request(name=model_name, image=image, model_s3=model_s3, role_arn=role)
+                **model_request(
+                    name=model_name,
+                    image=image,
+                    model_s3=model_s3,
+                    role_arn=role,
+                    environment=environment,
+                )
             )
             created.append(("delete_model", {"ModelName": model_name}))
             c.sagemaker.create_endpoint_config(

@@ -214,10 +214,15 @@ def tuning_job_request(space: TuningSpace, *, job_name: str, training_definition
     }
 
 
-def model_request(*, name: str, image: str, model_s3: str, role_arn: str) -> dict:
+def model_request(
+    *, name: str, image: str, model_s3: str, role_arn: str, environment: dict | None = None
+) -> dict:
+    container = {"Image": image, "ModelDataUrl": model_s3, "Mode": "SingleModel"}
+    if environment:  # the serving contract's settings (contract.RESPONSE_FORMAT_ENV, ...)
+        container["Environment"] = dict(environment)
     return {
         "ModelName": name,
-        "PrimaryContainer": {"Image": image, "ModelDataUrl": model_s3, "Mode": "SingleModel"},
+        "PrimaryContainer": container,
         "ExecutionRoleArn": role_arn,
         "EnableNetworkIsolation": True,
         "Tags": [{"Key": TAG_KEY, "Value": "serve"}],

@@ -110,6 +110,7 @@ class SageMakerTarget:
             model=request.model,
             name=request.name,
             serverless_memory_mb=request.serverless_mb,
+            response_format=request.response_format,
         )
         print(
             f"endpoint {request.name} creating: model {made['model']} from {made['model_data']}",
