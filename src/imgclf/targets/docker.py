@@ -4,6 +4,7 @@ SageMaker runs them."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -23,11 +24,15 @@ from imgclf.targets.endpoints import (
 )
 
 
+def _has_gpus() -> bool:
+    """An NVIDIA driver here: containers get `--gpus all` (the images are CUDA builds)."""
+    return shutil.which("nvidia-smi") is not None
+
+
 def docker_command(job: LocalJob, image: str, *, gpus: bool | None = None) -> list[str]:
     """`docker run` of the training image over the job dir, as SageMaker runs it: `algo-1`
     resolvable, no network (which proves the job needs none), the data read-only."""
-    if gpus is None:
-        gpus = shutil.which("nvidia-smi") is not None
+    gpus = _has_gpus() if gpus is None else gpus
     command = [
         "docker",
         "run",
@@ -100,13 +105,7 @@ class ContainerEndpoint:
         return f"http://127.0.0.1:{self.port}"
 
     def to_dict(self) -> dict:
-        return {
-            "name": self.name,
-            "port": self.port,
-            "image": self.image,
-            "base": str(self.base),
-            "model": self.model,
-        }
+        return {**dataclasses.asdict(self), "base": str(self.base)}
 
 
 def _containers_dir(home: Path) -> Path:
@@ -148,8 +147,7 @@ def serve_container_command(
 ) -> list[str]:
     """`docker run` of the serving image as SageMaker runs it (`serve`, the model at
     /opt/ml/model, no --user), on the host's network and bound to 127.0.0.1 only."""
-    if gpus is None:
-        gpus = shutil.which("nvidia-smi") is not None
+    gpus = _has_gpus() if gpus is None else gpus
     command = [
         "docker",
         "run",

@@ -6,6 +6,7 @@ sentences. Also the HTTP client every local endpoint (process or container) is i
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -50,13 +51,7 @@ class Endpoint:
         return self.base / "serve.log"
 
     def to_dict(self) -> dict:
-        return {
-            "name": self.name,
-            "port": self.port,
-            "pid": self.pid,
-            "base": str(self.base),
-            "model": self.model,
-        }
+        return {**dataclasses.asdict(self), "base": str(self.base)}
 
 
 def _endpoints_dir(home: Path) -> Path:
