@@ -1,10 +1,12 @@
 """The multi-model-server adapter. MMS loads this module and wants exactly one class in it.
 
-Thin by design: decode each request of MMS's batch → one forward pass over all their images →
-encode each answer. Every exception a request's bytes or headers can cause is a 4xx JSON answer;
-our own bugs in the forward pass are logged here with their traceback and answered with a bare
-500, never with the traceback. Reason phrases are fixed ASCII text (see
-inference.reason_phrase).
+Thin by design: decode each request of MMS's batch (serve registers the model with a batch size,
+so concurrent requests arrive together) into its uint8 crops, one request at a time so only one
+request's decoded images are held at once → one forward pass over all their crops → encode each
+answer on its own: a bad request gets its own 4xx and the others their answers. Every exception
+a request's bytes or headers can cause is a 4xx JSON answer; our own bugs in the forward pass
+are logged here with their traceback and answered with a bare 500, never with the traceback.
+Reason phrases are fixed ASCII text (see inference.reason_phrase).
 """
 
 from __future__ import annotations
@@ -51,6 +53,10 @@ class HandlerService:
         self.loaded = inference.model_fn(
             model_dir, device=device, cpu_runtime=os.environ.get(CPU_RUNTIME_ENV, runtime.AUTO)
         )
+        if self.loaded.forward.runtime == runtime.ONNXRUNTIME:
+            # ONNX Runtime has its own threads; what is left for torch (stacking crops,
+            # softmax, top-k) is tiny, and idle OpenMP threads spinning would take CPU from it.
+            torch.set_num_threads(1)
         log.info("model loaded from %s on %s (%s)", model_dir, device, self.loaded.forward.runtime)
 
     def handle(self, data, context):
@@ -58,7 +64,7 @@ class HandlerService:
             return None
         loaded = self.loaded
         answers: list[bytes | None] = [None] * len(data)
-        work = []  # (request index, images, options, accept, is_batch)
+        work = []  # (request index, crops, options, accept, is_batch)
         for idx, request in enumerate(data):
             try:
                 headers = _headers(context, idx)
@@ -79,8 +85,10 @@ class HandlerService:
                     default_format=self.default_format,
                 )
                 images = inference.input_fn(body, content_type, draft=loaded.preprocess.resize_size)
+                crops = inference.prepare(images, loaded)
+                del images
                 is_batch = inference.media_type(content_type) == inference.JSON_TYPE
-                work.append((idx, images, options, accept, is_batch))
+                work.append((idx, crops, options, accept, is_batch))
             except MemoryError:
                 raise  # the worker cannot go on; MMS restarts it
             except Exception as exc:
@@ -95,11 +103,12 @@ class HandlerService:
                 context.set_response_content_type(idx, inference.JSON_TYPE)
         if work:
             try:
-                probs = inference.predict_fn([im for _, ims, *_ in work for im in ims], loaded)
+                crops = work[0][1] if len(work) == 1 else torch.cat([w[1] for w in work])
+                probs = inference.predict_batch(crops, loaded)
                 start = 0
-                for idx, images, options, accept, is_batch in work:
-                    rows = probs[start : start + len(images)]
-                    start += len(images)
+                for idx, crops, options, accept, is_batch in work:
+                    rows = probs[start : start + len(crops)]
+                    start += len(crops)
                     body, content_type = inference.output_fn(
                         rows, loaded.labels, accept=accept, options=options, batch=is_batch
                     )
