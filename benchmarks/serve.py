@@ -38,23 +38,27 @@ from machine import describe
 from PIL import Image
 
 from imgclf import artifacts, models
-from imgclf.contract import CPU_RUNTIME_ENV
+from imgclf.contract import CPU_RUNTIME_ENV, SERVE_BATCH_SIZE_ENV
 from imgclf.serving import inference
 from imgclf.serving.serve import free_port
 
 HERE = Path(__file__).resolve().parent
-# name: (MMS handler module or None for ours, CPU runtime; naive's only runs the entry's preflight)
+# name: (MMS handler module or None for ours, CPU runtime (naive's only runs the entry's
+# preflight), environment). Naive runs as the seed projects deployed it: MMS batch size 1.
 SERVERS = {
-    "naive": ("naive_handler", "torch"),
-    "ours-torch": (None, "torch"),
-    "ours": (None, "auto"),
+    "naive": ("naive_handler", "torch", {SERVE_BATCH_SIZE_ENV: "1"}),
+    "ours-torch": (None, "torch", {}),
+    "ours": (None, "auto", {}),
+    "ours-before": (None, "auto", {}),  # ours from --before-src (e.g. main's src): before/after
 }
 # What MMS logs per request: the worker's handler time, the frontend's worker round trip and
 # its own total (whole milliseconds).
 LOG_TIMES = {
     "handler": re.compile(rb"PredictionTime\.Milliseconds:([0-9.]+)"),
     "worker round trip": re.compile(rb"Backend response time: ([0-9]+)"),
-    "frontend total": re.compile(rb'ACCESS_LOG - \S+ "POST /invocations[^"]*" 200 ([0-9]+)'),
+    "frontend total": re.compile(
+        rb'ACCESS_LOG - \S+ "POST /(?:invocations|predictions/model)[^"]*" 200 ([0-9]+)'
+    ),
 }
 
 
@@ -90,15 +94,23 @@ def make_images() -> list[bytes]:
 
 
 def start(
-    base: Path, port: int, workers: int, handler: str | None, cpu_runtime: str | None
+    base: Path,
+    port: int,
+    workers: int,
+    handler: str | None,
+    cpu_runtime: str | None,
+    extra: dict[str, str],
+    src: str | None = None,
 ) -> subprocess.Popen:
+    path = os.pathsep.join(p for p in (src, str(HERE), os.environ.get("PYTHONPATH")) if p)
     env = {
         **os.environ,
+        **extra,
         "SAGEMAKER_BASE_DIR": str(base),
         "SAGEMAKER_BIND_TO_PORT": str(port),
         "IMGCLF_BIND_HOST": "127.0.0.1",
         "SAGEMAKER_MODEL_SERVER_WORKERS": str(workers),
-        "PYTHONPATH": f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        "PYTHONPATH": path,
     }
     if handler:
         env["IMGCLF_MMS_HANDLER"] = handler
@@ -116,7 +128,11 @@ def start(
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise SystemExit(f"server failed: see {base / 'serve.log'}")
-        if b"endpoint ready" in (base / "serve.log").read_bytes():
+        text = (base / "serve.log").read_bytes()
+        if b"endpoint ready" in text:
+            batching = re.search(rb"model registered in multi-model-server: ([^\n]*)", text)
+            shown = batching.group(1).decode() if batching else "MMS start-up model, batch size 1"
+            print(f"{base.name}: {shown}", flush=True)
             return proc
         time.sleep(0.5)
     raise SystemExit("server did not start")
@@ -198,6 +214,9 @@ def logged_times(text: bytes) -> dict[str, float]:
 def stage_times(model_dir: Path, images: list[bytes], cpu_runtime: str, rounds: int) -> dict:
     """p50 ms of each stage of our handler, run here as a worker runs it (same threads)."""
     loaded = inference.model_fn(model_dir, device=torch.device("cpu"), cpu_runtime=cpu_runtime)
+    threads = torch.get_num_threads()
+    if loaded.forward.runtime == "onnxruntime":
+        torch.set_num_threads(1)  # as the handler does beside ONNX Runtime
     options = inference.Options()
     stages: dict[str, list[float]] = {"decode": [], "preprocess": [], "model": [], "encode": []}
     with torch.inference_mode():
@@ -216,6 +235,7 @@ def stage_times(model_dir: Path, images: list[bytes], cpu_runtime: str, rounds: 
             if index >= len(images):  # the first round warms up
                 for name, (a, b) in zip(stages, ((t0, t1), (t1, t2), (t2, t3), (t3, t4))):
                     stages[name].append((b - a) * 1000)
+    torch.set_num_threads(threads)
     return {"runtime": loaded.forward.runtime} | {
         name: statistics.median(values) for name, values in stages.items()
     }
@@ -253,11 +273,16 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--servers", default=",".join(SERVERS), help="from " + ",".join(SERVERS))
     parser.add_argument("--split-rounds", type=int, default=8, help="rounds of the stage timing")
+    parser.add_argument(
+        "--before-src", help="the src folder `ours-before` imports imgclf from (e.g. main's)"
+    )
     args = parser.parse_args()
     names = [n for n in args.servers.split(",") if n]
     unknown = set(names) - set(SERVERS)
     if unknown or "naive" not in names:
         raise SystemExit(f"--servers takes naive and some of {', '.join(SERVERS)}")
+    if ("ours-before" in names) != bool(args.before_src):
+        raise SystemExit("ours-before and --before-src go together")
     images = make_images()
     stages = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -266,12 +291,15 @@ def main() -> None:
         procs, ports, logs = [], {}, {}
         try:
             for name in names:
-                handler, cpu_runtime = SERVERS[name]
+                handler, cpu_runtime, extra = SERVERS[name]
                 base = root / name
                 base.mkdir()
                 (base / "model").symlink_to(model_dir)
                 ports[name], logs[name] = free_port(), base / "serve.log"
-                procs.append(start(base, ports[name], args.workers, handler, cpu_runtime))
+                src = args.before_src if name == "ours-before" else None
+                procs.append(
+                    start(base, ports[name], args.workers, handler, cpu_runtime, extra, src)
+                )
             by_conc = {
                 c: measure(ports, images, c, args.requests if c > 1 else args.requests // 3, logs)
                 for c in (1, 16)
@@ -285,7 +313,7 @@ def main() -> None:
         # The stages, timed with the servers stopped, on a worker's share of the CPUs.
         torch.set_num_threads(inference.torch_threads(args.workers))
         for name in names:
-            if name != "naive":
+            if name not in ("naive", "ours-before"):
                 stages[name] = stage_times(model_dir, images, SERVERS[name][1], args.split_rounds)
     print(
         f"machine: {describe()}, "
