@@ -5,9 +5,13 @@ Prints p50/p99 latency and requests/s at concurrency 1 and 16 (bursts of 16 simu
 requests) for a ResNet-50 (random weights, 133 classes like dogImages) on 1600x1200 JPEGs made
 from scikit-learn's sample photographs, and the ratios ours/naive. Every server runs the same
 `serve` entry; `naive` swaps in the seed-style MMS handler, `ours-torch` is ours with
-IMGCLF_CPU_RUNTIME=torch (eager PyTorch), `ours` is the default (ONNX Runtime on CPU). All
-servers run side by side and take turns, one burst each, so a shared machine's changing load
-falls on each alike; only one is busy at a time.
+IMGCLF_CPU_RUNTIME=torch (eager PyTorch), `ours` is the default (ONNX Runtime on CPU, MMS
+batching), `ours-before` is ours imported from --before-src (another checkout's src: before and
+after in one run). `naive` runs at MMS batch size 1, as the seed projects did. All servers run
+side by side and take turns, one burst each, so a shared machine's changing load falls on each
+alike; only one is busy at a time. The client is the same for all: a keep-alive connection per
+client thread. The split below is only meaningful on a quiet machine (it is timed apart from
+the servers, under whatever load there is then).
 
 Then it splits a request's time at concurrency 1, for each of ours: decode, preprocessing, the
 model's forward pass and the answer's encoding are timed in this process on the same images,
