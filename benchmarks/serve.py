@@ -5,9 +5,13 @@ Prints p50/p99 latency and requests/s at concurrency 1 and 16 (bursts of 16 simu
 requests) for a ResNet-50 (random weights, 133 classes like dogImages) on 1600x1200 JPEGs made
 from scikit-learn's sample photographs, and the ratios ours/naive. Every server runs the same
 `serve` entry; `naive` swaps in the seed-style MMS handler, `ours-torch` is ours with
-IMGCLF_CPU_RUNTIME=torch (eager PyTorch), `ours` is the default (ONNX Runtime on CPU). All
-servers run side by side and take turns, one burst each, so a shared machine's changing load
-falls on each alike; only one is busy at a time.
+IMGCLF_CPU_RUNTIME=torch (eager PyTorch), `ours` is the default (ONNX Runtime on CPU, MMS
+batching), `ours-before` is ours imported from --before-src (another checkout's src: before and
+after in one run). `naive` runs at MMS batch size 1, as the seed projects did. All servers run
+side by side and take turns, one burst each, so a shared machine's changing load falls on each
+alike; only one is busy at a time. The client is the same for all: a keep-alive connection per
+client thread. The split below is only meaningful on a quiet machine (it is timed apart from
+the servers, under whatever load there is then).
 
 Then it splits a request's time at concurrency 1, for each of ours: decode, preprocessing, the
 model's forward pass and the answer's encoding are timed in this process on the same images,
@@ -20,6 +24,7 @@ client's p50 latency less the model's p50 (the issue's goal: at most 2 ms).
 from __future__ import annotations
 
 import argparse
+import http.client
 import io
 import os
 import re
@@ -27,8 +32,8 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -37,23 +42,27 @@ from machine import describe
 from PIL import Image
 
 from imgclf import artifacts, models
-from imgclf.contract import CPU_RUNTIME_ENV
+from imgclf.contract import CPU_RUNTIME_ENV, SERVE_BATCH_SIZE_ENV
 from imgclf.serving import inference
 from imgclf.serving.serve import free_port
 
 HERE = Path(__file__).resolve().parent
-# name: (MMS handler module or None for ours, CPU runtime; naive's only runs the entry's preflight)
+# name: (MMS handler module or None for ours, CPU runtime (naive's only runs the entry's
+# preflight), environment). Naive runs as the seed projects deployed it: MMS batch size 1.
 SERVERS = {
-    "naive": ("naive_handler", "torch"),
-    "ours-torch": (None, "torch"),
-    "ours": (None, "auto"),
+    "naive": ("naive_handler", "torch", {SERVE_BATCH_SIZE_ENV: "1"}),
+    "ours-torch": (None, "torch", {}),
+    "ours": (None, "auto", {}),
+    "ours-before": (None, "auto", {}),  # ours from --before-src (e.g. main's src): before/after
 }
 # What MMS logs per request: the worker's handler time, the frontend's worker round trip and
 # its own total (whole milliseconds).
 LOG_TIMES = {
     "handler": re.compile(rb"PredictionTime\.Milliseconds:([0-9.]+)"),
     "worker round trip": re.compile(rb"Backend response time: ([0-9]+)"),
-    "frontend total": re.compile(rb'ACCESS_LOG - \S+ "POST /invocations[^"]*" 200 ([0-9]+)'),
+    "frontend total": re.compile(
+        rb'ACCESS_LOG - \S+ "POST /(?:invocations|predictions/model)[^"]*" 200 ([0-9]+)'
+    ),
 }
 
 
@@ -89,15 +98,23 @@ def make_images() -> list[bytes]:
 
 
 def start(
-    base: Path, port: int, workers: int, handler: str | None, cpu_runtime: str | None
+    base: Path,
+    port: int,
+    workers: int,
+    handler: str | None,
+    cpu_runtime: str | None,
+    extra: dict[str, str],
+    src: str | None = None,
 ) -> subprocess.Popen:
+    path = os.pathsep.join(p for p in (src, str(HERE), os.environ.get("PYTHONPATH")) if p)
     env = {
         **os.environ,
+        **extra,
         "SAGEMAKER_BASE_DIR": str(base),
         "SAGEMAKER_BIND_TO_PORT": str(port),
         "IMGCLF_BIND_HOST": "127.0.0.1",
         "SAGEMAKER_MODEL_SERVER_WORKERS": str(workers),
-        "PYTHONPATH": f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        "PYTHONPATH": path,
     }
     if handler:
         env["IMGCLF_MMS_HANDLER"] = handler
@@ -115,23 +132,42 @@ def start(
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise SystemExit(f"server failed: see {base / 'serve.log'}")
-        if b"endpoint ready" in (base / "serve.log").read_bytes():
+        text = (base / "serve.log").read_bytes()
+        if b"endpoint ready" in text:
+            batching = re.search(rb"model registered in multi-model-server: ([^\n]*)", text)
+            shown = batching.group(1).decode() if batching else "MMS start-up model, batch size 1"
+            print(f"{base.name}: {shown}", flush=True)
             return proc
         time.sleep(0.5)
     raise SystemExit("server did not start")
 
 
+_local = threading.local()
+
+
 def post(port: int, body: bytes) -> float:
+    """One request on this thread's keep-alive connection to `port` (the same client for every
+    server: a connection per client thread, as a load balancer or SDK client keeps them)."""
+    connections = _local.__dict__.setdefault("connections", {})
     start_time = time.perf_counter()
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{port}/invocations",
-        data=body,
-        headers={"Content-Type": "image/jpeg"},
-        method="POST",
-    )
-    with urllib.request.urlopen(request, timeout=120) as response:
-        response.read()
-        assert response.status == 200
+    for attempt in range(2):
+        conn = connections.get(port)
+        if conn is None:
+            conn = connections[port] = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        try:
+            conn.request("POST", "/invocations", body=body, headers={"Content-Type": "image/jpeg"})
+            response = conn.getresponse()
+            response.read()
+            break
+        except (ConnectionError, http.client.HTTPException):
+            conn.close()
+            del connections[port]
+            if attempt:
+                raise
+    assert response.status == 200, response.status
+    if response.getheader("Connection", "").lower() == "close":
+        conn.close()
+        del connections[port]
     return time.perf_counter() - start_time
 
 
@@ -182,6 +218,9 @@ def logged_times(text: bytes) -> dict[str, float]:
 def stage_times(model_dir: Path, images: list[bytes], cpu_runtime: str, rounds: int) -> dict:
     """p50 ms of each stage of our handler, run here as a worker runs it (same threads)."""
     loaded = inference.model_fn(model_dir, device=torch.device("cpu"), cpu_runtime=cpu_runtime)
+    threads = torch.get_num_threads()
+    if loaded.forward.runtime == "onnxruntime":
+        torch.set_num_threads(1)  # as the handler does beside ONNX Runtime
     options = inference.Options()
     stages: dict[str, list[float]] = {"decode": [], "preprocess": [], "model": [], "encode": []}
     with torch.inference_mode():
@@ -200,6 +239,7 @@ def stage_times(model_dir: Path, images: list[bytes], cpu_runtime: str, rounds: 
             if index >= len(images):  # the first round warms up
                 for name, (a, b) in zip(stages, ((t0, t1), (t1, t2), (t2, t3), (t3, t4))):
                     stages[name].append((b - a) * 1000)
+    torch.set_num_threads(threads)
     return {"runtime": loaded.forward.runtime} | {
         name: statistics.median(values) for name, values in stages.items()
     }
@@ -237,11 +277,16 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--servers", default=",".join(SERVERS), help="from " + ",".join(SERVERS))
     parser.add_argument("--split-rounds", type=int, default=8, help="rounds of the stage timing")
+    parser.add_argument(
+        "--before-src", help="the src folder `ours-before` imports imgclf from (e.g. main's)"
+    )
     args = parser.parse_args()
     names = [n for n in args.servers.split(",") if n]
     unknown = set(names) - set(SERVERS)
     if unknown or "naive" not in names:
         raise SystemExit(f"--servers takes naive and some of {', '.join(SERVERS)}")
+    if ("ours-before" in names) != bool(args.before_src):
+        raise SystemExit("ours-before and --before-src go together")
     images = make_images()
     stages = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -250,12 +295,15 @@ def main() -> None:
         procs, ports, logs = [], {}, {}
         try:
             for name in names:
-                handler, cpu_runtime = SERVERS[name]
+                handler, cpu_runtime, extra = SERVERS[name]
                 base = root / name
                 base.mkdir()
                 (base / "model").symlink_to(model_dir)
                 ports[name], logs[name] = free_port(), base / "serve.log"
-                procs.append(start(base, ports[name], args.workers, handler, cpu_runtime))
+                src = args.before_src if name == "ours-before" else None
+                procs.append(
+                    start(base, ports[name], args.workers, handler, cpu_runtime, extra, src)
+                )
             by_conc = {
                 c: measure(ports, images, c, args.requests if c > 1 else args.requests // 3, logs)
                 for c in (1, 16)
@@ -269,7 +317,7 @@ def main() -> None:
         # The stages, timed with the servers stopped, on a worker's share of the CPUs.
         torch.set_num_threads(inference.torch_threads(args.workers))
         for name in names:
-            if name != "naive":
+            if name not in ("naive", "ours-before"):
                 stages[name] = stage_times(model_dir, images, SERVERS[name][1], args.split_rounds)
     print(
         f"machine: {describe()}, "

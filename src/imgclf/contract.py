@@ -45,8 +45,13 @@ SERVE_BODY_TIMEOUT_ENV = "IMGCLF_BODY_TIMEOUT_SECONDS"
 SERVE_IDLE_TIMEOUT_ENV = "IMGCLF_IDLE_TIMEOUT_SECONDS"
 SERVE_MAX_CONNECTIONS_ENV = "IMGCLF_MAX_CONNECTIONS"
 # Where `serve` writes its state as JSON ({"state": starting|ready|failed|stopping|stopped,
-# "reason", "pid", "port"}), replaced atomically at each change; unset: no file (a container).
+# "reason", "pid"}), replaced atomically at each change; unset: no file (a container).
 SERVE_STATE_FILE_ENV = "IMGCLF_STATE_FILE"
+# MMS batching: up to this many concurrent requests reach a worker as one handler call (one
+# forward pass), gathered for at most this many milliseconds after the first (1 = take what is
+# already queued; MMS's own default of 100 would delay every lone request by 100 ms).
+SERVE_BATCH_SIZE_ENV = "IMGCLF_BATCH_SIZE"
+SERVE_BATCH_DELAY_ENV = "IMGCLF_MAX_BATCH_DELAY_MS"
 RESPONSE_FORMAT_ENV = "IMGCLF_RESPONSE_FORMAT"  # the deploy's default answer format
 MMS_WORKERS_ENV = "IMGCLF_WORKERS"  # set by serve for each MMS worker: how to split the CPUs
 # The launcher's state lives here (default .imgclf).

@@ -104,3 +104,33 @@ def test_settings_come_from_the_environment_and_bad_values_are_named():
         serve.read_settings({"SAGEMAKER_MODEL_SERVER_TIMEOUT": "sixty"})
     with pytest.raises(ValueError, match="IMGCLF_RESPONSE_FORMAT"):
         serve.read_settings({"IMGCLF_RESPONSE_FORMAT": "csv"})
+
+
+def test_serve_registers_the_model_with_batching(tmp_path):
+    """MMS 1.1 gives its start-up model a batch size of 1: serve registers it through the
+    management API instead, with the batch size and delay of the environment."""
+    from urllib.parse import parse_qs, urlsplit
+
+    env = {"IMGCLF_MODEL_DIR": str(tmp_path / "model"), "SAGEMAKER_MODEL_SERVER_WORKERS": "2"}
+    settings = serve.read_settings(env)
+    assert (settings.batch_size, settings.max_batch_delay_ms) == (8, 1)
+    settings = serve.read_settings(
+        env | {"IMGCLF_BATCH_SIZE": "4", "IMGCLF_MAX_BATCH_DELAY_MS": "5"}
+    )
+    path = urlsplit(serve.registration_path(settings))
+    query = {k: v[0] for k, v in parse_qs(path.query).items()}
+    assert path.path == "/models"
+    assert query == {
+        "url": "model",
+        "model_name": serve.MODEL_NAME,
+        "batch_size": "4",
+        "max_batch_delay": "5",
+        "initial_workers": "2",
+        "synchronous": "false",
+    }
+    # Not MMS's start-up model, so /invocations would not find it: the front posts here.
+    assert serve.PREDICT_PATH == f"/predictions/{serve.MODEL_NAME}"
+    assert "--models" not in serve.Supervisor(settings, env, tmp_path)._command(tmp_path / "c")
+    for bad in ("0", "-1", "x"):
+        with pytest.raises(ValueError, match="IMGCLF_BATCH_SIZE"):
+            serve.read_settings(env | {"IMGCLF_BATCH_SIZE": bad})

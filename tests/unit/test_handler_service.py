@@ -94,6 +94,36 @@ def test_a_batch_mixes_answers_and_the_seed_format(service):
     assert len(vectors) == 1 and len(vectors[0]) == 3
 
 
+def test_requests_batched_by_mms_get_the_answers_they_get_alone(service):
+    """MMS hands the handler several clients' requests at once (serve registers a batch size):
+    one forward pass, but each answer is that request's own, and a bad one fails alone."""
+    photo = _png((40, 30))
+    two = json.dumps({"instances": [base64.b64encode(_png()).decode()] * 2}).encode()
+    attrs = {"X-Amzn-SageMaker-Custom-Attributes": "probabilities=true"}
+    requests = [
+        (photo, {"Content-Type": "image/png", **attrs}),
+        (b"\xff\xd8 truncated jpeg", {"Content-Type": "image/jpeg"}),
+        (two, {"Content-Type": "application/json", **attrs}),
+        (photo, {"Content-Type": "text/plain"}),
+        (_png(), {"Content-Type": "image/png", **attrs}),
+    ]
+    together = call(service, requests)
+    assert [r[0] for r in together] == [200, 400, 200, 415, 200]
+    for (status, _, body), request in zip(together, requests, strict=True):
+        ((alone_status, _, alone_body),) = call(service, [request])
+        assert status == alone_status
+        if status != 200:
+            assert json.loads(body) == json.loads(alone_body)
+            continue
+        got, want = json.loads(body), json.loads(alone_body)
+        got, want = (got, want) if isinstance(got, list) else ([got], [want])
+        assert len(got) == len(want)
+        for g, w in zip(got, want, strict=True):
+            assert g["predictions"][0]["label"] == w["predictions"][0]["label"]
+            diff = max(abs(a - b) for a, b in zip(g["probabilities"], w["probabilities"]))
+            assert diff <= 1e-5
+
+
 HEADER_NAMES = st.sampled_from(
     ["Content-Type", "content-type", "Accept", "X-Amzn-SageMaker-Custom-Attributes"]
 )

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from imgclf import artifacts, data, models
-from imgclf.serving import front, inference
+from imgclf.serving import front, inference, runtime
 from imgclf.serving.serve import ServeSettings, mms_config_properties
 
 
@@ -60,7 +60,16 @@ def test_serving_preprocessing_is_trainings_eval_preprocessing(tmp_path, loaded)
     serve_side = loaded.transform(
         inference.input_fn(payload, "image/jpeg", draft=pre.resize_size)[0]
     )
-    assert torch.equal(train_side, serve_side)
+    # The handler builds the uint8 crop; the model normalises it (folded into the network).
+    assert serve_side.dtype == torch.uint8
+    unnormalised = data.ImageListDataset(
+        [(str(tmp_path / "x.jpg"), 0)],
+        data.eval_transform(pre, normalize=False),
+        draft=pre.resize_size,
+    )[0][0]
+    assert torch.equal(unnormalised, serve_side)
+    folded = runtime.Normalized(torch.nn.Identity(), pre.mean, pre.std)
+    assert torch.allclose(folded(serve_side[None])[0], train_side, atol=1e-5)
 
 
 def test_predict_returns_probabilities_per_image(loaded):

@@ -215,8 +215,9 @@ class ByteBudget:
 class Upstream:
     """Keep-alive connections to MMS's private inference port."""
 
-    def __init__(self, limits: Limits) -> None:
+    def __init__(self, limits: Limits, path: str = "/invocations") -> None:
         self.port: int | None = None
+        self.path = path  # where requests are posted in MMS
         self._idle: deque[tuple[asyncio.StreamReader, asyncio.StreamWriter, int]] = deque()
         self.slots = asyncio.Semaphore(limits.upstream_concurrency)
 
@@ -497,7 +498,7 @@ class Front:
                     while True:  # MMS restarting: wait for it, within the request's deadline
                         try:
                             status, ctype, payload = await self.upstream.post(
-                                "/invocations", headers, body
+                                self.upstream.path, headers, body
                             )
                             break
                         except ConnectionRefusedError:

@@ -1,10 +1,12 @@
 """The multi-model-server adapter. MMS loads this module and wants exactly one class in it.
 
-Thin by design: decode each request of MMS's batch → one forward pass over all their images →
-encode each answer. Every exception a request's bytes or headers can cause is a 4xx JSON answer;
-our own bugs in the forward pass are logged here with their traceback and answered with a bare
-500, never with the traceback. Reason phrases are fixed ASCII text (see
-inference.reason_phrase).
+Thin by design: decode each request of MMS's batch (serve registers the model with a batch size,
+so concurrent requests arrive together) into its uint8 crops, on as many threads as the worker
+has CPUs, each holding one request's decoded images at a time → one forward pass over all their
+crops → encode each answer on its own: a bad request gets its own 4xx and the others their
+answers. Every exception a request's bytes or headers can cause is a 4xx JSON answer; our own
+bugs in the forward pass are logged here with their traceback and answered with a bare 500,
+never with the traceback. Reason phrases are fixed ASCII text (see inference.reason_phrase).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -31,6 +34,7 @@ class HandlerService:
     def __init__(self) -> None:
         self.loaded: inference.LoadedModel | None = None
         self.default_format = inference.DEFAULT_FORMAT
+        self._pool: ThreadPoolExecutor | None = None  # decodes a batch's requests side by side
 
     def initialize(self, context) -> None:
         fmt = os.environ.get(RESPONSE_FORMAT_ENV) or inference.DEFAULT_FORMAT
@@ -40,7 +44,11 @@ class HandlerService:
             )
         self.default_format = fmt
         workers = int(os.environ.get(MMS_WORKERS_ENV, "1"))
-        torch.set_num_threads(inference.torch_threads(workers))
+        threads = inference.torch_threads(workers)
+        torch.set_num_threads(threads)
+        if threads > 1:
+            # At most `threads` requests' decoded images are held at once (one each).
+            self._pool = ThreadPoolExecutor(threads, thread_name_prefix="decode")
         model_dir = context.system_properties.get("model_dir")
         gpu = context.system_properties.get("gpu_id")
         device = (
@@ -51,6 +59,10 @@ class HandlerService:
         self.loaded = inference.model_fn(
             model_dir, device=device, cpu_runtime=os.environ.get(CPU_RUNTIME_ENV, runtime.AUTO)
         )
+        if self.loaded.forward.runtime == runtime.ONNXRUNTIME:
+            # ONNX Runtime has its own threads; what is left for torch (stacking crops,
+            # softmax, top-k) is tiny, and idle OpenMP threads spinning would take CPU from it.
+            torch.set_num_threads(1)
         log.info("model loaded from %s on %s (%s)", model_dir, device, self.loaded.forward.runtime)
 
     def handle(self, data, context):
@@ -58,48 +70,29 @@ class HandlerService:
             return None
         loaded = self.loaded
         answers: list[bytes | None] = [None] * len(data)
-        work = []  # (request index, images, options, accept, is_batch)
-        for idx, request in enumerate(data):
-            try:
-                headers = _headers(context, idx)
-                if loaded is None:
-                    raise inference.RequestError(
-                        503, "the model is not loaded", "see the endpoint's log"
-                    )
-                body = request.get("body")
-                if body is None:
-                    body = request.get("data") or b""
-                body = bytes(body) if not isinstance(body, str) else body.encode()
-                content_type = headers.get("content-type")
-                accept = headers.get("accept")
-                options = inference.parse_options(
-                    headers.get("x-amzn-sagemaker-custom-attributes"),
-                    loaded.num_classes,
-                    accept_format=inference.check_accept(accept),
-                    default_format=self.default_format,
-                )
-                images = inference.input_fn(body, content_type, draft=loaded.preprocess.resize_size)
-                is_batch = inference.media_type(content_type) == inference.JSON_TYPE
-                work.append((idx, images, options, accept, is_batch))
-            except MemoryError:
-                raise  # the worker cannot go on; MMS restarts it
-            except Exception as exc:
-                if not isinstance(exc, inference.RequestError):
-                    # Caused by this request's bytes or headers, so a 4xx; logged as our bug.
-                    log.exception("request %d could not be read", idx)
-                    exc = inference.RequestError(
-                        400, "the request could not be read", "check its headers and body"
-                    )
-                answers[idx] = exc.body()
-                context.set_response_status(exc.status, exc.reason, idx=idx)
+        work = []  # (request index, crops, options, accept, is_batch)
+        jobs = list(enumerate(data))
+        if self._pool is not None and len(jobs) > 1:
+            # The requests of an MMS batch are decoded side by side: the decoder and the resize
+            # release the GIL, and the model's threads are idle until they are done.
+            results = list(self._pool.map(lambda job: _read_request(self, *job, context), jobs))
+        else:
+            results = [_read_request(self, idx, request, context) for idx, request in jobs]
+        for idx, result in enumerate(results):
+            if isinstance(result, inference.RequestError):
+                answers[idx] = result.body()
+                context.set_response_status(result.status, result.reason, idx=idx)
                 context.set_response_content_type(idx, inference.JSON_TYPE)
+            else:
+                work.append(result)
         if work:
             try:
-                probs = inference.predict_fn([im for _, ims, *_ in work for im in ims], loaded)
+                crops = work[0][1] if len(work) == 1 else torch.cat([w[1] for w in work])
+                probs = inference.predict_batch(crops, loaded)
                 start = 0
-                for idx, images, options, accept, is_batch in work:
-                    rows = probs[start : start + len(images)]
-                    start += len(images)
+                for idx, crops, options, accept, is_batch in work:
+                    rows = probs[start : start + len(crops)]
+                    start += len(crops)
                     body, content_type = inference.output_fn(
                         rows, loaded.labels, accept=accept, options=options, batch=is_batch
                     )
@@ -112,6 +105,42 @@ class HandlerService:
                     context.set_response_status(500, inference.reason_phrase(500), idx=idx)
                     context.set_response_content_type(idx, inference.JSON_TYPE)
         return answers
+
+
+def _read_request(service: HandlerService, idx: int, request, context):
+    """One request of the batch → (idx, uint8 crops, options, accept, is_batch), or the
+    RequestError to answer it with."""
+    loaded = service.loaded
+    try:
+        headers = _headers(context, idx)
+        if loaded is None:
+            raise inference.RequestError(503, "the model is not loaded", "see the endpoint's log")
+        body = request.get("body")
+        if body is None:
+            body = request.get("data") or b""
+        body = bytes(body) if not isinstance(body, str) else body.encode()
+        content_type = headers.get("content-type")
+        accept = headers.get("accept")
+        options = inference.parse_options(
+            headers.get("x-amzn-sagemaker-custom-attributes"),
+            loaded.num_classes,
+            accept_format=inference.check_accept(accept),
+            default_format=service.default_format,
+        )
+        images = inference.input_fn(body, content_type, draft=loaded.preprocess.resize_size)
+        crops = inference.prepare(images, loaded)  # the decoded images are dropped here
+        is_batch = inference.media_type(content_type) == inference.JSON_TYPE
+        return idx, crops, options, accept, is_batch
+    except MemoryError:
+        raise  # the worker cannot go on; MMS restarts it
+    except inference.RequestError as exc:
+        return exc
+    except Exception:
+        # Caused by this request's bytes or headers, so a 4xx; logged as our bug.
+        log.exception("request %d could not be read", idx)
+        return inference.RequestError(
+            400, "the request could not be read", "check its headers and body"
+        )
 
 
 def _headers(context, idx: int) -> dict[str, str]:

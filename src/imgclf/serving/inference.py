@@ -102,9 +102,9 @@ class LoadedModel:
     model: torch.nn.Module  # the eager network (what `forward` was built from and checked on)
     labels: list[str]
     preprocess: data.Preprocess
-    transform: object
+    transform: object  # image → uint8 CHW crop (training's eval transform, before Normalize)
     device: torch.device
-    forward: runtime.Forward  # batch → logits, on the runtime the deployment chose
+    forward: runtime.Forward  # uint8 batch → logits (normalises inside), on the chosen runtime
 
     @property
     def num_classes(self) -> int:
@@ -143,8 +143,15 @@ def model_fn(
         ) from None
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device).eval()
-    forward = runtime.build_forward(model, device, choice=cpu_runtime, image_size=pre.image_size)
-    return LoadedModel(model, art.labels, pre, data.eval_transform(pre), device, forward)
+    forward = runtime.build_forward(
+        model,
+        device,
+        choice=cpu_runtime,
+        image_size=pre.image_size,
+        normalize=(pre.mean, pre.std),
+    )
+    transform = data.eval_transform(pre, normalize=False)
+    return LoadedModel(model, art.labels, pre, transform, device, forward)
 
 
 def media_type(header: str | None) -> str:
@@ -402,11 +409,24 @@ def parse_options(
     return Options(min(topk, num_classes), full, fmt)
 
 
+def prepare(images: list[Image.Image], loaded: LoadedModel) -> torch.Tensor:
+    """Images → the model's uint8 input batch [N, 3, size, size] (small: the decoded images
+    can be dropped as soon as this returns)."""
+    return torch.stack([loaded.transform(image) for image in images])
+
+
 @torch.inference_mode()
+def predict_batch(batch: torch.Tensor, loaded: LoadedModel) -> torch.Tensor:
+    """Forward passes of at most MAX_IMAGES images (one pass for one request's images; MMS
+    batches of several requests stay within the memory one full JSON request takes):
+    softmax probabilities [N, classes], float32 on CPU."""
+    logits = [loaded.forward(part) for part in batch.split(MAX_IMAGES)]
+    return torch.softmax(logits[0] if len(logits) == 1 else torch.cat(logits), dim=1)
+
+
 def predict_fn(images: list[Image.Image], loaded: LoadedModel) -> torch.Tensor:
-    """One forward pass over every image: softmax probabilities [N, classes], float32 on CPU."""
-    batch = torch.stack([loaded.transform(image) for image in images])
-    return torch.softmax(loaded.forward(batch), dim=1)
+    """Probabilities [N, classes] of the images, float32 on CPU."""
+    return predict_batch(prepare(images, loaded), loaded)
 
 
 def prediction(probs: torch.Tensor, labels: list[str], options: Options) -> dict:

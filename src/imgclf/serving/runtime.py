@@ -6,6 +6,11 @@ artifact's own files is read from the model directory and nothing is written the
 ONNX Runtime path is used it must agree with eager PyTorch on a probe batch (same top-1,
 probabilities within PARITY_ATOL); otherwise `auto` falls back to eager PyTorch, and an explicit
 `onnxruntime` fails with the reason. GPU endpoints always run PyTorch on the GPU.
+
+With `normalize=(mean, std)` the network takes uint8 images (NCHW, 0..255) and the float
+conversion and normalisation run inside it (in the ONNX graph, or in eager PyTorch on the model's
+device): the handler then builds only uint8 crops, and no PyTorch elementwise pass runs per
+request on the CPU.
 """
 
 from __future__ import annotations
@@ -32,7 +37,8 @@ PROBE_BATCH = 3  # images in the parity probe: not the export's batch, so it pro
 
 @dataclass(frozen=True)
 class Forward:
-    """A network ready to run: float32 NCHW batch on the CPU → logits, float32 on the CPU."""
+    """A network ready to run: NCHW batch on the CPU (float32, or uint8 when built with
+    `normalize`) → logits, float32 on the CPU."""
 
     runtime: str
     run: Callable[[torch.Tensor], torch.Tensor]
@@ -65,6 +71,22 @@ def resolve(choice: str, device: torch.device, *, onnxruntime_available: bool) -
     return TORCH
 
 
+class Normalized(torch.nn.Module):
+    """uint8 NCHW images → `model` of the normalised float images: ToTensor and Normalize's
+    (x / 255 - mean) / std, folded into one multiply-add."""
+
+    def __init__(self, model: torch.nn.Module, mean, std) -> None:
+        super().__init__()
+        self.model = model
+        std_t = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+        mean_t = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self.register_buffer("scale", 1.0 / (255.0 * std_t))
+        self.register_buffer("shift", -mean_t / std_t)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images.float() * self.scale + self.shift)
+
+
 def torch_forward(model: torch.nn.Module, device: torch.device) -> Forward:
     """Eager PyTorch in channels_last: the faster convolution layout on CPU (oneDNN) and on
     tensor cores alike. The model must already be on `device` and in eval mode."""
@@ -78,14 +100,14 @@ def torch_forward(model: torch.nn.Module, device: torch.device) -> Forward:
     return Forward(TORCH, run)
 
 
-def export_onnx(model: torch.nn.Module, image_size: int) -> bytes:
+def export_onnx(model: torch.nn.Module, image_size: int, *, dtype=torch.float32) -> bytes:
     """The eval-mode network as an ONNX graph with a dynamic batch axis, in memory.
 
     torch's TorchScript-based exporter: measured here it readies a ResNet-50 several times
     faster than the torch.export-based one (which also needs onnxscript), and a worker pays
     this at every start. torch marks it deprecated; should a later torch drop it, `auto`
     serves with eager PyTorch (the parity test in tests/unit/test_runtime.py then fails)."""
-    example = torch.zeros(1, 3, image_size, image_size)
+    example = torch.zeros(1, 3, image_size, image_size, dtype=dtype)
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the deprecation notice, once per worker
@@ -107,12 +129,7 @@ def onnxruntime_forward(graph: bytes, threads: int) -> Forward:
     """An ONNX Runtime CPU session over `graph` with `threads` intra-op threads."""
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3  # errors only; its warnings on node placement are noise
+    options = session_options(ort, threads)
     session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
 
@@ -123,10 +140,24 @@ def onnxruntime_forward(graph: bytes, threads: int) -> Forward:
     return Forward(ONNXRUNTIME, run)
 
 
-def probe_batch(image_size: int) -> torch.Tensor:
-    """Fixed, image-like inputs (normalised values in roughly [-2, 2.6]) for the parity probe."""
+def session_options(ort, threads: int):
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3  # errors only; its warnings on node placement are noise
+    return options
+
+
+def probe_batch(image_size: int, *, uint8: bool = False) -> torch.Tensor:
+    """Fixed, image-like inputs for the parity probe: normalised values in roughly [-2, 2.6],
+    or uint8 pixels."""
     generator = torch.Generator().manual_seed(17)
-    return torch.rand(PROBE_BATCH, 3, image_size, image_size, generator=generator) * 4.6 - 2.0
+    shape = (PROBE_BATCH, 3, image_size, image_size)
+    if uint8:
+        return torch.randint(0, 256, shape, generator=generator, dtype=torch.uint8)
+    return torch.rand(shape, generator=generator) * 4.6 - 2.0
 
 
 def parity_problem(reference: torch.Tensor, candidate: torch.Tensor) -> str | None:
@@ -149,16 +180,21 @@ def build_forward(
     choice: str = AUTO,
     image_size: int,
     threads: int | None = None,
+    normalize: tuple | None = None,
 ) -> Forward:
     """The runtime `choice` resolves to, checked against eager PyTorch on a probe batch.
-    `model` is in eval mode on `device`; `threads` defaults to torch's own thread count."""
+    `model` is in eval mode on `device`; `threads` defaults to torch's own thread count.
+    `normalize=(mean, std)`: the Forward takes uint8 images and normalises them itself."""
     runtime = resolve(choice, device, onnxruntime_available=onnxruntime_installed())
+    if normalize is not None:
+        model = Normalized(model, *normalize).to(device).eval()
     if runtime == TORCH:
         return torch_forward(model, device)
     try:
-        graph = export_onnx(model, image_size)
+        uint8 = normalize is not None
+        graph = export_onnx(model, image_size, dtype=torch.uint8 if uint8 else torch.float32)
         candidate = onnxruntime_forward(graph, threads or torch.get_num_threads())
-        probe = probe_batch(image_size)
+        probe = probe_batch(image_size, uint8=uint8)
         with torch.inference_mode():
             reference = model(probe)
         problem = parity_problem(reference, candidate(probe))

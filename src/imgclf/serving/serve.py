@@ -25,9 +25,11 @@ Why not sagemaker-inference's `start_model_server`: it writes /etc/sagemaker-mms
 (root only), binds the management API to 0.0.0.0, pip-installs a requirements.txt found in the
 model at start-up, and its Transformer puts tracebacks in error responses.
 
-MMS 1.1 routes /invocations to its start-up model and gives that model a batch size of 1.
-Several images share one forward pass when they come in one JSON request; concurrent requests
-are spread over the workers.
+MMS 1.1 gives the model it loads at start-up (`--models`) a batch size of 1, so serve starts
+MMS with no model and registers it through the management API with `batch_size` and
+`max_batch_delay` (IMGCLF_BATCH_SIZE, IMGCLF_MAX_BATCH_DELAY_MS): concurrent requests then reach
+a worker together and share one forward pass, each still answered on its own. A model
+registered that way is not MMS's start-up model, so the front posts to `/predictions/model`.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,6 +59,8 @@ from imgclf.contract import (
     DEFAULT_BASE_DIR,
     MMS_WORKERS_ENV,
     RESPONSE_FORMAT_ENV,
+    SERVE_BATCH_DELAY_ENV,
+    SERVE_BATCH_SIZE_ENV,
     SERVE_BIND_HOST_ENV,
     SERVE_BODY_TIMEOUT_ENV,
     SERVE_DRAIN_ENV,
@@ -77,6 +82,7 @@ from imgclf.util import cpu_count, write_json
 log = logging.getLogger("imgclf.serve")
 
 MODEL_NAME = "model"
+PREDICT_PATH = f"/predictions/{MODEL_NAME}"  # where the front posts requests in MMS
 HANDLER = "imgclf.serving.handler_service"
 MAX_REQUEST_BYTES = 6 * 1024 * 1024
 # Headroom over the 6 MB limit for the framing of a request that is exactly 6 MB (the front
@@ -104,6 +110,8 @@ class ServeSettings:
     recover_after_s: float = 20.0  # IMGCLF_RECOVER_SECONDS: no worker ready this long: restart
     max_restarts: int = 3  # restarts in a row that do not bring a worker back: exit 1
     response_format: str = "predictions"  # IMGCLF_RESPONSE_FORMAT: the default answer format
+    batch_size: int = 8  # IMGCLF_BATCH_SIZE: requests per handler call (one forward pass)
+    max_batch_delay_ms: int = 1  # IMGCLF_MAX_BATCH_DELAY_MS: wait for more after the first
     limits: front.Limits = front.Limits()  # the front's timeouts and caps (IMGCLF_*, below)
 
 
@@ -147,6 +155,8 @@ def read_settings(environ) -> ServeSettings:
         drain_s=_number(environ, SERVE_DRAIN_ENV, "30", float),
         recover_after_s=_number(environ, SERVE_RECOVER_ENV, "20", float),
         response_format=fmt,
+        batch_size=_number(environ, SERVE_BATCH_SIZE_ENV, "8"),
+        max_batch_delay_ms=_number(environ, SERVE_BATCH_DELAY_ENV, "1"),
         limits=front.Limits(
             request_timeout_s=_number(environ, SERVE_TIMEOUT_ENV, "60", float),
             header_timeout_s=_number(environ, SERVE_HEADER_TIMEOUT_ENV, "10", float),
@@ -185,6 +195,22 @@ def mms_config_properties(
         "async_logging": "true",
     }
     return "".join(f"{k}={v}\n" for k, v in props.items())
+
+
+def registration_path(settings: ServeSettings) -> str:
+    """The management API call that loads the model with batching (pure). `url` is the model's
+    directory in the model store; the response timeout is left to the config file's seconds
+    key (the API's `response_timeout` is in minutes); not synchronous: serve polls the workers.
+    """
+    query = {
+        "url": settings.model_dir.name,
+        "model_name": MODEL_NAME,
+        "batch_size": settings.batch_size,
+        "max_batch_delay": settings.max_batch_delay_ms,
+        "initial_workers": settings.workers,
+        "synchronous": "false",
+    }
+    return "/models?" + urllib.parse.urlencode(query)
 
 
 def free_port(low: int = 20000, high: int = 32000) -> int:
@@ -303,12 +329,18 @@ def raise_fd_limit(wanted: int = 65536) -> None:
 # ---------------------------------------------------------------- the supervisor
 
 
-async def _get(port: int, path: str, timeout: float = 2.0) -> tuple[int, bytes]:
-    """GET from MMS's management API (which keeps connections open: read by length)."""
+async def _get(
+    port: int, path: str, timeout: float = 2.0, *, method: str = "GET"
+) -> tuple[int, bytes]:
+    """GET (or another bodiless method) from MMS's management API (which keeps connections
+    open: read by length)."""
     async with asyncio.timeout(timeout):
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         try:
-            request = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+            request = (
+                f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n"
+                "Connection: close\r\n\r\n"
+            )
             writer.write(request.encode())
             status, headers = front.parse_response_head(await reader.readuntil(b"\r\n\r\n"))
             body = await reader.readexactly(int(headers.get("content-length", "0")))
@@ -325,7 +357,7 @@ class Supervisor:
         self.pgid = os.getpgid(0)
         self.proc: subprocess.Popen | None = None
         self.management_port: int | None = None
-        self.upstream = front.Upstream(front_limits(settings))
+        self.upstream = front.Upstream(front_limits(settings), PREDICT_PATH)
         self.restarting = True
         self.runs = 0
         self._probe: tuple[float, bool, str] = (0.0, False, "starting")
@@ -347,9 +379,7 @@ class Supervisor:
             str(config),
             "--model-store",
             str(self.settings.model_dir.parent),
-            "--models",
-            f"{MODEL_NAME}={self.settings.model_dir.name}",
-        ]
+        ]  # no --models: start_mms registers the model with batching (see the docstring)
 
     async def start_mms(self, timeout_s: float) -> None:
         """Start MMS on fresh private ports; return once its workers have loaded the model."""
@@ -384,9 +414,15 @@ class Supervisor:
         )
         self.management_port, self._inference_port = management_port, inference_port
         deadline = time.monotonic() + timeout_s
+        registered = False
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"multi-model-server exited with {self.proc.returncode}")
+            if not registered:
+                registered = await self._register()
+                if not registered:
+                    await asyncio.sleep(0.25)
+                    continue
             ok, _ = await self.probe(max_age=0)
             if ok and self._ready_count >= self.settings.workers:
                 break
@@ -394,6 +430,23 @@ class Supervisor:
         else:
             raise RuntimeError("the model's workers did not start in time")
         self._ready_again()
+
+    async def _register(self) -> bool:
+        """Register the model with batching; False while the management API is not up yet."""
+        try:
+            status, body = await _get(
+                self.management_port, registration_path(self.settings), 10.0, method="POST"
+            )
+        except (OSError, TimeoutError, ValueError, IndexError, EOFError):
+            return False
+        if status not in (200, 202, 409):  # 409: registered already (an answer lost)
+            raise RuntimeError(f"multi-model-server refused the model ({status}): {body[:300]!r}")
+        log.info(
+            "model registered in multi-model-server: batch size %d, max batch delay %d ms",
+            self.settings.batch_size,
+            self.settings.max_batch_delay_ms,
+        )
+        return True
 
     def _ready_again(self) -> None:
         self.upstream.retarget(self._inference_port)
