@@ -82,7 +82,6 @@ class HandlerService:
             if isinstance(result, inference.RequestError):
                 answers[idx] = result.body()
                 context.set_response_status(result.status, result.reason, idx=idx)
-                context.set_response_content_type(idx, inference.JSON_TYPE)
             else:
                 work.append(result)
         if work:
@@ -97,14 +96,23 @@ class HandlerService:
                         rows, loaded.labels, accept=accept, options=options, batch=is_batch
                     )
                     answers[idx] = body
-                    context.set_response_content_type(idx, content_type)
+                    _set_content_type(context, idx, content_type)
             except Exception:
                 log.exception("prediction failed")
                 for idx, *_ in work:
                     answers[idx] = _INTERNAL
                     context.set_response_status(500, inference.reason_phrase(500), idx=idx)
-                    context.set_response_content_type(idx, inference.JSON_TYPE)
         return answers
+
+
+def _set_content_type(context, idx: int, content_type: str) -> None:
+    """Only a content type other than JSON (the front's default) travels as a response header:
+    MMS 1.1's Java decoder fails a whole batch's frame when a worker's answer arrives split
+    inside the per-request header map (CodecUtils.readMap does not wait for the rest; seen as
+    "Invalid message size: -3" and a restarted worker under load), so every JSON answer goes
+    with an empty map."""
+    if content_type != inference.JSON_TYPE:
+        context.set_response_content_type(idx, content_type)
 
 
 def _read_request(service: HandlerService, idx: int, request, context):
