@@ -8,6 +8,7 @@ import dataclasses
 import json
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from imgclf.cli.common import home, print_table
@@ -276,10 +277,9 @@ def cmd_invoke(args) -> int:
 
     paths = [Path(image) for image in args.images]
     sent = _send_all(target, endpoint, paths, attributes, batch=args.batch)
-    if sent is None:
-        return 1
-    results = [show(p, status, answer) for p, (status, answer) in zip(paths, sent, strict=True)]
-    return 0 if all(results) else 1
+    # each answer is printed as it comes (one request per image unless --batch)
+    results = [show(p, status, answer) for p, (status, answer) in zip(paths, sent, strict=False)]
+    return 0 if len(results) == len(paths) and all(results) else 1
 
 
 def _read(path: Path) -> bytes:
@@ -291,19 +291,17 @@ def _read(path: Path) -> bytes:
 
 def _send_all(
     target: Target, endpoint: EndpointInfo, paths: list[Path], attributes: str, *, batch: bool
-) -> list[tuple[int, dict]] | None:
-    """(status, answer) per image: one request each, or with `batch` one JSON request (one
-    forward pass) of {"instances": [base64 image, ...]}; None when that one request failed."""
+) -> Iterator[tuple[int, dict]]:
+    """(status, answer) per image, as each comes back: one request each, or with `batch` one
+    JSON request (one forward pass) of {"instances": [base64 image, ...]}, which yields nothing
+    when it failed (said here)."""
     if not batch:
-        return [
-            target.invoke(
-                endpoint,
-                _read(p),
-                content_type=CONTENT_TYPES.get(p.suffix.lower(), "application/octet-stream"),
-                custom_attributes=attributes,
+        for p in paths:
+            content_type = CONTENT_TYPES.get(p.suffix.lower(), "application/octet-stream")
+            yield target.invoke(
+                endpoint, _read(p), content_type=content_type, custom_attributes=attributes
             )
-            for p in paths
-        ]
+        return
     images = [base64.b64encode(_read(p)).decode("ascii") for p in paths]
     status, answer = target.invoke(
         endpoint,
@@ -313,8 +311,8 @@ def _send_all(
     )
     if status != 200:
         print(f"error {status}: {answer.get('error')} ({answer.get('hint')})")
-        return None
-    return [(200, a) for a in answer]
+        return
+    yield from ((200, a) for a in answer)
 
 
 # ---------------------------------------------------------------- debug / report

@@ -219,14 +219,24 @@ def read_state(base: Path) -> dict:
     return doc if isinstance(doc, dict) else {}
 
 
+def _last_line(log_file: Path) -> str:
+    """The log's last line (the folder, log included, is removed after a failed start)."""
+    try:
+        lines = [x for x in log_file.read_text(errors="replace").splitlines() if x.strip()]
+    except OSError:
+        lines = []
+    return lines[-1][-300:] if lines else "no log"
+
+
 def _wait_ready(endpoint: Endpoint, proc: subprocess.Popen, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        state = read_state(endpoint.base)
-        if proc.poll() is not None or state.get("state") == "failed":
-            if proc.poll() is None:  # failed, and stopping: let it finish
+        exited = proc.poll() is not None
+        state = read_state(endpoint.base)  # after the exit check: a failed serve wrote it first
+        if exited or state.get("state") == "failed":
+            if not exited:  # failed, and stopping: let it finish
                 stop_endpoint(endpoint, grace=10)
-            reason = state.get("reason") or f"it exited; see {endpoint.log_file}"
+            reason = state.get("reason") or f"it exited: {_last_line(endpoint.log_file)}"
             shutil.rmtree(endpoint.base, ignore_errors=True)
             raise UserError(f"endpoint {endpoint.name} did not start: {reason}")
         if state.get("state") == "ready" and ping(endpoint.port):

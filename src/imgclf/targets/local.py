@@ -94,6 +94,8 @@ class LocalTarget:
         from imgclf.tuning import local as tuner
         from imgclf.tuning import results
 
+        if request.refine and request.storage:
+            raise UserError("--refine works with the default storage (SQLite in the tuning dir)")
         out = request.out or self.home / "tuning" / new_job_name("tune")
         space = request.space
         if parse_bool(space.static.get("features_cache", "false")):  # one cache for all trials
@@ -110,10 +112,6 @@ class LocalTarget:
         )
         refined: tuple[dict, ...] = ()
         if request.refine:
-            if request.storage:
-                raise UserError(
-                    "--refine works with the default storage (SQLite in the tuning dir)"
-                )
             best = results.refine(
                 space, data_dir=Path(request.data), out_dir=out, count=request.refine
             )
