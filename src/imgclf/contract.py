@@ -20,6 +20,9 @@ BASE_DIR_ENV = "SAGEMAKER_BASE_DIR"
 # "1": no report.html at the end of a job (the local tuner's trials: it writes the best trial's
 # report once, and `launch.py report JOB` writes any other's later).
 NO_REPORT_ENV = "IMGCLF_NO_REPORT"
+# A tuning run's answer, on either target: {"hyperparameters", "objective", "trial", ...}, what
+# `launch.py train --hp-from` reads.
+BEST_FILE = "best.json"
 # smdebug collections and how often (steps) each is saved: our hook's defaults and what
 # `--sagemaker-debugger` asks SageMaker Debugger for (one table for both).
 DEBUG_COLLECTIONS = {"losses": 1, "gradients": 10, "weights": 10}

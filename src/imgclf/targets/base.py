@@ -56,6 +56,12 @@ class BestTrial:
     value: float | None
     file: Path  # best.json: `launch.py train --hp-from` reads it
 
+    @classmethod
+    def from_doc(cls, doc: dict, file: Path) -> BestTrial:
+        """From best.json's document (both targets write the same shape)."""
+        objective = doc["objective"]
+        return cls(str(doc["trial"]), objective["metric"], objective["value"], file)
+
 
 @dataclass(frozen=True)
 class TuningResult:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from imgclf import jobs
-from imgclf.contract import HOME_ENV
+from imgclf.contract import BEST_FILE, HOME_ENV
 from imgclf.errors import UserError
 from imgclf.targets import docker, endpoints
 from imgclf.targets.base import (
@@ -118,7 +118,7 @@ class LocalTarget:
             refined = tuple(json.loads((out / results.REFINED_FILE).read_text()))
         status = self.tuning_status(out, request.storage)
         return dataclasses.replace(
-            status, best=_best_trial(best, out / results.BEST_FILE), refined=refined
+            status, best=BestTrial.from_doc(best, out / BEST_FILE), refined=refined
         )
 
     def tuning_status(self, out: Path, storage: str | None = None) -> TuningResult:
@@ -230,13 +230,4 @@ def _container_info(container: docker.ContainerEndpoint, state: str | None = Non
         url=container.url,
         log=f"docker logs {container.container}",
         port=container.port,
-    )
-
-
-def _best_trial(best: dict, file: Path) -> BestTrial:
-    return BestTrial(
-        trial=str(best["trial"]),
-        metric=best["objective"]["metric"],
-        value=best["objective"]["value"],
-        file=file,
     )

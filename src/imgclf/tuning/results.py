@@ -9,12 +9,12 @@ from pathlib import Path
 
 from imgclf import jobs
 from imgclf.artifacts import write_json
+from imgclf.contract import BEST_FILE
 from imgclf.errors import UserError
 from imgclf.tuning.monitor import trial_table
 from imgclf.tuning.space import TuningSpace, trial_hyperparameters
 from imgclf.tuning.study import STUDY_NAME, default_storage, study_storage
 
-BEST_FILE = "best.json"
 REFINED_FILE = "refined.json"
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from imgclf.contract import BEST_FILE
 from imgclf.errors import UserError
 from imgclf.targets import sagemaker as sm
 from imgclf.targets.base import (
@@ -92,14 +93,8 @@ class SageMakerTarget:
             return TuningResult(name, ok=False, failure=why, **table)
         best = sm.best_from_tuning(desc)
         out = request.out or self.options.home / "tuning" / name
-        write_json(out / "best.json", best)
-        trial = BestTrial(
-            best["trial"],
-            best["objective"]["metric"],
-            best["objective"]["value"],
-            out / "best.json",
-        )
-        return TuningResult(name, ok=True, best=trial, **table)
+        write_json(out / BEST_FILE, best)
+        return TuningResult(name, ok=True, best=BestTrial.from_doc(best, out / BEST_FILE), **table)
 
     def deploy(self, request: DeployRequest) -> EndpointInfo:
         if request.docker:
