@@ -8,6 +8,7 @@ import pytest
 
 from imgclf.serving.serve import free_port
 from tests.conftest import FAST_HPS, hp_args, run_launch
+from tests.integration.serving_client import post
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(2400)]
 
@@ -28,7 +29,7 @@ def test_train_deploy_invoke_and_delete_with_docker(engine, images, tiny_digits,
     port = free_port()
     deployed = run_launch(
         "deploy", "--docker", images.serve, "--model", str(job / "model"), "--name", "dk",
-        "--port", str(port), home=tmp_path,
+        "--port", str(port), "--response-format", "vectors", home=tmp_path,
     )  # fmt: skip
     container = "imgclf-endpoint-dk"
     try:
@@ -47,7 +48,13 @@ def test_train_deploy_invoke_and_delete_with_docker(engine, images, tiny_digits,
         image = sorted((tiny_digits / "test").rglob("*.png"))[0]
         invoked = run_launch("invoke", "--endpoint", "dk", str(image), home=tmp_path)
         assert invoked.returncode == 0, invoked.stdout + invoked.stderr
-        assert "probability" in invoked.stdout
+        assert "probability" in invoked.stdout  # invoke asks for the format it prints
+        # The deploy's default format reached serve in the container: a plain client gets
+        # the seed projects' vectors, one row of probabilities per image.
+        status, raw = post(f"http://127.0.0.1:{port}", image.read_bytes(), "image/png")
+        assert status == 200, raw[:300]
+        rows = json.loads(raw)
+        assert len(rows) == 1 and len(rows[0]) == 10 and abs(sum(rows[0]) - 1) < 1e-4
     finally:
         deleted = run_launch("delete", "dk", home=tmp_path)
     assert deleted.returncode == 0, deleted.stdout + deleted.stderr

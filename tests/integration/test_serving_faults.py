@@ -374,3 +374,14 @@ def test_the_seed_clients_three_lines_work_unchanged(endpoint, model_dir):
     assert status == 200
     top = json.loads(raw)["predictions"][0]
     assert top["index"] == int(pred[0]) and top["label"] == loaded.labels[int(pred[0])]
+
+
+def test_the_launchers_invoke_reads_a_vectors_endpoint(endpoint, home, tmp_path):
+    """`launch.py invoke` asks for the format it prints, whatever the deploy's default."""
+    image = tmp_path / "dog.jpg"
+    image.write_bytes(jpeg(seed=3))
+    invoked = run_launch("invoke", "--endpoint", "faults", str(image), "--topk", "2", home=home)
+    assert invoked.returncode == 0, invoked.stdout + invoked.stderr
+    rows = [line for line in invoked.stdout.splitlines() if line.startswith("  class")]
+    assert len(rows) == 2, invoked.stdout
+

@@ -53,6 +53,19 @@ def test_serving_container_is_bound_to_loopback_with_the_model_read_only(tmp_pat
     assert ("-v", f"{tmp_path / 'model'}:/opt/ml/model:ro") in pairs
     assert ("-e", "IMGCLF_BIND_HOST=127.0.0.1") in pairs
     assert ("-e", "SAGEMAKER_BIND_TO_PORT=8123") in pairs
+    assert not any(v.startswith("IMGCLF_RESPONSE_FORMAT=") for v in cmd)  # the image's default
+
+
+def test_serving_container_gets_the_deploys_response_format(tmp_path):
+    """`deploy --docker --response-format vectors` reaches serve inside the container, as the
+    process endpoint's environment and a SageMaker model's Environment carry it."""
+    endpoint = docker.ContainerEndpoint("e", 8123, "imgclf-serve:abc", tmp_path, "m")
+    cmd = docker.serve_container_command(
+        endpoint, tmp_path / "model", gpus=False, response_format="vectors"
+    )
+    pairs = list(zip(cmd, cmd[1:]))
+    assert ("-e", "IMGCLF_RESPONSE_FORMAT=vectors") in pairs
+    assert cmd.index("IMGCLF_RESPONSE_FORMAT=vectors") < cmd.index("imgclf-serve:abc")
 
 
 def test_docker_without_an_engine_is_a_clear_error(tmp_path, tiny_digits):

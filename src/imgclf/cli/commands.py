@@ -262,7 +262,10 @@ def cmd_invoke(args) -> int:
 
     target = open_target(args)
     endpoint = target.pick_endpoint(args.endpoint)
-    attributes = f"topk={args.topk}" + (",probabilities=true" if args.probabilities else "")
+    # The format this command reads, whatever the endpoint's default (`--response-format`).
+    attributes = f"topk={args.topk},format=predictions" + (
+        ",probabilities=true" if args.probabilities else ""
+    )
 
     def show(path: Path, status: int, answer: dict) -> bool:
         print(f"{path}  (folder: {label_name(path.parent.name)})")

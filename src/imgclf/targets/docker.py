@@ -12,7 +12,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from imgclf.contract import COMBINED_CHANNEL, SERVE_BIND_HOST_ENV, SERVE_PORT_ENV, SERVE_WORKERS_ENV
+from imgclf.contract import (
+    COMBINED_CHANNEL,
+    RESPONSE_FORMAT_ENV,
+    SERVE_BIND_HOST_ENV,
+    SERVE_PORT_ENV,
+    SERVE_WORKERS_ENV,
+)
 from imgclf.errors import UserError
 from imgclf.jobs import HOST, LocalJob
 from imgclf.targets.endpoints import (
@@ -144,6 +150,7 @@ def serve_container_command(
     *,
     workers: int | None = None,
     gpus: bool | None = None,
+    response_format: str | None = None,
 ) -> list[str]:
     """`docker run` of the serving image as SageMaker runs it (`serve`, the model at
     /opt/ml/model, no --user), on the host's network and bound to 127.0.0.1 only."""
@@ -165,6 +172,8 @@ def serve_container_command(
     ]
     if workers:
         command += ["-e", f"{SERVE_WORKERS_ENV}={workers}"]
+    if response_format:  # the answers' default shape, as a SageMaker model's Environment sets it
+        command += ["-e", f"{RESPONSE_FORMAT_ENV}={response_format}"]
     if gpus:
         command += ["--gpus", "all"]
     return command + [endpoint.image, "serve"]
@@ -197,6 +206,7 @@ def deploy_container(
     port: int,
     image: str,
     workers: int | None = None,
+    response_format: str | None = None,
     timeout: float = READY_TIMEOUT_SECONDS,
 ) -> ContainerEndpoint:
     """Run the serving image over a model dir or model.tar.gz; return once /ping answers 200."""
@@ -218,7 +228,9 @@ def deploy_container(
             model_dir = base / "model"
         subprocess.run(["docker", "rm", "--force", endpoint.container], capture_output=True)
         started = subprocess.run(
-            serve_container_command(endpoint, model_dir, workers=workers),
+            serve_container_command(
+                endpoint, model_dir, workers=workers, response_format=response_format
+            ),
             capture_output=True,
             text=True,
             timeout=120,

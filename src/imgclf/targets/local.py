@@ -146,6 +146,7 @@ class LocalTarget:
                 port=request.port,
                 image=request.docker,
                 workers=request.workers,
+                response_format=request.response_format,
             )
             return _container_info(container, "healthy")
         endpoint = endpoints.deploy(
