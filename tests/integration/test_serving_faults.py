@@ -384,4 +384,3 @@ def test_the_launchers_invoke_reads_a_vectors_endpoint(endpoint, home, tmp_path)
     assert invoked.returncode == 0, invoked.stdout + invoked.stderr
     rows = [line for line in invoked.stdout.splitlines() if line.startswith("  class")]
     assert len(rows) == 2, invoked.stdout
-
