@@ -57,6 +57,9 @@ SERVE_BATCH_SIZE_ENV = "IMGCLF_BATCH_SIZE"
 SERVE_BATCH_DELAY_ENV = "IMGCLF_MAX_BATCH_DELAY_MS"
 RESPONSE_FORMAT_ENV = "IMGCLF_RESPONSE_FORMAT"  # the deploy's default answer format
 MMS_WORKERS_ENV = "IMGCLF_WORKERS"  # set by serve for each MMS worker: how to split the CPUs
+# Set by serve for MMS's workers: a folder where each worker, once its model is loaded, leaves
+# a file named by its pid (MMS calls a worker READY as soon as it connects, before the load).
+WORKER_LOADED_DIR_ENV = "IMGCLF_WORKER_LOADED_DIR"
 # The launcher's state lives here (default .imgclf).
 HOME_ENV = "IMGCLF_HOME"
 # Set by the local target: where image-check verdicts of earlier jobs are kept (the files of a

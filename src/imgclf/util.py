@@ -59,6 +59,16 @@ def write_json(path: Path, obj: Any, *, indent: int | None = 2) -> None:
     atomic_write(path, json.dumps(obj, indent=indent) + "\n")
 
 
+def process_start(pid: int) -> str | None:
+    """When process `pid` started (clock ticks after boot, from /proc), or None when there is
+    no such process: with the pid, it names one process even after pids are reused."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    return raw[raw.rindex(b")") + 2 :].split()[19].decode()  # field 22: starttime
+
+
 def cpu_count() -> int:
     """CPUs this process may run on (the affinity mask: a container's or taskset's share)."""
     try:

@@ -1,15 +1,20 @@
 """Faults of the endpoint's own processes (issue 15: 2, 6, 7): a killed worker, a killed
 worker parent, SIGTERM with a request in flight, a killed `serve`. Real processes, real kills."""
 
+import base64
+import io
 import json
 import os
 import signal
 import socket
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from imgclf.serving.serve import group_members
 from tests.conftest import run_launch
@@ -113,6 +118,84 @@ def test_a_killed_worker_parent_then_worker_is_recovered(endpoint, home):
     assert new_parents and new_workers and set(new_parents).isdisjoint(parents)
     listed = run_launch("endpoints", home=home).stdout
     assert " healthy " in listed and "unhealthy" not in listed, listed
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def slow_batch() -> bytes:
+    """A JSON request that keeps the worker busy for a while: nine 2000x2000 PNGs (36 Mpx,
+    under the 40 Mpx request budget; PNG has no draft decoding), small on the wire."""
+    ramp = np.linspace(0, 255, 2000, dtype=np.uint8)
+    images = []
+    for i in range(9):
+        arr = np.stack(np.broadcast_arrays(ramp[None, :], ramp[:, None], np.uint8(i * 20)), -1)
+        buf = io.BytesIO()
+        Image.fromarray(np.ascontiguousarray(arr)).save(buf, format="PNG")
+        images.append(base64.b64encode(buf.getvalue()).decode())
+    return json.dumps({"instances": images}).encode()
+
+
+def test_a_request_whose_worker_dies_is_answered_by_the_next(endpoint):
+    """The worker is killed while it works on a request: the front sends that request once
+    more, to the restarted worker, and the client gets its answer instead of a 503."""
+    _, workers = mms_python(endpoint["pid"])
+    assert len(workers) == 1
+    worker, body, result = workers[0], slow_batch(), {}
+    before = cpu_seconds(worker)
+    sender = threading.Thread(
+        target=lambda: result.update(
+            answer=post(endpoint["url"], body, "application/json", timeout=RECOVERY_LIMIT_S)
+        )
+    )
+    sender.start()
+    deadline = time.monotonic() + 60
+    while cpu_seconds(worker) - before < 0.15:  # the worker is decoding this request
+        assert time.monotonic() < deadline and sender.is_alive(), result
+        time.sleep(0.01)
+    os.kill(worker, signal.SIGKILL)
+    sender.join(RECOVERY_LIMIT_S)
+    status, raw = result["answer"]
+    assert status == 200, raw[:300]
+    answers = json.loads(raw)
+    assert len(answers) == 9 and all(a["predictions"] for a in answers)
+    assert worker not in mms_python(endpoint["pid"])[1]
+
+
+def logged_at(log: Path, text: str) -> list[float]:
+    """Wall-clock times of MMS's log lines holding `text` (its stamp: 2026-11-23T15:32:07,950)."""
+    times = []
+    for line in log.read_text(errors="replace").splitlines():
+        if text in line and line[:4].isdigit() and line[10:11] == "T":
+            stamp = datetime.strptime(line[:23], "%Y-%m-%dT%H:%M:%S,%f")
+            times.append(stamp.timestamp())  # MMS logs local time, as this process reads it
+    return times
+
+
+def test_ping_is_healthy_again_only_once_the_new_worker_has_its_model(endpoint, home):
+    """MMS calls a restarted worker READY as soon as it connects, seconds before its model is
+    loaded: /ping waits for the load. The first 200 after a kill comes no earlier than the new
+    worker's "model loaded" line (logged through MMS, so up to a fraction of a second late)."""
+    log = home / "endpoints" / "life" / "serve.log"
+    _, workers = mms_python(endpoint["pid"])
+    killed = time.time()
+    for pid in workers:
+        os.kill(pid, signal.SIGKILL)
+    time.sleep(1.0)  # /ping's answer may be up to 0.5 s old
+    healthy = None
+    while healthy is None and time.time() - killed < RECOVERY_LIMIT_S:
+        if ping_status(endpoint["url"], timeout=5) == 200:
+            healthy = time.time()
+        time.sleep(0.05)
+    assert healthy is not None
+    loaded = []
+    while not loaded and time.time() - killed < RECOVERY_LIMIT_S:
+        time.sleep(0.5)  # MMS writes the workers' lines to its log asynchronously
+        loaded = [t for t in logged_at(log, "model loaded from") if t > killed]
+    assert loaded, log.read_text()[-2000:]
+    assert healthy >= loaded[0] - 0.25, (healthy - killed, loaded[0] - killed)
 
 
 def test_delete_answers_the_request_in_flight(endpoint, home):

@@ -71,6 +71,16 @@ def test_mms_errors_are_rewritten_without_java_names():
     assert status == 404 and json.loads(body)["error"]
 
 
+def test_only_mms_worker_deaths_are_sent_again():
+    died = json.dumps({"code": 500, "type": "InternalServerException", "message": "Worker died."})
+    assert front.worker_died(500, died.encode())
+    ours = json.dumps({"error": "Worker died in the handler's words", "hint": "x"}).encode()
+    assert not front.worker_died(500, ours)  # an answer of our handler is never sent again
+    busy = json.dumps({"code": 503, "type": "ServiceUnavailableException", "message": "busy"})
+    assert not front.worker_died(503, busy.encode())
+    assert not front.worker_died(400, died.encode()) and not front.worker_died(500, b"<html>")
+
+
 def test_responses_have_ascii_phrases_and_exact_lengths():
     raw = front.render_response(413, b'{"error": "x"}', keep_alive=False)
     head, _, body = raw.partition(b"\r\n\r\n")
@@ -134,3 +144,20 @@ def test_serve_registers_the_model_with_batching(tmp_path):
     for bad in ("0", "-1", "x"):
         with pytest.raises(ValueError, match="IMGCLF_BATCH_SIZE"):
             serve.read_settings(env | {"IMGCLF_BATCH_SIZE": bad})
+
+
+def test_a_worker_counts_as_loaded_only_by_its_own_mark(tmp_path):
+    """handler_service.mark_loaded leaves the pid's start time; serve counts a worker only
+    when that mark is its own (a dead worker's pid reused by a new one is not loaded)."""
+    import os
+
+    from imgclf.serving import handler_service
+
+    handler_service.mark_loaded(str(tmp_path))
+    me = os.getpid()
+    assert serve.loaded_workers(tmp_path, [me]) == [me]
+    (tmp_path / str(me)).write_text("12345")  # another process's start time, same pid
+    assert serve.loaded_workers(tmp_path, [me]) == []
+    assert serve.loaded_workers(tmp_path, [os.getppid()]) == []  # no mark at all
+    assert serve.loaded_workers(None, [me]) == []
+    handler_service.mark_loaded(None)  # unset: nothing is written, nothing fails

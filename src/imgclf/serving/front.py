@@ -164,6 +164,18 @@ def render_response(
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
 
+def worker_died(status: int, body: bytes) -> bool:
+    """MMS's own answer for a request whose worker process died (or restarted: MMS 1.1 also
+    fails a batch whose answer its decoder could not read) while it was being answered."""
+    if status < 500:
+        return False
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return False
+    return isinstance(doc, dict) and "Worker died" in str(doc.get("message", ""))
+
+
 def rewrite_upstream_error(status: int, body: bytes) -> tuple[int, bytes]:
     """MMS's own error bodies ({"code", "type", "message"}, the type a Java class) become ours;
     our handler's answers ({"error", "hint"}) pass unchanged."""
@@ -487,42 +499,54 @@ class Front:
                 self._idle_event.set()
 
     async def _forward(self, head: RequestHead, body: bytes, deadline: float):
+        """MMS's answer to the request, once more on a restarted worker when the worker (or
+        MMS) died while answering it: inference is idempotent, and the client should not pay
+        for a fault of the endpoint's own processes. Only once: a request that kills its
+        worker twice gets the 503."""
         headers = {k: head.headers[k] for k in FORWARDED_HEADERS if k in head.headers}
-        try:
-            async with asyncio.timeout_at(_loop_time(deadline)):
-                # No worker can answer now (restarting, reloading): wait, within the deadline,
-                # rather than hand MMS a request it would fail.
-                while not self.can_forward() and not (await self.ready())[0]:
-                    await asyncio.sleep(0.1)
-                async with self.upstream.slots:
-                    while True:  # MMS restarting: wait for it, within the request's deadline
-                        try:
-                            status, ctype, payload = await self.upstream.post(
-                                self.upstream.path, headers, body
-                            )
-                            break
-                        except ConnectionRefusedError:
-                            await asyncio.sleep(0.2)
-        except TimeoutError:
-            self.on_upstream_failure()
-            raise HttpError(
-                504,
-                f"the model did not answer within {self.limits.request_timeout_s:.0f} s",
-                "retry; send fewer images per request",
-            ) from None
-        except (ConnectionError, asyncio.IncompleteReadError, OSError, ValueError):
-            self.on_upstream_failure()
-            raise HttpError(
-                503,
-                "the model server stopped while answering this request",
-                "retry; the endpoint restarts it by itself",
-            ) from None
-        if status != 200:
-            status, payload = rewrite_upstream_error(status, payload)
-            ctype = "application/json"
-            if status >= 500:
+        for attempt in range(2):
+            try:
+                status, ctype, payload = await self._post_when_ready(headers, body, deadline)
+            except TimeoutError:
                 self.on_upstream_failure()
-        return status, ctype, payload
+                raise HttpError(
+                    504,
+                    f"the model did not answer within {self.limits.request_timeout_s:.0f} s",
+                    "retry; send fewer images per request",
+                ) from None
+            except (ConnectionError, asyncio.IncompleteReadError, OSError, ValueError):
+                self.on_upstream_failure()
+                if attempt == 0:
+                    continue
+                raise HttpError(
+                    503,
+                    "the model server stopped while answering this request",
+                    "retry; the endpoint restarts it by itself",
+                ) from None
+            if status == 200:
+                return status, ctype, payload
+            if worker_died(status, payload):
+                self.on_upstream_failure()
+                if attempt == 0:
+                    continue
+            break
+        status, payload = rewrite_upstream_error(status, payload)
+        if status >= 500:
+            self.on_upstream_failure()
+        return status, "application/json", payload
+
+    async def _post_when_ready(self, headers: dict[str, str], body: bytes, deadline: float):
+        async with asyncio.timeout_at(_loop_time(deadline)):
+            # No worker can answer now (restarting, reloading): wait, within the deadline,
+            # rather than hand MMS a request it would fail.
+            while not self.can_forward() and not (await self.ready())[0]:
+                await asyncio.sleep(0.1)
+            async with self.upstream.slots:
+                while True:  # MMS restarting: wait for it, within the request's deadline
+                    try:
+                        return await self.upstream.post(self.upstream.path, headers, body)
+                    except ConnectionRefusedError:
+                        await asyncio.sleep(0.2)
 
     async def _read_body(self, reader: asyncio.StreamReader, length: int | None) -> bytes | None:
         if length is not None:

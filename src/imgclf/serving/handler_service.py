@@ -15,10 +15,17 @@ import json
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import torch
 
-from imgclf.contract import CPU_RUNTIME_ENV, MMS_WORKERS_ENV, RESPONSE_FORMAT_ENV
+from imgclf import util
+from imgclf.contract import (
+    CPU_RUNTIME_ENV,
+    MMS_WORKERS_ENV,
+    RESPONSE_FORMAT_ENV,
+    WORKER_LOADED_DIR_ENV,
+)
 from imgclf.serving import inference, runtime
 
 log = logging.getLogger("imgclf.serving")
@@ -26,6 +33,18 @@ log = logging.getLogger("imgclf.serving")
 _INTERNAL = json.dumps(
     {"error": "internal error while predicting", "hint": "the endpoint's log has the details"}
 ).encode()
+
+
+def mark_loaded(folder: str | None) -> None:
+    """Tell serve this worker can answer now: a file named by our pid, holding our start time
+    (util.process_start), in `folder`. MMS's own READY comes before the model is loaded."""
+    if not folder:
+        return
+    pid = os.getpid()
+    try:
+        util.atomic_write(Path(folder) / str(pid), util.process_start(pid) or "")
+    except OSError as exc:  # serve then keeps /ping at 503 and says why in its log
+        log.error("cannot mark this worker loaded in %s: %s", folder, exc.strerror)
 
 
 class HandlerService:
@@ -64,6 +83,7 @@ class HandlerService:
             # softmax, top-k) is tiny, and idle OpenMP threads spinning would take CPU from it.
             torch.set_num_threads(1)
         log.info("model loaded from %s on %s (%s)", model_dir, device, self.loaded.forward.runtime)
+        mark_loaded(os.environ.get(WORKER_LOADED_DIR_ENV))
 
     def handle(self, data, context):
         if data is None:

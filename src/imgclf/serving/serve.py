@@ -75,9 +75,10 @@ from imgclf.contract import (
     SERVE_STATE_FILE_ENV,
     SERVE_TIMEOUT_ENV,
     SERVE_WORKERS_ENV,
+    WORKER_LOADED_DIR_ENV,
 )
 from imgclf.serving import front
-from imgclf.util import cpu_count, write_json
+from imgclf.util import cpu_count, process_start, write_json
 
 log = logging.getLogger("imgclf.serve")
 
@@ -249,6 +250,22 @@ def preflight(model_dir: Path, *, cpu_runtime: str = "auto") -> None:
     )
 
 
+def loaded_workers(folder: Path | None, workers: list[int]) -> list[int]:
+    """The worker processes that marked themselves loaded in `folder` (handler_service.
+    mark_loaded): a file named by the pid, holding the start time of that very process."""
+    if folder is None:
+        return []
+    loaded = []
+    for pid in workers:
+        try:
+            mark = (folder / str(pid)).read_text()
+        except OSError:
+            continue
+        if mark and mark == process_start(pid):
+            loaded.append(pid)
+    return loaded
+
+
 def ready_workers(doc) -> int:
     """READY workers in MMS's `GET /models/NAME` answer (a dict, or a list of one)."""
     doc = doc[0] if isinstance(doc, list) and doc else doc
@@ -389,6 +406,11 @@ class Supervisor:
         inference_port, management_port = free_port(), free_port()
         while management_port == inference_port:
             management_port = free_port()
+        # Our handler marks each worker here once its model is loaded; another handler (an A/B
+        # benchmark's) does not, and its workers count as ready when MMS says so.
+        loaded_dir = run_dir / "loaded"
+        loaded_dir.mkdir()
+        self._loaded_dir = loaded_dir if self.settings.handler == HANDLER else None
         config = run_dir / "config.properties"
         config.write_text(
             mms_config_properties(
@@ -404,6 +426,7 @@ class Supervisor:
                 "TMPDIR": str(run_dir),
                 "TEMP": str(run_dir),
                 MMS_WORKERS_ENV: str(self.settings.workers),
+                WORKER_LOADED_DIR_ENV: str(loaded_dir),
                 RESPONSE_FORMAT_ENV: self.settings.response_format,
                 "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
             }
@@ -491,7 +514,9 @@ class Supervisor:
 
     # -- health
 
-    _ready_count = 0
+    _ready_count = 0  # workers that can answer now
+    _connected_count = 0  # workers MMS calls READY (loaded or loading their model)
+    _loaded_dir: Path | None = None
 
     async def probe(self, max_age: float = PROBE_MAX_AGE_S) -> tuple[bool, str]:
         """Whether a worker can answer now, from the management API (one query at a time)."""
@@ -513,10 +538,16 @@ class Supervisor:
         # themselves say so at once.
         backends, workers = self._mms_processes()
         self._backend_seen = bool(backends)
-        if count:
-            count = min(count, len(workers))
+        # MMS also calls a worker READY from the moment it connects, before its model is
+        # loaded: only a worker that marked itself loaded can answer now.
+        connected = min(count, len(workers))
+        if connected and self._loaded_dir is not None:
+            count = min(connected, len(loaded_workers(self._loaded_dir, workers)))
+            why = "" if count else "the model is still loading"
+        elif count:
+            count = connected
             why = "" if count else "no worker process is alive"
-        self._ready_count = count
+        self._ready_count, self._connected_count = count, connected
         result = (count > 0, why)
         self._probe = (time.monotonic(), *result)
         return result
@@ -563,7 +594,7 @@ class Supervisor:
                 ok, _ = await self.probe()
                 if ok and self.restarting:  # came up after its start-up timeout after all
                     self._ready_again()
-                if ok:
+                if ok or self._connected_count:  # a worker loading its model is not stuck
                     self._last_ready = now
                 elif now - self._last_ready > self.settings.recover_after_s:
                     why = f"no worker was ready for {self.settings.recover_after_s:.0f} s"
