@@ -10,8 +10,12 @@ from botocore.validate import ParamValidator
 
 from imgclf.contract import TORCH_DISTRIBUTED_KEY
 from imgclf.errors import UserError
+from imgclf.metrics import metric_definitions
 from imgclf.targets import sagemaker as sm
 from imgclf.targets.sagemaker import s3 as sm_s3
+from imgclf.targets.sagemaker import training_definition
+from imgclf.targets.sagemaker.requests import tuning_job_request
+from imgclf.tuning import space as sp
 
 ROLE = "arn:aws:iam::123456789012:role/SageMakerRole"
 IMAGE = "123456789012.dkr.ecr.eu-west-1.amazonaws.com/imgclf-train:abc"
@@ -192,3 +196,34 @@ def test_an_html_error_page_becomes_one_short_line():
     assert line.startswith("502 Bad Gateway The proxy could not reach the server.")
     assert len(line) <= 300 and line.endswith("...")
     assert one_line("ValidationException: plain text") == "ValidationException: plain text"
+
+
+@pytest.mark.parametrize("strategy", ["bayesian", "random", "hyperband"])
+def test_tuning_request_passes_botocores_own_validation(strategy):
+    space = sp.load_space("tuning.yaml", fixed={"arch": "resnet50"})
+    space = sp.TuningSpace(**{**space.__dict__, "strategy": strategy})
+    definition = training_definition(
+        image=IMAGE,
+        role_arn=ROLE,
+        hyperparameters=space.static,
+        train_s3="s3://b/data/",
+        output_s3="s3://b/out/",
+    )
+    request = tuning_job_request(space, job_name="imgclf-tune-1", training_definition=definition)
+    validate("CreateHyperParameterTuningJob", request)
+    config = request["HyperParameterTuningJobConfig"]
+    assert config["HyperParameterTuningJobObjective"] == {
+        "Type": "Minimize",
+        "MetricName": "valid_loss",
+    }
+    assert (
+        request["TrainingJobDefinition"]["AlgorithmSpecification"]["MetricDefinitions"]
+        == metric_definitions()
+    )
+    expected = "Off" if strategy == "hyperband" else "Auto"
+    assert config["TrainingJobEarlyStoppingType"] == expected
+
+
+def test_a_broken_request_is_caught_by_the_same_validation():
+    with pytest.raises(AssertionError):
+        validate("CreateHyperParameterTuningJob", {"HyperParameterTuningJobName": 5})

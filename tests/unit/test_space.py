@@ -1,13 +1,8 @@
-import botocore.session
 import optuna
 import optuna.distributions as d
 import pytest
-from botocore.validate import ParamValidator
 
 from imgclf.errors import ConfigError
-from imgclf.metrics import metric_definitions
-from imgclf.targets.sagemaker import training_definition
-from imgclf.targets.sagemaker.requests import tuning_job_request
 from imgclf.tuning import optuna_setup
 from imgclf.tuning import space as sp
 
@@ -60,41 +55,6 @@ parameters:
         "CategoricalParameterRanges"
     ]
     assert space.static == {"arch": "resnet18"} and space.max_epochs() == 9
-
-
-@pytest.mark.parametrize("strategy", ["bayesian", "random", "hyperband"])
-def test_tuning_request_passes_botocores_own_validation(strategy):
-    space = sp.load_space(ROOT_SPACE, fixed={"arch": "resnet50"})
-    space = sp.TuningSpace(**{**space.__dict__, "strategy": strategy})
-    definition = training_definition(
-        image="1.dkr.ecr.us-east-1.amazonaws.com/t:1",
-        role_arn="arn:aws:iam::123456789012:role/SageMakerRole",
-        hyperparameters=space.static,
-        train_s3="s3://b/data/",
-        output_s3="s3://b/out/",
-    )
-    request = tuning_job_request(space, job_name="imgclf-tune-1", training_definition=definition)
-    model = botocore.session.get_session().get_service_model("sagemaker")
-    shape = model.operation_model("CreateHyperParameterTuningJob").input_shape
-    report = ParamValidator().validate(request, shape)
-    assert not report.has_errors(), report.generate_report()
-    config = request["HyperParameterTuningJobConfig"]
-    assert config["HyperParameterTuningJobObjective"] == {
-        "Type": "Minimize",
-        "MetricName": "valid_loss",
-    }
-    assert (
-        request["TrainingJobDefinition"]["AlgorithmSpecification"]["MetricDefinitions"]
-        == metric_definitions()
-    )
-    expected = "Off" if strategy == "hyperband" else "Auto"
-    assert config["TrainingJobEarlyStoppingType"] == expected
-
-
-def test_a_broken_request_is_caught_by_the_same_validation():
-    model = botocore.session.get_session().get_service_model("sagemaker")
-    shape = model.operation_model("CreateHyperParameterTuningJob").input_shape
-    assert ParamValidator().validate({"HyperParameterTuningJobName": 5}, shape).has_errors()
 
 
 @pytest.mark.parametrize(
