@@ -52,6 +52,41 @@ def tiny_digits(digits_dir, tmp_path_factory) -> Path:
     return root
 
 
+def random_model(path: Path, classes: list[str], *, image_size: int = 32) -> Path:
+    """A real artifact of a randomly initialised ResNet-18 over `classes` (folder names such as
+    "001.cat"; the labels are what follows the dot): the answers need not be right, only made
+    the way a trained model's are."""
+    import torch
+
+    from imgclf import artifacts, models
+
+    torch.manual_seed(0)
+    artifacts.save_artifact(
+        path,
+        state_dict=models.build_model("resnet18", len(classes)).state_dict(),
+        labels=[name.split(".", 1)[1] for name in classes],
+        config={
+            "arch": "resnet18",
+            "classes": list(classes),
+            "preprocess": models.get_architecture("resnet18").preprocess(image_size).to_dict(),
+        },
+    )
+    return path
+
+
+def png_bytes(size=(40, 30), color=(200, 10, 10), mode="RGB") -> bytes:
+    """A flat-coloured PNG (`mode` other than RGB: black)."""
+    buf = io.BytesIO()
+    Image.new(mode, size, color if mode == "RGB" else 0).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def jpeg_bytes(seed=0, size=(64, 48)) -> bytes:
+    """A JPEG (quality 90) of seeded noise."""
+    arr = np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    return _jpeg_bytes(Image.fromarray(arr), quality=90)
+
+
 def _jpeg_bytes(image: Image.Image, **kw) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="JPEG", **kw)

@@ -11,12 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
-from imgclf import artifacts, models
 from imgclf.contract import TRAIN_IMAGE_ENV
 from imgclf.serving.serve import free_port
-from tests.conftest import ROOT, dockerfile_runtime
+from tests.conftest import ROOT, dockerfile_runtime, png_bytes, random_model
 from tests.integration.serving_client import ping_status, post
 
 BIN = Path(sys.executable).parent
@@ -131,18 +129,7 @@ def test_build_and_push_rejects_unknown_arguments():
 
 
 def _model(base: Path) -> None:
-    torch.manual_seed(0)
-    net = models.build_model("resnet18", 3)
-    artifacts.save_artifact(
-        base / "model",
-        state_dict=net.state_dict(),
-        labels=["cat", "dog", "fox"],
-        config={
-            "arch": "resnet18",
-            "classes": ["001.cat", "002.dog", "003.fox"],
-            "preprocess": models.get_architecture("resnet18").preprocess(32).to_dict(),
-        },
-    )
+    random_model(base / "model", ["001.cat", "002.dog", "003.fox"])
 
 
 def test_the_serve_entry_answers_ping_and_invocations_then_stops_on_sigterm(tmp_path):
@@ -179,13 +166,7 @@ def test_the_serve_entry_answers_ping_and_invocations_then_stops_on_sigterm(tmp_
             assert proc.poll() is None, proc.stdout.read()
             assert time.monotonic() < deadline, "no /ping within 180 s"
             time.sleep(0.5)
-        import io
-
-        from PIL import Image
-
-        buf = io.BytesIO()
-        Image.new("RGB", (50, 40), (200, 30, 30)).save(buf, format="PNG")
-        status, raw = post(url, buf.getvalue(), "image/png")
+        status, raw = post(url, png_bytes((50, 40), (200, 30, 30)), "image/png")
         assert status == 200 and b'"predictions"' in raw, raw[:500]
     finally:
         os.killpg(proc.pid, signal.SIGTERM)

@@ -17,10 +17,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from imgclf import artifacts, models
 from imgclf.serving import inference
 from imgclf.serving.serve import group_members
-from tests.conftest import run_launch
+from tests.conftest import jpeg_bytes, png_bytes, random_model, run_launch
 from tests.integration.serving_client import (
     deploy,
     load,
@@ -40,19 +39,7 @@ LIMITS_ENV = {
 
 
 def make_model(path: Path) -> Path:
-    """A real artifact of a random ResNet-18 (the answers need not be right, only served)."""
-    torch.manual_seed(0)
-    artifacts.save_artifact(
-        path,
-        state_dict=models.build_model("resnet18", len(LABELS)).state_dict(),
-        labels=[label.split(".", 1)[1] for label in LABELS],
-        config={
-            "arch": "resnet18",
-            "classes": LABELS,
-            "preprocess": models.get_architecture("resnet18").preprocess(32).to_dict(),
-        },
-    )
-    return path
+    return random_model(path, LABELS)
 
 
 @pytest.fixture(scope="module")
@@ -76,16 +63,7 @@ def running(pgid: int) -> list[int]:
 
 
 def png(size=(48, 40), color=(200, 30, 30), mode="RGB") -> bytes:
-    buf = io.BytesIO()
-    Image.new(mode, size, color if mode == "RGB" else 0).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def jpeg(seed=0, size=(64, 48)) -> bytes:
-    arr = np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="JPEG", quality=90)
-    return buf.getvalue()
+    return png_bytes(size, color, mode)
 
 
 def worker_pids(serve_pid: int) -> set[int]:
@@ -353,7 +331,7 @@ def test_the_seed_clients_three_lines_work_unchanged(endpoint, model_dir):
         aws_access_key_id="testing",
         aws_secret_access_key="testing",  # noqa: S106 - the local endpoint does not check it
     )
-    img = jpeg(seed=7)
+    img = jpeg_bytes(seed=7)
     # The three lines, as the seed notebooks have them:
     response = runtime.invoke_endpoint(EndpointName="faults", ContentType="image/jpeg", Body=img)
     body = response["Body"].read()
@@ -379,7 +357,7 @@ def test_the_seed_clients_three_lines_work_unchanged(endpoint, model_dir):
 def test_the_launchers_invoke_reads_a_vectors_endpoint(endpoint, home, tmp_path):
     """`launch.py invoke` asks for the format it prints, whatever the deploy's default."""
     image = tmp_path / "dog.jpg"
-    image.write_bytes(jpeg(seed=3))
+    image.write_bytes(jpeg_bytes(seed=3))
     invoked = run_launch("invoke", "--endpoint", "faults", str(image), "--topk", "2", home=home)
     assert invoked.returncode == 0, invoked.stdout + invoked.stderr
     rows = [line for line in invoked.stdout.splitlines() if line.startswith("  class")]

@@ -8,41 +8,27 @@ import json
 import struct
 
 import pytest
-import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mms.context import Context, RequestProcessor
 from mms.protocol.otf_message_handler import create_predict_response
 from PIL import Image
 
-from imgclf import artifacts, models
 from imgclf.serving import inference
 from imgclf.serving.handler_service import HandlerService
+from tests.conftest import png_bytes, random_model
 
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
-    path = tmp_path_factory.mktemp("model")
-    torch.manual_seed(0)
-    artifacts.save_artifact(
-        path,
-        state_dict=models.build_model("resnet18", 3).state_dict(),
-        labels=["a", "b", "c"],
-        config={
-            "arch": "resnet18",
-            "classes": ["1.a", "2.b", "3.c"],
-            "preprocess": models.get_architecture("resnet18").preprocess(32).to_dict(),
-        },
-    )
+    path = random_model(tmp_path_factory.mktemp("model"), ["1.a", "2.b", "3.c"])
     svc = HandlerService()
     svc.initialize(Context("model", str(path), {}, 1, None, "1.1.11"))
     return svc
 
 
 def _png(size=(20, 12)) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", size, (10, 200, 30)).save(buf, format="PNG")
-    return buf.getvalue()
+    return png_bytes(size, (10, 200, 30))
 
 
 def call(service, requests: list[tuple[bytes, dict[str, str]]]):

@@ -7,29 +7,16 @@ import pytest
 import torch
 from PIL import Image
 
-from imgclf import artifacts, data, models
+from imgclf import data
 from imgclf.serving import front, inference, runtime
 from imgclf.serving.serve import ServeSettings, mms_config_properties
+from tests.conftest import jpeg_bytes, png_bytes, random_model
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A real artifact of a random ResNet-18 over 4 classes (weights need not be trained)."""
-    path = tmp_path_factory.mktemp("model")
-    torch.manual_seed(0)
-    net = models.build_model("resnet18", 4)
-    pre = models.get_architecture("resnet18").preprocess(32)
-    artifacts.save_artifact(
-        path,
-        state_dict=net.state_dict(),
-        labels=["a", "b", "c", "d"],
-        config={
-            "arch": "resnet18",
-            "classes": ["1.a", "2.b", "3.c", "4.d"],
-            "preprocess": pre.to_dict(),
-        },
-    )
-    return path
+    return random_model(tmp_path_factory.mktemp("model"), ["1.a", "2.b", "3.c", "4.d"])
 
 
 @pytest.fixture(scope="module")
@@ -37,21 +24,8 @@ def loaded(model_dir):
     return inference.model_fn(model_dir, device=torch.device("cpu"))
 
 
-def _png(size=(40, 30), color=(200, 10, 10)) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", size, color).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _jpeg(seed=0, size=(64, 48)) -> bytes:
-    arr = np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="JPEG", quality=90)
-    return buf.getvalue()
-
-
 def test_serving_preprocessing_is_trainings_eval_preprocessing(tmp_path, loaded):
-    payload = _jpeg(3, size=(300, 200))
+    payload = jpeg_bytes(3, size=(300, 200))
     (tmp_path / "x.jpg").write_bytes(payload)
     pre = loaded.preprocess
     train_side = data.ImageListDataset(
@@ -73,7 +47,9 @@ def test_serving_preprocessing_is_trainings_eval_preprocessing(tmp_path, loaded)
 
 
 def test_predict_returns_probabilities_per_image(loaded):
-    images = inference.input_fn(_png(), "image/png") + inference.input_fn(_jpeg(), "image/jpeg")
+    images = inference.input_fn(png_bytes(), "image/png") + inference.input_fn(
+        jpeg_bytes(), "image/jpeg"
+    )
     probs = inference.predict_fn(images, loaded)
     assert probs.shape == (2, 4)
     assert torch.allclose(probs.sum(dim=1), torch.ones(2), atol=1e-5)
@@ -81,7 +57,12 @@ def test_predict_returns_probabilities_per_image(loaded):
 
 def test_json_batch_and_output_shapes(loaded):
     body = json.dumps(
-        {"instances": [base64.b64encode(_png()).decode(), base64.b64encode(_jpeg()).decode()]}
+        {
+            "instances": [
+                base64.b64encode(png_bytes()).decode(),
+                base64.b64encode(jpeg_bytes()).decode(),
+            ]
+        }
     ).encode()
     images = inference.input_fn(body, "application/json; charset=utf-8")
     probs = inference.predict_fn(images, loaded)
@@ -104,7 +85,7 @@ def test_json_batch_and_output_shapes(loaded):
     [
         (b"", "image/jpeg", 400),
         (b"\x00\x01random bytes", "image/png", 400),
-        (_jpeg(1)[:300], "image/jpeg", 400),
+        (jpeg_bytes(1)[:300], "image/jpeg", 400),
         (b"x" * (6 * 1024 * 1024 + 1), "image/jpeg", 413),
         (b"col\n1", "text/csv", 415),
         (b"\x93NUMPY", "application/x-npy", 415),
@@ -240,7 +221,7 @@ def test_pixel_limits_count_what_preprocessing_will_make():
         inference.input_fn(deep.getvalue(), "image/png", draft=256)
     assert err.value.status == 413 and "counts 3x" in err.value.error
     # A JPEG counts at its draft scale: 4000x3000 decodes at 1/8 scale for a 256 px resize.
-    photo = _jpeg(size=(4000, 3000))
+    photo = jpeg_bytes(size=(4000, 3000))
     size = inference.probe_image(photo, draft=256)
     assert (size.width, size.height) == (500, 375)
 
@@ -257,7 +238,7 @@ def test_client_text_never_reaches_the_reason_phrase():
     for status in (400, 406, 413, 415, 500, 503, 599):
         inference.reason_phrase(status).encode("ascii")
     with pytest.raises(inference.RequestError) as err:
-        inference.input_fn(_png(), "image/\u00e9" + "x" * 200)
+        inference.input_fn(png_bytes(), "image/\u00e9" + "x" * 200)
     assert err.value.status == 415 and err.value.reason == "Unsupported Media Type"
     assert err.value.body().decode("ascii")  # JSON escapes what the client sent
     assert len(err.value.error) < 200
@@ -275,7 +256,7 @@ def test_deep_json_and_odd_digits_are_client_errors():
 
 
 def test_response_format_per_request_or_by_default(loaded):
-    probs = inference.predict_fn(inference.input_fn(_png(), "image/png"), loaded)
+    probs = inference.predict_fn(inference.input_fn(png_bytes(), "image/png"), loaded)
     attrs = inference.parse_options("format=vectors", 4)
     body, _ = inference.output_fn(probs, loaded.labels, accept=None, options=attrs, batch=False)
     vectors = np.asarray(json.loads(body))
