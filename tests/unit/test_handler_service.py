@@ -178,3 +178,20 @@ def test_work_limits_hold_in_the_handler(service):
     )
     assert [r[0] for r in results] == [413, 413]
     assert [r[1] for r in results] == ["Request Entity Too Large"] * 2
+
+
+def test_the_batch_stages_are_logged_as_mms_metrics(service):
+    """What benchmarks/serve.py splits a request's time with: reading, model and encoding of
+    one batch, as MMS's worker emits them beside its PredictionTime."""
+    from mms.metrics.metrics_store import MetricsStore
+
+    context = Context("model", "", {}, 1, None, "1.1.11")
+    headers = {"Content-Type": "image/png"}
+    context.request_processor = [RequestProcessor(headers), RequestProcessor(headers)]
+    context.metrics = MetricsStore({0: "req-0", 1: "req-1"}, "model")
+    answers = service.handle([{"body": _png()}, {"body": _png((30, 30))}], context)
+    assert all(json.loads(a)["predictions"] for a in answers)
+    logged = {m.name: float(m.value) for m in context.metrics.store}
+    assert {"ImgclfReadTime", "ImgclfModelTime", "ImgclfEncodeTime"} <= set(logged)
+    assert all(logged[name] >= 0 for name in logged)
+    assert logged["ImgclfModelTime"] > 0  # a real forward pass was timed

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -92,6 +93,7 @@ class HandlerService:
         answers: list[bytes | None] = [None] * len(data)
         work = []  # (request index, crops, options, accept, is_batch)
         jobs = list(enumerate(data))
+        started = time.perf_counter()
         if self._pool is not None and len(jobs) > 1:
             # The requests of an MMS batch are decoded side by side: the decoder and the resize
             # release the GIL, and the model's threads are idle until they are done.
@@ -104,10 +106,12 @@ class HandlerService:
                 context.set_response_status(result.status, result.reason, idx=idx)
             else:
                 work.append(result)
+        read = time.perf_counter()
         if work:
             try:
                 crops = work[0][1] if len(work) == 1 else torch.cat([w[1] for w in work])
                 probs = inference.predict_batch(crops, loaded)
+                predicted = time.perf_counter()
                 start = 0
                 for idx, crops, options, accept, is_batch in work:
                     rows = probs[start : start + len(crops)]
@@ -117,12 +121,28 @@ class HandlerService:
                     )
                     answers[idx] = body
                     _set_content_type(context, idx, content_type)
+                _record_times(context, started, read, predicted, time.perf_counter())
             except Exception:
                 log.exception("prediction failed")
                 for idx, *_ in work:
                     answers[idx] = _INTERNAL
                     context.set_response_status(500, inference.reason_phrase(500), idx=idx)
         return answers
+
+
+def _record_times(context, started: float, read: float, predicted: float, encoded: float):
+    """The batch's stages as MMS metrics (logged beside its PredictionTime, per batch):
+    ImgclfReadTime (decoding and cropping every request), ImgclfModelTime (the forward pass),
+    ImgclfEncodeTime (the answers). benchmarks/serve.py splits a request's time with them."""
+    metrics = getattr(context, "metrics", None)
+    if metrics is None:  # called outside MMS's service
+        return
+    for name, begin, end in (
+        ("ImgclfReadTime", started, read),
+        ("ImgclfModelTime", read, predicted),
+        ("ImgclfEncodeTime", predicted, encoded),
+    ):
+        metrics.add_time(name, round((end - begin) * 1000, 2))
 
 
 def _set_content_type(context, idx: int, content_type: str) -> None:
