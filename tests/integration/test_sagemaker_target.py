@@ -252,7 +252,8 @@ def test_deploy_invoke_list_and_delete_an_endpoint(aws, tmp_path, tiny_digits):
     assert [base64.b64decode(i) for i in sent["instances"]] == [p.read_bytes() for p in images]
     headers = {k.lower(): v for k, v in call["headers"].items()}
     assert headers["content-type"] == "application/json"
-    assert headers["x-amzn-sagemaker-custom-attributes"] == "topk=3"
+    # The format the launcher prints, whatever the deploy's default (vectors here).
+    assert headers["x-amzn-sagemaker-custom-attributes"] == "topk=3,format=predictions"
 
     deleted = ok(launch(aws, home, "delete", "dogs", "--target", "sagemaker"))
     assert "endpoint dogs" in deleted.stdout and "model" in deleted.stdout
