@@ -1,6 +1,7 @@
 """Endpoint latency and throughput: a naive seed-style handler vs ours, both on MMS, same model.
 
-Run: .venv/bin/python benchmarks/serve.py [--requests 48] [--workers 1] [--servers naive,ours]
+Run: .venv/bin/python benchmarks/serve.py [--requests 48] [--warmup 32] [--workers 1]
+       [--servers naive,ours]
 Prints p50/p99 latency and requests/s at concurrency 1 and 16 (bursts of 16 simultaneous
 requests) for a ResNet-50 (random weights, 133 classes like dogImages) on 1600x1200 JPEGs made
 from scikit-learn's sample photographs, and the ratios ours/naive. Every server runs the same
@@ -178,13 +179,20 @@ def post(port: int, body: bytes) -> float:
 
 
 def measure(
-    ports: dict[str, int], images: list[bytes], concurrency: int, requests: int, logs: dict
+    ports: dict[str, int],
+    images: list[bytes],
+    concurrency: int,
+    requests: int,
+    logs: dict,
+    warmup: int = 0,
 ) -> dict:
     """Every server in turn, a burst of `concurrency` requests each, until each has answered
-    `requests`: load from other processes on a shared machine falls on all servers alike."""
+    `requests`: load from other processes on a shared machine falls on all servers alike.
+    `warmup` requests first, one at a time, to each server (MMS's JVM compiles its hot paths
+    over the first few dozen requests: a serving endpoint is measured warm)."""
     for port in ports.values():
-        for body in images[:2]:  # warm-up
-            post(port, body)
+        for index in range(max(warmup, 2)):
+            post(port, images[index % len(images)])
     time.sleep(1.0)  # MMS logs asynchronously: let the warm-up's lines land first
     offsets = {name: logs[name].stat().st_size for name in ports}
     latencies: dict[str, list[float]] = {name: [] for name in ports}
@@ -290,6 +298,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=48)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--servers", default=",".join(SERVERS), help="from " + ",".join(SERVERS))
+    parser.add_argument(
+        "--warmup", type=int, default=32, help="requests to each server before measuring"
+    )
     parser.add_argument("--split-rounds", type=int, default=8, help="rounds of the stage timing")
     parser.add_argument(
         "--before-src", help="the src folder `ours-before` imports imgclf from (e.g. main's)"
@@ -319,7 +330,7 @@ def main() -> None:
                     start(base, ports[name], args.workers, handler, cpu_runtime, extra, src)
                 )
             by_conc = {
-                c: measure(ports, images, c, args.requests if c > 1 else args.requests // 3, logs)
+                c: measure(ports, images, c, args.requests, logs, args.warmup if c == 1 else 0)
                 for c in (1, 16)
             }
         finally:
