@@ -18,7 +18,7 @@ from PIL import Image
 
 from imgclf.serving.serve import group_members
 from tests.conftest import run_launch
-from tests.integration.serving_client import deploy, ping_status, post, read_response
+from tests.integration.serving_client import deploy, http, ping_status, post, read_response
 from tests.integration.test_serving_faults import make_model, png, running
 
 RECOVERY_LIMIT_S = 240  # a bound on recovery, not a timing assertion: generous for 2 slow cores
@@ -196,6 +196,69 @@ def test_ping_is_healthy_again_only_once_the_new_worker_has_its_model(endpoint, 
         loaded = [t for t in logged_at(log, "model loaded from") if t > killed]
     assert loaded, log.read_text()[-2000:]
     assert healthy >= loaded[0] - 0.25, (healthy - killed, loaded[0] - killed)
+
+
+def _loaded_mark(pid: int) -> Path | None:
+    """Where worker `pid` marks itself loaded (from its environment), if it can be read."""
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    for item in environ:
+        if item.startswith(b"IMGCLF_WORKER_LOADED_DIR="):
+            return Path(item.split(b"=", 1)[1].decode()) / str(pid)
+    return None
+
+
+def test_a_worker_that_never_finishes_loading_gets_the_server_restarted(home, tmp_path):
+    """A worker that connects to MMS and never finishes loading the model (a load hung on a
+    stuck filesystem or device; here the replacement worker is stopped mid-load) is a loading
+    worker only for as long as a start may take (SAGEMAKER_STARTUP_TIMEOUT): then serve
+    restarts MMS and the endpoint answers again. (MMS's own wait for the load is the request
+    timeout, set far beyond the test.)"""
+    startup_s = 45
+    env = {"SAGEMAKER_STARTUP_TIMEOUT": str(startup_s), "SAGEMAKER_MODEL_SERVER_TIMEOUT": "900"}
+    ep = deploy(home, make_model(tmp_path / "model"), "stuck", env=env)
+    log = home / "endpoints" / "stuck" / "serve.log"
+    try:
+        stopped = []
+        for _ in range(5):  # the stop can come after the load finished: then try again
+            _, old = mms_python(ep["pid"])
+            for pid in old:
+                os.kill(pid, signal.SIGKILL)
+            deadline = time.monotonic() + RECOVERY_LIMIT_S
+            while not stopped and time.monotonic() < deadline:
+                new = [p for p in mms_python(ep["pid"])[1] if p not in old]
+                status, body = http(f"{ep['url']}/ping", timeout=5)
+                if new and status == 503 and b"still loading" in body:
+                    for pid in new:  # connected to MMS, model not loaded yet
+                        os.kill(pid, signal.SIGSTOP)
+                    stopped = new
+                time.sleep(0.05)
+            assert stopped, "the replacement worker was never seen loading"
+            marks = [_loaded_mark(pid) for pid in stopped]
+            if all(mark is not None and not mark.exists() for mark in marks):
+                break
+            for pid in stopped:
+                os.kill(pid, signal.SIGCONT)
+            stopped = []
+        assert stopped, "every replacement worker finished loading before it could be stopped"
+        stuck_at = time.monotonic()
+        assert ping_status(ep["url"], timeout=5) == 503
+        message = f"no worker finished loading the model in {startup_s} s".encode()
+        while message not in log.read_bytes() and time.monotonic() - stuck_at < RECOVERY_LIMIT_S:
+            time.sleep(1.0)
+        assert message in log.read_bytes(), log.read_text(errors="replace")[-3000:]
+        deadline = time.monotonic() + RECOVERY_LIMIT_S
+        while ping_status(ep["url"], timeout=5) != 200 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        status, raw = post(ep["url"], png(), "image/png", timeout=90)
+        assert status == 200 and json.loads(raw)["predictions"], raw[:300]
+        assert not any(pid in mms_python(ep["pid"])[1] for pid in stopped)
+    finally:
+        stop = run_launch("delete", "stuck", home=home)
+    assert stop.returncode == 0, stop.stdout + stop.stderr
+    assert not running(ep["pid"])
 
 
 def test_delete_answers_the_request_in_flight(endpoint, home):

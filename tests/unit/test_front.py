@@ -161,3 +161,54 @@ def test_a_worker_counts_as_loaded_only_by_its_own_mark(tmp_path):
     assert serve.loaded_workers(tmp_path, [os.getppid()]) == []  # no mark at all
     assert serve.loaded_workers(None, [me]) == []
     handler_service.mark_loaded(None)  # unset: nothing is written, nothing fails
+    # A mark that cannot be written fails the worker's load (MMS then starts another) rather
+    # than leave a worker that answers but never counts as ready.
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(RuntimeError, match="cannot mark this worker loaded"):
+        handler_service.mark_loaded(str(tmp_path / "a-file"))  # not a folder
+
+
+def test_a_request_that_no_worker_could_take_is_a_503_and_a_slow_one_a_504():
+    """Both wait out the request's deadline, on real sockets: one for a worker while none is
+    ready (MMS restarting, the model reloading: retry shortly), the other in MMS (a 504 about
+    the request). Neither says the other's reason."""
+    import asyncio
+
+    async def exchange(port: int) -> tuple[int, dict]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc")
+        await writer.drain()
+        head = await reader.readuntil(b"\r\n\r\n")
+        status, headers = front.parse_response_head(head)
+        body = await reader.readexactly(int(headers["content-length"]))
+        writer.close()
+        return status, json.loads(body)
+
+    async def scenario() -> tuple:
+        silent_clients = []
+
+        async def silent_mms(reader, writer):  # takes the request, never answers
+            silent_clients.append(writer)
+            await reader.read(1 << 16)
+
+        mms = await asyncio.start_server(silent_mms, "127.0.0.1", 0)
+        limits = front.Limits(request_timeout_s=1.0)
+        answers = []
+        for worker_ready in (False, True):
+
+            async def ready(worker_ready=worker_ready):
+                return worker_ready, "" if worker_ready else "the model is still loading"
+
+            upstream = front.Upstream(limits)
+            upstream.retarget(mms.sockets[0].getsockname()[1])
+            gate = front.Front(limits, upstream, ready, can_forward=lambda w=worker_ready: w)
+            await gate.start("127.0.0.1", 0)
+            answers.append(await exchange(gate._server.sockets[0].getsockname()[1]))
+            gate._server.close()
+        mms.close()
+        return answers
+
+    (no_worker, body_a), (slow, body_b) = asyncio.run(scenario())
+    assert no_worker == 503 and "no worker could answer" in body_a["error"], body_a
+    assert "retry shortly" in body_a["hint"]
+    assert slow == 504 and "did not answer within" in body_b["error"], body_b

@@ -195,3 +195,18 @@ def test_the_batch_stages_are_logged_as_mms_metrics(service):
     assert {"ImgclfReadTime", "ImgclfModelTime", "ImgclfEncodeTime"} <= set(logged)
     assert all(logged[name] >= 0 for name in logged)
     assert logged["ImgclfModelTime"] > 0  # a real forward pass was timed
+
+
+def test_a_failing_metrics_store_costs_no_answer(service):
+    """The stage timings are a benchmark's aid: a metrics store that fails must not turn a
+    predicted batch into 500s."""
+
+    class BrokenMetrics:
+        def add_time(self, *args, **kwargs):
+            raise RuntimeError("metrics store is gone")
+
+    context = Context("model", "", {}, 1, None, "1.1.11")
+    context.request_processor = [RequestProcessor({"Content-Type": "image/png"})]
+    context.metrics = BrokenMetrics()
+    answers = service.handle([{"body": _png()}], context)
+    assert json.loads(answers[0])["predictions"]

@@ -203,6 +203,11 @@ def rewrite_upstream_error(status: int, body: bytes) -> tuple[int, bytes]:
 # ---------------------------------------------------------------- budgets
 
 
+class NoWorkerInTime(TimeoutError):
+    """A request's deadline passed while no worker could take it (MMS restarting, the model
+    reloading): the endpoint's state, not the request, is why."""
+
+
 class ByteBudget:
     """Bytes of request bodies held at once (here and in MMS), shared by all requests."""
 
@@ -507,6 +512,14 @@ class Front:
         for attempt in range(2):
             try:
                 status, ctype, payload = await self._post_when_ready(headers, body, deadline)
+            except NoWorkerInTime:
+                self.on_upstream_failure()
+                raise HttpError(
+                    503,
+                    f"no worker could answer within {self.limits.request_timeout_s:.0f} s: "
+                    "the model server is restarting or reloading the model",
+                    "retry shortly; the endpoint recovers by itself",
+                ) from None
             except TimeoutError:
                 self.on_upstream_failure()
                 raise HttpError(
@@ -536,17 +549,27 @@ class Front:
         return status, "application/json", payload
 
     async def _post_when_ready(self, headers: dict[str, str], body: bytes, deadline: float):
-        async with asyncio.timeout_at(_loop_time(deadline)):
-            # No worker can answer now (restarting, reloading): wait, within the deadline,
-            # rather than hand MMS a request it would fail.
-            while not self.can_forward() and not (await self.ready())[0]:
-                await asyncio.sleep(0.1)
-            async with self.upstream.slots:
-                while True:  # MMS restarting: wait for it, within the request's deadline
-                    try:
-                        return await self.upstream.post(self.upstream.path, headers, body)
-                    except ConnectionRefusedError:
-                        await asyncio.sleep(0.2)
+        """MMS's answer; NoWorkerInTime when the deadline passed while no worker could take the
+        request, TimeoutError when it passed in MMS or in the queue for it."""
+        no_worker = True
+        try:
+            async with asyncio.timeout_at(_loop_time(deadline)):
+                # No worker can answer now (restarting, reloading): wait, within the deadline,
+                # rather than hand MMS a request it would fail.
+                while not self.can_forward() and not (await self.ready())[0]:
+                    await asyncio.sleep(0.1)
+                no_worker = False
+                async with self.upstream.slots:
+                    while True:  # MMS restarting: wait for it, within the request's deadline
+                        try:
+                            return await self.upstream.post(self.upstream.path, headers, body)
+                        except ConnectionRefusedError:
+                            no_worker = True
+                            await asyncio.sleep(0.2)
+        except TimeoutError:
+            if no_worker:
+                raise NoWorkerInTime from None
+            raise
 
     async def _read_body(self, reader: asyncio.StreamReader, length: int | None) -> bytes | None:
         if length is not None:

@@ -44,8 +44,11 @@ def mark_loaded(folder: str | None) -> None:
     pid = os.getpid()
     try:
         util.atomic_write(Path(folder) / str(pid), util.process_start(pid) or "")
-    except OSError as exc:  # serve then keeps /ping at 503 and says why in its log
+    except OSError as exc:
+        # Unmarked, this worker would never count as ready: fail its load instead, so that
+        # MMS starts another and serve's restart rules apply.
         log.error("cannot mark this worker loaded in %s: %s", folder, exc.strerror)
+        raise RuntimeError(f"cannot mark this worker loaded: {exc.strerror}") from None
 
 
 class HandlerService:
@@ -121,12 +124,13 @@ class HandlerService:
                     )
                     answers[idx] = body
                     _set_content_type(context, idx, content_type)
-                _record_times(context, started, read, predicted, time.perf_counter())
             except Exception:
                 log.exception("prediction failed")
                 for idx, *_ in work:
                     answers[idx] = _INTERNAL
                     context.set_response_status(500, inference.reason_phrase(500), idx=idx)
+            else:
+                _record_times(context, started, read, predicted, time.perf_counter())
         return answers
 
 
@@ -137,12 +141,15 @@ def _record_times(context, started: float, read: float, predicted: float, encode
     metrics = getattr(context, "metrics", None)
     if metrics is None:  # called outside MMS's service
         return
-    for name, begin, end in (
-        ("ImgclfReadTime", started, read),
-        ("ImgclfModelTime", read, predicted),
-        ("ImgclfEncodeTime", predicted, encoded),
-    ):
-        metrics.add_time(name, round((end - begin) * 1000, 2))
+    try:
+        for name, begin, end in (
+            ("ImgclfReadTime", started, read),
+            ("ImgclfModelTime", read, predicted),
+            ("ImgclfEncodeTime", predicted, encoded),
+        ):
+            metrics.add_time(name, round((end - begin) * 1000, 2))
+    except Exception:  # timings are not worth an answered batch
+        log.warning("cannot record the batch's stage times", exc_info=True)
 
 
 def _set_content_type(context, idx: int, content_type: str) -> None:

@@ -379,7 +379,8 @@ class Supervisor:
         self.runs = 0
         self._probe: tuple[float, bool, str] = (0.0, False, "starting")
         self._probe_task: asyncio.Task | None = None
-        self._last_ready = time.monotonic()
+        self._last_ready = time.monotonic()  # a worker was ready, or connected and loading
+        self._last_loaded = self._last_ready  # a worker was ready
         self._backend_missing_since: float | None = None
         self._backend_seen = False  # MMS's backend process, at the last probe
         self._inference_port: int | None = None
@@ -474,7 +475,7 @@ class Supervisor:
     def _ready_again(self) -> None:
         self.upstream.retarget(self._inference_port)
         self.restarting = False
-        self._last_ready = time.monotonic()
+        self._last_ready = self._last_loaded = time.monotonic()
         self._backend_missing_since = None
 
     async def stop_mms(self, grace_s: float = STOP_GRACE_S) -> None:
@@ -594,8 +595,16 @@ class Supervisor:
                 ok, _ = await self.probe()
                 if ok and self.restarting:  # came up after its start-up timeout after all
                     self._ready_again()
-                if ok or self._connected_count:  # a worker loading its model is not stuck
+                if ok:
+                    self._last_ready = self._last_loaded = now
+                elif self._connected_count:
+                    # A worker loading its model is not stuck, for as long as a start may take.
                     self._last_ready = now
+                    if now - self._last_loaded > self.settings.startup_timeout_s:
+                        why = (
+                            "no worker finished loading the model in "
+                            f"{self.settings.startup_timeout_s} s"
+                        )
                 elif now - self._last_ready > self.settings.recover_after_s:
                     why = f"no worker was ready for {self.settings.recover_after_s:.0f} s"
                 if self._backend_seen:
@@ -619,7 +628,7 @@ class Supervisor:
                 if self.failed_restarts >= self.settings.max_restarts:
                     log.error("giving up: the platform should replace this endpoint")
                     return 1
-                self._last_ready = time.monotonic()
+                self._last_ready = self._last_loaded = time.monotonic()
         return 0
 
 
