@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 from imgclf.serving.serve import group_members
+from imgclf.util import proc_stat_fields
 from tests.conftest import run_launch
 from tests.integration.serving_client import deploy, http, ping_status, post, read_response
 from tests.integration.test_serving_faults import make_model, png, running
@@ -121,7 +122,7 @@ def test_a_killed_worker_parent_then_worker_is_recovered(endpoint, home):
 
 
 def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    fields = proc_stat_fields(pid)
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 

@@ -78,7 +78,7 @@ from imgclf.contract import (
     WORKER_LOADED_DIR_ENV,
 )
 from imgclf.serving import front
-from imgclf.util import cpu_count, process_start, write_json
+from imgclf.util import cpu_count, proc_stat_fields, process_start, write_json
 
 log = logging.getLogger("imgclf.serve")
 
@@ -279,11 +279,9 @@ def ready_workers(doc) -> int:
 
 def proc_stat(pid: int) -> tuple[str, int, int] | None:
     """(state, ppid, process group) of a live process, from /proc."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_bytes()
-    except OSError:
+    fields = proc_stat_fields(pid)
+    if fields is None:
         return None
-    fields = raw[raw.rindex(b")") + 2 :].split()
     return fields[0].decode(), int(fields[1]), int(fields[2])
 
 
