@@ -247,13 +247,3 @@ def stop_process_group(proc: subprocess.Popen, grace: float = STOP_GRACE_SECONDS
 def read_failure(job: LocalJob) -> str | None:
     path = job.layout.failure_file
     return path.read_text().strip() if path.exists() else None
-
-
-def process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

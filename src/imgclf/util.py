@@ -59,23 +59,6 @@ def write_json(path: Path, obj: Any, *, indent: int | None = 2) -> None:
     atomic_write(path, json.dumps(obj, indent=indent) + "\n")
 
 
-def proc_stat_fields(pid: int) -> list[bytes] | None:
-    """The fields of /proc/PID/stat after the command name (state first: proc(5)'s field 3 is
-    index 0), or None when there is no such process."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_bytes()
-    except OSError:
-        return None
-    return raw[raw.rindex(b")") + 2 :].split()
-
-
-def process_start(pid: int) -> str | None:
-    """When process `pid` started (clock ticks after boot, from /proc), or None when there is
-    no such process: with the pid, it names one process even after pids are reused."""
-    fields = proc_stat_fields(pid)
-    return None if fields is None else fields[19].decode()  # field 22: starttime
-
-
 def cpu_count() -> int:
     """CPUs this process may run on (the affinity mask: a container's or taskset's share)."""
     try:

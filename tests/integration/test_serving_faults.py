@@ -17,8 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from imgclf.processes import group_members
 from imgclf.serving import inference
-from imgclf.serving.serve import group_members
 from tests.conftest import jpeg_bytes, png_bytes, random_model, run_launch
 from tests.integration.serving_client import (
     deploy,

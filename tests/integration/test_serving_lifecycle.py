@@ -16,8 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imgclf.serving.serve import group_members
-from imgclf.util import proc_stat_fields
+from imgclf.processes import group_members, proc_stat_fields
 from tests.conftest import run_launch
 from tests.integration.serving_client import deploy, http, ping_status, post, read_response
 from tests.integration.test_serving_faults import make_model, png, running

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from imgclf import util
+from imgclf import processes, util
 from imgclf.contract import (
     CPU_RUNTIME_ENV,
     MMS_WORKERS_ENV,
@@ -38,12 +38,12 @@ _INTERNAL = json.dumps(
 
 def mark_loaded(folder: str | None) -> None:
     """Tell serve this worker can answer now: a file named by our pid, holding our start time
-    (util.process_start), in `folder`. MMS's own READY comes before the model is loaded."""
+    (processes.process_start), in `folder`. MMS's own READY comes before the model is loaded."""
     if not folder:
         return
     pid = os.getpid()
     try:
-        util.atomic_write(Path(folder) / str(pid), util.process_start(pid) or "")
+        util.atomic_write(Path(folder) / str(pid), processes.process_start(pid) or "")
     except OSError as exc:
         # Unmarked, this worker would never count as ready: fail its load instead, so that
         # MMS starts another and serve's restart rules apply.

@@ -77,8 +77,9 @@ from imgclf.contract import (
     SERVE_WORKERS_ENV,
     WORKER_LOADED_DIR_ENV,
 )
+from imgclf.processes import cmdline, group_members, lead_own_group, process_start
 from imgclf.serving import front
-from imgclf.util import cpu_count, proc_stat_fields, process_start, write_json
+from imgclf.util import cpu_count, write_json
 
 log = logging.getLogger("imgclf.serve")
 
@@ -275,46 +276,6 @@ def ready_workers(doc) -> int:
 
 
 # ---------------------------------------------------------------- processes
-
-
-def proc_stat(pid: int) -> tuple[str, int, int] | None:
-    """(state, ppid, process group) of a live process, from /proc."""
-    fields = proc_stat_fields(pid)
-    if fields is None:
-        return None
-    return fields[0].decode(), int(fields[1]), int(fields[2])
-
-
-def group_members(pgid: int) -> dict[int, tuple[str, int]]:
-    """{pid: (state, ppid)} of every process in the process group."""
-    out = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            stat = proc_stat(int(entry))
-            if stat is not None and stat[2] == pgid:
-                out[int(entry)] = (stat[0], stat[1])
-    return out
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return ""
-    return raw.replace(b"\0", b" ").decode(errors="replace")
-
-
-def lead_own_group() -> int:
-    """Make this process its group's leader (unless it already is) and return the group."""
-    if os.getpgid(0) != os.getpid():
-        with contextlib.suppress(PermissionError):  # a session leader already leads its group
-            os.setpgid(0, 0)
-        if os.isatty(0):  # run by hand in a terminal: keep Ctrl-C reaching it
-            previous = signal.signal(signal.SIGTTOU, signal.SIG_IGN)
-            with contextlib.suppress(OSError):
-                os.tcsetpgrp(0, os.getpgid(0))
-            signal.signal(signal.SIGTTOU, previous)
-    return os.getpgid(0)
 
 
 WATCHDOG = """
@@ -558,10 +519,10 @@ class Supervisor:
     def _mms_processes(self) -> tuple[list[int], list[int]]:
         """(backend processes: children of Java; workers: other model_service_worker ones)."""
         members = group_members(self.pgid)
-        javas = {p for p in members if " com.amazonaws.ml.mms.ModelServer" in _cmdline(p)}
+        javas = {p for p in members if " com.amazonaws.ml.mms.ModelServer" in cmdline(p)}
         backends, workers = [], []
         for pid, (state, ppid) in members.items():
-            if state in ("Z", "X") or "model_service_worker" not in _cmdline(pid):
+            if state in ("Z", "X") or "model_service_worker" not in cmdline(pid):
                 continue
             (backends if ppid in javas else workers).append(pid)
         return backends, workers

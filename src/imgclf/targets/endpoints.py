@@ -26,7 +26,7 @@ from imgclf.contract import (
     SERVE_WORKERS_ENV,
 )
 from imgclf.errors import UserError
-from imgclf.jobs import process_alive
+from imgclf.processes import group_alive, running
 
 READY_TIMEOUT_SECONDS = 300
 STATE_FILE = "state.json"  # what `serve` writes where SERVE_STATE_FILE_ENV says
@@ -128,18 +128,11 @@ def ping_reason(port: int, timeout: float = 2.0) -> tuple[bool, str]:
 
 def endpoint_state(endpoint: Endpoint) -> str:
     """healthy, unhealthy (why), dead, or orphaned (serve gone, its processes not)."""
-    serve_alive = process_alive(endpoint.pid) and _not_zombie(endpoint.pid)
+    serve_alive = running(endpoint.pid)
     if not serve_alive:
-        return "orphaned (delete stops it)" if _group_alive(endpoint.pid) else "dead"
+        return "orphaned (delete stops it)" if group_alive(endpoint.pid) else "dead"
     ok, why = ping_reason(endpoint.port)
     return "healthy" if ok else f"unhealthy ({why})"
-
-
-def _not_zombie(pid: int) -> bool:
-    from imgclf.serving.serve import proc_stat
-
-    stat = proc_stat(pid)
-    return stat is None or stat[0] not in ("Z", "X")  # no /proc: trust kill(pid, 0)
 
 
 def deploy(
@@ -199,7 +192,7 @@ def _clear_old(home: Path, name: str) -> None:
     existing = load_endpoint(home, name)
     if existing is None:
         return
-    if process_alive(existing.pid) and _not_zombie(existing.pid):
+    if running(existing.pid):
         raise UserError(
             f"endpoint {name} is already running on port {existing.port}; "
             f"`launch.py delete {name}` first, or pick another --name"
@@ -252,40 +245,21 @@ def stop_endpoint(endpoint: Endpoint, grace: float = 60.0) -> bool:
     """SIGTERM to `serve` alone (it drains requests in flight, then stops MMS), then SIGKILL
     to its whole process group after `grace`. `serve` leads that group and MMS stays in it,
     so this stops every process even when `serve` itself has died. True when any was running."""
-    if not _group_alive(endpoint.pid):
+    if not group_alive(endpoint.pid):
         return False
-    if process_alive(endpoint.pid) and _not_zombie(endpoint.pid):
+    if running(endpoint.pid):
         with contextlib.suppress(ProcessLookupError):
             os.kill(endpoint.pid, signal.SIGTERM)
         deadline = time.monotonic() + grace
-        while time.monotonic() < deadline and _group_alive(endpoint.pid):
+        while time.monotonic() < deadline and group_alive(endpoint.pid):
             time.sleep(0.2)
-    if _group_alive(endpoint.pid):
+    if group_alive(endpoint.pid):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(endpoint.pid, signal.SIGKILL)
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and _group_alive(endpoint.pid):
+        while time.monotonic() < deadline and group_alive(endpoint.pid):
             time.sleep(0.1)
     return True
-
-
-def _group_alive(pgid: int) -> bool:
-    """Any process of the group is running (zombies waiting to be reaped do not count)."""
-    try:
-        os.waitpid(pgid, os.WNOHANG)  # reap it if it is our own child that has exited
-    except ChildProcessError:
-        pass
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    from imgclf.serving.serve import group_members
-
-    if not Path("/proc").is_dir():
-        return True
-    return any(state not in ("Z", "X") for state, _ in group_members(pgid).values())
 
 
 def delete_endpoint(home: Path, name: str) -> tuple[Endpoint, bool]:

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from imgclf import jobs
+from imgclf import jobs, processes
 from imgclf.contract import BEST_FILE, HOME_ENV
 from imgclf.errors import UserError
 from imgclf.targets import docker, endpoints
@@ -182,7 +182,7 @@ class LocalTarget:
         running = [
             _process_info(e, "")
             for e in endpoints.list_endpoints(self.home)
-            if jobs.process_alive(e.pid)
+            if processes.process_alive(e.pid)
         ]
         running += [
             _container_info(c, "")

@@ -22,7 +22,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from imgclf import jobs
+from imgclf import jobs, processes
 from imgclf.artifacts import write_json
 from imgclf.config import FIELDS
 from imgclf.contract import NO_REPORT_ENV
@@ -51,7 +51,7 @@ def _claim(out_dir: Path) -> None:
             pid = int(lock.read_text().strip())
         except ValueError:
             pid = 0
-        if pid and pid != os.getpid() and jobs.process_alive(pid):
+        if pid and pid != os.getpid() and processes.process_alive(pid):
             raise UserError(f"a tuner (pid {pid}) is already running in {out_dir}")
     lock.write_text(str(os.getpid()))
 
