@@ -47,7 +47,7 @@ from PIL import Image
 from imgclf import artifacts, models
 from imgclf.contract import CPU_RUNTIME_ENV, SERVE_BATCH_SIZE_ENV
 from imgclf.serving import inference
-from imgclf.serving.serve import free_port
+from imgclf.util import free_port
 
 HERE = Path(__file__).resolve().parent
 # name: (MMS handler module or None for ours, CPU runtime (naive's only runs the entry's

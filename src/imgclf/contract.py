@@ -33,11 +33,15 @@ CPU_RUNTIME_ENV = "IMGCLF_CPU_RUNTIME"
 
 # ---------------------------------------------------------------- the serving process
 # Every environment name `serve` honours (SageMaker's names where SageMaker has one), read once
-# by serving.serve.read_settings; the local target and the Dockerfile set the same names.
+# by serving.settings.read_settings; the local target and the Dockerfile set the same names.
 SERVE_PORT_ENV = "SAGEMAKER_BIND_TO_PORT"
 SERVE_WORKERS_ENV = "SAGEMAKER_MODEL_SERVER_WORKERS"
 SERVE_TIMEOUT_ENV = "SAGEMAKER_MODEL_SERVER_TIMEOUT"  # seconds per request
 SERVE_STARTUP_TIMEOUT_ENV = "SAGEMAKER_STARTUP_TIMEOUT"
+SERVE_SAFE_PORT_RANGE_ENV = "SAGEMAKER_SAFE_PORT_RANGE"  # ports our own processes may take
+# Set by the SageMaker SDK for a model deployed with entry_point=: refused (serving.settings).
+SERVE_PROGRAM_ENV = "SAGEMAKER_PROGRAM"
+SERVE_SUBMIT_DIRECTORY_ENV = "SAGEMAKER_SUBMIT_DIRECTORY"
 SERVE_MODEL_DIR_ENV = "IMGCLF_MODEL_DIR"
 SERVE_BIND_HOST_ENV = "IMGCLF_BIND_HOST"  # 0.0.0.0 in a container; 127.0.0.1 locally
 SERVE_HANDLER_ENV = "IMGCLF_MMS_HANDLER"  # another MMS service module (A/B benchmarks)

@@ -59,6 +59,24 @@ def write_json(path: Path, obj: Any, *, indent: int | None = 2) -> None:
     atomic_write(path, json.dumps(obj, indent=indent) + "\n")
 
 
+def free_port(low: int = 20000, high: int = 32000) -> int:
+    """A free loopback TCP port in [low, high) (MMS refused ports above 32767, so tests and
+    benchmarks keep below)."""
+    import random
+    import socket
+
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(low, high)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port between {low} and {high}")
+
+
 def cpu_count() -> int:
     """CPUs this process may run on (the affinity mask: a container's or taskset's share)."""
     try:

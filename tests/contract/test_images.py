@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from imgclf.contract import TRAIN_IMAGE_ENV
-from imgclf.serving.serve import free_port
+from imgclf.util import free_port
 from tests.conftest import ROOT, dockerfile_runtime, png_bytes, random_model
 from tests.integration.serving_client import ping_status, post
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from imgclf.serving.serve import free_port
+from imgclf.util import free_port
 from tests.conftest import FAST_HPS, hp_args, run_launch
 from tests.integration.serving_client import post
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from imgclf.serving.serve import free_port
+from imgclf.util import free_port
 from tests.conftest import ROOT
 from tests.integration.serving_client import http
 

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imgclf.serving.serve import free_port
+from imgclf.util import free_port
 from tests.conftest import run_launch
 from tests.docker.conftest import NOTES, predict
 from tests.integration.serving_client import http, ping_status

@@ -14,7 +14,7 @@ import urllib.request
 from collections import Counter
 from pathlib import Path
 
-from imgclf.serving.serve import free_port
+from imgclf.util import free_port
 from tests.conftest import run_launch
 
 

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from imgclf.serving import inference
-from imgclf.serving.serve import free_port
+from imgclf.util import free_port
 from tests.conftest import FAST_HPS, hp_args, run_launch
 from tests.integration.serving_client import deploy, ping_status, post
 

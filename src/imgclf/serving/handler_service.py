@@ -6,12 +6,11 @@ has CPUs, each holding one request's decoded images at a time → one forward pa
 crops → encode each answer on its own: a bad request gets its own 4xx and the others their
 answers. Every exception a request's bytes or headers can cause is a 4xx JSON answer; our own
 bugs in the forward pass are logged here with their traceback and answered with a bare 500,
-never with the traceback. Reason phrases are fixed ASCII text (see inference.reason_phrase).
+never with the traceback. Reason phrases are fixed ASCII text (see protocol.reason_phrase).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -27,13 +26,13 @@ from imgclf.contract import (
     RESPONSE_FORMAT_ENV,
     WORKER_LOADED_DIR_ENV,
 )
-from imgclf.serving import inference, runtime
+from imgclf.serving import inference, protocol, runtime
 
 log = logging.getLogger("imgclf.serving")
 
-_INTERNAL = json.dumps(
-    {"error": "internal error while predicting", "hint": "the endpoint's log has the details"}
-).encode()
+_INTERNAL = protocol.error_body(
+    "internal error while predicting", "the endpoint's log has the details"
+)
 
 
 def mark_loaded(folder: str | None) -> None:
@@ -56,14 +55,14 @@ class HandlerService:
 
     def __init__(self) -> None:
         self.loaded: inference.LoadedModel | None = None
-        self.default_format = inference.DEFAULT_FORMAT
+        self.default_format = protocol.DEFAULT_FORMAT
         self._pool: ThreadPoolExecutor | None = None  # decodes a batch's requests side by side
 
     def initialize(self, context) -> None:
-        fmt = os.environ.get(RESPONSE_FORMAT_ENV) or inference.DEFAULT_FORMAT
-        if fmt not in inference.FORMATS:
+        fmt = os.environ.get(RESPONSE_FORMAT_ENV) or protocol.DEFAULT_FORMAT
+        if fmt not in protocol.FORMATS:
             raise ValueError(
-                f"{RESPONSE_FORMAT_ENV}={fmt!r}: use one of {', '.join(inference.FORMATS)}"
+                f"{RESPONSE_FORMAT_ENV}={fmt!r}: use one of {', '.join(protocol.FORMATS)}"
             )
         self.default_format = fmt
         workers = int(os.environ.get(MMS_WORKERS_ENV, "1"))
@@ -104,7 +103,7 @@ class HandlerService:
         else:
             results = [_read_request(self, idx, request, context) for idx, request in jobs]
         for idx, result in enumerate(results):
-            if isinstance(result, inference.RequestError):
+            if isinstance(result, protocol.RequestError):
                 answers[idx] = result.body()
                 context.set_response_status(result.status, result.reason, idx=idx)
             else:
@@ -128,7 +127,7 @@ class HandlerService:
                 log.exception("prediction failed")
                 for idx, *_ in work:
                     answers[idx] = _INTERNAL
-                    context.set_response_status(500, inference.reason_phrase(500), idx=idx)
+                    context.set_response_status(500, protocol.reason_phrase(500), idx=idx)
             else:
                 _record_times(context, started, read, predicted, time.perf_counter())
         return answers
@@ -158,7 +157,7 @@ def _set_content_type(context, idx: int, content_type: str) -> None:
     inside the per-request header map (CodecUtils.readMap does not wait for the rest; seen as
     "Invalid message size: -3" and a restarted worker under load), so every JSON answer goes
     with an empty map."""
-    if content_type != inference.JSON_TYPE:
+    if content_type != protocol.JSON_TYPE:
         context.set_response_content_type(idx, content_type)
 
 
@@ -169,7 +168,7 @@ def _read_request(service: HandlerService, idx: int, request, context):
     try:
         headers = _headers(context, idx)
         if loaded is None:
-            raise inference.RequestError(503, "the model is not loaded", "see the endpoint's log")
+            raise protocol.RequestError(503, "the model is not loaded", "see the endpoint's log")
         body = request.get("body")
         if body is None:
             body = request.get("data") or b""
@@ -179,21 +178,21 @@ def _read_request(service: HandlerService, idx: int, request, context):
         options = inference.parse_options(
             headers.get("x-amzn-sagemaker-custom-attributes"),
             loaded.num_classes,
-            accept_format=inference.check_accept(accept),
+            accept_format=protocol.check_accept(accept),
             default_format=service.default_format,
         )
         images = inference.input_fn(body, content_type, draft=loaded.preprocess.resize_size)
         crops = inference.prepare(images, loaded)  # the decoded images are dropped here
-        is_batch = inference.media_type(content_type) == inference.JSON_TYPE
+        is_batch = protocol.request_type(content_type, body) == protocol.JSON_TYPE
         return idx, crops, options, accept, is_batch
     except MemoryError:
         raise  # the worker cannot go on; MMS restarts it
-    except inference.RequestError as exc:
+    except protocol.RequestError as exc:
         return exc
     except Exception:
         # Caused by this request's bytes or headers, so a 4xx; logged as our bug.
         log.exception("request %d could not be read", idx)
-        return inference.RequestError(
+        return protocol.RequestError(
             400, "the request could not be read", "check its headers and body"
         )
 

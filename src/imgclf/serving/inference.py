@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import http
 import io
 import json
 import logging
@@ -24,77 +23,31 @@ from PIL import Image
 from imgclf import artifacts, data, models
 from imgclf.errors import UserError
 from imgclf.serving import runtime
+from imgclf.serving.protocol import (
+    DEFAULT_FORMAT,
+    DEFAULT_TOPK,
+    JSON_HINT,
+    JSON_TYPE,
+    MAX_BODY_BYTES,
+    MAX_IMAGES,
+    MAX_PIXELS,
+    MAX_RESIZE_FACTOR_IMAGE,
+    MAX_RESIZE_FACTOR_REQUEST,
+    RequestError,
+    answer_format,
+    check_accept,
+    request_type,
+    shown,
+)
 from imgclf.util import cpu_count, parse_bool
 
 log = logging.getLogger("imgclf.serving")
 
-MAX_BODY_BYTES = 6 * 1024 * 1024  # SageMaker's real-time request limit
-# Decoded pixels per request, all images together (after the JPEG draft): 40 Mpx is one
-# 40 Mpx photo, or 64 phone photos drafted to 1/8 scale. Refused before anything is decoded.
-MAX_PIXELS = 40_000_000
-# What one pixel of a mode costs to decode and turn into RGB, against 8-bit RGB (measured peak
-# memory: RGB ~8 bytes a pixel, RGBA ~15, 16-bit or float ~25 through to_rgb's float64 scaling).
-# A pixel of these modes counts this many times against MAX_PIXELS.
+# A pixel of these modes counts this many times against protocol.MAX_PIXELS: what it costs to
+# decode and turn into RGB against 8-bit RGB (measured peak memory: RGB ~8 bytes a pixel, RGBA
+# ~15, 16-bit or float ~25 through to_rgb's float64 scaling).
 PIXEL_WEIGHT = {"RGBA": 2, "LA": 2, "PA": 2, "RGBa": 2, "La": 2, "CMYK": 2}
 PIXEL_WEIGHT.update(dict.fromkeys(("I;16", "I;16B", "I;16L", "I;16N", "I", "F"), 3))
-# What the eval transform's resize (short side to resize_size) may produce: per image, the
-# pixels of a 16:1 strip; per request, those of 64 images at 4:1. A 65535x1 PNG would resize to
-# gigapixels otherwise.
-MAX_RESIZE_FACTOR_IMAGE = 16
-MAX_RESIZE_FACTOR_REQUEST = 256
-MAX_IMAGES = 64  # per JSON request
-DEFAULT_TOPK = 5
-JSON_HINT = 'send {"instances": ["<base64 image>", ...]}'
-
-# Response formats: "predictions" (top-k objects) or "vectors" (the seed projects' format: one
-# list of class probabilities per image, in label order, `[[p0, ..., pN-1]]`).
-FORMATS = ("predictions", "vectors")
-DEFAULT_FORMAT = "predictions"
-
-IMAGE_TYPES = frozenset(
-    {
-        "image/jpeg",
-        "image/png",
-        "application/x-image",
-        "application/octet-stream",
-        "image/webp",
-        "image/bmp",
-        "image/gif",
-        "image/tiff",
-    }
-)
-JSON_TYPE = "application/json"
-ACCEPTED = frozenset({JSON_TYPE, "application/*", "*/*"})
-
-
-class RequestError(Exception):
-    """A client's mistake: answered with `status` and a JSON body {"error", "hint"}."""
-
-    def __init__(self, status: int, error: str, hint: str) -> None:
-        super().__init__(error)
-        self.status, self.error, self.hint = status, error, hint
-
-    def body(self) -> bytes:
-        return json.dumps({"error": self.error, "hint": self.hint}).encode()
-
-    @property
-    def reason(self) -> str:
-        return reason_phrase(self.status)
-
-
-def reason_phrase(status: int) -> str:
-    """A fixed ASCII reason phrase: never the client's text (MMS frames the phrase by its
-    length in characters but writes UTF-8 bytes, so a non-ASCII phrase kills the worker)."""
-    try:
-        return http.HTTPStatus(status).phrase
-    except ValueError:
-        return "Error"
-
-
-def _shown(text: str | None, limit: int = 60) -> str:
-    """A client's value quoted for an error message: ASCII only, bounded."""
-    value = (text or "")[:limit]
-    return ascii(value) + ("..." if text and len(text) > limit else "")
 
 
 @dataclass(frozen=True)
@@ -152,10 +105,6 @@ def model_fn(
     )
     transform = data.eval_transform(pre, normalize=False)
     return LoadedModel(model, art.labels, pre, transform, device, forward)
-
-
-def media_type(header: str | None) -> str:
-    return (header or "").split(";", 1)[0].strip().lower()
 
 
 @dataclass(frozen=True)
@@ -317,61 +266,14 @@ def input_fn(
             f"request body of {len(body)} bytes is over the 6 MB limit",
             "send a smaller image (resize or recompress it)",
         )
-    media = media_type(content_type)
-    if media == JSON_TYPE:
+    if request_type(content_type, body) == JSON_TYPE:
         payloads = [(p, f"instances[{i}]") for i, p in enumerate(_json_images(body))]
-    elif media in IMAGE_TYPES or media == "":
-        payloads = [(body, "body")]
     else:
-        payloads = []
-    if payloads:
-        # Every header first, so a batch over the request's budget decodes nothing at all.
-        sizes = [probe_image(p, draft=draft, where=where) for p, where in payloads]
-        check_request_work(sizes, draft=draft)
-        return [_decode(p, draft=draft, where=where) for p, where in payloads]
-    raise RequestError(
-        415,
-        f"content type {_shown(content_type)} is not supported",
-        "use image/jpeg, image/png, application/x-image, "
-        "application/octet-stream or application/json (base64 images); "
-        "application/x-npy is never accepted (no pickles)",
-    )
-
-
-def check_accept(accept: str | None) -> str | None:
-    """406 unless JSON is acceptable; returns the `format=` parameter given with it, if any
-    (`Accept: application/json; format=vectors`)."""
-    chosen = None
-    acceptable = False
-    for part in (accept or "").split(","):
-        media, *params = part.split(";")
-        media = media.strip().lower()
-        if not media:
-            continue
-        if media in ACCEPTED:
-            acceptable = True
-            for param in params:
-                key, _, value = param.partition("=")
-                if key.strip().lower() == "format":
-                    chosen = _format(value)
-    if (accept or "").strip(" ,") and not acceptable:
-        raise RequestError(
-            406,
-            f"cannot answer in {_shown(accept)}",
-            "accept application/json (or leave Accept out)",
-        )
-    return chosen
-
-
-def _format(value: str) -> str:
-    value = value.strip().strip('"').lower()
-    if value not in FORMATS:
-        raise RequestError(
-            400,
-            f"format={_shown(value)} is not a response format",
-            f"use format={' or format='.join(FORMATS)}",
-        )
-    return value
+        payloads = [(body, "body")]
+    # Every header first, so a batch over the request's budget decodes nothing at all.
+    sizes = [probe_image(p, draft=draft, where=where) for p, where in payloads]
+    check_request_work(sizes, draft=draft)
+    return [_decode(p, draft=draft, where=where) for p, where in payloads]
 
 
 _DIGITS = re.compile(r"[0-9]{1,9}")  # ASCII digits only: str.isdigit() also takes "²"
@@ -395,7 +297,7 @@ def parse_options(
             if not _DIGITS.fullmatch(value) or int(value) < 1:
                 raise RequestError(
                     400,
-                    f"topk={_shown(value)} is not a positive integer",
+                    f"topk={shown(value)} is not a positive integer",
                     "send X-Amzn-SageMaker-Custom-Attributes: topk=5",
                 )
             topk = int(value)
@@ -404,7 +306,7 @@ def parse_options(
             # here (no 400), as it always has.
             full = value == "all" or parse_bool(value) is True
         elif key == "format":
-            chosen = _format(value)
+            chosen = answer_format(value)
     fmt = chosen or accept_format or default_format
     return Options(min(topk, num_classes), full, fmt)
 

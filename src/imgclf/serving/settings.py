@@ -1,0 +1,176 @@
+"""Every setting `serve` honours, read once from the environment into one frozen object: each
+default is written once (a field's default here, or protocol.Limits'), each variable's name once
+(imgclf.contract, SageMaker's names where SageMaker has one).
+
+Why not sagemaker-inference's `environment.Environment`: it reads `os.environ` itself (its
+module computes the model directory at import), so it cannot be given the environment a test or
+the launcher hands us; it turns a bad number into a bare `ValueError` that names no variable;
+and its defaults are the toolkit's (a 600 s start-up). Its `parameters` module spells the same
+SageMaker variable names as contract.py; tests/unit/test_settings.py holds the two equal.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from imgclf.contract import (
+    BASE_DIR_ENV,
+    CPU_RUNTIME_ENV,
+    DEFAULT_BASE_DIR,
+    RESPONSE_FORMAT_ENV,
+    SERVE_BATCH_DELAY_ENV,
+    SERVE_BATCH_SIZE_ENV,
+    SERVE_BIND_HOST_ENV,
+    SERVE_BODY_TIMEOUT_ENV,
+    SERVE_DRAIN_ENV,
+    SERVE_HANDLER_ENV,
+    SERVE_HEADER_TIMEOUT_ENV,
+    SERVE_IDLE_TIMEOUT_ENV,
+    SERVE_MAX_CONNECTIONS_ENV,
+    SERVE_MODEL_DIR_ENV,
+    SERVE_PORT_ENV,
+    SERVE_PROGRAM_ENV,
+    SERVE_RECOVER_ENV,
+    SERVE_SAFE_PORT_RANGE_ENV,
+    SERVE_STARTUP_TIMEOUT_ENV,
+    SERVE_SUBMIT_DIRECTORY_ENV,
+    SERVE_TIMEOUT_ENV,
+    SERVE_WORKERS_ENV,
+)
+from imgclf.serving.protocol import DEFAULT_FORMAT, FORMATS, Limits
+from imgclf.util import cpu_count
+
+HANDLER = "imgclf.serving.handler_service"  # the MMS service module serve registers
+
+
+class SettingsError(ValueError):
+    """A setting that cannot be served: the message names the variable and what is accepted."""
+
+
+def default_workers() -> int:
+    """One per GPU; on CPU one per four cores (each worker uses several threads)."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.device_count()
+    except ImportError:
+        pass
+    return max(1, cpu_count() // 4)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What `serve` runs with. `workers` None: `default_workers()`."""
+
+    model_dir: Path = Path(DEFAULT_BASE_DIR) / "model"
+    bind_host: str = "0.0.0.0"  # noqa: S104 - the container's port; the launcher sets 127.0.0.1
+    port: int = 8080
+    workers: int | None = None
+    startup_timeout_s: int = 300
+    handler: str = HANDLER  # another MMS service module (A/B benchmarks)
+    cpu_runtime: str = "auto"  # see imgclf.serving.runtime
+    drain_s: float = 30.0  # SIGTERM waits this long for requests in flight
+    recover_after_s: float = 20.0  # no worker ready this long: restart MMS
+    max_restarts: int = 3  # restarts in a row that do not bring a worker back: exit 1
+    response_format: str = DEFAULT_FORMAT  # the default answer format
+    batch_size: int = 8  # requests per handler call (one forward pass)
+    max_batch_delay_ms: int = 1  # wait for more after the first
+    safe_port_range: tuple[int, int] | None = None  # SageMaker's ports for our own processes
+    limits: Limits = field(default_factory=Limits)  # the front's timeouts and caps
+
+    @property
+    def timeout_s(self) -> float:
+        """Per request, from its arrival to its answer (SAGEMAKER_MODEL_SERVER_TIMEOUT)."""
+        return self.limits.request_timeout_s
+
+    @property
+    def worker_count(self) -> int:
+        return self.workers or default_workers()
+
+
+# (field, variable, type) for every number read; Limits' fields go to `limits`.
+_NUMBERS = (
+    ("port", SERVE_PORT_ENV, int),
+    ("workers", SERVE_WORKERS_ENV, int),
+    ("startup_timeout_s", SERVE_STARTUP_TIMEOUT_ENV, int),
+    ("drain_s", SERVE_DRAIN_ENV, float),
+    ("recover_after_s", SERVE_RECOVER_ENV, float),
+    ("batch_size", SERVE_BATCH_SIZE_ENV, int),
+    ("max_batch_delay_ms", SERVE_BATCH_DELAY_ENV, int),
+    ("request_timeout_s", SERVE_TIMEOUT_ENV, float),
+    ("header_timeout_s", SERVE_HEADER_TIMEOUT_ENV, float),
+    ("body_timeout_s", SERVE_BODY_TIMEOUT_ENV, float),
+    ("idle_timeout_s", SERVE_IDLE_TIMEOUT_ENV, float),
+    ("max_connections", SERVE_MAX_CONNECTIONS_ENV, int),
+)
+_LIMIT_FIELDS = {f.name for f in dataclasses.fields(Limits)}
+
+
+def _number(name: str, raw: str, kind):
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not a number") from None
+    if not value > 0:
+        raise SettingsError(f"{name}={raw!r} must be positive")
+    return value
+
+
+def port_range(raw: str) -> tuple[int, int]:
+    """SAGEMAKER_SAFE_PORT_RANGE's "LOW-HIGH" (inclusive)."""
+    low, sep, high = raw.partition("-")
+    try:
+        bounds = (int(low), int(high))
+    except ValueError:
+        bounds = (0, 0)
+    if not sep or not 1 <= bounds[0] <= bounds[1] <= 65535:
+        raise SettingsError(
+            f"{SERVE_SAFE_PORT_RANGE_ENV}={raw!r} is not a port range: use LOW-HIGH, e.g. 9000-9999"
+        )
+    return bounds
+
+
+def refuse_user_code(environ) -> None:
+    """SAGEMAKER_PROGRAM / SAGEMAKER_SUBMIT_DIRECTORY (what the SageMaker SDK sets for a model
+    deployed with `entry_point=`) name code this image would never run: serving anyway would
+    answer with imgclf's handler while the user believes their inference.py does, so the start
+    fails and says how to deploy an imgclf artifact instead."""
+    named = [n for n in (SERVE_PROGRAM_ENV, SERVE_SUBMIT_DIRECTORY_ENV) if environ.get(n)]
+    if named:
+        shown = ", ".join(f"{n}={environ[n]!r}" for n in named)
+        raise SettingsError(
+            f"{shown} is set (the SageMaker SDK sets it for a model given entry_point=...): this "
+            "image serves imgclf model artifacts with its own handler and runs no user code; "
+            "deploy without entry_point/source_dir (SDK v2: Model(image_uri=..., "
+            "model_data=...); v3: ModelBuilder(image_uri=..., s3_model_data_url=...)) or with "
+            "`launch.py deploy --target sagemaker`"
+        )
+
+
+def read_settings(environ) -> Settings:
+    """The settings from `environ`; a SettingsError names the first variable that is wrong."""
+    refuse_user_code(environ)
+    base = Path(environ.get(BASE_DIR_ENV) or DEFAULT_BASE_DIR)
+    values: dict = {"model_dir": Path(environ.get(SERVE_MODEL_DIR_ENV) or base / "model")}
+    limits: dict = {}
+    for name, variable, kind in _NUMBERS:
+        raw = environ.get(variable)
+        if raw:
+            (limits if name in _LIMIT_FIELDS else values)[name] = _number(variable, raw, kind)
+    fmt = environ.get(RESPONSE_FORMAT_ENV) or DEFAULT_FORMAT
+    if fmt not in FORMATS:
+        raise SettingsError(f"{RESPONSE_FORMAT_ENV}={fmt!r}: use one of {', '.join(FORMATS)}")
+    values["response_format"] = fmt
+    for name, variable in (
+        ("bind_host", SERVE_BIND_HOST_ENV),
+        ("handler", SERVE_HANDLER_ENV),
+        ("cpu_runtime", CPU_RUNTIME_ENV),
+    ):
+        if environ.get(variable):
+            values[name] = environ[variable]
+    if environ.get(SERVE_SAFE_PORT_RANGE_ENV):
+        values["safe_port_range"] = port_range(environ[SERVE_SAFE_PORT_RANGE_ENV])
+    return Settings(**values, limits=Limits(**limits))

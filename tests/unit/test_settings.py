@@ -1,0 +1,73 @@
+"""serve's settings (serving.settings): read once from the environment, bad values named."""
+
+from pathlib import Path
+
+import pytest
+
+from imgclf import contract
+from imgclf.serving import settings as serving_settings
+from imgclf.serving.settings import SettingsError, read_settings
+
+
+def test_settings_come_from_the_environment_and_bad_values_are_named():
+    settings = read_settings(
+        {
+            "SAGEMAKER_BASE_DIR": "/opt/ml",
+            "SAGEMAKER_MODEL_SERVER_TIMEOUT": "30",
+            "SAGEMAKER_MODEL_SERVER_WORKERS": "2",
+            "IMGCLF_HEADER_TIMEOUT_SECONDS": "2.5",
+            "IMGCLF_RESPONSE_FORMAT": "vectors",
+        }
+    )
+    assert settings.model_dir == Path("/opt/ml/model") and settings.worker_count == 2
+    assert settings.timeout_s == 30 and settings.limits.header_timeout_s == 2.5
+    assert settings.response_format == "vectors"
+    # Defaults are the dataclasses' own.
+    assert read_settings({}) == serving_settings.Settings(model_dir=Path("/opt/ml/model"))
+    with pytest.raises(SettingsError, match="SAGEMAKER_MODEL_SERVER_TIMEOUT"):
+        read_settings({"SAGEMAKER_MODEL_SERVER_TIMEOUT": "sixty"})
+    with pytest.raises(SettingsError, match="IMGCLF_RESPONSE_FORMAT"):
+        read_settings({"IMGCLF_RESPONSE_FORMAT": "csv"})
+    for bad in ("0", "-1", "x"):
+        with pytest.raises(SettingsError, match="IMGCLF_BATCH_SIZE"):
+            read_settings({"IMGCLF_BATCH_SIZE": bad})
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"SAGEMAKER_PROGRAM": "inference.py"},
+        {"SAGEMAKER_SUBMIT_DIRECTORY": "s3://bucket/sourcedir.tar.gz"},
+        {"SAGEMAKER_PROGRAM": "inference.py", "SAGEMAKER_SUBMIT_DIRECTORY": "/opt/ml/model/code"},
+    ],
+)
+def test_an_sdk_entry_point_is_refused_with_how_to_deploy(env):
+    """The SageMaker SDK sets these for PyTorchModel(entry_point=...): the user's code would
+    never run here, so the start fails and says how to deploy an imgclf artifact."""
+    with pytest.raises(SettingsError) as err:
+        read_settings(env)
+    text = str(err.value)
+    assert all(f"{k}=" in text for k in env)
+    assert "runs no user code" in text and "entry_point" in text and "launch.py deploy" in text
+
+
+def test_safe_port_range_is_read_and_checked():
+    settings = read_settings({"SAGEMAKER_SAFE_PORT_RANGE": "9000-9999"})
+    assert settings.safe_port_range == (9000, 9999)
+    for bad in ("9000", "9999-9000", "a-b", "0-10", "1-70000"):
+        with pytest.raises(SettingsError, match="SAGEMAKER_SAFE_PORT_RANGE"):
+            read_settings({"SAGEMAKER_SAFE_PORT_RANGE": bad})
+
+
+def test_sagemaker_names_are_the_inference_toolkits():
+    """contract.py spells SageMaker's serving variables for the launcher (which must not need
+    sagemaker-inference); they are the toolkit's own names."""
+    from sagemaker_inference import parameters
+
+    assert contract.SERVE_PORT_ENV == parameters.BIND_TO_PORT_ENV
+    assert contract.SERVE_WORKERS_ENV == parameters.MODEL_SERVER_WORKERS_ENV
+    assert contract.SERVE_TIMEOUT_ENV == parameters.MODEL_SERVER_TIMEOUT_ENV
+    assert contract.SERVE_STARTUP_TIMEOUT_ENV == parameters.STARTUP_TIMEOUT_ENV
+    assert contract.SERVE_SAFE_PORT_RANGE_ENV == parameters.SAFE_PORT_RANGE_ENV
+    assert contract.SERVE_PROGRAM_ENV == parameters.USER_PROGRAM_ENV
+    assert contract.BASE_DIR_ENV == parameters.BASE_PATH_ENV
