@@ -49,6 +49,7 @@ def test_the_model_is_registered_with_our_handler_and_batching(tmp_path):
         "url": mms.MODEL_NAME,
         "model_name": mms.MODEL_NAME,
         "handler": "imgclf.serving.handler_service",
+        "runtime": "python",
         "batch_size": "4",
         "max_batch_delay": "5",
         "initial_workers": "2",

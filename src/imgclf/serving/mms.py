@@ -102,6 +102,7 @@ def registration_path(settings: Settings) -> str:
         "url": MODEL_NAME,
         "model_name": MODEL_NAME,
         "handler": settings.handler,
+        "runtime": "python",  # the worker's own interpreter (a manifest could name another)
         "batch_size": settings.batch_size,
         "max_batch_delay": settings.max_batch_delay_ms,
         "initial_workers": settings.worker_count,
@@ -215,7 +216,9 @@ def answer(status: int, body: bytes) -> tuple[int, bytes]:
             f"the model server refused the request ({status})",
             "check the request's headers and body",
         )
-    log.warning("multi-model-server answered %d: %s", status, body[:300])
+    # Its body may echo the request's bytes: only its Java type goes to the log.
+    kind = str(doc.get("type", ""))[:80] if isinstance(doc, dict) else "not JSON"
+    log.warning("multi-model-server answered %d (%s)", status, kind)
     return 502, error_body(
         f"the model server failed on this request ({status})",
         "retry; the endpoint's log has the details",
