@@ -51,14 +51,6 @@ def test_an_sdk_entry_point_is_refused_with_how_to_deploy(env):
     assert "runs no user code" in text and "entry_point" in text and "launch.py deploy" in text
 
 
-def test_safe_port_range_is_read_and_checked():
-    settings = read_settings({"SAGEMAKER_SAFE_PORT_RANGE": "9000-9999"})
-    assert settings.safe_port_range == (9000, 9999)
-    for bad in ("9000", "9999-9000", "a-b", "0-10", "1-70000"):
-        with pytest.raises(SettingsError, match="SAGEMAKER_SAFE_PORT_RANGE"):
-            read_settings({"SAGEMAKER_SAFE_PORT_RANGE": bad})
-
-
 def test_sagemaker_names_are_the_inference_toolkits():
     """contract.py spells SageMaker's serving variables for the launcher (which must not need
     sagemaker-inference); they are the toolkit's own names."""
@@ -68,6 +60,5 @@ def test_sagemaker_names_are_the_inference_toolkits():
     assert contract.SERVE_WORKERS_ENV == parameters.MODEL_SERVER_WORKERS_ENV
     assert contract.SERVE_TIMEOUT_ENV == parameters.MODEL_SERVER_TIMEOUT_ENV
     assert contract.SERVE_STARTUP_TIMEOUT_ENV == parameters.STARTUP_TIMEOUT_ENV
-    assert contract.SERVE_SAFE_PORT_RANGE_ENV == parameters.SAFE_PORT_RANGE_ENV
     assert contract.SERVE_PROGRAM_ENV == parameters.USER_PROGRAM_ENV
     assert contract.BASE_DIR_ENV == parameters.BASE_PATH_ENV

@@ -1,12 +1,16 @@
 """Every setting `serve` honours, read once from the environment into one frozen object: each
-default is written once (a field's default here, or protocol.Limits'), each variable's name once
-(imgclf.contract, SageMaker's names where SageMaker has one).
+default is written once (a field's default here, or protocol.Limits'). SageMaker's variables
+are read by the names sagemaker-inference's `parameters` module gives them (what the serving
+image has that toolkit for); ours by imgclf.contract's. contract.py also spells SageMaker's
+names, for the launcher and the training image, which do not have the toolkit:
+tests/unit/test_settings.py holds the two spellings equal.
 
-Why not sagemaker-inference's `environment.Environment`: it reads `os.environ` itself (its
-module computes the model directory at import), so it cannot be given the environment a test or
-the launcher hands us; it turns a bad number into a bare `ValueError` that names no variable;
-and its defaults are the toolkit's (a 600 s start-up). Its `parameters` module spells the same
-SageMaker variable names as contract.py; tests/unit/test_settings.py holds the two equal.
+What of sagemaker-inference is not used, and why: `environment.Environment` reads `os.environ`
+itself (its module computes the model directory at import), so it cannot be given the
+environment a test or the launcher hands us, turns a bad number into a bare `ValueError` that
+names no variable, and has the toolkit's defaults (a 600 s start-up); `model_server` writes
+/etc, binds the management API to 0.0.0.0 and pip-installs a model's requirements.txt;
+`transformer` sends tracebacks to clients; `decoder` unpickles NumPy payloads.
 """
 
 from __future__ import annotations
@@ -15,8 +19,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sagemaker_inference import parameters as sagemaker
+
 from imgclf.contract import (
-    BASE_DIR_ENV,
     CPU_RUNTIME_ENV,
     DEFAULT_BASE_DIR,
     RESPONSE_FORMAT_ENV,
@@ -30,14 +35,8 @@ from imgclf.contract import (
     SERVE_IDLE_TIMEOUT_ENV,
     SERVE_MAX_CONNECTIONS_ENV,
     SERVE_MODEL_DIR_ENV,
-    SERVE_PORT_ENV,
-    SERVE_PROGRAM_ENV,
     SERVE_RECOVER_ENV,
-    SERVE_SAFE_PORT_RANGE_ENV,
-    SERVE_STARTUP_TIMEOUT_ENV,
     SERVE_SUBMIT_DIRECTORY_ENV,
-    SERVE_TIMEOUT_ENV,
-    SERVE_WORKERS_ENV,
 )
 from imgclf.serving.protocol import DEFAULT_FORMAT, FORMATS, Limits
 from imgclf.util import cpu_count
@@ -78,7 +77,6 @@ class Settings:
     response_format: str = DEFAULT_FORMAT  # the default answer format
     batch_size: int = 8  # requests per handler call (one forward pass)
     max_batch_delay_ms: int = 1  # wait for more after the first
-    safe_port_range: tuple[int, int] | None = None  # SageMaker's ports for our own processes
     limits: Limits = field(default_factory=Limits)  # the front's timeouts and caps
 
     @property
@@ -93,14 +91,14 @@ class Settings:
 
 # (field, variable, type) for every number read; Limits' fields go to `limits`.
 _NUMBERS = (
-    ("port", SERVE_PORT_ENV, int),
-    ("workers", SERVE_WORKERS_ENV, int),
-    ("startup_timeout_s", SERVE_STARTUP_TIMEOUT_ENV, int),
+    ("port", sagemaker.BIND_TO_PORT_ENV, int),
+    ("workers", sagemaker.MODEL_SERVER_WORKERS_ENV, int),
+    ("startup_timeout_s", sagemaker.STARTUP_TIMEOUT_ENV, int),
     ("drain_s", SERVE_DRAIN_ENV, float),
     ("recover_after_s", SERVE_RECOVER_ENV, float),
     ("batch_size", SERVE_BATCH_SIZE_ENV, int),
     ("max_batch_delay_ms", SERVE_BATCH_DELAY_ENV, int),
-    ("request_timeout_s", SERVE_TIMEOUT_ENV, float),
+    ("request_timeout_s", sagemaker.MODEL_SERVER_TIMEOUT_ENV, float),
     ("header_timeout_s", SERVE_HEADER_TIMEOUT_ENV, float),
     ("body_timeout_s", SERVE_BODY_TIMEOUT_ENV, float),
     ("idle_timeout_s", SERVE_IDLE_TIMEOUT_ENV, float),
@@ -119,26 +117,12 @@ def _number(name: str, raw: str, kind):
     return value
 
 
-def port_range(raw: str) -> tuple[int, int]:
-    """SAGEMAKER_SAFE_PORT_RANGE's "LOW-HIGH" (inclusive)."""
-    low, sep, high = raw.partition("-")
-    try:
-        bounds = (int(low), int(high))
-    except ValueError:
-        bounds = (0, 0)
-    if not sep or not 1 <= bounds[0] <= bounds[1] <= 65535:
-        raise SettingsError(
-            f"{SERVE_SAFE_PORT_RANGE_ENV}={raw!r} is not a port range: use LOW-HIGH, e.g. 9000-9999"
-        )
-    return bounds
-
-
 def refuse_user_code(environ) -> None:
     """SAGEMAKER_PROGRAM / SAGEMAKER_SUBMIT_DIRECTORY (what the SageMaker SDK sets for a model
     deployed with `entry_point=`) name code this image would never run: serving anyway would
     answer with imgclf's handler while the user believes their inference.py does, so the start
     fails and says how to deploy an imgclf artifact instead."""
-    named = [n for n in (SERVE_PROGRAM_ENV, SERVE_SUBMIT_DIRECTORY_ENV) if environ.get(n)]
+    named = [n for n in (sagemaker.USER_PROGRAM_ENV, SERVE_SUBMIT_DIRECTORY_ENV) if environ.get(n)]
     if named:
         shown = ", ".join(f"{n}={environ[n]!r}" for n in named)
         raise SettingsError(
@@ -153,7 +137,7 @@ def refuse_user_code(environ) -> None:
 def read_settings(environ) -> Settings:
     """The settings from `environ`; a SettingsError names the first variable that is wrong."""
     refuse_user_code(environ)
-    base = Path(environ.get(BASE_DIR_ENV) or DEFAULT_BASE_DIR)
+    base = Path(environ.get(sagemaker.BASE_PATH_ENV) or DEFAULT_BASE_DIR)
     values: dict = {"model_dir": Path(environ.get(SERVE_MODEL_DIR_ENV) or base / "model")}
     limits: dict = {}
     for name, variable, kind in _NUMBERS:
@@ -171,6 +155,4 @@ def read_settings(environ) -> Settings:
     ):
         if environ.get(variable):
             values[name] = environ[variable]
-    if environ.get(SERVE_SAFE_PORT_RANGE_ENV):
-        values["safe_port_range"] = port_range(environ[SERVE_SAFE_PORT_RANGE_ENV])
     return Settings(**values, limits=Limits(**limits))
