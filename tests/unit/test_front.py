@@ -10,14 +10,17 @@ from imgclf.serving import front
 
 def test_request_heads_are_parsed_strictly():
     head = front.parse_request_head(
-        b"POST /invocations?x=1 HTTP/1.1\r\nContent-Type: image/png\r\nContent-Length: 12\r\n"
+        b"POST /invocations?x=1 HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+        b"Content-Length: 12\r\n"
         b"X-Amzn-SageMaker-Custom-Attributes: topk=2\r\nAccept: text/\xe9"
     )
     assert (head.method, head.path, head.version) == ("POST", "/invocations", "HTTP/1.1")
     assert head.headers["content-type"] == "image/png"
     assert head.headers["accept"] == "text/\u00e9"  # latin-1, passed on for a 406 with a hint
-    assert head.keep_alive and front.body_length(head) == 12
+    assert head.keep_alive and head.length == 12
     assert not front.parse_request_head(b"GET /ping HTTP/1.0").keep_alive
+    chunked = front.parse_request_head(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked")
+    assert chunked.length is None
 
 
 @pytest.mark.parametrize(
@@ -27,10 +30,12 @@ def test_request_heads_are_parsed_strictly():
         b"GET /ping",
         b"GET  /ping HTTP/1.1",
         b"\x16\x03\x01\x02\x00",
-        b"POST /invocations HTTP/1.1\r\n Folded: x",
-        b"POST /invocations HTTP/1.1\r\nBad Name: x",
-        b"POST /invocations HTTP/1.1\r\nX: a\x00b",
-        b"POST /invocations HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2",
+        b"POST /invocations HTTP/1.1\r\nHost: x\r\n Folded: x",
+        b"POST /invocations HTTP/1.1\r\nHost: x\r\nBad Name: x",
+        b"POST /invocations HTTP/1.1\r\nHost: x\r\nX: a\x00b",
+        b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2",
+        b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: a/b\r\nContent-Type: c/d",
+        b"POST /invocations HTTP/1.1\r\nContent-Length: 0",  # HTTP/1.1 without Host
     ],
 )
 def test_malformed_heads_are_client_errors(raw):
@@ -50,10 +55,9 @@ def test_malformed_heads_are_client_errors(raw):
     ],
 )
 def test_ambiguous_body_framing_is_a_400(headers):
-    head = front.parse_request_head(b"POST /invocations HTTP/1.1\r\n" + headers)
     with pytest.raises(front.HttpError) as err:
-        front.body_length(head)
-    assert err.value.status == 400
+        front.parse_request_head(b"POST /invocations HTTP/1.1\r\nHost: x\r\n" + headers)
+    assert err.value.status == 400 and err.value.close
 
 
 def test_responses_have_ascii_phrases_and_exact_lengths():
@@ -78,11 +82,14 @@ class RecordingBackend:
         return True, ""
 
 
-def _exchange(requests: list[bytes]) -> tuple[list[tuple[int, dict]], RecordingBackend]:
-    """Each raw request on one keep-alive connection to a real Front: (status, JSON body)."""
+def _exchange(requests: list[tuple[bytes, str | None]]):
+    """(body, content type) requests on one keep-alive connection to a real Front, sent by
+    an h11 client: [(status, JSON body)], and the backend that saw what went through."""
     import asyncio
 
-    from imgclf.serving.mms import parse_response_head
+    import h11
+
+    from imgclf.serving.mms import exchange
 
     backend = RecordingBackend()
 
@@ -91,25 +98,19 @@ def _exchange(requests: list[bytes]) -> tuple[list[tuple[int, dict]], RecordingB
         await gate.start("127.0.0.1", 0)
         port = gate._server.sockets[0].getsockname()[1]
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        answers = []
-        for raw in requests:
-            writer.write(raw)
-            head = await reader.readuntil(b"\r\n\r\n")
-            status, headers = parse_response_head(head)
-            body = await reader.readexactly(int(headers["content-length"]))
-            answers.append((status, json.loads(body)))
+        conn, answers = h11.Connection(h11.CLIENT), []
+        for body, content_type in requests:
+            headers = {} if content_type is None else {"Content-Type": content_type}
+            status, _, raw = await exchange(
+                conn, reader, writer, "POST", "/invocations", headers, body
+            )
+            answers.append((status, json.loads(raw)))
+            conn.start_next_cycle()  # the connection stays open, 415s included
         writer.close()
         gate._server.close()
         return answers
 
     return asyncio.run(scenario()), backend
-
-
-def _post(body: bytes, content_type: str | None) -> bytes:
-    head = f"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
-    if content_type is not None:
-        head += f"Content-Type: {content_type}\r\n"
-    return head.encode() + b"\r\n" + body
 
 
 def test_the_front_decides_content_types_before_the_model_server():
@@ -122,14 +123,14 @@ def test_the_front_decides_content_types_before_the_model_server():
     form = "application/x-www-form-urlencoded"
     answers, backend = _exchange(
         [
-            _post(jpeg, form),
-            _post(png, form),
-            _post(jpeg, "image/jpg"),
-            _post(png, "binary/octet-stream"),
-            _post(jpeg, None),
-            _post(b"a=1&b=2", form),
-            _post(jpeg, "text/plain"),
-            _post(b"{}", "application/json; charset=utf-8"),
+            (jpeg, form),
+            (png, form),
+            (jpeg, "image/jpg"),
+            (png, "binary/octet-stream"),
+            (jpeg, None),
+            (b"a=1&b=2", form),
+            (jpeg, "text/plain"),
+            (b"{}", "application/json; charset=utf-8"),
         ]
     )
     types = [doc.get("type") for _, doc in answers]

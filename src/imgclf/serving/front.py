@@ -12,6 +12,11 @@ Why it exists (the model server cannot be configured to do these; see serving/mm
 - requests queue here, bounded in bytes, instead of meeting the model server's instant 503s;
 - SIGTERM drains: no new requests, the ones in flight are answered, then the server stops.
 
+HTTP/1.1 framing is h11's (the sans-IO parser under httpcore and uvicorn), with the checks it
+leaves to the application made here: only HTTP/1.0 and 1.1, Content-Length and
+Transfer-Encoding never together, no folded header lines, one Content-Type; anything odd is a
+400 that closes the connection, never a guess.
+
 Only `POST /invocations` (and the runtime API's `POST /endpoints/NAME/invocations`, so a boto3
 sagemaker-runtime client pointed at a local endpoint works unchanged) and `GET /ping` exist.
 Every error body is protocol.error_body's (`error`, `hint`, and `message` for botocore).
@@ -28,11 +33,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import h11
+
 from imgclf.serving.protocol import (
     JSON_TYPE,
     Limits,
     RequestError,
-    error_body,
     reason_phrase,
     request_type,
 )
@@ -40,9 +46,8 @@ from imgclf.serving.protocol import (
 log = logging.getLogger("imgclf.serve")
 
 FORWARDED_HEADERS = ("content-type", "accept", "x-amzn-sagemaker-custom-attributes")
-_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-_DIGITS = re.compile(rb"[0-9]{1,15}")
 _INVOCATIONS = re.compile(r"/endpoints/[^/?#]{1,63}/invocations")
+_READ = 64 * 1024
 
 
 class HttpError(RequestError):
@@ -59,6 +64,7 @@ class RequestHead:
     path: str
     version: str
     headers: dict[str, str]  # lower-case names; values as latin-1 text
+    length: int | None  # Content-Length, or None for a chunked body
 
     @property
     def keep_alive(self) -> bool:
@@ -68,54 +74,53 @@ class RequestHead:
         return "close" not in connection
 
 
-def parse_request_head(raw: bytes) -> RequestHead:
-    """The request line and headers (without the final blank line), strictly: anything odd is
-    a 400 that closes the connection, never a guess."""
-    lines = raw.split(b"\r\n")
-    parts = lines[0].split(b" ")
-    if len(parts) != 3 or not _TOKEN.fullmatch(parts[0]):
-        raise HttpError(400, "malformed request line", "send an HTTP/1.1 request")
-    method, target, version = (p.decode("latin-1") for p in parts)
+def protocol_error(exc: h11.RemoteProtocolError) -> HttpError:
+    """h11's refusal as our 4xx (a client's mistake is a 4xx, whatever h11 hints)."""
+    if exc.error_status_hint == 431:
+        return HttpError(431, "request headers are too large", "send fewer or shorter headers")
+    if exc.error_status_hint == 501:  # a Transfer-Encoding other than chunked
+        return HttpError(400, "this Transfer-Encoding is not supported", "use chunked")
+    return HttpError(400, f"malformed request: {exc}"[:120], "send a valid HTTP/1.1 request")
+
+
+def request_head(event: h11.Request, raw_head: bytes = b"") -> RequestHead:
+    """The checks h11 leaves to the application, on its parsed request (and the head's raw
+    bytes, where h11 has already unfolded folded lines)."""
+    version = "HTTP/" + event.http_version.decode("ascii")
     if version not in ("HTTP/1.1", "HTTP/1.0"):
         # 400 rather than 505: a client's mistake is a 4xx, whatever it is.
         raise HttpError(
             400, f"{ascii(version[:20])} is not supported", "send HTTP/1.1 (HTTP/2 is not served)"
         )
+    if b"\n " in raw_head or b"\n\t" in raw_head:
+        raise HttpError(400, "folded header line", "send each header on one line")
     headers: dict[str, str] = {}
-    for line in lines[1:]:
-        name, sep, value = line.partition(b":")
-        if not sep or not _TOKEN.fullmatch(name):
-            raise HttpError(400, "malformed header line", "send 'Name: value' header lines")
-        key = name.decode("ascii").lower()
-        text = value.strip(b" \t").decode("latin-1")
-        if any(ord(c) < 32 and c != "\t" or ord(c) == 127 for c in text):
-            raise HttpError(400, f"header {key} holds control characters", "remove them")
-        if key in headers and key in ("content-length", "transfer-encoding", "content-type"):
-            if headers[key] != text:
-                raise HttpError(400, f"header {key} is given twice", "send it once")
+    for name, value in event.headers:
+        key, text = name.decode("ascii"), value.decode("latin-1")
+        if key in headers and key == "content-type" and headers[key] != text:
+            raise HttpError(400, f"header {key} is given twice", "send it once")
         headers[key] = text
-    return RequestHead(method.upper(), target.split("?", 1)[0], version, headers)
+    te, cl = headers.get("transfer-encoding"), headers.get("content-length")
+    if te is not None and cl is not None:
+        raise HttpError(400, "both Content-Length and Transfer-Encoding", "send one of them")
+    length = None if te is not None else int(cl or 0)
+    target = event.target.decode("latin-1")
+    return RequestHead(
+        event.method.decode("ascii"), target.split("?", 1)[0], version, headers, length
+    )
 
 
-def body_length(head: RequestHead) -> int | None:
-    """Content-Length, or None for a chunked body; a 400 for anything ambiguous."""
-    te = head.headers.get("transfer-encoding")
-    cl = head.headers.get("content-length")
-    if te is not None:
-        if cl is not None:
-            raise HttpError(400, "both Content-Length and Transfer-Encoding", "send one of them")
-        if te.strip().lower() != "chunked":
-            raise HttpError(
-                400, f"Transfer-Encoding {ascii(te[:30])} is not supported", "use chunked"
-            )
-        return None
-    if cl is None:
-        return 0
-    if not _DIGITS.fullmatch(cl.strip().encode("latin-1")):
-        raise HttpError(
-            400, f"Content-Length {ascii(cl[:30])} is not a number", "send the body's byte count"
-        )
-    return int(cl)
+def parse_request_head(raw: bytes) -> RequestHead:
+    """A complete request head (without its final blank line) as the server reads it."""
+    conn = h11.Connection(h11.SERVER)
+    conn.receive_data(raw + b"\r\n\r\n")
+    try:
+        event = conn.next_event()
+    except h11.RemoteProtocolError as exc:
+        raise protocol_error(exc) from None
+    if not isinstance(event, h11.Request):
+        raise HttpError(400, "incomplete request", "send it whole")
+    return request_head(event, raw + b"\r\n\r\n")
 
 
 def too_large(length: int | None, limits: Limits) -> HttpError:
@@ -127,23 +132,35 @@ def too_large(length: int | None, limits: Limits) -> HttpError:
     )
 
 
-def render_response(
+def response_events(
     status: int,
     body: bytes,
     *,
     content_type: str = JSON_TYPE,
     keep_alive: bool = True,
     extra: dict[str, str] | None = None,
-) -> bytes:
-    """A complete HTTP/1.1 response; the reason phrase is fixed ASCII."""
-    lines = [
-        f"HTTP/1.1 {status} {reason_phrase(status)}",
-        f"Content-Type: {content_type}",
-        f"Content-Length: {len(body)}",
-        "Connection: keep-alive" if keep_alive else "Connection: close",
+    head_only: bool = False,
+) -> list:
+    """One whole response as h11 events; the reason phrase is fixed ASCII."""
+    headers = [
+        ("Content-Type", content_type),
+        ("Content-Length", str(len(body))),
+        ("Connection", "keep-alive" if keep_alive else "close"),
+        *(extra or {}).items(),
     ]
-    lines += [f"{k}: {v}" for k, v in (extra or {}).items()]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+    reason = reason_phrase(status).encode("ascii")
+    events: list = [h11.Response(status_code=status, headers=headers, reason=reason)]
+    if body and not head_only:
+        events.append(h11.Data(data=body))
+    return [*events, h11.EndOfMessage()]
+
+
+def render_response(status: int, body: bytes, **kwargs) -> bytes:
+    """A complete response's bytes, as the server writes it (for a fresh connection)."""
+    conn = h11.Connection(h11.SERVER)
+    conn.receive_data(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    conn.next_event()
+    return b"".join(conn.send(e) for e in response_events(status, body, **kwargs))
 
 
 class ByteBudget:
@@ -190,6 +207,43 @@ class Counters:
     answered: dict[int, int] = field(default_factory=dict)
 
 
+class _Client:
+    """One client connection: h11's state over the asyncio streams."""
+
+    def __init__(self, reader, writer, limits: Limits) -> None:
+        self.reader, self.writer = reader, writer
+        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_header_bytes)
+        self.head_bytes = bytearray()  # the raw bytes of the head being read (see request_head)
+        self.max_head = limits.max_header_bytes
+
+    async def event(self):
+        """h11's next event, reading as needed (the caller bounds the time)."""
+        while True:
+            event = self.h11.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            data = await self.reader.read(_READ)
+            if self.h11.their_state is h11.IDLE and len(self.head_bytes) <= self.max_head:
+                self.head_bytes += data
+            self.h11.receive_data(data)
+
+    def raw_head(self) -> bytes:
+        return bytes(self.head_bytes).split(b"\r\n\r\n", 1)[0]
+
+    async def send(self, events: list) -> None:
+        for event in events:
+            self.writer.write(self.h11.send(event))
+        await self.writer.drain()
+
+    def next_cycle(self) -> bool:
+        """Ready for the next request on this connection (False: close it)."""
+        if self.h11.our_state is not h11.DONE or self.h11.their_state is not h11.DONE:
+            return False
+        self.h11.start_next_cycle()
+        self.head_bytes = bytearray(self.h11.trailing_data[0][: self.max_head + 1])
+        return True
+
+
 class Front:
     """The public HTTP server over a Backend."""
 
@@ -204,12 +258,7 @@ class Front:
 
     async def start(self, host: str, port: int) -> None:
         self._server = await asyncio.start_server(
-            self._connection,
-            host,
-            port,
-            limit=self.limits.max_header_bytes,
-            reuse_address=True,
-            backlog=1024,
+            self._connection, host, port, limit=_READ, reuse_address=True, backlog=1024
         )
 
     async def drain(self, grace_s: float) -> bool:
@@ -233,94 +282,90 @@ class Front:
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         self.counters.connections += 1
         self._writers.add(writer)
+        client = _Client(reader, writer, self.limits)
         try:
             if self.counters.connections > self.limits.max_connections or self.draining:
+                error = HttpError(
+                    503,
+                    "too many connections" if not self.draining else "shutting down",
+                    "retry shortly",
+                )
                 writer.write(
-                    render_response(
-                        503,
-                        error_body(
-                            "too many connections" if not self.draining else "shutting down",
-                            "retry shortly",
-                        ),
-                        keep_alive=False,
-                        extra={"Retry-After": "1"},
-                    )
+                    render_response(503, error.body(), keep_alive=False, extra={"Retry-After": "1"})
                 )
                 await _close(writer)
                 return
             first = True
             while not self.draining:
                 timeout = self.limits.header_timeout_s if first else self.limits.idle_timeout_s
-                if not await self._one_request(reader, writer, timeout):
+                if not await self._one_request(client, timeout) or not client.next_cycle():
                     break
                 first = False
         except (ConnectionError, OSError):
             pass
         except Exception:  # our bug: in the log with its traceback, a bare 500 to the client
             log.exception("front: unexpected error")
-            await self._send(writer, HttpError(500, "internal error", "the log has the details"))
+            await self._send(client, HttpError(500, "internal error", "the log has the details"))
         finally:
             self.counters.connections -= 1
             self._writers.discard(writer)
             writer.close()
 
-    async def _one_request(self, reader, writer, timeout: float) -> bool:
+    async def _one_request(self, client: _Client, timeout: float) -> bool:
         """Read, answer; False when the connection is to close."""
         try:
             async with asyncio.timeout(timeout):
-                raw = await reader.readuntil(b"\r\n\r\n")
-        except asyncio.IncompleteReadError as exc:
-            if exc.partial.strip():
-                await self._send(writer, HttpError(400, "incomplete request", "send it whole"))
+                event = await client.event()
+        except h11.RemoteProtocolError as exc:
+            if client.h11.their_state is h11.ERROR and client.head_bytes.strip():
+                await self._send(client, protocol_error(exc))
             return False
         except TimeoutError:
             if timeout == self.limits.header_timeout_s:
                 await self._send(
-                    writer, HttpError(408, "the request headers took too long", "send faster")
+                    client, HttpError(408, "the request headers took too long", "send faster")
                 )
             return False
-        except asyncio.LimitOverrunError:
-            await self._send(
-                writer,
-                HttpError(431, "request headers are too large", "send fewer or shorter headers"),
-            )
+        if not isinstance(event, h11.Request):  # the client closed between requests
             return False
         arrived = time.monotonic()
         try:
-            head = parse_request_head(raw[:-4].lstrip(b"\r\n"))
-            length = body_length(head)
+            head = request_head(event, client.raw_head())
         except HttpError as exc:
-            await self._send(writer, exc)
+            await self._send(client, exc)
             return False
         try:
-            status, keep = await self._route(reader, writer, head, length, arrived)
+            status, keep = await self._route(client, head, arrived)
         except RequestError as exc:
-            await self._send(writer, exc, keep_alive=head.keep_alive and not exc.close)
+            await self._send(client, exc, keep_alive=head.keep_alive and not exc.close)
             return not exc.close and head.keep_alive
         self.counters.answered[status] = self.counters.answered.get(status, 0) + 1
         return keep and head.keep_alive and not self.draining
 
-    async def _route(self, reader, writer, head: RequestHead, length, arrived):
+    async def _route(self, client: _Client, head: RequestHead, arrived: float):
         """Answer one request: (status, whether the connection may stay open)."""
         if head.path == "/ping":
             if head.method not in ("GET", "HEAD"):
                 raise HttpError(405, "use GET /ping", "GET /ping", close=False)
-            await self._discard_small_body(reader, length)
+            await self._discard_small_body(client, head)
             ok, why = (False, "shutting down") if self.draining else await self.backend.ready()
             body = json.dumps({"status": "Healthy"} if ok else {"status": "Unhealthy", "why": why})
             status = 200 if ok else 503
-            raw = render_response(status, body.encode(), keep_alive=head.keep_alive)
-            if head.method == "HEAD":
-                raw = raw[: raw.index(b"\r\n\r\n") + 4]
-            writer.write(raw)
-            await writer.drain()
+            await client.send(
+                response_events(
+                    status,
+                    body.encode(),
+                    keep_alive=head.keep_alive,
+                    head_only=head.method == "HEAD",
+                )
+            )
             return status, True
         if head.path == "/invocations" or _INVOCATIONS.fullmatch(head.path):
             if head.method != "POST":
-                await self._discard_small_body(reader, length)
+                await self._discard_small_body(client, head)
                 raise HttpError(405, f"use POST {head.path}", "POST the image", close=False)
-            return await self._invocation(reader, writer, head, length, arrived)
-        await self._discard_small_body(reader, length)
+            return await self._invocation(client, head, arrived)
+        await self._discard_small_body(client, head)
         raise HttpError(
             404,
             f"no such path {ascii(head.path[:80])}",
@@ -328,12 +373,12 @@ class Front:
             close=False,
         )
 
-    async def _invocation(self, reader, writer, head, length, arrived) -> tuple[int, bool]:
-        limits = self.limits
+    async def _invocation(self, client: _Client, head: RequestHead, arrived) -> tuple[int, bool]:
+        limits, length = self.limits, head.length
         if self.draining:
             raise HttpError(503, "the endpoint is shutting down", "retry on another instance")
         if length is not None and length > limits.max_body_bytes:
-            await self._refuse_body(reader, writer, head, length, too_large(length, limits))
+            await self._refuse_body(client, head, too_large(length, limits))
             return 413, False
         reserve = length if length is not None else limits.max_body_bytes
         self.counters.in_flight += 1
@@ -345,17 +390,17 @@ class Front:
             except TimeoutError:
                 raise HttpError(503, "the endpoint is busy", "retry shortly", close=True) from None
             try:
-                if head.headers.get("expect", "").lower() == "100-continue":
-                    writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                if client.h11.client_is_waiting_for_100_continue:
+                    await client.send([h11.InformationalResponse(status_code=100, headers=[])])
                 try:
                     async with asyncio.timeout(limits.body_timeout_s):
-                        body = await self._read_body(reader, length)
+                        body = await self._read_body(client)
                 except TimeoutError:
                     raise HttpError(408, "the request body took too long", "send faster") from None
-                except asyncio.IncompleteReadError:
-                    raise HttpError(400, "the body ended early", "send all of it") from None
+                except h11.RemoteProtocolError as exc:
+                    raise protocol_error(exc) from None
                 if body is None:  # a chunked body over the limit
-                    await self._refuse_body(reader, writer, head, None, too_large(None, limits))
+                    await self._refuse_body(client, head, too_large(None, limits))
                     return 413, False
                 # A 415 here keeps the connection: the body was read whole.
                 media = request_type(head.headers.get("content-type"), body)
@@ -365,66 +410,65 @@ class Front:
             finally:
                 await self.budget.give(reserve)
             keep = head.keep_alive and not self.draining
-            writer.write(render_response(status, payload, content_type=ctype, keep_alive=keep))
-            await writer.drain()
+            await client.send(response_events(status, payload, content_type=ctype, keep_alive=keep))
             return status, keep
         finally:
             self.counters.in_flight -= 1
             if not self.counters.in_flight:
                 self._idle_event.set()
 
-    async def _read_body(self, reader: asyncio.StreamReader, length: int | None) -> bytes | None:
-        if length is not None:
-            return await reader.readexactly(length) if length else b""
+    async def _read_body(self, client: _Client) -> bytes | None:
+        """The whole body (h11 undoes the chunking); None once it is over the limit."""
         chunks, size = [], 0
         while True:
-            line = await reader.readuntil(b"\r\n")
-            token = line.split(b";", 1)[0].strip()
-            if not re.fullmatch(rb"[0-9A-Fa-f]{1,8}", token):
-                raise HttpError(400, "malformed chunked body", "send valid chunks")
-            n = int(token, 16)
-            if n == 0:
-                while (await reader.readuntil(b"\r\n")) != b"\r\n":
-                    pass  # trailers
+            event = await client.event()
+            if isinstance(event, h11.EndOfMessage):
                 return b"".join(chunks)
-            size += n
+            if isinstance(event, h11.ConnectionClosed):
+                raise HttpError(400, "the body ended early", "send all of it")
+            size += len(event.data)
             if size > self.limits.max_body_bytes:
                 return None
-            chunks.append(await reader.readexactly(n))
-            if await reader.readexactly(2) != b"\r\n":
-                raise HttpError(400, "malformed chunked body", "send valid chunks")
+            chunks.append(event.data)
 
-    async def _discard_small_body(self, reader, length) -> None:
-        if length is None or length > 64 * 1024:
+    async def _discard_small_body(self, client: _Client, head: RequestHead) -> None:
+        if head.length is None or head.length > 64 * 1024:
             raise HttpError(400, "unexpected request body", "send no body here")
-        if length:
+        try:
             async with asyncio.timeout(self.limits.body_timeout_s):
-                await reader.readexactly(length)
+                while not isinstance(await client.event(), h11.EndOfMessage):
+                    pass
+        except h11.RemoteProtocolError as exc:
+            raise protocol_error(exc) from None
 
-    async def _refuse_body(self, reader, writer, head, length, error: HttpError) -> None:
+    async def _refuse_body(self, client: _Client, head: RequestHead, error: HttpError) -> None:
         """A JSON 413, then read and drop what the client still sends (up to linger_bytes,
         within the body timeout) so it can read the answer, then close."""
-        writer.write(render_response(error.status, error.body(), keep_alive=False))
         with contextlib.suppress(Exception):
-            await writer.drain()
+            await client.send(response_events(error.status, error.body(), keep_alive=False))
         if head.headers.get("expect", "").lower() == "100-continue":
             return  # the client has not sent the body: nothing to drop
-        left = self.limits.linger_bytes if length is None else min(length, self.limits.linger_bytes)
+        linger = self.limits.linger_bytes
+        left = linger if head.length is None else min(head.length, linger)
         with contextlib.suppress(Exception):
             async with asyncio.timeout(self.limits.body_timeout_s):
                 while left > 0:
-                    chunk = await reader.read(min(left, 256 * 1024))
+                    chunk = await client.reader.read(min(left, 256 * 1024))
                     if not chunk:
                         break
                     left -= len(chunk)
         with contextlib.suppress(Exception):
-            writer.transport.write_eof()
+            client.writer.transport.write_eof()
 
-    async def _send(self, writer, error: RequestError, *, keep_alive: bool = False) -> None:
+    async def _send(self, client: _Client, error: RequestError, *, keep_alive: bool = False):
         self.counters.answered[error.status] = self.counters.answered.get(error.status, 0) + 1
         with contextlib.suppress(Exception):
-            writer.write(render_response(error.status, error.body(), keep_alive=keep_alive))
-            await writer.drain()
+            try:
+                events = response_events(error.status, error.body(), keep_alive=keep_alive)
+                await client.send(events)
+            except h11.LocalProtocolError:  # no request to answer: a head that never came whole
+                client.writer.write(render_response(error.status, error.body(), keep_alive=False))
+                await client.writer.drain()
 
 
 async def _close(writer: asyncio.StreamWriter) -> None:

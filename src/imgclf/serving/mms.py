@@ -45,6 +45,8 @@ import urllib.parse
 from collections import deque
 from pathlib import Path
 
+import h11
+
 from imgclf.artifacts import CONFIG_FILE, LABELS_FILE, MODEL_FILE
 from imgclf.contract import MMS_WORKERS_ENV, RESPONSE_FORMAT_ENV, WORKER_LOADED_DIR_ENV
 from imgclf.processes import cmdline, group_members, process_start
@@ -233,34 +235,59 @@ class NoWorkerInTime(TimeoutError):
 # ---------------------------------------------------------------- HTTP over MMS's sockets
 
 
-def parse_response_head(raw: bytes) -> tuple[int, dict[str, str]]:
-    lines = raw.rstrip(b"\r\n").split(b"\r\n")
-    status = int(lines[0].split(b" ", 2)[1])
-    headers = {}
-    for line in lines[1:]:
-        name, _, value = line.partition(b":")
-        headers[name.decode("latin-1").strip().lower()] = value.decode("latin-1").strip()
-    return status, headers
-
-
-def request_bytes(method: str, path: str, headers: dict[str, str], body: bytes) -> bytes:
-    lines = [f"{method} {path} HTTP/1.1", "Host: localhost", f"Content-Length: {len(body)}"]
-    lines += [f"{k}: {v}" for k, v in headers.items()]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+async def exchange(
+    conn: h11.Connection,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    method: str,
+    path: str,
+    headers: dict[str, str],
+    body: bytes = b"",
+) -> tuple[int, dict[str, str], bytes]:
+    """One request and its whole answer over a client h11 connection: (status, headers with
+    lower-case names, body)."""
+    request = h11.Request(
+        method=method,
+        target=path,
+        headers=[
+            ("Host", "localhost"),
+            ("Content-Length", str(len(body))),
+            # As the client sent them (latin-1: h11 takes obs-text, MMS passes it on).
+            *((name, value.encode("latin-1")) for name, value in headers.items()),
+        ],
+    )
+    writer.write(
+        conn.send(request) + conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage())
+    )
+    await writer.drain()
+    response, chunks = None, []
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            data = await reader.read(64 * 1024)
+            if not data and conn.their_state is h11.SEND_RESPONSE:
+                raise ConnectionResetError("the model server closed the connection")
+            conn.receive_data(data)
+        elif isinstance(event, h11.Response):
+            response = event
+        elif isinstance(event, h11.Data):
+            chunks.append(event.data)
+        elif isinstance(event, h11.EndOfMessage) and response is not None:
+            names = {k.decode("latin-1"): v.decode("latin-1") for k, v in response.headers}
+            return response.status_code, names, b"".join(chunks)
+        elif isinstance(event, h11.ConnectionClosed):
+            raise ConnectionResetError("the model server closed the connection")
 
 
 async def management(
     socket_path: Path, path: str, timeout: float = 2.0, *, method: str = "GET"
 ) -> tuple[int, bytes]:
-    """One bodiless call to MMS's management API (which keeps connections open: read by
-    length)."""
+    """One bodiless call to MMS's management API."""
     async with asyncio.timeout(timeout):
         reader, writer = await asyncio.open_unix_connection(str(socket_path))
         try:
-            headers = {"Connection": "close"}
-            writer.write(request_bytes(method, path, headers, b""))
-            status, rheaders = parse_response_head(await reader.readuntil(b"\r\n\r\n"))
-            body = await reader.readexactly(int(rheaders.get("content-length", "0")))
+            conn = h11.Connection(h11.CLIENT)
+            status, _, body = await exchange(conn, reader, writer, method, path, {})
         finally:
             writer.close()
     return status, body
@@ -271,56 +298,50 @@ class Upstream:
 
     def __init__(self, concurrency: int) -> None:
         self.socket: Path | None = None
-        self._idle: deque[tuple[asyncio.StreamReader, asyncio.StreamWriter, Path]] = deque()
+        self._idle: deque[tuple[asyncio.StreamReader, asyncio.StreamWriter, h11.Connection, Path]]
+        self._idle = deque()
         self.slots = asyncio.Semaphore(concurrency)
 
     def retarget(self, socket_path: Path | None) -> None:
         """MMS (re)started on `socket_path`, or stopped (None): drop the old connections."""
         self.socket = socket_path
         while self._idle:
-            _, writer, _ = self._idle.popleft()
-            writer.close()
+            self._idle.popleft()[1].close()
 
     async def _connection(self):
         while self._idle:
-            reader, writer, where = self._idle.pop()
+            reader, writer, conn, where = self._idle.pop()
             if where == self.socket and not reader.at_eof() and not writer.is_closing():
-                return reader, writer, True
+                return reader, writer, conn, True
             writer.close()
         if self.socket is None:
             raise ConnectionRefusedError("the model server is not running")
         reader, writer = await asyncio.open_unix_connection(str(self.socket), limit=64 * 1024)
-        return reader, writer, False
+        return reader, writer, h11.Connection(h11.CLIENT), False
 
     async def post(self, path: str, headers: dict[str, str], body: bytes) -> tuple[int, str, bytes]:
         """POST to MMS: (status, content type, body). A reused connection that turns out to be
         closed is retried once on a fresh one, before any answer was read."""
         for attempt in range(2):
-            reader, writer, reused = await self._connection()
+            reader, writer, conn, reused = await self._connection()
             where = self.socket
             try:
-                writer.write(request_bytes("POST", path, headers, body))
-                await writer.drain()
-                head = await reader.readuntil(b"\r\n\r\n")
-            except (ConnectionError, asyncio.IncompleteReadError, OSError):
+                status, rheaders, payload = await exchange(
+                    conn, reader, writer, "POST", path, headers, body
+                )
+            except (ConnectionError, OSError, h11.ProtocolError) as exc:
                 writer.close()
-                if reused and attempt == 0:
+                if reused and attempt == 0 and not isinstance(exc, h11.ProtocolError):
                     continue
-                raise
+                raise ConnectionResetError(str(exc)) from None
             except BaseException:
                 writer.close()
                 raise
-            try:
-                status, rheaders = parse_response_head(head)
-                length = int(rheaders.get("content-length", "0"))
-                payload = await reader.readexactly(length)
-            except BaseException:
+            if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
+                conn.start_next_cycle()
+                self._idle.append((reader, writer, conn, where))
+            else:  # MMS said Connection: close
                 writer.close()
-                raise
-            if rheaders.get("connection", "").lower() == "close":
-                writer.close()
-            else:
-                self._idle.append((reader, writer, where))
             return status, rheaders.get("content-type", "application/json"), payload
         raise ConnectionError("unreachable")
 
@@ -370,7 +391,6 @@ class ModelServer:
 
     def _environment(self, run_dir: Path, loaded_dir: Path) -> dict[str, str]:
         env = {k: v for k, v in self.environ.items() if not k.startswith("AWS_")}
-        env.pop("PYTHONPATH", None)  # a worker imports our package and its dependencies only
         env.update(
             {
                 "TMPDIR": str(run_dir),  # the workers' sockets, MMS's temp files
@@ -576,7 +596,7 @@ class ModelServer:
                     f"the model did not answer within {timeout_s:.0f} s",
                     "retry; send fewer images per request",
                 ) from None
-            except (ConnectionError, asyncio.IncompleteReadError, OSError, ValueError):
+            except (ConnectionError, OSError):
                 self._forget_probe()
                 if attempt == 0:
                     continue
