@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from imgclf import archives
 from imgclf.contract import (
     BASE_DIR_ENV,
     RESPONSE_FORMAT_ENV,
@@ -89,16 +90,13 @@ def port_free(port: int) -> bool:
 
 
 def unpack_model(source: Path, target: Path) -> None:
-    """A model dir is linked; a model.tar.gz (what SageMaker makes) is unpacked safely."""
-    import tarfile
-
+    """A model dir is linked; a model.tar.gz (what SageMaker makes) is unpacked by
+    `archives.unpack` (plain files and folders only, bounded) into `target`."""
     source = source.resolve()
     if source.is_dir():
         target.symlink_to(source, target_is_directory=True)
-    elif source.is_file() and tarfile.is_tarfile(source):
-        target.mkdir()
-        with tarfile.open(source) as archive:
-            archive.extractall(target, filter="data")  # no absolute paths, links out, devices
+    elif archives.is_archive(source):
+        archives.unpack(source, target)
     else:
         raise UserError(f"--model {source}: not a model directory nor a model.tar.gz")
 
