@@ -35,6 +35,11 @@ from imgclf.targets.endpoints import (
 )
 from imgclf.util import plain_dir, write_json
 
+# Every local container drops all capabilities and cannot gain any (setuid binaries, file
+# capabilities), while still running as root as SageMaker runs images. What a command adds
+# back is listed beside it with the reason.
+CONFINED = ["--cap-drop", "ALL", "--security-opt", "no-new-privileges"]
+
 
 def _has_gpus() -> bool:
     """An NVIDIA driver here: containers get `--gpus all` (the images are CUDA builds)."""
@@ -60,6 +65,11 @@ def docker_command(job: LocalJob, image: str, *, gpus: bool | None = None) -> li
         f"{HOST}:127.0.0.1",
         "--shm-size",
         "2g",  # DataLoader workers share batches through /dev/shm
+        *CONFINED,
+        # Root in the container writes model/, output/ and checkpoints/ into the job dir, which
+        # the host user owns (0755): root passes those permission checks only with this.
+        "--cap-add",
+        "DAC_OVERRIDE",
         "-v",
         f"{job.layout.base}:/opt/ml",
         "-v",
@@ -178,6 +188,9 @@ def serve_container_command(
         endpoint.container,
         "--network",
         "host",
+        # Nothing added back: serve reads the model (files readable by any user), binds an
+        # unprivileged port and writes only inside the container.
+        *CONFINED,
         "-v",
         f"{model_dir}:/opt/ml/model:ro",
         "-e",
