@@ -25,6 +25,7 @@ from imgclf.jobs import HOST, LocalJob
 from imgclf.targets.endpoints import (
     READY_TIMEOUT_SECONDS,
     BadRecord,
+    drop_unreadable,
     load_endpoint,
     ping,
     port_free,
@@ -306,10 +307,7 @@ def delete_container_endpoint(home: Path, name: str) -> str:
     try:
         endpoint = read_container_endpoint(home, name)
     except BadRecord as exc:
-        if folder.is_symlink():
-            raise UserError(f"{exc}; nothing was deleted: remove the link yourself") from None
-        warn(f"endpoint {name}: {exc}")
-        shutil.rmtree(folder, ignore_errors=True)
+        drop_unreadable(folder, name, exc)
         return (
             "its record could not be read: folder removed, no container touched (if "
             f"{CONTAINER_PREFIX}{name} is yours: docker rm --force {CONTAINER_PREFIX}{name})"

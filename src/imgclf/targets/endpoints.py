@@ -424,18 +424,24 @@ def stop_endpoint(endpoint: Endpoint, grace: float = 60.0) -> bool:
     return True
 
 
-def delete_endpoint(home: Path, name: str) -> tuple[Endpoint | None, str]:
-    """Stop the endpoint's processes (only those `deploy` started) and remove its folder:
-    (the endpoint, or None when its record was unusable; what was done, for the user)."""
+def drop_unreadable(folder: Path, name: str, exc: BadRecord) -> None:
+    """`delete` of an endpoint whose record cannot be used: nothing is signalled and its folder
+    is removed, unless the folder is a link (what it points at is not ours to delete)."""
+    if folder.is_symlink():
+        raise UserError(f"{exc}; nothing was deleted: remove the link yourself") from None
+    warn(f"endpoint {name}: {exc}")
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def delete_endpoint(home: Path, name: str) -> str:
+    """Stop the endpoint's processes (only those `deploy` started) and remove its folder;
+    what was done, for the user."""
     folder = endpoint_folder(home, name)
     try:
         endpoint = read_endpoint(home, name)
     except BadRecord as exc:
-        if folder.is_symlink():
-            raise UserError(f"{exc}; nothing was deleted: remove the link yourself") from None
-        warn(f"endpoint {name}: {exc}")
-        shutil.rmtree(folder, ignore_errors=True)
-        return None, "its record could not be read, so nothing was signalled; folder removed"
+        drop_unreadable(folder, name, exc)
+        return "its record could not be read, so nothing was signalled; folder removed"
     if endpoint is None:
         known = ", ".join(e.name for e in list_endpoints(home)) or "none"
         raise UserError(f"no local endpoint named {name} (running: {known})")
@@ -443,8 +449,8 @@ def delete_endpoint(home: Path, name: str) -> tuple[Endpoint | None, str]:
     was_running = stop_endpoint(endpoint)
     shutil.rmtree(endpoint.base, ignore_errors=True)
     if stale:
-        return endpoint, f"not stopped: {stale}"
-    return endpoint, "stopped" if was_running else "was not running; removed"
+        return f"not stopped: {stale}"
+    return "stopped" if was_running else "was not running; removed"
 
 
 def invoke(

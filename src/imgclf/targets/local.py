@@ -168,8 +168,7 @@ class LocalTarget:
         check_name("endpoint", name)  # before any path is made of it
         if docker.has_container_endpoint(self.home, name):
             return [f"endpoint {name} {docker.delete_container_endpoint(self.home, name)}"]
-        _, done = endpoints.delete_endpoint(self.home, name)
-        return [f"endpoint {name} {done}"]
+        return [f"endpoint {name} {endpoints.delete_endpoint(self.home, name)}"]
 
     def pick_endpoint(self, name: str | None) -> EndpointInfo:
         if name:

@@ -18,6 +18,7 @@ from pathlib import Path
 from imgclf import archives
 from imgclf.errors import UserError
 from imgclf.targets.sagemaker.aws import Clients, aws_errors
+from imgclf.util import plain_dir
 
 MULTIPART_BYTES = 64 * 1024 * 1024  # upload part size; also how the ETag is computed
 
@@ -147,7 +148,7 @@ def download_archive(
     s3, uri: str, dest: Path, *, limits: archives.Limits = archives.LIMITS
 ) -> Path:
     """The tar.gz at `uri` unpacked into `dest` (replaced when it exists: a re-download)."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    plain_dir(dest.parent)
     with downloaded(s3, uri, max_bytes=limits.max_bytes, folder=dest.parent) as archive:
         if dest.is_symlink() or dest.is_file():
             dest.unlink()
