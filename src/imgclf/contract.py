@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,6 +81,29 @@ TRAIN_IMAGE_ENV = {
 # Hyperparameters that turn on torchrun through sagemaker-training's torch_distributed runner.
 TORCH_DISTRIBUTED_KEY = "sagemaker_torch_distributed_enabled"
 PROCESSES_PER_HOST_KEY = "sagemaker_mpi_num_of_processes_per_host"
+
+# Job and endpoint names: SageMaker's own pattern (training jobs, endpoints, models), so a name
+# is valid on both targets, as a folder under the launcher's home and as a container name.
+NAME_MAX_LENGTH = 63
+TUNING_NAME_MAX_LENGTH = 32  # HyperParameterTuningJobName
+
+
+def name_pattern(max_length: int = NAME_MAX_LENGTH) -> str:
+    return f"^[a-zA-Z0-9](-*[a-zA-Z0-9]){{0,{max_length - 1}}}$"
+
+
+def check_name(kind: str, value: str, *, max_length: int = NAME_MAX_LENGTH) -> str:
+    """`value` when it is a valid `kind` name (e.g. "job", "endpoint"), else a UserError naming it
+    and the pattern: letters, digits and hyphens, starting and ending with a letter or digit."""
+    body = name_pattern(max_length)[1:-1]  # fullmatch: `$` would let a trailing newline through
+    if not isinstance(value, str) or re.fullmatch(body, value) is None:
+        raise UserError(
+            f"{kind} name {value!r} is not valid: use letters, digits and hyphens, starting and "
+            f"ending with a letter or digit, at most {max_length} characters "
+            f"(SageMaker's pattern {name_pattern(max_length)})"
+        )
+    return value
+
 
 CHANNEL_NAMES = ("train", "valid", "test")
 COMBINED_CHANNEL = "training"

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from imgclf import data, engine, models
-from imgclf.util import atomic_write, write_json
+from imgclf.util import atomic_write, open_lock, write_json
 
 log = logging.getLogger("imgclf.features")
 
@@ -179,7 +179,7 @@ def load_or_compute(
     folder = root / key
     root.mkdir(parents=True, exist_ok=True)
     names = sorted(scan.splits)
-    with open(root / f"{key}.lock", "w") as lock:
+    with open_lock(root / f"{key}.lock") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # parallel trials: one computes, the others wait
         done = folder / "info.json"
         if done.exists():

@@ -24,9 +24,10 @@ from imgclf.contract import (
     TORCH_DISTRIBUTED_KEY,
     TRAIN_IMAGE_ENV,
     Layout,
+    check_name,
 )
 from imgclf.errors import UserError
-from imgclf.util import new_job_name, write_json  # noqa: F401 - re-exported
+from imgclf.util import new_job_name, open_lock, plain_dir, write_json  # noqa: F401 - re-exported
 
 HOST = "algo-1"
 STOP_GRACE_SECONDS = 120  # what SageMaker gives a stopped job
@@ -54,12 +55,16 @@ def prepare_job(
     link_data: bool = True,
 ) -> LocalJob:
     """Lay out jobs/<name>/ as SageMaker lays out /opt/ml. A job dir that exists keeps its
-    checkpoints/ (so the job resumes) and gets fresh config, model/ and output/."""
+    checkpoints/ (so the job resumes) and gets fresh config, model/ and output/. The name is
+    checked first (a name such as `../..` would make the job dir the user's project), and no
+    folder of the job may be a symbolic link."""
+    check_name("job", name)
     data_dir = Path(data_dir).resolve()
     if not data_dir.is_dir():
         raise UserError(f"--data {data_dir} is not a directory")
     lock = lock_job(home / "jobs", name)
-    layout = Layout(home / "jobs" / name)
+    layout = Layout(plain_dir(plain_dir(home / "jobs", "jobs folder") / name, "job folder"))
+    plain_dir(layout.checkpoint_dir, "checkpoint folder")
     for stale in (layout.base / "input", layout.model_dir, layout.output_dir, layout.code_dir):
         if stale.is_symlink() or stale.is_file():
             stale.unlink()
@@ -107,12 +112,12 @@ def lock_job(jobs_dir: Path, name: str):
     jobs/ itself, where every entry is a job directory.)"""
     import fcntl
 
-    locks = jobs_dir.parent / "locks"
-    locks.mkdir(parents=True, exist_ok=True)
-    path = (locks / f"{name}.lock").resolve()
+    check_name("job", name)
+    locks = plain_dir(jobs_dir.parent / "locks", "locks folder")
+    path = Path(os.path.abspath(locks / f"{name}.lock"))
     if path in _HELD_LOCKS:  # this process runs the job again (a resume, a refined trial)
         return _HELD_LOCKS[path]
-    handle = open(path, "a+")  # noqa: SIM115 - held until this process exits
+    handle = open_lock(path)  # held until this process exits
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

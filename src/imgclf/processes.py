@@ -33,6 +33,15 @@ def process_start(pid: int) -> str | None:
     return None if fields is None else fields[19].decode()  # field 22: starttime
 
 
+def boot_id() -> str | None:
+    """This boot's random id (Linux): a start time in clock ticks names a process only within
+    the boot it was read in."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip() or None
+    except OSError:
+        return None
+
+
 def proc_stat(pid: int) -> tuple[str, int, int] | None:
     """(state, ppid, process group) of a live process, from /proc."""
     fields = proc_stat_fields(pid)

@@ -1,5 +1,5 @@
-"""Small torch-free helpers shared across the package: atomic writes, booleans from strings,
-the CPU count, job names."""
+"""Small torch-free helpers shared across the package: atomic writes, folders and locks that
+follow no pre-placed link, booleans from strings, the CPU count, job names."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
+
+from imgclf.errors import UserError
 
 # What SageMaker hyperparameters, environment switches and our CLI accept as true / false.
 TRUE_STRINGS = frozenset({"true", "1", "yes", "y", "on"})
@@ -75,6 +77,38 @@ def free_port(low: int = 20000, high: int = 32000) -> int:
                 continue
             return port
     raise RuntimeError(f"no free port between {low} and {high}")
+
+
+def _not_a_link(path: Path, what: str) -> UserError:
+    return UserError(
+        f"{what} {path} is a symbolic link; imgclf does not follow links it did not make in its "
+        "folders: remove the link"
+    )
+
+
+def plain_dir(path: Path, what: str = "folder") -> Path:
+    """`path` as a real folder: made when missing (with its parents), refused when it is a
+    symbolic link (a pre-placed link would send a job's writes and deletions elsewhere)."""
+    path = Path(path)
+    if path.is_symlink():
+        raise _not_a_link(path, what)
+    path.mkdir(parents=True, exist_ok=True)
+    if path.is_symlink():  # placed between the check and the mkdir
+        raise _not_a_link(path, what)
+    return path
+
+
+def open_lock(path: Path) -> IO[str]:
+    """Open (creating it) a lock file for flock, read/write, without following a link placed
+    at its path (O_NOFOLLOW): the lock never truncates or writes a file it points at."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError:
+        if Path(path).is_symlink():
+            raise _not_a_link(Path(path), "lock file") from None
+        raise
+    return os.fdopen(fd, "r+")
 
 
 def cpu_count() -> int:

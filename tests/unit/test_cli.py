@@ -1,6 +1,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import run_launch
 
 
@@ -65,3 +67,44 @@ def test_a_missing_or_malformed_hp_from_file_is_one_clear_line(tmp_path):
         assert proc.returncode == 2, proc.stderr
         assert words in proc.stderr and str(path) in proc.stderr
         assert "Traceback" not in proc.stderr
+
+
+def _tree(root):
+    return {
+        p.relative_to(root).as_posix(): (p.read_bytes() if p.is_file() else None)
+        for p in sorted(root.rglob("*"))
+    }
+
+
+@pytest.mark.parametrize("name", ["../..", "../../poetry", "../x", "ABSOLUTE"])
+def test_job_and_endpoint_names_that_are_paths_are_refused_before_anything_is_touched(
+    tmp_path, name
+):
+    """The audit's cases: `--job-name ../..` made the user's project the job dir (its model/
+    and output/ deleted, poetry.lock truncated by the job's lock); `--name ../x` put endpoint
+    records outside the home. Each is one line, and the project is left as it was."""
+    project = tmp_path / "project"
+    home = project / ".imgclf"
+    home.mkdir(parents=True)
+    (project / "model").mkdir()
+    (project / "model" / "model.pt").write_bytes(b"the user's weights")
+    (project / "output").mkdir()
+    (project / "poetry.lock").write_text("pinned\n")
+    (project / "launch.py").write_text("the user's launcher\n")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    image = tmp_path / "dog.jpg"
+    image.write_bytes(b"\xff\xd8")
+    name = str(project) if name == "ABSOLUTE" else name
+    before = _tree(project)
+    for args in (
+        ["train", "--data", str(empty), "--job-name", name],
+        ["deploy", "--model", str(tmp_path / "model.tar.gz"), "--name", name, "--port", "1"],
+        ["delete", name],
+        ["invoke", "--endpoint", name, str(image)],
+    ):
+        proc = run_launch(*args, home=home)
+        assert _tree(project) == before, args
+        assert proc.returncode == 2, (args, proc.stdout, proc.stderr)
+        assert f"name {name!r} is not valid" in proc.stderr, (args, proc.stderr)
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr

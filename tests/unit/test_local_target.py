@@ -1,8 +1,11 @@
 import json
 import os
 
+import pytest
+
 from imgclf import jobs
 from imgclf.contract import TRAIN_IMAGE_ENV, read_training_contract
+from imgclf.errors import UserError
 from imgclf.targets import docker
 from tests.conftest import run_launch
 
@@ -110,3 +113,43 @@ def test_a_second_job_with_a_running_jobs_name_is_refused_at_once(tmp_path, tiny
     time.sleep(0.1)
     job = jobs.prepare_job(tmp_path, "busy", data_dir=tiny_digits, hyperparameters={})
     assert job.layout.base == tmp_path / "jobs" / "busy"
+
+
+def _added_back(cmd: list[str]) -> list[str]:
+    return [value for flag, value in zip(cmd, cmd[1:]) if flag == "--cap-add"]
+
+
+def test_local_containers_drop_every_capability_and_cannot_gain_any(tmp_path, tiny_digits):
+    """Still root, as SageMaker runs images; training gets back only DAC_OVERRIDE (root writes
+    into the job dir, owned by the host user), serving nothing."""
+    job = jobs.prepare_job(tmp_path, "j", data_dir=tiny_digits, hyperparameters={}, link_data=False)
+    endpoint = docker.ContainerEndpoint("e", 8123, "imgclf-serve:abc", tmp_path, "m")
+    train = docker.docker_command(job, "imgclf-train:abc", gpus=True)
+    serve = docker.serve_container_command(endpoint, tmp_path / "model", gpus=False)
+    for cmd, added in ((train, ["DAC_OVERRIDE"]), (serve, [])):
+        image = cmd.index(cmd[-2])
+        pairs = list(zip(cmd[:image], cmd[1:image]))
+        assert ("--cap-drop", "ALL") in pairs
+        assert ("--security-opt", "no-new-privileges") in pairs
+        assert _added_back(cmd) == added
+        assert "--privileged" not in cmd and "--user" not in cmd
+
+
+def test_a_job_folder_or_lock_placed_as_a_link_is_not_followed(tmp_path, tiny_digits):
+    """A pre-placed link at jobs/<name> would have the job delete the target's model/ and
+    output/; one at locks/<name>.lock would have the lock truncate the file it points at."""
+    project = tmp_path / "project"
+    (project / "model").mkdir(parents=True)
+    (project / "model" / "model.pt").write_bytes(b"the user's weights")
+    (project / "poetry.lock").write_text("pinned\n")
+    home = tmp_path / "home"
+    (home / "jobs").mkdir(parents=True)
+    (home / "jobs" / "j").symlink_to(project, target_is_directory=True)
+    with pytest.raises(UserError, match="job folder .*jobs/j is a symbolic link"):
+        jobs.prepare_job(home, "j", data_dir=tiny_digits, hyperparameters={})
+    assert (project / "model" / "model.pt").read_bytes() == b"the user's weights"
+    (home / "locks").mkdir(exist_ok=True)  # the first call made it
+    (home / "locks" / "k.lock").symlink_to(project / "poetry.lock")
+    with pytest.raises(UserError, match="k.lock is a symbolic link"):
+        jobs.prepare_job(home, "k", data_dir=tiny_digits, hyperparameters={})
+    assert (project / "poetry.lock").read_text() == "pinned\n"

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import os
 import random
 import re
 import threading
@@ -117,3 +118,17 @@ def test_the_shipped_early_stopping_keeps_the_best_recorded_trial_for_half_the_e
     )
     lost = sum(not replay(median_on_valid, histories, o, parallel=2).kept_best for o in orders)
     assert lost >= 6, lost
+
+
+def test_the_tuners_pid_file_replaces_a_link_placed_there_instead_of_writing_through_it(tmp_path):
+    from imgclf.tuning.local import LOCK_FILE, _claim
+
+    precious = tmp_path / "poetry.lock"
+    precious.write_text("pinned\n")
+    out = tmp_path / "tuning"
+    out.mkdir()
+    (out / LOCK_FILE).symlink_to(precious)
+    _claim(out)
+    assert precious.read_text() == "pinned\n"
+    assert not (out / LOCK_FILE).is_symlink()
+    assert (out / LOCK_FILE).read_text() == str(os.getpid())

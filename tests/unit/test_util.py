@@ -4,6 +4,7 @@ import stat
 import pytest
 
 from imgclf import util
+from imgclf.errors import UserError
 
 
 @pytest.mark.parametrize(
@@ -47,3 +48,22 @@ def test_job_names_are_utc_stamped():
     name = util.new_job_name("demo")
     assert name.startswith("demo-") and len(name) == len("demo-20261123-120000")
     assert util.cpu_count() >= 1
+
+
+def test_a_lock_file_placed_as_a_link_is_not_followed(tmp_path):
+    precious = tmp_path / "poetry.lock"
+    precious.write_text("pinned\n")
+    (tmp_path / "x.lock").symlink_to(precious)
+    with pytest.raises(UserError, match="x.lock is a symbolic link"):
+        util.open_lock(tmp_path / "x.lock")
+    assert precious.read_text() == "pinned\n"
+    with util.open_lock(tmp_path / "y.lock") as handle:  # a plain one is made and opened
+        handle.write("held")
+    assert (tmp_path / "y.lock").read_text() == "held"
+
+
+def test_plain_dir_makes_folders_and_refuses_a_link(tmp_path):
+    assert util.plain_dir(tmp_path / "a" / "b").is_dir()
+    (tmp_path / "jobs").symlink_to(tmp_path / "a", target_is_directory=True)
+    with pytest.raises(UserError, match="jobs folder .*jobs is a symbolic link"):
+        util.plain_dir(tmp_path / "jobs", "jobs folder")

@@ -5,7 +5,7 @@ SageMaker runs them."""
 from __future__ import annotations
 
 import dataclasses
-import json
+import os
 import shutil
 import subprocess
 import time
@@ -18,16 +18,28 @@ from imgclf.contract import (
     SERVE_BIND_HOST_ENV,
     SERVE_PORT_ENV,
     SERVE_WORKERS_ENV,
+    check_name,
 )
 from imgclf.errors import UserError
 from imgclf.jobs import HOST, LocalJob
 from imgclf.targets.endpoints import (
     READY_TIMEOUT_SECONDS,
+    BadRecord,
+    drop_unreadable,
     load_endpoint,
     ping,
     port_free,
+    read_record,
+    record_names,
     unpack_model,
+    warn,
 )
+from imgclf.util import plain_dir, write_json
+
+# Every local container drops all capabilities and cannot gain any (setuid binaries, file
+# capabilities), while still running as root as SageMaker runs images. What a command adds
+# back is listed beside it with the reason.
+CONFINED = ["--cap-drop", "ALL", "--security-opt", "no-new-privileges"]
 
 
 def _has_gpus() -> bool:
@@ -54,6 +66,11 @@ def docker_command(job: LocalJob, image: str, *, gpus: bool | None = None) -> li
         f"{HOST}:127.0.0.1",
         "--shm-size",
         "2g",  # DataLoader workers share batches through /dev/shm
+        *CONFINED,
+        # Root in the container writes model/, output/ and checkpoints/ into the job dir, which
+        # the host user owns (0755): root passes those permission checks only with this.
+        "--cap-add",
+        "DAC_OVERRIDE",
         "-v",
         f"{job.layout.base}:/opt/ml",
         "-v",
@@ -118,20 +135,29 @@ def _containers_dir(home: Path) -> Path:
     return home / "endpoints-docker"
 
 
-def load_container_endpoint(home: Path, name: str) -> ContainerEndpoint | None:
-    path = _containers_dir(home) / name / "container.json"
-    if not path.exists():
-        return None
-    doc = json.loads(path.read_text())
-    return ContainerEndpoint(
-        doc["name"], int(doc["port"]), doc["image"], Path(doc["base"]), doc["model"]
+def read_container_endpoint(home: Path, name: str) -> ContainerEndpoint | None:
+    """The container endpoint's record; None when there is none; BadRecord when unusable."""
+    folder = _containers_dir(home) / check_name("endpoint", name)
+    doc = read_record(
+        folder, "container.json", {"name": str, "port": int, "image": str, "model": str}
     )
+    if doc is None:
+        return None
+    return ContainerEndpoint(name, doc["port"], doc["image"], folder, doc["model"])
+
+
+def load_container_endpoint(home: Path, name: str) -> ContainerEndpoint | None:
+    """The container endpoint's record, or None (with a warning naming an unusable file)."""
+    try:
+        return read_container_endpoint(home, name)
+    except BadRecord as exc:
+        warn(f"skipping endpoint {name}: {exc}")
+        return None
 
 
 def list_container_endpoints(home: Path) -> list[ContainerEndpoint]:
-    root = _containers_dir(home)
-    names = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
-    return [e for e in (load_container_endpoint(home, n) for n in names) if e is not None]
+    found = (load_container_endpoint(home, n) for n in record_names(_containers_dir(home)))
+    return [e for e in found if e is not None]
 
 
 def container_running(container: str) -> bool:
@@ -163,6 +189,9 @@ def serve_container_command(
         endpoint.container,
         "--network",
         "host",
+        # Nothing added back: serve reads the model (files readable by any user), binds an
+        # unprivileged port and writes only inside the container.
+        *CONFINED,
         "-v",
         f"{model_dir}:/opt/ml/model:ro",
         "-e",
@@ -210,14 +239,19 @@ def deploy_container(
     timeout: float = READY_TIMEOUT_SECONDS,
 ) -> ContainerEndpoint:
     """Run the serving image over a model dir or model.tar.gz; return once /ping answers 200."""
-    if load_container_endpoint(home, name) is not None or load_endpoint(home, name) is not None:
+    base = _containers_dir(home) / check_name("endpoint", name)
+    if (
+        os.path.lexists(base)
+        or load_container_endpoint(home, name) is not None
+        or load_endpoint(home, name) is not None
+    ):
         raise UserError(
             f"endpoint {name} exists; `launch.py delete {name}` first, or pick another --name"
         )
     if not port_free(port):
         raise UserError(f"port {port} is in use; pick another with --port")
-    base = _containers_dir(home) / name
-    base.mkdir(parents=True)
+    plain_dir(_containers_dir(home), "endpoints folder")
+    base.mkdir()
     endpoint = ContainerEndpoint(name, port, image, base, str(Path(model).resolve()))
     try:
         source = Path(model).resolve()
@@ -241,7 +275,7 @@ def deploy_container(
     except BaseException:
         shutil.rmtree(base, ignore_errors=True)
         raise
-    (base / "container.json").write_text(json.dumps(endpoint.to_dict(), indent=2) + "\n")
+    write_json(base / "container.json", endpoint.to_dict())
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if ping(port):
@@ -262,10 +296,24 @@ def deploy_container(
     )
 
 
-def delete_container_endpoint(home: Path, name: str) -> ContainerEndpoint:
-    endpoint = load_container_endpoint(home, name)
+def has_container_endpoint(home: Path, name: str) -> bool:
+    """A folder for this name under the container endpoints (its record readable or not)."""
+    return os.path.lexists(_containers_dir(home) / check_name("endpoint", name))
+
+
+def delete_container_endpoint(home: Path, name: str) -> str:
+    """Stop and remove the endpoint's container and its folder; what was done, for the user."""
+    folder = _containers_dir(home) / check_name("endpoint", name)
+    try:
+        endpoint = read_container_endpoint(home, name)
+    except BadRecord as exc:
+        drop_unreadable(folder, name, exc)
+        return (
+            "its record could not be read: folder removed, no container touched (if "
+            f"{CONTAINER_PREFIX}{name} is yours: docker rm --force {CONTAINER_PREFIX}{name})"
+        )
     if endpoint is None:
         raise UserError(f"no local container endpoint named {name}")
     _remove_container(endpoint.container)
     shutil.rmtree(endpoint.base, ignore_errors=True)
-    return endpoint
+    return f"stopped (container {endpoint.container} removed)"

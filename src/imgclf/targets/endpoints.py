@@ -1,7 +1,12 @@
 """Local endpoints: the serving image's `serve` entry as a background process group on
 127.0.0.1, one folder each under <home>/endpoints/. `serve` writes its state to
 <folder>/state.json (contract.SERVE_STATE_FILE_ENV): `deploy` waits on that file, not on log
-sentences. Also the HTTP client every local endpoint (process or container) is invoked with."""
+sentences. Also the HTTP client every local endpoint (process or container) is invoked with.
+
+An endpoint's record (endpoint.json) is read as untrusted input: written atomically, skipped
+with a warning when it cannot be read, its folder derived from the name (never from the
+record), and its pid signalled only while it still names the process `deploy` started (the
+pid with its start time and the boot it was read in)."""
 
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from imgclf import archives
 from imgclf.contract import (
     BASE_DIR_ENV,
     RESPONSE_FORMAT_ENV,
@@ -24,9 +30,18 @@ from imgclf.contract import (
     SERVE_PORT_ENV,
     SERVE_STATE_FILE_ENV,
     SERVE_WORKERS_ENV,
+    check_name,
 )
 from imgclf.errors import UserError
-from imgclf.processes import group_alive, running
+from imgclf.processes import (
+    boot_id,
+    group_alive,
+    group_members,
+    process_start,
+    running,
+    same_process,
+)
+from imgclf.util import plain_dir, write_json
 
 READY_TIMEOUT_SECONDS = 300
 STATE_FILE = "state.json"  # what `serve` writes where SERVE_STATE_FILE_ENV says
@@ -41,6 +56,8 @@ class Endpoint:
     pid: int
     base: Path
     model: str
+    start: str | None = None  # `serve`'s start time (processes.process_start) ...
+    boot: str | None = None  # ... in this boot (processes.boot_id): with the pid, one process
 
     @property
     def url(self) -> str:
@@ -54,26 +71,103 @@ class Endpoint:
         return {**dataclasses.asdict(self), "base": str(self.base)}
 
 
+class BadRecord(UserError):
+    """A launcher record that cannot be used: truncated, not ours, or reached through a link."""
+
+
+def warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
 def _endpoints_dir(home: Path) -> Path:
     return home / "endpoints"
 
 
+def endpoint_folder(home: Path, name: str) -> Path:
+    """<home>/endpoints/<name>, for a valid endpoint name only."""
+    return _endpoints_dir(home) / check_name("endpoint", name)
+
+
 def _record(home: Path, name: str) -> Path:
-    return _endpoints_dir(home) / name / "endpoint.json"
+    return endpoint_folder(home, name) / "endpoint.json"
+
+
+def read_record(folder: Path, file: str, fields: dict[str, type]) -> dict | None:
+    """The JSON object in folder/file, with each of `fields` of its type (None where the
+    record has no folder; BadRecord, naming the file and why, where it cannot be used)."""
+    path = folder / file
+    if folder.is_symlink() or path.is_symlink():
+        raise BadRecord(f"{path}: a symbolic link, not a record this launcher wrote")
+    if not folder.is_dir():
+        return None
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise BadRecord(f"{path} is missing") from None
+    except (OSError, ValueError) as exc:
+        raise BadRecord(f"{path} cannot be read ({exc})") from None
+    if not isinstance(doc, dict):
+        raise BadRecord(f"{path} does not hold a JSON object")
+    for key, kind in fields.items():
+        if not isinstance(doc.get(key), kind) or isinstance(doc.get(key), bool):
+            raise BadRecord(f"{path}: {key!r} is missing or not a {kind.__name__}")
+    if doc["name"] != folder.name:
+        raise BadRecord(f"{path} names endpoint {doc['name']!r}, not {folder.name!r}")
+    return doc
+
+
+def _optional_text(doc: dict, key: str) -> str | None:
+    value = doc.get(key)
+    return value if isinstance(value, str) and value else None
+
+
+def read_endpoint(home: Path, name: str) -> Endpoint | None:
+    """The endpoint's record; None when there is no endpoint of that name; BadRecord when
+    its record cannot be used."""
+    folder = endpoint_folder(home, name)
+    doc = read_record(folder, "endpoint.json", {"name": str, "port": int, "pid": int, "model": str})
+    if doc is None:
+        return None
+    return Endpoint(
+        name,
+        doc["port"],
+        doc["pid"],
+        folder,  # where the record is, not what it says: a record cannot point delete elsewhere
+        doc["model"],
+        _optional_text(doc, "start"),
+        _optional_text(doc, "boot"),
+    )
 
 
 def load_endpoint(home: Path, name: str) -> Endpoint | None:
-    path = _record(home, name)
-    if not path.exists():
+    """The endpoint's record, or None (with a warning naming the file when it is unusable)."""
+    try:
+        return read_endpoint(home, name)
+    except BadRecord as exc:
+        warn(f"skipping endpoint {name}: {exc}")
         return None
-    doc = json.loads(path.read_text())
-    return Endpoint(doc["name"], int(doc["port"]), int(doc["pid"]), Path(doc["base"]), doc["model"])
+
+
+def record_names(root: Path) -> list[str]:
+    """The valid names of the record folders under `root` (others are warned about)."""
+    if not root.is_dir():
+        return []
+    names = []
+    for entry in sorted(root.iterdir()):
+        if entry.is_symlink() or not entry.is_dir():
+            kind = "a symbolic link" if entry.is_symlink() else "a file"
+            warn(f"skipping {entry}: {kind}, not a folder this launcher made")
+            continue
+        try:
+            names.append(check_name("endpoint", entry.name))
+        except UserError as exc:
+            warn(f"skipping {entry}: {exc}")
+    return names
 
 
 def list_endpoints(home: Path) -> list[Endpoint]:
-    root = _endpoints_dir(home)
-    names = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
-    return [e for e in (load_endpoint(home, n) for n in names) if e is not None]
+    found = (load_endpoint(home, n) for n in record_names(_endpoints_dir(home)))
+    return [e for e in found if e is not None]
 
 
 def port_free(port: int) -> bool:
@@ -89,16 +183,13 @@ def port_free(port: int) -> bool:
 
 
 def unpack_model(source: Path, target: Path) -> None:
-    """A model dir is linked; a model.tar.gz (what SageMaker makes) is unpacked safely."""
-    import tarfile
-
+    """A model dir is linked; a model.tar.gz (what SageMaker makes) is unpacked by
+    `archives.unpack` (plain files and folders only, bounded) into `target`."""
     source = source.resolve()
     if source.is_dir():
         target.symlink_to(source, target_is_directory=True)
-    elif source.is_file() and tarfile.is_tarfile(source):
-        target.mkdir()
-        with tarfile.open(source) as archive:
-            archive.extractall(target, filter="data")  # no absolute paths, links out, devices
+    elif archives.is_archive(source):
+        archives.unpack(source, target)
     else:
         raise UserError(f"--model {source}: not a model directory nor a model.tar.gz")
 
@@ -126,13 +217,61 @@ def ping_reason(port: int, timeout: float = 2.0) -> tuple[bool, str]:
         return False, f"nothing answers on port {port} ({exc.__class__.__name__})"
 
 
+def _same_boot(endpoint: Endpoint) -> bool:
+    return bool(endpoint.boot) and endpoint.boot == boot_id()
+
+
+def serve_running(endpoint: Endpoint) -> bool:
+    """The `serve` that `deploy` started is running: the pid still names that process."""
+    return (
+        _same_boot(endpoint)
+        and same_process(endpoint.pid, endpoint.start)
+        and running(endpoint.pid)
+    )
+
+
+def _orphans_ours(endpoint: Endpoint) -> bool:
+    """`serve` is gone and its process group lives on (MMS): ours when this is the boot it was
+    started in and every member started after it. (A group id is not given to a new group
+    while the old one has members; only after it emptied and the pid came round again could
+    it name somebody else's group, and then its members would all have started after ours.)"""
+    if not (_same_boot(endpoint) and endpoint.start) or running(endpoint.pid):
+        return False
+    members = group_members(endpoint.pid)
+    starts = [process_start(pid) for pid in members]
+    return bool(members) and all(s is not None and int(s) >= int(endpoint.start) for s in starts)
+
+
+def stale_reason(endpoint: Endpoint) -> str | None:
+    """Why the record names no process we may signal (None when it still does, or when its
+    pid is simply gone)."""
+    if not endpoint.start or not endpoint.boot:
+        return (
+            "its record has no start time, so its pid names no process we may signal; "
+            "delete removes its folder only"
+        )
+    if not _same_boot(endpoint):
+        return "the machine has restarted since it was deployed; delete removes its folder only"
+    if running(endpoint.pid) and not same_process(endpoint.pid, endpoint.start):
+        return (
+            f"pid {endpoint.pid} is another process now, not its serve; delete removes its "
+            "folder only"
+        )
+    return None
+
+
 def endpoint_state(endpoint: Endpoint) -> str:
-    """healthy, unhealthy (why), dead, or orphaned (serve gone, its processes not)."""
-    serve_alive = running(endpoint.pid)
-    if not serve_alive:
-        return "orphaned (delete stops it)" if group_alive(endpoint.pid) else "dead"
-    ok, why = ping_reason(endpoint.port)
-    return "healthy" if ok else f"unhealthy ({why})"
+    """healthy, unhealthy (why), dead, stale (why), or orphaned (serve gone, its processes
+    not)."""
+    if serve_running(endpoint):
+        ok, why = ping_reason(endpoint.port)
+        return "healthy" if ok else f"unhealthy ({why})"
+    stale = stale_reason(endpoint)
+    if stale:
+        return f"stale ({stale})"
+    if group_alive(endpoint.pid) and _orphans_ours(endpoint):
+        return "orphaned (delete stops it)"
+    return "dead"
 
 
 def deploy(
@@ -150,8 +289,9 @@ def deploy(
     _clear_old(home, name)
     if not port_free(port):
         raise UserError(f"port {port} is in use; pick another with --port")
-    base = _endpoints_dir(home) / name
-    base.mkdir(parents=True)
+    base = endpoint_folder(home, name)
+    plain_dir(_endpoints_dir(home), "endpoints folder")
+    base.mkdir()
     try:
         unpack_model(Path(model), base / "model")
     except BaseException:
@@ -181,23 +321,42 @@ def deploy(
             stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
-    endpoint = Endpoint(name, port, proc.pid, base, str(Path(model).resolve()))
-    _record(home, name).write_text(json.dumps(endpoint.to_dict(), indent=2) + "\n")
+    endpoint = Endpoint(
+        name,
+        port,
+        proc.pid,
+        base,
+        str(Path(model).resolve()),
+        start=process_start(proc.pid),  # the child cannot have been reaped: it is ours to wait
+        boot=boot_id(),
+    )
+    write_json(_record(home, name), endpoint.to_dict())
     _wait_ready(endpoint, proc, timeout)
     return endpoint
 
 
 def _clear_old(home: Path, name: str) -> None:
     """Refuse a name that is running; clear what is left of one whose `serve` died."""
-    existing = load_endpoint(home, name)
+    try:
+        existing = read_endpoint(home, name)
+    except BadRecord as exc:
+        raise UserError(
+            f"endpoint {name} cannot be deployed over: {exc}; `launch.py delete {name}` "
+            "removes it, or pick another --name"
+        ) from None
     if existing is None:
+        if os.path.lexists(endpoint_folder(home, name)):
+            raise UserError(
+                f"{endpoint_folder(home, name)} is in the way and is not an endpoint folder; "
+                "remove it, or pick another --name"
+            )
         return
-    if running(existing.pid):
+    if serve_running(existing):
         raise UserError(
             f"endpoint {name} is already running on port {existing.port}; "
             f"`launch.py delete {name}` first, or pick another --name"
         )
-    stop_endpoint(existing)
+    stop_endpoint(existing)  # its orphans, if any; nothing that is not ours
     shutil.rmtree(existing.base, ignore_errors=True)
 
 
@@ -244,15 +403,18 @@ def _wait_ready(endpoint: Endpoint, proc: subprocess.Popen, timeout: float) -> N
 def stop_endpoint(endpoint: Endpoint, grace: float = 60.0) -> bool:
     """SIGTERM to `serve` alone (it drains requests in flight, then stops MMS), then SIGKILL
     to its whole process group after `grace`. `serve` leads that group and MMS stays in it,
-    so this stops every process even when `serve` itself has died. True when any was running."""
-    if not group_alive(endpoint.pid):
-        return False
-    if running(endpoint.pid):
+    so this stops every process even when `serve` itself has died. Nothing is signalled unless
+    the record still names the processes `deploy` started (see `serve_running`,
+    `_orphans_ours`). True when any was running."""
+    if serve_running(endpoint):
         with contextlib.suppress(ProcessLookupError):
             os.kill(endpoint.pid, signal.SIGTERM)
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline and group_alive(endpoint.pid):
             time.sleep(0.2)
+    elif not (group_alive(endpoint.pid) and _orphans_ours(endpoint)):
+        return False
+    # The group seen alive since `serve` was ours: its id is not reused while it has members.
     if group_alive(endpoint.pid):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(endpoint.pid, signal.SIGKILL)
@@ -262,15 +424,33 @@ def stop_endpoint(endpoint: Endpoint, grace: float = 60.0) -> bool:
     return True
 
 
-def delete_endpoint(home: Path, name: str) -> tuple[Endpoint, bool]:
-    """Stop the endpoint's processes and remove its folder: (endpoint, whether any ran)."""
-    endpoint = load_endpoint(home, name)
+def drop_unreadable(folder: Path, name: str, exc: BadRecord) -> None:
+    """`delete` of an endpoint whose record cannot be used: nothing is signalled and its folder
+    is removed, unless the folder is a link (what it points at is not ours to delete)."""
+    if folder.is_symlink():
+        raise UserError(f"{exc}; nothing was deleted: remove the link yourself") from None
+    warn(f"endpoint {name}: {exc}")
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def delete_endpoint(home: Path, name: str) -> str:
+    """Stop the endpoint's processes (only those `deploy` started) and remove its folder;
+    what was done, for the user."""
+    folder = endpoint_folder(home, name)
+    try:
+        endpoint = read_endpoint(home, name)
+    except BadRecord as exc:
+        drop_unreadable(folder, name, exc)
+        return "its record could not be read, so nothing was signalled; folder removed"
     if endpoint is None:
         known = ", ".join(e.name for e in list_endpoints(home)) or "none"
         raise UserError(f"no local endpoint named {name} (running: {known})")
+    stale = stale_reason(endpoint)
     was_running = stop_endpoint(endpoint)
     shutil.rmtree(endpoint.base, ignore_errors=True)
-    return endpoint, was_running
+    if stale:
+        return f"not stopped: {stale}"
+    return "stopped" if was_running else "was not running; removed"
 
 
 def invoke(

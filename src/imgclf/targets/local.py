@@ -10,8 +10,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from imgclf import jobs, processes
-from imgclf.contract import BEST_FILE, HOME_ENV
+from imgclf import jobs
+from imgclf.contract import BEST_FILE, HOME_ENV, check_name
 from imgclf.errors import UserError
 from imgclf.targets import docker, endpoints
 from imgclf.targets.base import (
@@ -45,7 +45,7 @@ class LocalTarget:
     # ------------------------------------------------------------ jobs
 
     def train(self, request: TrainRequest) -> JobResult:
-        name = request.job_name or new_job_name()
+        name = check_name("job", request.job_name or new_job_name())
         if request.docker:
             docker.require_docker()
         job = jobs.prepare_job(
@@ -81,9 +81,9 @@ class LocalTarget:
 
     def job_dir(self, job: str) -> Path:
         path = Path(job)
-        if path.is_dir():
+        if path.is_dir():  # a job dir the user names by its path
             return path
-        named = self.home / "jobs" / job
+        named = self.home / "jobs" / check_name("job", job)
         if named.is_dir():
             return named
         raise UserError(f"{job} is neither a job dir nor a local job name (see {named.parent})")
@@ -136,6 +136,7 @@ class LocalTarget:
     # ------------------------------------------------------------ endpoints
 
     def deploy(self, request: DeployRequest) -> EndpointInfo:
+        check_name("endpoint", request.name)
         print(f"starting endpoint {request.name} on 127.0.0.1:{request.port} ...", flush=True)
         if request.docker:
             docker.require_docker()
@@ -164,14 +165,14 @@ class LocalTarget:
         return found + [_container_info(c) for c in docker.list_container_endpoints(self.home)]
 
     def delete(self, name: str) -> list[str]:
-        if docker.load_container_endpoint(self.home, name) is not None:
-            container = docker.delete_container_endpoint(self.home, name)
-            return [f"endpoint {name} stopped (container {container.container} removed)"]
-        endpoint, was_running = endpoints.delete_endpoint(self.home, name)
-        return [f"endpoint {name} {'stopped' if was_running else 'was not running; removed'}"]
+        check_name("endpoint", name)  # before any path is made of it
+        if docker.has_container_endpoint(self.home, name):
+            return [f"endpoint {name} {docker.delete_container_endpoint(self.home, name)}"]
+        return [f"endpoint {name} {endpoints.delete_endpoint(self.home, name)}"]
 
     def pick_endpoint(self, name: str | None) -> EndpointInfo:
         if name:
+            check_name("endpoint", name)
             process = endpoints.load_endpoint(self.home, name)
             if process is not None:
                 return _process_info(process, "")
@@ -182,7 +183,7 @@ class LocalTarget:
         running = [
             _process_info(e, "")
             for e in endpoints.list_endpoints(self.home)
-            if processes.process_alive(e.pid)
+            if endpoints.serve_running(e)
         ]
         running += [
             _container_info(c, "")

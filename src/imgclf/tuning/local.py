@@ -34,7 +34,7 @@ from imgclf.tuning.results import write_best
 from imgclf.tuning.space import TuningSpace, metric_direction, trial_hyperparameters
 from imgclf.tuning.study import default_storage, finished_count, open_study, recover_interrupted
 from imgclf.tuning.worker_pool import WorkerPool, runs_in_worker
-from imgclf.util import cpu_count
+from imgclf.util import atomic_write, cpu_count
 
 LOCK_FILE = "tuner.pid"
 
@@ -53,7 +53,7 @@ def _claim(out_dir: Path) -> None:
             pid = 0
         if pid and pid != os.getpid() and processes.process_alive(pid):
             raise UserError(f"a tuner (pid {pid}) is already running in {out_dir}")
-    lock.write_text(str(os.getpid()))
+    atomic_write(lock, str(os.getpid()))  # replaces a link placed there, never writes through it
 
 
 def run_tuning(

@@ -107,7 +107,12 @@ def load_status(out_dir: Path, storage: str | None = None) -> tuple[dict, list[l
     meta_file = out_dir / "space.json"
     if not meta_file.exists():
         raise UserError(f"{out_dir} is not a tuning dir (no space.json)")
-    meta = json.loads(meta_file.read_text())
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{meta_file} cannot be read ({exc}); the tuning dir is damaged") from None
+    if not isinstance(meta, dict) or not {"metric", "direction"} <= meta.keys():
+        raise UserError(f"{meta_file} lacks the metric and direction; the tuning dir is damaged")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.load_study(study_name=STUDY_NAME, storage=storage or default_storage(out_dir))
     return meta, trial_table(study, meta["metric"], meta["direction"])

@@ -1,16 +1,24 @@
-"""S3: incremental upload of a dataset (size + ETag), model packing, job output download."""
+"""S3: incremental upload of a dataset (size + ETag), model packing, job output download
+(streamed to a temporary file within a size bound, then unpacked by `archives.unpack`)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
+import os
+import shutil
 import sys
 import tarfile
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from imgclf import archives
 from imgclf.errors import UserError
 from imgclf.targets.sagemaker.aws import Clients, aws_errors
+from imgclf.util import plain_dir
 
 MULTIPART_BYTES = 64 * 1024 * 1024  # upload part size; also how the ETag is computed
 
@@ -105,6 +113,50 @@ def pack_model(model_dir: Path) -> bytes:
     return buf.getvalue()
 
 
+@contextlib.contextmanager
+def downloaded(
+    s3, uri: str, *, max_bytes: int = archives.LIMITS.max_bytes, folder: Path | None = None
+) -> Iterator[Path]:
+    """The S3 object at `uri` streamed into a temporary file (in `folder`), removed afterwards.
+    Read in chunks, never whole into memory; refused past `max_bytes`, by its stated length
+    and by the bytes really received."""
+    bucket, key = split_s3_uri(uri)
+    with aws_errors():
+        response = s3.get_object(Bucket=bucket, Key=key)
+    body = response["Body"]
+    too_big = UserError(f"{uri} is larger than {max_bytes} bytes; not downloaded")
+    if response.get("ContentLength", 0) > max_bytes:
+        body.close()
+        raise too_big
+    fd, name = tempfile.mkstemp(prefix=".download.", suffix=".part", dir=folder)
+    path = Path(name)
+    try:
+        received = 0
+        with os.fdopen(fd, "wb") as out, aws_errors():
+            for chunk in body.iter_chunks(archives.CHUNK_BYTES):
+                received += len(chunk)
+                if received > max_bytes:
+                    raise too_big
+                out.write(chunk)
+        yield path
+    finally:
+        body.close()
+        path.unlink(missing_ok=True)
+
+
+def download_archive(
+    s3, uri: str, dest: Path, *, limits: archives.Limits = archives.LIMITS
+) -> Path:
+    """The tar.gz at `uri` unpacked into `dest` (replaced when it exists: a re-download)."""
+    plain_dir(dest.parent)
+    with downloaded(s3, uri, max_bytes=limits.max_bytes, folder=dest.parent) as archive:
+        if dest.is_symlink() or dest.is_file():
+            dest.unlink()
+        elif dest.exists():
+            shutil.rmtree(dest)
+        return archives.unpack(archive, dest, limits=limits)
+
+
 def download_job_output(c: Clients, job_name: str, dest: Path) -> Path:
     """A SageMaker job's model.tar.gz and output.tar.gz unpacked into a local job dir
     (model/ and output/data/), for `launch.py report` and `debug`."""
@@ -115,10 +167,5 @@ def download_job_output(c: Clients, job_name: str, dest: Path) -> Path:
         raise UserError(f"training job {job_name} has no output yet ({desc['TrainingJobStatus']})")
     output_uri = model_uri.rsplit("/", 1)[0] + "/output.tar.gz"
     for uri, folder in ((model_uri, dest / "model"), (output_uri, dest / "output" / "data")):
-        bucket, key = split_s3_uri(uri)
-        with aws_errors():
-            body = c.s3.get_object(Bucket=bucket, Key=key)["Body"].read()
-        folder.mkdir(parents=True, exist_ok=True)
-        with tarfile.open(fileobj=io.BytesIO(body), mode="r:gz") as tar:
-            tar.extractall(folder, filter="data")  # no absolute paths, links or devices
+        download_archive(c.s3, uri, folder)
     return dest

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from imgclf.contract import BEST_FILE
+from imgclf.contract import BEST_FILE, TUNING_NAME_MAX_LENGTH, check_name
 from imgclf.errors import UserError
 from imgclf.targets import sagemaker as sm
 from imgclf.targets.base import (
@@ -17,7 +17,7 @@ from imgclf.targets.base import (
     TuneRequest,
     TuningResult,
 )
-from imgclf.util import new_job_name, write_json
+from imgclf.util import new_job_name, plain_dir, write_json
 
 CONSOLE = "https://console.aws.amazon.com/sagemaker/home#/jobs/"
 TRIAL_HEADER = ("training job", "status")  # then the metric, then the hyperparameters
@@ -33,7 +33,7 @@ class SageMakerTarget:
     def train(self, request: TrainRequest) -> JobResult:
         if request.docker:
             raise UserError("--docker runs the image locally; drop --target sagemaker or --docker")
-        name = request.job_name or new_job_name()
+        name = check_name("training job", request.job_name or new_job_name())
         sent = sm.start_training(
             self.c,
             self.options,
@@ -64,7 +64,10 @@ class SageMakerTarget:
         )
 
     def job_dir(self, job: str) -> Path:
-        return sm.download_job_output(self.c, job, self.options.home / "sagemaker" / job)
+        check_name("training job", job)  # before it becomes a folder under the home
+        return sm.download_job_output(
+            self.c, job, plain_dir(self.options.home / "sagemaker" / job, "job folder")
+        )
 
     def tune(self, request: TuneRequest) -> TuningResult:
         if request.refine:
@@ -73,7 +76,11 @@ class SageMakerTarget:
                 "--features-cache, then train the best trials with --hp-from"
             )
         space = request.space
-        name = request.job_name or new_job_name("tune")[:32]
+        name = check_name(
+            "tuning job",
+            request.job_name or new_job_name("tune")[:TUNING_NAME_MAX_LENGTH],
+            max_length=TUNING_NAME_MAX_LENGTH,
+        )
         sm.start_tuning(self.c, self.options, space, data=request.data, job_name=name)
         print(
             f"tuning job {name} created: {space.max_trials} trials, {space.parallel_trials} at "
@@ -99,6 +106,7 @@ class SageMakerTarget:
     def deploy(self, request: DeployRequest) -> EndpointInfo:
         if request.docker:
             raise UserError("--docker runs the image locally; drop --target sagemaker or --docker")
+        check_name("endpoint", request.name)
         made = sm.deploy(
             self.c,
             self.options,
@@ -129,6 +137,7 @@ class SageMakerTarget:
         return sm.list_endpoints(self.c)
 
     def delete(self, name: str) -> list[str]:
+        check_name("endpoint", name)
         return [f"deleted {item}" for item in sm.delete_endpoint(self.c, name)]
 
     def pick_endpoint(self, name: str | None) -> EndpointInfo:
