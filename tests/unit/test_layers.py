@@ -15,7 +15,7 @@ LAYERS = {
     **dict.fromkeys(
         ["engine", "data", "models", "artifacts", "features", "prepare", "sample", "metrics"], 2
     ),
-    **dict.fromkeys(["config", "contract", "util", "errors"], 1),
+    **dict.fromkeys(["config", "contract", "util", "errors", "processes", "archives"], 1),
 }
 
 
