@@ -1,6 +1,7 @@
 """The front's pure parts: request heads, body framing, responses; and its content-type
 decision and error bodies on real sockets over a stand-in backend."""
 
+import contextlib
 import json
 
 import pytest
@@ -147,3 +148,72 @@ def test_the_front_decides_content_types_before_the_model_server():
     assert len(backend.seen) == 6  # the two 415s never reached it
     for _, doc in answers[5:7]:  # botocore shows `message`
         assert doc["message"] and doc["error"] in doc["message"] and doc["hint"] in doc["message"]
+
+
+def _raw(chunks: list[bytes], limits=None, *, wait_close_s: float = 20.0) -> bytes:
+    """Raw bytes to a real Front over RecordingBackend; everything it answers until it closes
+    (or `wait_close_s` passes: a bound, so a front that never closes fails the test)."""
+    import asyncio
+
+    async def scenario():
+        gate = front.Front(limits or front.Limits(), RecordingBackend())
+        await gate.start("127.0.0.1", 0)
+        port = gate._server.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        for chunk in chunks:
+            writer.write(chunk)
+        await writer.drain()
+        received = b""
+        with contextlib.suppress(TimeoutError, ConnectionError):
+            async with asyncio.timeout(wait_close_s):
+                while data := await reader.read(1 << 16):
+                    received += data
+        writer.close()
+        gate._server.close()
+        return received
+
+    return asyncio.run(scenario())
+
+
+def test_a_413_closes_once_the_sent_body_is_dropped_not_at_the_body_timeout():
+    body = b"\xff" * (7 * 1024 * 1024)
+    head = f"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n"
+    limits = front.Limits(body_timeout_s=120.0)
+    received = _raw([head.encode() + body], limits, wait_close_s=30.0)
+    assert received.startswith(b"HTTP/1.1 413 "), received[:100]
+    assert received.count(b"HTTP/1.1 ") == 1
+
+
+def test_headers_over_the_limit_in_one_read_are_a_431():
+    head = b"GET /ping HTTP/1.1\r\nHost: x\r\nAccept: " + b"a" * 40_000 + b"\r\n\r\n"
+    received = _raw([head])
+    assert received.startswith(b"HTTP/1.1 431 "), received[:100]
+
+
+def test_head_requests_get_one_answer_without_a_body():
+    received = _raw([b"HEAD /nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"])
+    assert received.count(b"HTTP/1.1 ") == 1 and received.startswith(b"HTTP/1.1 404 ")
+    assert received.endswith(b"\r\n\r\n")  # the head alone
+
+
+def test_a_post_to_ping_is_a_405_and_the_connection_goes_on():
+    body = b"x" * 1000
+    ping = f"POST /ping HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+    get = b"GET /ping HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    received = _raw([ping + body + get])
+    assert received.startswith(b"HTTP/1.1 405 ") and b"HTTP/1.1 200 " in received
+
+
+def test_an_oversized_forwarded_header_is_refused_before_the_model_server():
+    from tests.conftest import png_bytes
+
+    image = png_bytes()
+    head = (
+        "POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+        f"X-Amzn-SageMaker-Custom-Attributes: topk=1,{'x' * 5000}\r\n"
+        f"Content-Length: {len(image)}\r\nConnection: close\r\n\r\n"
+    )
+    received = _raw([head.encode() + image])
+    assert (
+        received.startswith(b"HTTP/1.1 431 ") and b"x-amzn-sagemaker-custom-attributes" in received
+    )

@@ -186,3 +186,55 @@ def test_a_request_that_no_worker_could_take_is_a_503_and_a_slow_one_a_504(tmp_p
     assert no_worker.status == 503 and "no worker could answer" in no_worker.error
     assert "retry shortly" in no_worker.hint
     assert slow.status == 504 and "did not answer within" in slow.error
+
+
+def test_a_management_answer_that_breaks_off_is_a_connection_error(tmp_path):
+    """MMS closing mid-answer (it is being stopped) reads as the server being gone: the probe
+    says not ready, it does not raise out of /ping or the supervisor."""
+    sock = tmp_path / "m.sock"
+
+    async def scenario():
+        async def half_answer(reader, writer):
+            await reader.read(1 << 16)
+            writer.write(b'HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{"work')
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_unix_server(half_answer, str(sock))
+        with pytest.raises(ConnectionResetError):
+            await mms.management(sock, "/models/model")
+        backend = mms.ModelServer(Settings(), {}, tmp_path)
+        backend._management = sock
+        result = await backend._query()
+        server.close()
+        return result
+
+    assert asyncio.run(scenario()) == (False, "the model server does not answer")
+
+
+def test_the_private_store_refuses_a_fifo_without_waiting_on_it(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    os.mkfifo(model / "model.pt")
+    with pytest.raises(ValueError, match="not a regular file"):
+        mms.private_store(model, tmp_path / "store")
+
+
+def test_the_process_group_is_read_when_used(tmp_path):
+    """serve makes the ModelServer before it leads its own group: stopping MMS must signal
+    serve's group then, never the group of whoever started serve."""
+    import subprocess
+    import sys
+
+    code = (
+        "import os\n"
+        "from pathlib import Path\n"
+        "from imgclf.serving.mms import ModelServer\n"
+        "from imgclf.serving.settings import Settings\n"
+        "from imgclf.processes import lead_own_group\n"
+        f"server = ModelServer(Settings(), {{}}, Path({str(tmp_path)!r}))\n"
+        "lead_own_group()\n"
+        "print(server.pgid == os.getpid() != os.getppid())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "True", out.stderr

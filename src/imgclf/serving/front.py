@@ -48,6 +48,10 @@ log = logging.getLogger("imgclf.serve")
 FORWARDED_HEADERS = ("content-type", "accept", "x-amzn-sagemaker-custom-attributes")
 _INVOCATIONS = re.compile(r"/endpoints/[^/?#]{1,63}/invocations")
 _READ = 64 * 1024
+_HEAD_END = re.compile(rb"\r?\n\r?\n")
+# Each header passed on to the model server at most this long: MMS's Netty decoder refuses a
+# head over 8 KB, which would fail the request there for a reason that is the client's.
+MAX_FORWARDED_HEADER = 2048
 
 
 class HttpError(RequestError):
@@ -215,6 +219,7 @@ class _Client:
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_header_bytes)
         self.head_bytes = bytearray()  # the raw bytes of the head being read (see request_head)
         self.max_head = limits.max_header_bytes
+        self.head_only = False  # the request being answered is a HEAD: answers carry no body
 
     async def event(self):
         """h11's next event, reading as needed (the caller bounds the time)."""
@@ -228,7 +233,8 @@ class _Client:
             self.h11.receive_data(data)
 
     def raw_head(self) -> bytes:
-        return bytes(self.head_bytes).split(b"\r\n\r\n", 1)[0]
+        """The head as it arrived (h11 also ends a head at a bare-LF blank line)."""
+        return _HEAD_END.split(bytes(self.head_bytes), 1)[0]
 
     async def send(self, events: list) -> None:
         for event in events:
@@ -329,7 +335,12 @@ class Front:
         if not isinstance(event, h11.Request):  # the client closed between requests
             return False
         arrived = time.monotonic()
+        client.head_only = event.method == b"HEAD"
         try:
+            if len(client.raw_head()) > self.limits.max_header_bytes:
+                raise HttpError(
+                    431, "request headers are too large", "send fewer or shorter headers"
+                )
             head = request_head(event, client.raw_head())
         except HttpError as exc:
             await self._send(client, exc)
@@ -345,9 +356,9 @@ class Front:
     async def _route(self, client: _Client, head: RequestHead, arrived: float):
         """Answer one request: (status, whether the connection may stay open)."""
         if head.path == "/ping":
+            await self._discard_small_body(client, head)
             if head.method not in ("GET", "HEAD"):
                 raise HttpError(405, "use GET /ping", "GET /ping", close=False)
-            await self._discard_small_body(client, head)
             ok, why = (False, "shutting down") if self.draining else await self.backend.ready()
             body = json.dumps({"status": "Healthy"} if ok else {"status": "Unhealthy", "why": why})
             status = 200 if ok else 503
@@ -406,6 +417,14 @@ class Front:
                 media = request_type(head.headers.get("content-type"), body)
                 headers = {k: head.headers[k] for k in FORWARDED_HEADERS if k in head.headers}
                 headers["content-type"] = media
+                for name, value in headers.items():
+                    if len(value) > MAX_FORWARDED_HEADER:
+                        raise HttpError(
+                            431,
+                            f"header {name} is {len(value)} bytes long",
+                            f"send at most {MAX_FORWARDED_HEADER} bytes in it",
+                            close=False,
+                        )
                 status, ctype, payload = await self.backend.post(headers, body, deadline)
             finally:
                 await self.budget.give(reserve)
@@ -438,18 +457,22 @@ class Front:
             async with asyncio.timeout(self.limits.body_timeout_s):
                 while not isinstance(await client.event(), h11.EndOfMessage):
                     pass
+        except TimeoutError:
+            raise HttpError(408, "the request body took too long", "send faster") from None
         except h11.RemoteProtocolError as exc:
             raise protocol_error(exc) from None
 
     async def _refuse_body(self, client: _Client, head: RequestHead, error: HttpError) -> None:
         """A JSON 413, then read and drop what the client still sends (up to linger_bytes,
         within the body timeout) so it can read the answer, then close."""
+        waiting = client.h11.client_is_waiting_for_100_continue
         with contextlib.suppress(Exception):
             await client.send(response_events(error.status, error.body(), keep_alive=False))
-        if head.headers.get("expect", "").lower() == "100-continue":
+        if waiting:
             return  # the client has not sent the body: nothing to drop
         linger = self.limits.linger_bytes
         left = linger if head.length is None else min(head.length, linger)
+        left -= len(client.h11.trailing_data[0])  # already read, in h11's buffer
         with contextlib.suppress(Exception):
             async with asyncio.timeout(self.limits.body_timeout_s):
                 while left > 0:
@@ -463,12 +486,16 @@ class Front:
     async def _send(self, client: _Client, error: RequestError, *, keep_alive: bool = False):
         self.counters.answered[error.status] = self.counters.answered.get(error.status, 0) + 1
         with contextlib.suppress(Exception):
-            try:
-                events = response_events(error.status, error.body(), keep_alive=keep_alive)
-                await client.send(events)
-            except h11.LocalProtocolError:  # no request to answer: a head that never came whole
+            if client.h11.our_state is h11.IDLE and client.h11.their_state is h11.IDLE:
+                # No request to answer in h11's eyes (a head that never came whole): the
+                # answer is written as on a fresh connection, which then closes.
                 client.writer.write(render_response(error.status, error.body(), keep_alive=False))
                 await client.writer.drain()
+                return
+            events = response_events(
+                error.status, error.body(), keep_alive=keep_alive, head_only=client.head_only
+            )
+            await client.send(events)
 
 
 async def _close(writer: asyncio.StreamWriter) -> None:

@@ -12,8 +12,9 @@ What MMS gives, and what it does not (read from its Java frontend and measured):
   authentication (TorchServe's ShellTorch class, never fixed in MMS); its inference API has no
   timeouts or connection cap. So neither listens on TCP: both are Unix sockets (Netty's epoll
   transport, `use_native_io=true`, bundled in MMS's jar) in serve's private folder (mode 0700),
-  where only the endpoint's own processes (and root) can connect. MMS's workers talk to its
-  frontend over Unix sockets in TMPDIR, which serve also points at that folder. No TCP port of
+  where only processes of serve's own user (root in a container) can connect: no other local
+  user, no other container. MMS's workers talk to its frontend over Unix sockets in its
+  java.io.tmpdir (TEMP), which serve also points at that folder. No TCP port of
   ours is left but the public one; SAGEMAKER_SAFE_PORT_RANGE has nothing else to govern.
 - A model loaded at start-up (`--models`) gets a batch size of 1, and MMS honours a model
   folder's MAR-INF/MANIFEST.json handler, runs its workers with the model folder as working
@@ -122,7 +123,9 @@ def private_store(model_dir: Path, root: Path) -> Path:
     target.mkdir(parents=True, mode=0o700)
     for name in ARTIFACT_FILES:
         try:
-            fd = os.open(model_dir / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            # O_NONBLOCK: a FIFO in a model folder must not hang the start.
+            flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+            fd = os.open(model_dir / name, flags)
         except FileNotFoundError:
             continue
         except OSError as exc:
@@ -262,7 +265,10 @@ async def exchange(
     await writer.drain()
     response, chunks = None, []
     while True:
-        event = conn.next_event()
+        try:
+            event = conn.next_event()
+        except h11.RemoteProtocolError as exc:  # closed mid-answer, or an answer h11 refused
+            raise ConnectionResetError(f"the model server's answer broke off: {exc}") from None
         if event is h11.NEED_DATA:
             data = await reader.read(64 * 1024)
             if not data and conn.their_state is h11.SEND_RESPONSE:
@@ -329,11 +335,11 @@ class Upstream:
                 status, rheaders, payload = await exchange(
                     conn, reader, writer, "POST", path, headers, body
                 )
-            except (ConnectionError, OSError, h11.ProtocolError) as exc:
+            except (ConnectionError, OSError):
                 writer.close()
-                if reused and attempt == 0 and not isinstance(exc, h11.ProtocolError):
+                if reused and attempt == 0:
                     continue
-                raise ConnectionResetError(str(exc)) from None
+                raise
             except BaseException:
                 writer.close()
                 raise
@@ -356,7 +362,6 @@ class ModelServer:
 
     def __init__(self, settings: Settings, environ: dict[str, str], workdir: Path) -> None:
         self.settings, self.environ, self.workdir = settings, environ, workdir
-        self.pgid = os.getpgid(0)
         self.keep: tuple[int, ...] = ()  # pids of the group that are not MMS's (the watchdog)
         self.proc: subprocess.Popen | None = None
         self.upstream = Upstream(settings.limits.upstream_concurrency)
@@ -371,6 +376,12 @@ class ModelServer:
         self.ready_count = 0  # workers that can answer now (last probe)
         self.connected_count = 0  # workers MMS calls READY (loaded or loading their model)
         self.backend_seen = False  # MMS's backend process (last probe)
+
+    @property
+    def pgid(self) -> int:
+        """serve's process group, which MMS's processes share (read when used: serve may
+        become its group's leader after this object is made)."""
+        return os.getpgid(0)
 
     def prepare(self, model_dir: Path) -> Path:
         """Copy the artifact into the private model store; returns the copy's folder (what is
