@@ -118,6 +118,14 @@ class TrainConfig:
     max_bad_images: int = _hp(
         100, "unreadable images skipped before the job fails", minimum=0, maximum=10**9
     )
+    max_image_pixels: int = _hp(
+        89_478_485,
+        "bound on one image's decode: pixels of its full size, a 16-bit or float pixel counting "
+        "3x and an alpha or CMYK one 2x; a costlier image is skipped as unreadable (default: "
+        "Pillow's own warning size, ~0.7 GB of memory per loader worker)",
+        minimum=1,
+        maximum=178_956_970,  # Pillow refuses over twice its warning size whatever this says
+    )
     debug: bool = _hp(
         False,
         "record tensors with smdebug and run the debugging rules (also on when SageMaker "

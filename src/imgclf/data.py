@@ -39,6 +39,36 @@ _PREFIX = re.compile(r"^\d+[._-]")
 
 # ---------------------------------------------------------------- decoding
 
+# What one pixel of a mode costs to decode and turn into RGB, against 8-bit RGB (measured peak
+# memory: RGB ~8 bytes a pixel, RGBA ~15, 16-bit or float ~25 through to_rgb's float64 scaling).
+# Training's bound on one image and the endpoint's bound on one request both count this way.
+PIXEL_WEIGHT = {"RGBA": 2, "LA": 2, "PA": 2, "RGBa": 2, "La": 2, "CMYK": 2}
+PIXEL_WEIGHT.update(dict.fromkeys(("I;16", "I;16B", "I;16L", "I;16N", "I", "F"), 3))
+# Training's default bound on one image's decode cost (weighted pixels): Pillow's own warning
+# threshold, ~0.7 GB of peak memory for an RGB image, ~30 Mpx of 16-bit (per loader worker).
+MAX_DECODE_COST = FIELDS["max_image_pixels"].default
+
+
+def decode_cost(mode: str, width: int, height: int) -> int:
+    """Weighted pixels an image of `mode` and size takes to decode to RGB (see PIXEL_WEIGHT)."""
+    return width * height * PIXEL_WEIGHT.get(mode, 1)
+
+
+class ImageTooCostly(ValueError):
+    """An image whose decode would cost more than the bound it was opened with."""
+
+
+def check_decode_cost(mode: str, width: int, height: int, max_cost: int) -> None:
+    """ImageTooCostly, saying what the image is and the bound, when its decode costs too much."""
+    cost = decode_cost(mode, width, height)
+    if cost > max_cost:
+        weight = PIXEL_WEIGHT.get(mode, 1)
+        counted = f" (each {mode} pixel counts {weight}x)" if weight > 1 else ""
+        raise ImageTooCostly(
+            f"{width}x{height} {mode} pixels cost {cost} to decode{counted}, over the bound of "
+            f"{max_cost} (hyperparameter max_image_pixels)"
+        )
+
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """Any PIL image → upright 8-bit RGB: EXIF rotation applied, 16-bit and float scaled,
@@ -60,22 +90,32 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def open_image(source, *, draft: int | None = None) -> Image.Image:
+def open_image(source, *, draft: int | None = None, max_cost: int | None = None) -> Image.Image:
     """Decode a path or file object to RGB. `draft` lets JPEGs decode at a reduced scale whose
-    short side is still at least `draft` pixels (much faster for large photos)."""
+    short side is still at least `draft` pixels (much faster for large photos). With
+    `max_cost`, an image whose full size costs more (decode_cost) is refused from its header,
+    before anything is decoded: ImageTooCostly."""
     with Image.open(source) as image:
+        if max_cost is not None:
+            # The full size, whatever the draft: the scan (small draft) and training (larger
+            # draft) then take and refuse the same images.
+            check_decode_cost(image.mode, *image.size, max_cost)
         if draft and image.format == "JPEG":
             image.draft(image.mode, (draft, draft))
         image.load()
         return to_rgb(image)
 
 
-def try_open_image(path: Path, *, draft: int | None) -> tuple[Image.Image | None, str | None]:
+def try_open_image(
+    path: Path, *, draft: int | None, max_cost: int = MAX_DECODE_COST
+) -> tuple[Image.Image | None, str | None]:
     """(RGB image, None), or (None, why the file cannot be used)."""
     try:
         if path.stat().st_size == 0:
             return None, "empty file (0 bytes)"
-        return open_image(path, draft=draft), None
+        return open_image(path, draft=draft, max_cost=max_cost), None
+    except ImageTooCostly as exc:
+        return None, f"too costly to decode: {exc}"
     except UnidentifiedImageError:
         return None, "not an image PIL can read"
     except Image.DecompressionBombError:
@@ -85,9 +125,9 @@ def try_open_image(path: Path, *, draft: int | None) -> tuple[Image.Image | None
         return None, f"cannot be decoded: {exc}"
 
 
-def image_problem(path: Path) -> str | None:
-    """Why an image cannot be used, or None when it decodes."""
-    return try_open_image(path, draft=_CHECK_DRAFT)[1]
+def image_problem(path: Path, *, max_cost: int = MAX_DECODE_COST) -> str | None:
+    """Why an image cannot be used, or None when it decodes within `max_cost`."""
+    return try_open_image(path, draft=_CHECK_DRAFT, max_cost=max_cost)[1]
 
 
 # ---------------------------------------------------------------- scanning
@@ -171,18 +211,24 @@ def _verdict_key(root: Path, path: Path) -> str:
 
 
 def scan_split(
-    name: str, root: Path, *, threads: int | None = None, verdicts: dict | None = None
+    name: str,
+    root: Path,
+    *,
+    threads: int | None = None,
+    verdicts: dict | None = None,
+    max_cost: int = MAX_DECODE_COST,
 ) -> SplitScan:
-    """List a split and decode every image once (JPEG draft mode) to find unreadable ones.
-    `verdicts` ("relative path|size|mtime" -> problem or None) holds what earlier scans found:
-    files it knows are not decoded again, and it is updated in place."""
+    """List a split and decode every image once (JPEG draft mode) to find unreadable ones and
+    those whose decode costs more than `max_cost` (decode_cost). `verdicts` ("relative
+    path|size|mtime" -> problem or None) holds what earlier scans with the same `max_cost`
+    found: files it knows are not decoded again, and it is updated in place."""
     classes, files, ignored = list_split(name, root)
     threads = threads or min(16, 2 * cpu_count())
     known = verdicts if verdicts is not None else {}
     keys = [_verdict_key(root, path) for path, _ in files]
     todo = [(path, key) for (path, _), key in zip(files, keys) if key not in known]
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        found = list(pool.map(lambda item: image_problem(item[0]), todo))
+        found = list(pool.map(lambda item: image_problem(item[0], max_cost=max_cost), todo))
     known.update((key, problem) for (_, key), problem in zip(todo, found))
     problems = [known[key] for key in keys]
     samples, bad = [], []
@@ -206,10 +252,16 @@ class DatasetScan:
         return [b for s in self.splits.values() for b in s.bad]
 
 
-def scan_dataset(split_dirs: dict[str, Path], *, cache_dir: Path | None = None) -> DatasetScan:
+def scan_dataset(
+    split_dirs: dict[str, Path],
+    *,
+    cache_dir: Path | None = None,
+    max_cost: int = MAX_DECODE_COST,
+) -> DatasetScan:
     """Scan every split; class sets that differ between splits are an error naming them.
-    With `cache_dir`, each split's verdicts are kept there (keyed by the split's real path), so
-    the next job over the same files only decodes new or changed ones."""
+    With `cache_dir`, each split's verdicts are kept there (keyed by the split's real path and
+    valid for one `max_cost`), so the next job over the same files only decodes new or changed
+    ones."""
     scans = {}
     for name, path in split_dirs.items():
         cache_file = None
@@ -220,14 +272,14 @@ def scan_dataset(split_dirs: dict[str, Path], *, cache_dir: Path | None = None) 
             cache_file = Path(cache_dir) / f"{digest}.json"
             try:
                 stored = json.loads(cache_file.read_text())
-                if stored.get("root") == real:
+                if stored.get("root") == real and stored.get("max_cost") == max_cost:
                     verdicts = stored["verdicts"]
-            except (OSError, ValueError, KeyError, TypeError):
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
                 verdicts = {}
         count = len(verdicts)
-        scans[name] = scan_split(name, Path(path), verdicts=verdicts)
+        scans[name] = scan_split(name, Path(path), verdicts=verdicts, max_cost=max_cost)
         if cache_file is not None and len(verdicts) != count:
-            _write_verdicts(cache_file, str(Path(path).resolve()), verdicts)
+            _write_verdicts(cache_file, str(Path(path).resolve()), verdicts, max_cost)
     reference = scans["train"].classes if "train" in scans else next(iter(scans.values())).classes
     problems = []
     for name, scan in scans.items():
@@ -253,9 +305,9 @@ def scan_dataset(split_dirs: dict[str, Path], *, cache_dir: Path | None = None) 
     return DatasetScan(scans, reference)
 
 
-def _write_verdicts(path: Path, root: str, verdicts: dict) -> None:
+def _write_verdicts(path: Path, root: str, verdicts: dict, max_cost: int) -> None:
     try:
-        write_json(path, {"root": root, "verdicts": verdicts}, indent=None)
+        write_json(path, {"root": root, "max_cost": max_cost, "verdicts": verdicts}, indent=None)
     except OSError:
         pass  # a cache: the next scan decodes again
 
@@ -579,12 +631,19 @@ class ImageListDataset(Dataset):
     """
 
     def __init__(
-        self, samples: Sequence[tuple[str, int]], transform, *, draft: int | None, seed: int = 0
+        self,
+        samples: Sequence[tuple[str, int]],
+        transform,
+        *,
+        draft: int | None,
+        seed: int = 0,
+        max_cost: int = MAX_DECODE_COST,
     ) -> None:
         self.samples = list(samples)
         self.transform = transform
         self.draft = draft
         self.seed = seed
+        self.max_cost = max_cost
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -600,7 +659,8 @@ class ImageListDataset(Dataset):
             index = key
         path, target = self.samples[index]
         try:
-            image = open_image(path, draft=self.draft)
+            # The scan refused over-bound images already; this holds if a file changed since.
+            image = open_image(path, draft=self.draft, max_cost=self.max_cost)
         except (OSError, SyntaxError, ValueError) as exc:
             raise DataError(f"image {path} could not be read during training: {exc}") from None
         return self.transform(image), target

@@ -55,6 +55,30 @@ def test_odd_images_train_and_exactly_the_bad_ones_are_named(tmp_path, odd_datas
     assert (base / "model" / "model.pt").exists()
 
 
+def test_an_image_over_the_decode_bound_is_skipped_as_unreadable(tmp_path, odd_dataset):
+    """deep16.png (30x40 16-bit: 3600 weighted pixels) is over max_image_pixels=3000; the RGB,
+    alpha and CMYK images (1200 to 2592) are not."""
+    root, bad = odd_dataset
+    base = make_sagemaker_job(
+        tmp_path / "ml",
+        hyperparameters={
+            **FAST_HPS,
+            "epochs": "1",
+            "image_size": "16",
+            "batch_size": "8",
+            "max_image_pixels": "3000",
+        },
+        channels={"training": root},
+    )
+    proc = run_train_entry(base)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    skipped = json.loads((base / "output" / "data" / "skipped_images.json").read_text())
+    reasons = {f"{s['split']}/{s['path']}": s["reason"] for s in skipped}
+    assert set(reasons) == bad | {"train/001.cats/deep16.png"}
+    assert reasons["train/001.cats/deep16.png"].startswith("too costly to decode: 30x40 I;16")
+    assert "deep16.png" in proc.stdout
+
+
 def test_broken_dataset_writes_failure_and_exits_non_zero(tmp_path, tiny_digits):
     import shutil
 

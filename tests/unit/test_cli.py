@@ -34,6 +34,16 @@ def test_data_check_lists_unreadable_images_with_their_paths(tmp_path, odd_datas
     assert run_launch("data", "check", "--strict", str(root), home=tmp_path).returncode == 1
 
 
+def test_data_check_lists_images_over_the_decode_bound_as_training_does(tmp_path, odd_dataset):
+    root, _ = odd_dataset
+    proc = run_launch("data", "check", str(root), "--max-image-pixels", "3000", home=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "4 unreadable images" in proc.stdout
+    assert f"{root / 'train/001.cats/deep16.png'}: too costly to decode: 30x40 I;16" in proc.stdout
+    proc = run_launch("data", "check", str(root), "--max-image-pixels", "0", home=tmp_path)
+    assert proc.returncode == 2 and "max_image_pixels='0' is out of range" in proc.stderr
+
+
 def test_data_check_fails_on_a_broken_layout(tmp_path):
     (tmp_path / "flat" / "train").mkdir(parents=True)
     proc = run_launch("data", "check", str(tmp_path / "flat"), home=tmp_path)
