@@ -121,3 +121,90 @@ def test_unknown_hyperparameter_fails_naming_the_valid_ones(tmp_path, tiny_digit
     assert proc.returncode != 0
     failure = (base / "output" / "failure").read_text()
     assert "learning-rate" in failure and "batch_size" in failure
+
+
+# ---------------------------------------------------------------- only our program runs
+
+TINY_HPS = {**FAST_HPS, "epochs": "1", "image_size": "16", "workers": "0"}
+
+
+def _marker_program(folder, marker):
+    """A program of our program's name that leaves `marker` when it runs."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "imgclf_train.py").write_text(
+        f"open({str(marker)!r}, 'w').write('ran')\nraise SystemExit(0)\n"
+    )
+    return folder
+
+
+def test_a_submit_directory_is_refused_and_nothing_in_it_runs(tmp_path, tiny_digits):
+    marker = tmp_path / "ran"
+    code = _marker_program(tmp_path / "user_code", marker)
+    base = make_sagemaker_job(
+        tmp_path / "ml",
+        hyperparameters={**TINY_HPS, "sagemaker_submit_directory": str(code)},
+        channels={"training": tiny_digits},
+    )
+    proc = run_train_entry(base)
+    assert proc.returncode != 0 and not marker.exists(), proc.stdout[-3000:]
+    failure = (base / "output" / "failure").read_text()
+    assert failure.startswith("ClientError: hyperparameter sagemaker_submit_directory=")
+    assert "leave entry_point and source_dir out of the estimator" in failure
+    assert "\n" not in failure.strip()
+
+
+def test_the_code_dir_holds_only_our_program(tmp_path, tiny_digits):
+    marker = tmp_path / "ran"
+    base = make_sagemaker_job(
+        tmp_path / "ml", hyperparameters=TINY_HPS, channels={"training": tiny_digits}
+    )
+    _marker_program(base / "code", marker)  # a program of our name placed there: replaced
+    proc = run_train_entry(base)
+    assert proc.returncode == 0 and not marker.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (base / "model" / "model.pt").exists()
+
+    (base / "output" / "failure").unlink(missing_ok=True)
+    (base / "code" / "torch.py").write_text("raise SystemExit('shadowed')\n")
+    proc = run_train_entry(base)
+    assert proc.returncode != 0
+    failure = (base / "output" / "failure").read_text()
+    assert "holds torch.py: this image runs only its own program (imgclf_train.py)" in failure
+
+
+def test_the_process_count_never_reaches_a_shell(tmp_path, tiny_digits):
+    marker = tmp_path / "ran"
+    base = make_sagemaker_job(
+        tmp_path / "ml",
+        hyperparameters={
+            **TINY_HPS,
+            "sagemaker_torch_distributed_enabled": "true",
+            "sagemaker_mpi_num_of_processes_per_host": f"1; touch {marker};",
+        },
+        channels={"training": tiny_digits},
+        json_encode=False,
+    )
+    proc = run_train_entry(base)
+    assert proc.returncode != 0 and not marker.exists(), proc.stdout[-3000:]
+    failure = (base / "output" / "failure").read_text()
+    assert "sagemaker_mpi_num_of_processes_per_host" in failure and "1 to 1024" in failure
+
+
+def test_a_failed_job_under_torchrun_exits_non_zero(tmp_path, tiny_digits):
+    import shutil
+
+    data = shutil.copytree(tiny_digits, tmp_path / "data")
+    shutil.rmtree(data / "valid")
+    base = make_sagemaker_job(
+        tmp_path / "ml",
+        hyperparameters={
+            **TINY_HPS,
+            "sagemaker_torch_distributed_enabled": "true",
+            "sagemaker_mpi_num_of_processes_per_host": "2",
+        },
+        channels={"training": data},
+    )
+    proc = run_train_entry(base)
+    # sagemaker-training reported this as a success (exit 0) when torchrun went through /bin/sh
+    assert proc.returncode != 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "Reporting training SUCCESS" not in proc.stdout + proc.stderr
+    assert (base / "output" / "failure").read_text().startswith("ClientError:")

@@ -150,9 +150,9 @@ def test_absurd_model_configs_are_refused_before_the_weights_are_read(
         # the audit's "list indices must be integers"
         (["cat", "dog"], ["labels.json is a list", 'expected an object {"0"']),
         ({"0": "cat", "x": "dog"}, ["key 'x' is not accepted", '"0" to "1"']),
-        ({"0": "cat", "1": ""}, ['"1" is \'\'', "1 to 256 characters"]),
+        ({"0": "cat", "1": ""}, ["\"1\" is ''", "1 to 256 characters"]),
         ({"0": "cat", "1": "d" * 300}, ['"1" is', "1 to 256 characters"]),
-        ({"0": "cat", "1": ["dog"]}, ['"1" is [\'dog\']', "accepted text"]),
+        ({"0": "cat", "1": ["dog"]}, ["\"1\" is ['dog']", "accepted text"]),
         ({}, ["holds 0 labels", "1 to 100000"]),
         ("[[[[[[", ["labels.json is not valid JSON"]),
     ],

@@ -282,7 +282,9 @@ def test_the_scan_lists_over_bound_images_as_bad_and_remembers_the_bound(tmp_pat
     scan = data.scan_dataset(splits, cache_dir=cache, max_cost=1000)
     bad = {b.path: b.reason for b in scan.bad}
     assert set(bad) == {"001.a/deep16.png", "001.a/float.tif"}
-    assert all(r.startswith("too costly to decode") and "max_image_pixels" in r for r in bad.values())
+    assert all(
+        r.startswith("too costly to decode") and "max_image_pixels" in r for r in bad.values()
+    )
     assert scan.splits["train"].counts() == [2, 1]
     # verdicts found under another bound are not taken for this one
     assert data.scan_dataset(splits, cache_dir=cache, max_cost=1200).bad == []
