@@ -88,3 +88,25 @@ def test_sagemaker_keys_are_refused_on_the_command_line_and_in_hp_files(tmp_path
         assert proc.returncode == 2, proc.stderr
         assert "set by SageMaker and the launcher" in proc.stderr, proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+
+
+def test_a_storage_url_password_is_never_printed(tmp_path, tiny_digits):
+    from tests.conftest import ROOT
+
+    url = "postgresql://tuner:SECRET@127.0.0.1:1/optuna"  # no driver here: it cannot open
+    proc = run_launch(
+        "tune",
+        "--data",
+        str(tiny_digits),
+        "--space",
+        str(ROOT / "tuning.yaml"),
+        "--storage",
+        url,
+        "--out",
+        str(tmp_path / "t"),
+        home=tmp_path,
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "SECRET" not in proc.stdout + proc.stderr
+    assert "postgresql://tuner:***@127.0.0.1:1/optuna cannot be opened" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -109,5 +109,7 @@ def load_status(out_dir: Path, storage: str | None = None) -> tuple[dict, list[l
         raise UserError(f"{out_dir} is not a tuning dir (no space.json)")
     meta = json.loads(meta_file.read_text())
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.load_study(study_name=STUDY_NAME, storage=storage or default_storage(out_dir))
+    study = optuna.load_study(
+        study_name=STUDY_NAME, storage=study_storage(storage or default_storage(out_dir))
+    )
     return meta, trial_table(study, meta["metric"], meta["direction"])
