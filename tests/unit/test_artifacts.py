@@ -85,9 +85,9 @@ def good_model(tmp_path_factory):
     return random_model(tmp_path_factory.mktemp("good"), ["001.cat", "002.dog"])
 
 
-def _copy(good_model, tmp_path, *, config=None, labels=None, weights=b"not read"):
+def _copy(good_model, tmp_path, *, config=None, labels=None, weights=None):
     """The good artifact with model_config.json / labels.json changed by a function of the
-    parsed JSON, or replaced by text; model.pt replaced by `weights` (bytes), unless None."""
+    parsed JSON, or replaced by text; model.pt replaced by `weights` (bytes), if given."""
     import shutil
 
     folder = shutil.copytree(good_model, tmp_path / "model")
@@ -135,7 +135,7 @@ def _preprocess(**changes):
 def test_absurd_model_configs_are_refused_before_the_weights_are_read(
     good_model, tmp_path, change, fragments
 ):
-    broken = _copy(good_model, tmp_path, config=change)  # model.pt is garbage: never reached
+    broken = _copy(good_model, tmp_path, config=change)
     with pytest.raises(UserError) as err:
         artifacts.load_artifact(broken)
     message = str(err.value)
@@ -169,6 +169,19 @@ def test_absurd_labels_are_refused_before_the_weights_are_read(
         assert fragment in message, message
 
 
+def test_the_files_are_checked_before_model_pt_is_read(good_model, tmp_path):
+    # model.pt is not a torch file at all: the JSON files' refusals come first
+    broken = _copy(
+        good_model, tmp_path, config=_preprocess(image_size=60000), weights=b"never read"
+    )
+    with pytest.raises(UserError, match="preprocess.image_size is 60000"):
+        artifacts.load_artifact(broken)
+    (broken / "model_config.json").write_text((good_model / "model_config.json").read_text())
+    (broken / "labels.json").write_text('["cat", "dog"]')
+    with pytest.raises(UserError, match="labels.json is a list"):
+        artifacts.load_artifact(broken)
+
+
 def test_a_million_and_a_half_labels_are_refused_before_parsing(good_model, tmp_path):
     # the audit's 12.3 GB: 1.5 M labels, and num_classes to match
     text = "{" + ",".join(f'"{i}":"x"' for i in range(1_500_000)) + "}"
@@ -197,7 +210,7 @@ def test_labels_and_num_classes_must_agree(good_model, tmp_path):
 
 
 def test_a_model_file_larger_than_its_architecture_is_refused_unread(good_model, tmp_path):
-    broken = _copy(good_model, tmp_path, weights=None)
+    broken = _copy(good_model, tmp_path)
     with (broken / "model.pt").open("r+b") as handle:
         handle.truncate(10 * 1024**3)  # sparse: 10 GiB that cost nothing to make
     with pytest.raises(UserError) as err:
@@ -219,7 +232,6 @@ def test_weights_that_do_not_fit_the_architecture_are_refused_before_any_model_i
         tmp_path,
         config=_three_classes,
         labels={"0": "cat", "1": "dog", "2": "eel"},
-        weights=None,
     )
     with pytest.raises(UserError) as err:
         artifacts.load_artifact(broken)
@@ -245,7 +257,8 @@ def test_weights_that_do_not_fit_the_architecture_are_refused_before_any_model_i
 def test_the_endpoint_inherits_the_checks(good_model, tmp_path):
     from imgclf.serving import inference
 
-    broken = _copy(good_model, tmp_path, config=_preprocess(image_size=60000))
+    # (model.pt unreadable: the code before this change would build the 60000 px model)
+    broken = _copy(good_model, tmp_path, config=_preprocess(image_size=60000), weights=b"-")
     with pytest.raises(UserError, match="preprocess.image_size is 60000"):
         inference.model_fn(broken)
 

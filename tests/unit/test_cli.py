@@ -81,10 +81,10 @@ def test_sagemaker_keys_are_refused_on_the_command_line_and_in_hp_files(tmp_path
     hp_file = tmp_path / "hps.json"
     hp_file.write_text('{"lr": 0.01, "sagemaker_program": "x.py"}')
     for args in (
-        ["--hp", f"sagemaker_submit_directory={tmp_path}"],
+        ["--hp", f"sagemaker_submit_directory={tmp_path / 'code'}"],
         ["--hp-from", str(hp_file)],
     ):
-        proc = run_launch("train", "--data", str(tmp_path), *args, home=tmp_path)
+        proc = run_launch("train", "--data", str(tmp_path / "nowhere"), *args, home=tmp_path)
         assert proc.returncode == 2, proc.stderr
         assert "set by SageMaker and the launcher" in proc.stderr, proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
