@@ -132,16 +132,8 @@ def _preprocess(**changes):
         ("{not json", ["model_config.json is not valid JSON"]),
     ],
 )
-def test_absurd_model_configs_are_refused_before_the_weights_are_read(
-    good_model, tmp_path, change, fragments
-):
-    broken = _copy(good_model, tmp_path, config=change)
-    with pytest.raises(UserError) as err:
-        artifacts.load_artifact(broken)
-    message = str(err.value)
-    assert "model_config.json" in message and "\n" not in message, message
-    for fragment in fragments:
-        assert fragment in message, message
+def test_absurd_model_configs_are_refused(good_model, tmp_path, change, fragments):
+    _assert_refused(_copy(good_model, tmp_path, config=change), "model_config.json", fragments)
 
 
 @pytest.mark.parametrize(
@@ -157,14 +149,16 @@ def test_absurd_model_configs_are_refused_before_the_weights_are_read(
         ("[[[[[[", ["labels.json is not valid JSON"]),
     ],
 )
-def test_absurd_labels_are_refused_before_the_weights_are_read(
-    good_model, tmp_path, labels, fragments
-):
-    broken = _copy(good_model, tmp_path, labels=labels)
+def test_absurd_labels_are_refused(good_model, tmp_path, labels, fragments):
+    _assert_refused(_copy(good_model, tmp_path, labels=labels), "labels.json", fragments)
+
+
+def _assert_refused(folder, file_name, fragments):
+    """load_artifact refuses `folder` in one line naming `file_name` and every fragment."""
     with pytest.raises(UserError) as err:
-        artifacts.load_artifact(broken)
+        artifacts.load_artifact(folder)
     message = str(err.value)
-    assert "labels.json" in message and "\n" not in message, message
+    assert file_name in message and "\n" not in message, message
     for fragment in fragments:
         assert fragment in message, message
 
