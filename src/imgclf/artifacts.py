@@ -13,7 +13,9 @@ import numpy as np
 import torch
 
 from imgclf import __version__
-from imgclf.errors import UserError
+from imgclf.config import ARCHITECTURES
+from imgclf.data import Preprocess
+from imgclf.errors import UserError, reason
 from imgclf.util import atomic_write, write_json  # noqa: F401 - write_json: re-exported
 
 MODEL_FILE = "model.pt"
@@ -38,11 +40,32 @@ def atomic_save(obj: Any, path: Path) -> None:
     atomic_write_bytes(path, lambda handle: torch.save(obj, handle))
 
 
+# Bounds on what an artifact may ask of the process that loads it, checked before anything is
+# read whole, allocated or built (a served model folder is input like any request).
+MAX_LABELS = 100_000
+MAX_LABEL_CHARS = 256  # a label comes from a class folder's name (at most 255 bytes)
+# labels.json (~170 bytes a label at MAX_LABELS) and model_config.json (which lists the class
+# folders too): read whole and parsed, so bounded by their size on disk first.
+MAX_JSON_BYTES = 16 * 1024 * 1024
+# model.pt may be this much larger than the tensors the architecture holds (torch.save's zip
+# records and pickle).
+MODEL_FILE_SLACK = 1024 * 1024
+MODEL_FILE_SLACK_PER_TENSOR = 4096
+
+
 @dataclass(frozen=True)
 class ModelArtifact:
     state_dict: dict[str, torch.Tensor]
     labels: list[str]
     config: dict[str, Any]
+
+    @property
+    def arch(self) -> str:
+        return self.config["arch"]
+
+    @property
+    def preprocess(self) -> Preprocess:
+        return Preprocess.from_dict(self.config["preprocess"])
 
 
 def save_artifact(
@@ -66,7 +89,11 @@ def save_artifact(
 
 
 def load_artifact(model_dir: Path) -> ModelArtifact:
-    """Read a model dir; a missing or corrupt file is a UserError that names it."""
+    """Read a model dir, checking each file before it costs anything: sizes on disk, then
+    model_config.json and labels.json against what save_artifact writes (check_config,
+    check_labels), then model.pt's size against what its architecture holds, then its tensors'
+    names, shapes and dtypes. Any refusal is one UserError line naming the file, the key and
+    what is accepted."""
     model_dir = Path(model_dir)
     for name in (MODEL_FILE, LABELS_FILE, CONFIG_FILE):
         if not (model_dir / name).is_file():
@@ -74,26 +101,150 @@ def load_artifact(model_dir: Path) -> ModelArtifact:
                 f"model artifact {model_dir} lacks {name}; it needs "
                 f"{MODEL_FILE}, {LABELS_FILE} and {CONFIG_FILE}"
             )
+    where = f"model artifact {model_dir}"
     try:
-        labels_map = json.loads((model_dir / LABELS_FILE).read_text())
-        labels = [labels_map[str(i)] for i in range(len(labels_map))]
-        config = json.loads((model_dir / CONFIG_FILE).read_text())
-    except (ValueError, KeyError) as exc:
+        config = check_config(_read_json(model_dir / CONFIG_FILE))
+        labels = check_labels(_read_json(model_dir / LABELS_FILE))
+    except ArtifactProblem as exc:
+        raise UserError(f"{where}: {exc}") from None
+    if config["num_classes"] != len(labels):
         raise UserError(
-            f"model artifact {model_dir}: unreadable labels or config ({exc})"
-        ) from None
-    try:
-        state = torch.load(model_dir / MODEL_FILE, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise UserError(
-            f"model artifact {model_dir}: {MODEL_FILE} cannot be loaded ({exc})"
-        ) from None
-    if config.get("num_classes") not in (None, len(labels)):
-        raise UserError(
-            f"model artifact {model_dir}: {len(labels)} labels but config says "
-            f"{config['num_classes']} classes"
+            f"{where}: {LABELS_FILE} names {len(labels)} labels but {CONFIG_FILE} says "
+            f"num_classes {config['num_classes']}; they must agree"
         )
+    state = _load_state(model_dir / MODEL_FILE, config["arch"], len(labels), where)
     return ModelArtifact(state, labels, config)
+
+
+class ArtifactProblem(ValueError):
+    """What is wrong with one file of an artifact: "<file>: <key> is <value>: accepted ..."."""
+
+
+def _read_json(path: Path) -> Any:
+    size = path.stat().st_size
+    if size > MAX_JSON_BYTES:
+        raise ArtifactProblem(
+            f"{path.name} is {size} bytes: accepted up to {MAX_JSON_BYTES} bytes "
+            f"(at most {MAX_LABELS} labels)"
+        )
+    with path.open("rb") as handle:
+        raw = handle.read(MAX_JSON_BYTES + 1)  # the bound holds if the file grew since
+    try:
+        if len(raw) > MAX_JSON_BYTES:
+            raise ValueError(f"over {MAX_JSON_BYTES} bytes")
+        return json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise ArtifactProblem(f"{path.name} is not valid JSON ({reason(exc)})") from None
+
+
+def _kind(value: Any) -> str:
+    return {list: "a list", dict: "an object", str: "text"}.get(type(value), type(value).__name__)
+
+
+def check_config(config: Any) -> dict[str, Any]:
+    """model_config.json as save_artifact writes it (arch, preprocess, num_classes; format and
+    classes when present), or ArtifactProblem naming the key and what is accepted."""
+    name = CONFIG_FILE
+    if not isinstance(config, dict):
+        raise ArtifactProblem(
+            f'{name} is {_kind(config)}: expected an object {{"arch": ..., "preprocess": '
+            '..., "num_classes": ...}, as training writes it'
+        )
+    if config.get("format", ARTIFACT_FORMAT) != ARTIFACT_FORMAT:
+        raise ArtifactProblem(
+            f"{name}: format is {_shown(config['format'])}: this imgclf reads format "
+            f"{ARTIFACT_FORMAT} (the model was written by imgclf {_shown(config.get('version'))})"
+        )
+    arch = config.get("arch")
+    if arch not in ARCHITECTURES:
+        raise ArtifactProblem(
+            f"{name}: arch is {_shown(arch)}: accepted {', '.join(ARCHITECTURES)}"
+        )
+    try:
+        Preprocess.from_dict(config.get("preprocess"), where="preprocess")
+    except ValueError as exc:
+        raise ArtifactProblem(f"{name}: {exc}") from None
+    count = config.get("num_classes")
+    if not (isinstance(count, int) and not isinstance(count, bool) and 1 <= count <= MAX_LABELS):
+        raise ArtifactProblem(
+            f"{name}: num_classes is {_shown(count)}: accepted an integer from 1 to {MAX_LABELS}"
+        )
+    classes = config.get("classes")
+    if classes is not None and not (
+        isinstance(classes, list) and len(classes) == count and all(map(_label_ok, classes))
+    ):
+        raise ArtifactProblem(
+            f"{name}: classes is not a list of {count} folder names of 1 to "
+            f"{MAX_LABEL_CHARS} characters (num_classes)"
+        )
+    return config
+
+
+def check_labels(labels_map: Any) -> list[str]:
+    """labels.json as save_artifact writes it ({"0": name, "1": name, ...}) -> the names in
+    order, or ArtifactProblem naming what is wrong and what is accepted."""
+    name = LABELS_FILE
+    if not isinstance(labels_map, dict):
+        raise ArtifactProblem(
+            f'{name} is {_kind(labels_map)}: expected an object {{"0": "first label", '
+            '"1": ...}, as training writes it'
+        )
+    if not 1 <= len(labels_map) <= MAX_LABELS:
+        raise ArtifactProblem(f"{name} holds {len(labels_map)} labels: accepted 1 to {MAX_LABELS}")
+    keys = [str(index) for index in range(len(labels_map))]
+    wanted = set(keys)
+    if labels_map.keys() != wanted:
+        odd = next(k for k in labels_map if k not in wanted)
+        raise ArtifactProblem(
+            f'{name}: key {_shown(odd)} is not accepted: the keys are "0" to '
+            f'"{len(labels_map) - 1}", one per label'
+        )
+    labels = []
+    for index, key in enumerate(keys):
+        value = labels_map[key]
+        if not _label_ok(value):
+            raise ArtifactProblem(
+                f'{name}: "{index}" is {_shown(value)}: accepted text of 1 to '
+                f"{MAX_LABEL_CHARS} characters"
+            )
+        labels.append(value)
+    return labels
+
+
+def _label_ok(value: Any) -> bool:
+    return isinstance(value, str) and 1 <= len(value) <= MAX_LABEL_CHARS
+
+
+def _shown(value: Any, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _load_state(path: Path, arch: str, num_classes: int, where: str) -> dict[str, torch.Tensor]:
+    """model.pt, refused by its size before it is read and by its tensors before any model
+    is built from them."""
+    from imgclf import models  # torchvision: only where an artifact is loaded
+
+    layout = models.state_layout(arch, num_classes)
+    limit = (
+        models.state_bytes(layout) + MODEL_FILE_SLACK + MODEL_FILE_SLACK_PER_TENSOR * len(layout)
+    )
+    size = path.stat().st_size
+    if size > limit:
+        raise UserError(
+            f"{where}: {MODEL_FILE} is {size} bytes: accepted up to {limit} bytes, what {arch} "
+            f"with {num_classes} classes holds"
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # MemoryError included: named, never an empty reason
+        raise UserError(f"{where}: {MODEL_FILE} cannot be loaded ({reason(exc)})") from None
+    problem = models.state_mismatch(state, arch, num_classes)
+    if problem is not None:
+        raise UserError(
+            f"{where}: {MODEL_FILE} does not fit {arch} with {num_classes} classes: {problem}"
+        )
+    return state
 
 
 # ---------------------------------------------------------------- checkpoints

@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Mapping
+import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from imgclf.contract import PROCESSES_PER_HOST_KEY, TORCH_DISTRIBUTED_KEY, TRAIN_IMAGE_ENV
 from imgclf.errors import ConfigError
 from imgclf.util import FALSE_STRINGS, TRUE_STRINGS
 
-# Keys SageMaker and its SDK add on their own; they are not ours to validate.
-_PLATFORM_PREFIXES = ("sagemaker_", "_tuning_objective_metric", "_sagemaker")
+# Keys SageMaker, its SDK and our launcher add on their own (PLATFORM_KEYS says which, and what
+# each may hold); the user does not set them.
+_PLATFORM_PREFIXES = ("sagemaker_", "_tuning_objective_metric")
 
 # The architectures models.py can build; a unit test keeps the two lists equal. Kept here so the
 # launcher validates `arch` without importing torch.
@@ -118,6 +121,14 @@ class TrainConfig:
     max_bad_images: int = _hp(
         100, "unreadable images skipped before the job fails", minimum=0, maximum=10**9
     )
+    max_image_pixels: int = _hp(
+        89_478_485,
+        "bound on one image's decode: pixels of its full size, a 16-bit or float pixel counting "
+        "3x and an alpha or CMYK one 2x; a costlier image is skipped as unreadable (default: "
+        "Pillow's own warning size, ~0.7 GB of memory per loader worker)",
+        minimum=1,
+        maximum=178_956_970,  # Pillow refuses over twice its warning size whatever this says
+    )
     debug: bool = _hp(
         False,
         "record tensors with smdebug and run the debugging rules (also on when SageMaker "
@@ -156,6 +167,102 @@ def canonical_key(key: str) -> str:
 
 def is_platform_key(key: str) -> bool:
     return key.startswith(_PLATFORM_PREFIXES)
+
+
+# ---------------------------------------------------------------- SageMaker's own keys
+
+PROGRAM = TRAIN_IMAGE_ENV["SAGEMAKER_PROGRAM"]
+_JOB_NAME = re.compile(r"[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}")  # CreateTrainingJob's pattern
+_REGION = re.compile(r"[a-z]{2}(-[a-z]+)+-[0-9]{1,2}")
+_INSTANCE_TYPE = re.compile(r"ml\.[a-z0-9-]+\.[a-z0-9]+|local|local_gpu")
+_DOTTED_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*){0,9}")
+_METRIC_NAME = re.compile(r"[A-Za-z0-9_.:/ -]{1,255}")
+_NOT_RUN = (
+    "; this image trains only with its own program (imgclf_train.py): leave entry_point and "
+    "source_dir out of the estimator"
+)
+_TORCHRUN_ONLY = (
+    "; this image distributes with torchrun only: sagemaker_torch_distributed_enabled "
+    "(the SDK's distribution={'torch_distributed': {'enabled': True}})"
+)
+
+
+def _text_matching(pattern: re.Pattern) -> Callable[[Any], bool]:
+    return lambda v: isinstance(v, str) and pattern.fullmatch(v) is not None
+
+
+def _boolean(value: Any) -> bool:
+    return isinstance(value, bool) or str(value).strip().lower() in TRUE_STRINGS | FALSE_STRINGS
+
+
+def _false(value: Any) -> bool:
+    return value is False or str(value).strip().lower() in FALSE_STRINGS
+
+
+def _integer(lo: int, hi: int) -> Callable[[Any], bool]:
+    def check(value: Any) -> bool:
+        if isinstance(value, bool):
+            return False
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            return False
+        return number.is_integer() and lo <= number <= hi
+
+    return check
+
+
+# Every sagemaker_* key SageMaker, its Python SDK, sagemaker-training or our launcher put in
+# hyperparameters.json that this image accepts: (what a value must pass, what is accepted).
+# sagemaker-training acts on several before our program starts (the submit directory it would
+# run code from, the process count it writes into torchrun's command line), so the image's
+# entry (container.main) checks them all first; any other sagemaker_* key is refused.
+PLATFORM_KEYS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "sagemaker_program": (lambda v: v == PROGRAM, f"only {PROGRAM}{_NOT_RUN}"),
+    "sagemaker_submit_directory": (lambda v: False, f"no value{_NOT_RUN}"),
+    "sagemaker_job_name": (_text_matching(_JOB_NAME), "a SageMaker job name"),
+    "sagemaker_region": (_text_matching(_REGION), "an AWS region such as us-east-1"),
+    "sagemaker_container_log_level": (_integer(0, 50), "a logging level from 0 to 50"),
+    "sagemaker_enable_cloudwatch_metrics": (_boolean, "true or false"),
+    "sagemaker_estimator_class_name": (_text_matching(_DOTTED_NAME), "a Python class name"),
+    "sagemaker_estimator_module": (_text_matching(_DOTTED_NAME), "a Python module name"),
+    "sagemaker_instance_type": (_text_matching(_INSTANCE_TYPE), "an instance type (ml.*)"),
+    "_tuning_objective_metric": (_text_matching(_METRIC_NAME), "a metric name"),
+    TORCH_DISTRIBUTED_KEY: (_boolean, "true or false"),
+    PROCESSES_PER_HOST_KEY: (_integer(1, 1024), "an integer from 1 to 1024"),
+    **{
+        key: (_false, f"only false{_TORCHRUN_ONLY}")
+        for key in (
+            "sagemaker_mpi_enabled",
+            "sagemaker_distributed_dataparallel_enabled",
+            "sagemaker_parameter_server_enabled",
+            "sagemaker_pytorch_ddp_enabled",
+            "sagemaker_pytorch_xla_multi_worker_enabled",
+            "sagemaker_multi_worker_mirrored_strategy_enabled",
+        )
+    },
+}
+
+
+def check_platform_key(key: str, raw: Any) -> None:
+    """A ConfigError unless `key` is one of PLATFORM_KEYS and its value is accepted."""
+    if key not in PLATFORM_KEYS:
+        raise ConfigError(
+            f"hyperparameter {key!r} is not accepted: of SageMaker's own keys this image takes "
+            + ", ".join(PLATFORM_KEYS)
+        )
+    check, accepted = PLATFORM_KEYS[key]
+    value = _decode(raw)
+    if not check(value):
+        shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:80] + "..."
+        raise ConfigError(f"hyperparameter {key}={shown} is not accepted: {accepted}")
+
+
+def check_platform_keys(raw: Mapping[str, Any]) -> None:
+    """Every SageMaker key of a hyperparameters mapping checked (check_platform_key)."""
+    for key, value in raw.items():
+        if is_platform_key(str(key)):
+            check_platform_key(str(key), value)
 
 
 def _decode(raw: Any) -> Any:
@@ -245,11 +352,12 @@ def parse_hyperparameters(raw: Mapping[str, Any]) -> TrainConfig:
     """Validate a mapping of (usually string) hyperparameters into a frozen TrainConfig.
 
     Unknown keys are an error naming the valid ones; SageMaker's own `sagemaker_*` keys and
-    `_tuning_objective_metric` are ignored.
+    `_tuning_objective_metric` are checked (PLATFORM_KEYS) and left to sagemaker-training.
     """
     values: dict[str, Any] = {}
     for key, value in raw.items():
         if is_platform_key(key):
+            check_platform_key(key, value)
             continue
         name = canonical_key(key)
         if name not in FIELDS:
@@ -278,6 +386,7 @@ def parse_assignments(items: list[str]) -> dict[str, str]:
         if not sep or not key.strip():
             raise ConfigError(f"--hp {item!r} is not key=value (for example --hp lr=0.01)")
         name = canonical_key(key)
+        refuse_platform_key(name, "--hp")
         if name in out and out[name] != value:
             raise ConfigError(
                 f"--hp sets {name} twice ({out[name]!r}, then {value!r}); give each "
@@ -285,6 +394,16 @@ def parse_assignments(items: list[str]) -> dict[str, str]:
             )
         out[name] = value
     return out
+
+
+def refuse_platform_key(key: str, where: str) -> None:
+    """SageMaker's own keys come from SageMaker and the launcher's options, never a user's."""
+    if is_platform_key(key):
+        raise ConfigError(
+            f"{where} {key}: keys starting with sagemaker_ or _tuning are set by SageMaker and "
+            "the launcher (--nproc, --instance-count), not by hand; valid hyperparameters are: "
+            + ", ".join(sorted(FIELDS))
+        )
 
 
 def describe() -> str:

@@ -1,8 +1,11 @@
 """The training image's framework module (SAGEMAKER_TRAINING_MODULE=imgclf.container:main).
 
 sagemaker-training's `train` entry imports this and calls `main`. We run our program
-(SAGEMAKER_PROGRAM, shipped in imgclf/_program) as a child process, under torchrun through
+(imgclf_train.py, shipped in imgclf/_program) as a child process, under torchrun through
 sagemaker-training's torch_distributed runner when `sagemaker_torch_distributed_enabled` is set.
+Only that program runs: whatever `sagemaker_program` / `sagemaker_submit_directory` say (an SDK
+estimator's entry_point and source_dir), no other code is fetched, installed or started, and
+SageMaker's own hyperparameters are checked (config.PLATFORM_KEYS) before anything starts.
 SIGTERM (docker stop, a spot interruption) is passed on to the whole process group so the
 program can keep its checkpoint and leave a reason in output/failure. In a container this
 module's process is PID 1, where `killpg(1)` would mean kill(-1): every other process in the
@@ -13,17 +16,20 @@ output/failure and exits 143.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 from pathlib import Path
 
+from imgclf.config import PROGRAM, check_platform_keys
 from imgclf.contract import (
     BASE_DIR_ENV,
     DEFAULT_BASE_DIR,
     TORCH_DISTRIBUTED_KEY,
-    TRAIN_IMAGE_ENV,
     Layout,
+    read_training_contract,
     write_failure,
 )
+from imgclf.errors import UserError
 from imgclf.util import parse_bool
 
 PROGRAM_DIR = Path(__file__).parent / "_program"
@@ -53,26 +59,55 @@ def _forward_sigterm() -> None:
     signal.signal(signal.SIGTERM, forward)
 
 
-def main() -> None:
-    from sagemaker_training import entry_point, environment, runner
+def install_program(code_dir: Path) -> None:
+    """Make `code_dir` hold our program and nothing else. The runner starts `python
+    imgclf_train.py` there with `code_dir` first on sys.path, so any other file could shadow a
+    module (a torch.py), and a setup.py or requirements.txt would be pip-installed; a program of
+    our name already there could be anyone's, so it is replaced."""
+    code_dir.mkdir(parents=True, exist_ok=True)
+    others = sorted(p.name for p in code_dir.iterdir() if p.name != PROGRAM)
+    if others:
+        raise UserError(
+            f"{code_dir} holds {', '.join(others[:5])}{' ...' if len(others) > 5 else ''}: this "
+            f"image runs only its own program ({PROGRAM}) from there and nothing else may be in "
+            "it; remove them"
+        )
+    (code_dir / PROGRAM).unlink(missing_ok=True)  # a link there is removed, not written through
+    shutil.copyfile(PROGRAM_DIR / PROGRAM, code_dir / PROGRAM)
 
+
+def main() -> None:
+    from sagemaker_training import entry_point, environment, errors, process, runner
+
+    layout = Layout(Path(os.environ.get(BASE_DIR_ENV, DEFAULT_BASE_DIR)))
+    try:
+        check_platform_keys(read_training_contract().hyperparameters)
+        install_program(layout.code_dir)
+    except UserError as exc:
+        write_failure(layout, f"ClientError: {exc}")  # sagemaker-training keeps this one
+        raise errors.ClientError(str(exc)) from None
     env = environment.Environment()
     distributed = parse_bool(env.additional_framework_parameters.get(TORCH_DISTRIBUTED_KEY)) is True
     runner_type = runner.TorchDistributedRunnerType if distributed else runner.ProcessRunnerType
     _forward_sigterm()
-    # The program ships in the package; the code dir SageMaker would fill from
-    # sagemaker_submit_directory is filled from here instead (nothing is downloaded).
-    uri = (
-        env.module_dir
-        if Path(env.module_dir).is_dir() and os.listdir(env.module_dir)
-        else str(PROGRAM_DIR)
-    )
+    # The program reads hyperparameters.json itself; the runner would paste hyperparameters
+    # unquoted into a shell command line, so none are passed that way.
+    env_vars = env.to_env_vars()
+    chosen = runner.get(runner_type, PROGRAM, [PROGRAM_ARG], env_vars)
+
+    class RunByKeyword(process.ProcessRunner):
+        """entry_point.run calls `run(wait, capture_error)` by position, but the torch
+        distributed runner's order is (capture_error, wait): torchrun then ran through
+        /bin/sh without being waited on, and a failed job was reported as a success. By
+        keyword both runners start the command without a shell and wait for it."""
+
+        def __init__(self) -> None:  # the chosen runner holds the command
+            pass
+
+        def run(self, wait=True, capture_error=False):
+            return chosen.run(wait=wait, capture_error=capture_error)
+
+    # uri: the code dir itself, which install_program filled (nothing is downloaded)
     entry_point.run(
-        uri,
-        env.user_entry_point or TRAIN_IMAGE_ENV["SAGEMAKER_PROGRAM"],
-        # The program reads hyperparameters.json itself; the runner would paste hyperparameters
-        # unquoted into a shell command line, so none are passed that way.
-        [PROGRAM_ARG],
-        env.to_env_vars(),
-        runner_type=runner_type,
+        str(layout.code_dir), PROGRAM, [PROGRAM_ARG], env_vars, runner_type=RunByKeyword()
     )

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms
 from torchvision.ops import roi_align
 
+from imgclf.config import FIELDS
 from imgclf.errors import DataError
 from imgclf.util import cpu_count, write_json
 
@@ -36,6 +38,36 @@ _PREFIX = re.compile(r"^\d+[._-]")
 
 
 # ---------------------------------------------------------------- decoding
+
+# What one pixel of a mode costs to decode and turn into RGB, against 8-bit RGB (measured peak
+# memory: RGB ~8 bytes a pixel, RGBA ~15, 16-bit or float ~25 through to_rgb's float64 scaling).
+# Training's bound on one image and the endpoint's bound on one request both count this way.
+PIXEL_WEIGHT = {"RGBA": 2, "LA": 2, "PA": 2, "RGBa": 2, "La": 2, "CMYK": 2}
+PIXEL_WEIGHT.update(dict.fromkeys(("I;16", "I;16B", "I;16L", "I;16N", "I", "F"), 3))
+# Training's default bound on one image's decode cost (weighted pixels): Pillow's own warning
+# threshold, ~0.7 GB of peak memory for an RGB image, ~30 Mpx of 16-bit (per loader worker).
+MAX_DECODE_COST = FIELDS["max_image_pixels"].default
+
+
+def decode_cost(mode: str, width: int, height: int) -> int:
+    """Weighted pixels an image of `mode` and size takes to decode to RGB (see PIXEL_WEIGHT)."""
+    return width * height * PIXEL_WEIGHT.get(mode, 1)
+
+
+class ImageTooCostly(ValueError):
+    """An image whose decode would cost more than the bound it was opened with."""
+
+
+def check_decode_cost(mode: str, width: int, height: int, max_cost: int) -> None:
+    """ImageTooCostly, saying what the image is and the bound, when its decode costs too much."""
+    cost = decode_cost(mode, width, height)
+    if cost > max_cost:
+        weight = PIXEL_WEIGHT.get(mode, 1)
+        counted = f" (each {mode} pixel counts {weight}x)" if weight > 1 else ""
+        raise ImageTooCostly(
+            f"{width}x{height} {mode} pixels cost {cost} to decode{counted}, over the bound of "
+            f"{max_cost} (hyperparameter max_image_pixels)"
+        )
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -58,22 +90,32 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def open_image(source, *, draft: int | None = None) -> Image.Image:
+def open_image(source, *, draft: int | None = None, max_cost: int | None = None) -> Image.Image:
     """Decode a path or file object to RGB. `draft` lets JPEGs decode at a reduced scale whose
-    short side is still at least `draft` pixels (much faster for large photos)."""
+    short side is still at least `draft` pixels (much faster for large photos). With
+    `max_cost`, an image whose full size costs more (decode_cost) is refused from its header,
+    before anything is decoded: ImageTooCostly."""
     with Image.open(source) as image:
+        if max_cost is not None:
+            # The full size, whatever the draft: the scan (small draft) and training (larger
+            # draft) then take and refuse the same images.
+            check_decode_cost(image.mode, *image.size, max_cost)
         if draft and image.format == "JPEG":
             image.draft(image.mode, (draft, draft))
         image.load()
         return to_rgb(image)
 
 
-def try_open_image(path: Path, *, draft: int | None) -> tuple[Image.Image | None, str | None]:
+def try_open_image(
+    path: Path, *, draft: int | None, max_cost: int = MAX_DECODE_COST
+) -> tuple[Image.Image | None, str | None]:
     """(RGB image, None), or (None, why the file cannot be used)."""
     try:
         if path.stat().st_size == 0:
             return None, "empty file (0 bytes)"
-        return open_image(path, draft=draft), None
+        return open_image(path, draft=draft, max_cost=max_cost), None
+    except ImageTooCostly as exc:
+        return None, f"too costly to decode: {exc}"
     except UnidentifiedImageError:
         return None, "not an image PIL can read"
     except Image.DecompressionBombError:
@@ -83,9 +125,9 @@ def try_open_image(path: Path, *, draft: int | None) -> tuple[Image.Image | None
         return None, f"cannot be decoded: {exc}"
 
 
-def image_problem(path: Path) -> str | None:
-    """Why an image cannot be used, or None when it decodes."""
-    return try_open_image(path, draft=_CHECK_DRAFT)[1]
+def image_problem(path: Path, *, max_cost: int = MAX_DECODE_COST) -> str | None:
+    """Why an image cannot be used, or None when it decodes within `max_cost`."""
+    return try_open_image(path, draft=_CHECK_DRAFT, max_cost=max_cost)[1]
 
 
 # ---------------------------------------------------------------- scanning
@@ -169,18 +211,24 @@ def _verdict_key(root: Path, path: Path) -> str:
 
 
 def scan_split(
-    name: str, root: Path, *, threads: int | None = None, verdicts: dict | None = None
+    name: str,
+    root: Path,
+    *,
+    threads: int | None = None,
+    verdicts: dict | None = None,
+    max_cost: int = MAX_DECODE_COST,
 ) -> SplitScan:
-    """List a split and decode every image once (JPEG draft mode) to find unreadable ones.
-    `verdicts` ("relative path|size|mtime" -> problem or None) holds what earlier scans found:
-    files it knows are not decoded again, and it is updated in place."""
+    """List a split and decode every image once (JPEG draft mode) to find unreadable ones and
+    those whose decode costs more than `max_cost` (decode_cost). `verdicts` ("relative
+    path|size|mtime" -> problem or None) holds what earlier scans with the same `max_cost`
+    found: files it knows are not decoded again, and it is updated in place."""
     classes, files, ignored = list_split(name, root)
     threads = threads or min(16, 2 * cpu_count())
     known = verdicts if verdicts is not None else {}
     keys = [_verdict_key(root, path) for path, _ in files]
     todo = [(path, key) for (path, _), key in zip(files, keys) if key not in known]
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        found = list(pool.map(lambda item: image_problem(item[0]), todo))
+        found = list(pool.map(lambda item: image_problem(item[0], max_cost=max_cost), todo))
     known.update((key, problem) for (_, key), problem in zip(todo, found))
     problems = [known[key] for key in keys]
     samples, bad = [], []
@@ -204,10 +252,16 @@ class DatasetScan:
         return [b for s in self.splits.values() for b in s.bad]
 
 
-def scan_dataset(split_dirs: dict[str, Path], *, cache_dir: Path | None = None) -> DatasetScan:
+def scan_dataset(
+    split_dirs: dict[str, Path],
+    *,
+    cache_dir: Path | None = None,
+    max_cost: int = MAX_DECODE_COST,
+) -> DatasetScan:
     """Scan every split; class sets that differ between splits are an error naming them.
-    With `cache_dir`, each split's verdicts are kept there (keyed by the split's real path), so
-    the next job over the same files only decodes new or changed ones."""
+    With `cache_dir`, each split's verdicts are kept there (keyed by the split's real path and
+    valid for one `max_cost`), so the next job over the same files only decodes new or changed
+    ones."""
     scans = {}
     for name, path in split_dirs.items():
         cache_file = None
@@ -218,14 +272,14 @@ def scan_dataset(split_dirs: dict[str, Path], *, cache_dir: Path | None = None) 
             cache_file = Path(cache_dir) / f"{digest}.json"
             try:
                 stored = json.loads(cache_file.read_text())
-                if stored.get("root") == real:
+                if stored.get("root") == real and stored.get("max_cost") == max_cost:
                     verdicts = stored["verdicts"]
-            except (OSError, ValueError, KeyError, TypeError):
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
                 verdicts = {}
         count = len(verdicts)
-        scans[name] = scan_split(name, Path(path), verdicts=verdicts)
+        scans[name] = scan_split(name, Path(path), verdicts=verdicts, max_cost=max_cost)
         if cache_file is not None and len(verdicts) != count:
-            _write_verdicts(cache_file, str(Path(path).resolve()), verdicts)
+            _write_verdicts(cache_file, str(Path(path).resolve()), verdicts, max_cost)
     reference = scans["train"].classes if "train" in scans else next(iter(scans.values())).classes
     problems = []
     for name, scan in scans.items():
@@ -251,9 +305,9 @@ def scan_dataset(split_dirs: dict[str, Path], *, cache_dir: Path | None = None) 
     return DatasetScan(scans, reference)
 
 
-def _write_verdicts(path: Path, root: str, verdicts: dict) -> None:
+def _write_verdicts(path: Path, root: str, verdicts: dict, max_cost: int) -> None:
     try:
-        write_json(path, {"root": root, "verdicts": verdicts}, indent=None)
+        write_json(path, {"root": root, "max_cost": max_cost, "verdicts": verdicts}, indent=None)
     except OSError:
         pass  # a cache: the next scan decodes again
 
@@ -279,6 +333,46 @@ def class_weights(counts: Sequence[int]) -> torch.Tensor:
 # ---------------------------------------------------------------- transforms
 
 
+# What model_config.json may say about preprocessing (Preprocess.from_dict).
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+MIN_STD = 1e-3  # a smaller std scales pixels by over 1/(255 * 0.001): no real normalisation
+
+
+def _kind(value: Any) -> str:
+    return {list: "a list", dict: "an object", str: "text"}.get(type(value), type(value).__name__)
+
+
+def _shown(value: Any, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _bounded_int(d: dict, key: str, lo: int, hi: int, where: str) -> int:
+    if key not in d:
+        raise ValueError(f"{where} lacks {key} (an integer from {lo} to {hi})")
+    value = d[key]
+    if not (isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi):
+        raise ValueError(f"{where}.{key} is {_shown(value)}: accepted an integer from {lo} to {hi}")
+    return value
+
+
+def _triple(d: dict, key: str, lo: float, hi: float, where: str) -> tuple[float, float, float]:
+    value = d.get(key)
+    if not (
+        isinstance(value, list)
+        and len(value) == 3
+        and all(_number(x) and math.isfinite(x) and lo <= x <= hi for x in value)
+    ):
+        raise ValueError(
+            f"{where}.{key} is {_shown(value)}: accepted a list of 3 numbers from {lo:g} to {hi:g}"
+        )
+    return (float(value[0]), float(value[1]), float(value[2]))
+
+
 @dataclass(frozen=True)
 class Preprocess:
     """How an image becomes the model's input; stored in model_config.json."""
@@ -299,14 +393,24 @@ class Preprocess:
         }
 
     @classmethod
-    def from_dict(cls, d: dict) -> Preprocess:
-        return cls(
-            image_size=int(d["image_size"]),
-            resize_size=int(d["resize_size"]),
-            mean=tuple(float(x) for x in d["mean"]),
-            std=tuple(float(x) for x in d["std"]),
-            interpolation=str(d.get("interpolation", "bilinear")),
-        )
+    def from_dict(cls, d: Any, *, where: str = "preprocess") -> Preprocess:
+        """What `to_dict` wrote, checked before anything is sized from it: a ValueError naming
+        the key (`where`.key), its value and what is accepted."""
+        if not isinstance(d, dict):
+            raise ValueError(f"{where} is {_kind(d)}: expected an object {{image_size, ...}}")
+        lo, hi = FIELDS["image_size"].metadata["minimum"], FIELDS["image_size"].metadata["maximum"]
+        image_size = _bounded_int(d, "image_size", lo, hi, where)
+        # Architecture.preprocess makes it 1.0-1.15x image_size (the weights' resize ratio).
+        resize_size = _bounded_int(d, "resize_size", image_size, 2 * image_size, where)
+        mean = _triple(d, "mean", 0.0, 1.0, where)
+        std = _triple(d, "std", MIN_STD, 1.0, where)
+        interpolation = d.get("interpolation", "bilinear")
+        if interpolation not in INTERPOLATIONS:
+            raise ValueError(
+                f"{where}.interpolation is {_shown(interpolation)}: accepted "
+                + ", ".join(INTERPOLATIONS)
+            )
+        return cls(image_size, resize_size, mean, std, interpolation)
 
     @property
     def mode(self) -> transforms.InterpolationMode:
@@ -527,12 +631,19 @@ class ImageListDataset(Dataset):
     """
 
     def __init__(
-        self, samples: Sequence[tuple[str, int]], transform, *, draft: int | None, seed: int = 0
+        self,
+        samples: Sequence[tuple[str, int]],
+        transform,
+        *,
+        draft: int | None,
+        seed: int = 0,
+        max_cost: int = MAX_DECODE_COST,
     ) -> None:
         self.samples = list(samples)
         self.transform = transform
         self.draft = draft
         self.seed = seed
+        self.max_cost = max_cost
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -548,7 +659,8 @@ class ImageListDataset(Dataset):
             index = key
         path, target = self.samples[index]
         try:
-            image = open_image(path, draft=self.draft)
+            # The scan refused over-bound images already; this holds if a file changed since.
+            image = open_image(path, draft=self.draft, max_cost=self.max_cost)
         except (OSError, SyntaxError, ValueError) as exc:
             raise DataError(f"image {path} could not be read during training: {exc}") from None
         return self.transform(image), target

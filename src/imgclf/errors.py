@@ -15,3 +15,9 @@ class DataError(UserError):
 
 class TrainingStopped(Exception):  # noqa: N818 - a stop is not an error
     """Training was asked to stop (SIGTERM); the last epoch checkpoint is kept."""
+
+
+def reason(exc: BaseException) -> str:
+    """An exception in one line that is never empty: `MemoryError()` says "MemoryError"."""
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

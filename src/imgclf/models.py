@@ -3,6 +3,7 @@ starting from pretrained weights found offline (torch cache or a file)."""
 
 from __future__ import annotations
 
+import math
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -160,6 +161,52 @@ def build_model(
         for param in head.parameters():
             param.requires_grad_(True)
     return model
+
+
+def state_layout(
+    arch_name: str, num_classes: int
+) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Name -> (shape, dtype) of every entry of build_model(arch_name, num_classes)'s
+    state_dict, from a model built on the meta device: nothing is allocated, whatever the
+    class count."""
+    arch = get_architecture(arch_name)
+    with torch.device("meta"):
+        model = arch.build(weights=None)
+        _replace_head(model, arch.head, num_classes)
+    return {name: (tuple(t.shape), t.dtype) for name, t in model.state_dict().items()}
+
+
+def state_bytes(layout: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> int:
+    """What the tensors of a state_layout hold, in bytes."""
+    return sum(math.prod(shape) * dtype.itemsize for shape, dtype in layout.values())
+
+
+def state_mismatch(state: object, arch_name: str, num_classes: int) -> str | None:
+    """Why `state` is not a state_dict of build_model(arch_name, num_classes) (missing or
+    unexpected names, another shape or dtype), in one line; None when it is one."""
+    if not isinstance(state, dict):
+        return f"it holds {type(state).__name__}, not a state_dict"
+    expected = state_layout(arch_name, num_classes)
+    missing = [k for k in expected if k not in state]
+    unexpected = [str(k) for k in state if k not in expected]
+    if missing or unexpected:
+        return (
+            f"{len(missing)} entries missing (e.g. {missing[:3]}), {len(unexpected)} "
+            f"unexpected (e.g. {unexpected[:3]})"
+        )
+    for name, (shape, dtype) in expected.items():
+        value = state[name]
+        if not isinstance(value, torch.Tensor):
+            return f"{name} is {type(value).__name__}, not a tensor"
+        if tuple(value.shape) != shape or value.dtype != dtype:
+            return (
+                f"{name} is {_shape(value.shape)} {value.dtype}, expected {_shape(shape)} {dtype}"
+            )
+    return None
+
+
+def _shape(shape) -> str:
+    return "x".join(str(n) for n in shape) or "a scalar"
 
 
 def head_module(model: nn.Module, arch_name: str) -> nn.Module:

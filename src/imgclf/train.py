@@ -157,7 +157,9 @@ def scan_data(contract: TrainingContract, cfg: TrainConfig, runtime: Runtime) ->
     result: Any = None
     if runtime.is_main:
         try:
-            result = data.scan_dataset(contract.splits, cache_dir=runtime.scan_cache)
+            result = data.scan_dataset(
+                contract.splits, cache_dir=runtime.scan_cache, max_cost=cfg.max_image_pixels
+            )
         except UserError as exc:
             result = exc
     result = _broadcast(runtime, result)
@@ -208,13 +210,18 @@ def build_loaders(
     for name, split in scan.splits.items():
         if name == "train":
             transform, draft = train_input
-            dataset = data.ImageListDataset(split.samples, transform, draft=draft, seed=cfg.seed)
+            dataset = data.ImageListDataset(
+                split.samples, transform, draft=draft, seed=cfg.seed, max_cost=cfg.max_image_pixels
+            )
             sampler = data.EpochSampler(
                 len(dataset), seed=cfg.seed, rank=runtime.rank, world_size=runtime.world_size
             )
         else:
             dataset = data.ImageListDataset(
-                split.samples, data.eval_transform(pre, normalize=False), draft=pre.resize_size
+                split.samples,
+                data.eval_transform(pre, normalize=False),
+                draft=pre.resize_size,
+                max_cost=cfg.max_image_pixels,
             )
             sampler = data.ShardSampler(
                 len(dataset), rank=runtime.rank, world_size=runtime.world_size
@@ -240,7 +247,10 @@ def build_feature_loaders(
     def image_loader(name: str):
         split = scan.splits[name]
         dataset = data.ImageListDataset(
-            split.samples, data.eval_transform(pre, normalize=False), draft=pre.resize_size
+            split.samples,
+            data.eval_transform(pre, normalize=False),
+            draft=pre.resize_size,
+            max_cost=cfg.max_image_pixels,
         )
         return data.make_loader(
             dataset,

@@ -1,10 +1,12 @@
 """Small torch-free helpers shared across the package: atomic writes, folders and locks that
-follow no pre-placed link, booleans from strings, the CPU count, job names."""
+follow no pre-placed link, booleans from strings, the CPU count, job names, secrets masked in
+text that is printed."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -122,3 +124,18 @@ def cpu_count() -> int:
 def new_job_name(prefix: str = "imgclf") -> str:
     """prefix-YYYYmmdd-HHMMSS in UTC: the same form for local and SageMaker jobs."""
     return f"{prefix}-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}"
+
+
+# scheme://user:PASSWORD@host, the password taken to the last "@" of the URL (an unencoded "@"
+# in it must not leave its end shown), and ?password=... style query values.
+_URL_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^\s/:@]*:)\S*(?=@[^\s@]*)")
+_QUERY_SECRET = re.compile(
+    r"([?&](?:password|passwd|pwd|secret|token|sslpassword|api_key)=)[^&\s#]+", re.IGNORECASE
+)
+MASK = "***"
+
+
+def mask_secrets(text: str) -> str:
+    """`text` with every password of a URL in it replaced by ***: what a storage URL (or an
+    error that quotes one) looks like when printed or logged."""
+    return _QUERY_SECRET.sub(rf"\g<1>{MASK}", _URL_PASSWORD.sub(rf"\g<1>{MASK}", text))

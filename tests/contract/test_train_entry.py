@@ -55,6 +55,30 @@ def test_odd_images_train_and_exactly_the_bad_ones_are_named(tmp_path, odd_datas
     assert (base / "model" / "model.pt").exists()
 
 
+def test_an_image_over_the_decode_bound_is_skipped_as_unreadable(tmp_path, odd_dataset):
+    """deep16.png (30x40 16-bit: 3600 weighted pixels) is over max_image_pixels=3000; the RGB,
+    alpha and CMYK images (1200 to 2592) are not."""
+    root, bad = odd_dataset
+    base = make_sagemaker_job(
+        tmp_path / "ml",
+        hyperparameters={
+            **FAST_HPS,
+            "epochs": "1",
+            "image_size": "16",
+            "batch_size": "8",
+            "max_image_pixels": "3000",
+        },
+        channels={"training": root},
+    )
+    proc = run_train_entry(base)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    skipped = json.loads((base / "output" / "data" / "skipped_images.json").read_text())
+    reasons = {f"{s['split']}/{s['path']}": s["reason"] for s in skipped}
+    assert set(reasons) == bad | {"train/001.cats/deep16.png"}
+    assert reasons["train/001.cats/deep16.png"].startswith("too costly to decode: 30x40 I;16")
+    assert "deep16.png" in proc.stdout
+
+
 def test_broken_dataset_writes_failure_and_exits_non_zero(tmp_path, tiny_digits):
     import shutil
 
@@ -97,3 +121,90 @@ def test_unknown_hyperparameter_fails_naming_the_valid_ones(tmp_path, tiny_digit
     assert proc.returncode != 0
     failure = (base / "output" / "failure").read_text()
     assert "learning-rate" in failure and "batch_size" in failure
+
+
+# ---------------------------------------------------------------- only our program runs
+
+TINY_HPS = {**FAST_HPS, "epochs": "1", "image_size": "16", "workers": "0"}
+
+
+def _marker_program(folder, marker):
+    """A program of our program's name that leaves `marker` when it runs."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "imgclf_train.py").write_text(
+        f"open({str(marker)!r}, 'w').write('ran')\nraise SystemExit(0)\n"
+    )
+    return folder
+
+
+def test_a_submit_directory_is_refused_and_nothing_in_it_runs(tmp_path, tiny_digits):
+    marker = tmp_path / "ran"
+    code = _marker_program(tmp_path / "user_code", marker)
+    base = make_sagemaker_job(
+        tmp_path / "ml",
+        hyperparameters={**TINY_HPS, "sagemaker_submit_directory": str(code)},
+        channels={"training": tiny_digits},
+    )
+    proc = run_train_entry(base)
+    assert proc.returncode != 0 and not marker.exists(), proc.stdout[-3000:]
+    failure = (base / "output" / "failure").read_text()
+    assert failure.startswith("ClientError: hyperparameter sagemaker_submit_directory=")
+    assert "leave entry_point and source_dir out of the estimator" in failure
+    assert "\n" not in failure.strip()
+
+
+def test_the_code_dir_holds_only_our_program(tmp_path, tiny_digits):
+    marker = tmp_path / "ran"
+    base = make_sagemaker_job(
+        tmp_path / "ml", hyperparameters=TINY_HPS, channels={"training": tiny_digits}
+    )
+    _marker_program(base / "code", marker)  # a program of our name placed there: replaced
+    proc = run_train_entry(base)
+    assert proc.returncode == 0 and not marker.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (base / "model" / "model.pt").exists()
+
+    (base / "output" / "failure").unlink(missing_ok=True)
+    (base / "code" / "torch.py").write_text("raise SystemExit('shadowed')\n")
+    proc = run_train_entry(base)
+    assert proc.returncode != 0
+    failure = (base / "output" / "failure").read_text()
+    assert "holds torch.py: this image runs only its own program (imgclf_train.py)" in failure
+
+
+def test_the_process_count_never_reaches_a_shell(tmp_path, tiny_digits):
+    marker = tmp_path / "ran"
+    base = make_sagemaker_job(
+        tmp_path / "ml",
+        hyperparameters={
+            **TINY_HPS,
+            "sagemaker_torch_distributed_enabled": "true",
+            "sagemaker_mpi_num_of_processes_per_host": f"1; touch {marker};",
+        },
+        channels={"training": tiny_digits},
+        json_encode=False,
+    )
+    proc = run_train_entry(base)
+    assert proc.returncode != 0 and not marker.exists(), proc.stdout[-3000:]
+    failure = (base / "output" / "failure").read_text()
+    assert "sagemaker_mpi_num_of_processes_per_host" in failure and "1 to 1024" in failure
+
+
+def test_a_failed_job_under_torchrun_exits_non_zero(tmp_path, tiny_digits):
+    import shutil
+
+    data = shutil.copytree(tiny_digits, tmp_path / "data")
+    shutil.rmtree(data / "valid")
+    base = make_sagemaker_job(
+        tmp_path / "ml",
+        hyperparameters={
+            **TINY_HPS,
+            "sagemaker_torch_distributed_enabled": "true",
+            "sagemaker_mpi_num_of_processes_per_host": "2",
+        },
+        channels={"training": data},
+    )
+    proc = run_train_entry(base)
+    # sagemaker-training reported this as a success (exit 0) when torchrun went through /bin/sh
+    assert proc.returncode != 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "Reporting training SUCCESS" not in proc.stdout + proc.stderr
+    assert (base / "output" / "failure").read_text().startswith("ClientError:")

@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -120,6 +121,51 @@ def test_two_processes_under_torchrun_write_one_artifact(tmp_path, tiny_digits):
     ]
     metrics = json.loads((model / "metrics.json").read_text())
     assert metrics["test_images"] == 40  # every test image counted once across both ranks
+
+
+def _spaced_environment(folder):
+    """A Python environment in `folder` (a path with a space) over this one's packages, with
+    `train` and `torchrun` written as pip writes scripts for such a path: a checkout with a
+    space whose .venv `make setup` made."""
+    import shutil
+    import sys
+    import sysconfig
+
+    venv = folder / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    site = Path(sysconfig.get_path("purelib", vars={"base": str(venv)}))
+    (site / "outer.pth").write_text("\n".join(p for p in sys.path if p and Path(p).is_dir()))
+    here = Path(sys.executable).parent
+    trampoline = f"#!/bin/sh\n'''exec' \"{python}\" \"$0\" \"$@\"\n' '''\n"
+    for script in ("train", "torchrun"):
+        body = (here / script).read_text().split("\n", 1)[1]
+        (venv / "bin" / script).write_text(trampoline + body)
+        shutil.copymode(here / script, venv / "bin" / script)
+    return python
+
+
+def test_paths_with_spaces_train_under_torchrun(tmp_path, tiny_digits):
+    """Checkout (its Python and scripts), data and home all in a folder named with a space;
+    torchrun's command runs without a shell."""
+    import shutil
+
+    folder = tmp_path / "my projects"
+    python = _spaced_environment(folder)
+    data = shutil.copytree(tiny_digits, folder / "tiny digits")
+    hps = hp_args({**FAST_HPS, "epochs": "1", "image_size": "16", "workers": "0"})
+    proc = subprocess.run(
+        [str(python), str(ROOT / "launch.py"), "train", "--data", str(data), "--nproc", "2"]
+        + ["--job-name", "spaced", *hps],
+        env={**os.environ, "IMGCLF_HOME": str(folder / "home dir")},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "world size 2" in proc.stdout
+    assert (folder / "home dir" / "jobs" / "spaced" / "model" / "model.pt").exists()
 
 
 def test_bad_hyperparameter_is_refused_before_a_job_starts(tmp_path, tiny_digits):

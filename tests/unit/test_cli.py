@@ -36,6 +36,16 @@ def test_data_check_lists_unreadable_images_with_their_paths(tmp_path, odd_datas
     assert run_launch("data", "check", "--strict", str(root), home=tmp_path).returncode == 1
 
 
+def test_data_check_lists_images_over_the_decode_bound_as_training_does(tmp_path, odd_dataset):
+    root, _ = odd_dataset
+    proc = run_launch("data", "check", str(root), "--max-image-pixels", "3000", home=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "4 unreadable images" in proc.stdout
+    assert f"{root / 'train/001.cats/deep16.png'}: too costly to decode: 30x40 I;16" in proc.stdout
+    proc = run_launch("data", "check", str(root), "--max-image-pixels", "0", home=tmp_path)
+    assert proc.returncode == 2 and "max_image_pixels='0' is out of range" in proc.stderr
+
+
 def test_data_check_fails_on_a_broken_layout(tmp_path):
     (tmp_path / "flat" / "train").mkdir(parents=True)
     proc = run_launch("data", "check", str(tmp_path / "flat"), home=tmp_path)
@@ -108,3 +118,38 @@ def test_job_and_endpoint_names_that_are_paths_are_refused_before_anything_is_to
         assert proc.returncode == 2, (args, proc.stdout, proc.stderr)
         assert f"name {name!r} is not valid" in proc.stderr, (args, proc.stderr)
         assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_sagemaker_keys_are_refused_on_the_command_line_and_in_hp_files(tmp_path):
+    hp_file = tmp_path / "hps.json"
+    hp_file.write_text('{"lr": 0.01, "sagemaker_program": "x.py"}')
+    for args in (
+        ["--hp", f"sagemaker_submit_directory={tmp_path / 'code'}"],
+        ["--hp-from", str(hp_file)],
+    ):
+        proc = run_launch("train", "--data", str(tmp_path / "nowhere"), *args, home=tmp_path)
+        assert proc.returncode == 2, proc.stderr
+        assert "set by SageMaker and the launcher" in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+
+
+def test_a_storage_url_password_is_never_printed(tmp_path, tiny_digits):
+    from tests.conftest import ROOT
+
+    url = "postgresql://tuner:SECRET@127.0.0.1:1/optuna"  # no driver here: it cannot open
+    proc = run_launch(
+        "tune",
+        "--data",
+        str(tiny_digits),
+        "--space",
+        str(ROOT / "tuning.yaml"),
+        "--storage",
+        url,
+        "--out",
+        str(tmp_path / "t"),
+        home=tmp_path,
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "SECRET" not in proc.stdout + proc.stderr
+    assert "postgresql://tuner:***@127.0.0.1:1/optuna cannot be opened" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -60,15 +60,62 @@ def test_booleans(text, expected):
     assert parse_hyperparameters({"freeze": "false", "pretrained": text}).pretrained is expected
 
 
-def test_platform_keys_are_ignored():
+def test_the_keys_sagemaker_sets_are_accepted_and_left_to_it():
+    # what SageMaker, the SDK (JSON-encoded, or plain) and our launcher write
     cfg = parse_hyperparameters(
         {
-            "sagemaker_program": '"x.py"',
-            "_tuning_objective_metric": '"valid_loss"',
+            "sagemaker_program": '"imgclf_train.py"',
+            "sagemaker_container_log_level": "20",
+            "sagemaker_job_name": '"imgclf-20260101-120000"',
             "sagemaker_region": '"eu-west-1"',
+            "sagemaker_enable_cloudwatch_metrics": "false",
+            "sagemaker_estimator_class_name": '"Estimator"',
+            "sagemaker_estimator_module": '"sagemaker.estimator"',
+            "sagemaker_instance_type": '"ml.g5.xlarge"',
+            "sagemaker_torch_distributed_enabled": "true",
+            "sagemaker_mpi_num_of_processes_per_host": "4",
+            "sagemaker_distributed_dataparallel_enabled": "false",
+            "_tuning_objective_metric": '"valid_loss"',
         }
     )
     assert cfg == TrainConfig()
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "fragment"),
+    [
+        # the audit's: the training entry ran DIR/imgclf_train.py
+        ("sagemaker_submit_directory", "/tmp/x", "no value; this image trains only with its own"),
+        ("sagemaker_submit_directory", '"s3://b/sourcedir.tar.gz"', "leave entry_point and"),
+        ("sagemaker_program", '"train.py"', "only imgclf_train.py"),
+        ("sagemaker_mpi_num_of_processes_per_host", "2; touch x", "an integer from 1 to 1024"),
+        ("sagemaker_mpi_num_of_processes_per_host", "0", "an integer from 1 to 1024"),
+        ("sagemaker_torch_distributed_enabled", "sure", "true or false"),
+        ("sagemaker_distributed_dataparallel_enabled", "true", "distributes with torchrun only"),
+        ("sagemaker_mpi_enabled", "true", "only false"),
+        ("sagemaker_container_log_level", "loud", "a logging level"),
+        ("sagemaker_job_name", '"a b"', "a SageMaker job name"),
+        ("sagemaker_region", '"../.."', "an AWS region"),
+        ("sagemaker_mpi_custom_mpi_options", '"-x A"', "of SageMaker's own keys this image takes"),
+        ("sagemaker_s3_output", '"s3://b/x"', "sagemaker_program, sagemaker_submit_directory"),
+        ("sagemaker_anything", "1", "is not accepted"),
+    ],
+)
+def test_other_sagemaker_keys_and_values_are_refused_naming_what_is_accepted(key, value, fragment):
+    with pytest.raises(ConfigError) as err:
+        parse_hyperparameters({key: value})
+    message = str(err.value)
+    assert key in message and fragment in message and "\n" not in message, message
+
+
+def test_the_command_line_cannot_set_sagemaker_keys():
+    for item in (
+        "sagemaker_submit_directory=/tmp/x",
+        "sagemaker-program=a.py",
+        "_tuning_objective_metric=lr",
+    ):
+        with pytest.raises(ConfigError, match="set by SageMaker and the launcher"):
+            parse_assignments([item])
 
 
 def test_unknown_key_names_the_valid_ones():

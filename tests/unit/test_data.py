@@ -188,7 +188,9 @@ def test_scan_verdicts_are_kept_so_the_next_job_decodes_only_changed_files(
     cache = tmp_path / "scans"
     decoded = []
     real_problem = data.image_problem
-    monkeypatch.setattr(data, "image_problem", lambda p: decoded.append(p) or real_problem(p))
+    monkeypatch.setattr(
+        data, "image_problem", lambda p, **kw: decoded.append(p) or real_problem(p, **kw)
+    )
 
     first = data.scan_dataset(splits, cache_dir=cache)
     total = sum(len(s.samples) for s in first.splits.values())
@@ -229,3 +231,75 @@ def test_a_symbolic_link_loop_is_read_once_and_named(tmp_path):
     skipped = sorted(i.split(" ")[0] for i in ignored)
     assert skipped == ["001.a/loop", "001.a/self", "002.b/sub/up"]
     assert all("not followed" in i for i in ignored)
+
+
+# ---------------------------------------------------------------- what one image may cost
+
+
+def test_decode_cost_weights_deep_and_alpha_modes():
+    assert data.decode_cost("RGB", 30, 20) == 600
+    assert data.decode_cost("L", 30, 20) == 600
+    assert data.decode_cost("RGBA", 30, 20) == data.decode_cost("CMYK", 30, 20) == 1200
+    for mode in ("I;16", "I;16B", "I", "F"):
+        assert data.decode_cost(mode, 30, 20) == 1800, mode
+    # a 16-bit PNG at Pillow's limit (the ~4.9 GB decode) is over the default bound
+    assert data.decode_cost("I;16", 10_000, 17_895) > data.MAX_DECODE_COST
+
+
+def _deep_images(folder: Path) -> None:
+    """20x20 images: 400 pixels of RGB, 1200 of cost for 16-bit and float."""
+    folder.mkdir(parents=True, exist_ok=True)
+    ramp = np.arange(400, dtype=np.uint16).reshape(20, 20) * 100
+    Image.fromarray(ramp).save(folder / "deep16.png")
+    assert Image.open(folder / "deep16.png").mode == "I;16"
+    Image.fromarray(ramp.astype(np.float32) / 40000, mode="F").save(folder / "float.tif")
+    assert Image.open(folder / "float.tif").mode == "F"
+    Image.new("RGB", (20, 20), "red").save(folder / "plain.png")
+
+
+def test_an_image_over_the_bound_is_refused_from_its_header(tmp_path):
+    _deep_images(tmp_path)
+    with pytest.raises(data.ImageTooCostly, match=r"20x20 I;16 pixels cost 1200 .* counts 3x"):
+        data.open_image(tmp_path / "deep16.png", max_cost=1000)
+    with pytest.raises(data.ImageTooCostly, match="20x20 F pixels cost 1200"):
+        data.open_image(tmp_path / "float.tif", max_cost=1000)
+    assert data.open_image(tmp_path / "plain.png", max_cost=1000).size == (20, 20)
+    assert data.open_image(tmp_path / "deep16.png", max_cost=1200).mode == "RGB"
+    assert data.image_problem(tmp_path / "deep16.png", max_cost=1000).startswith(
+        "too costly to decode: 20x20 I;16 pixels"
+    )
+    assert data.image_problem(tmp_path / "deep16.png") is None  # the default bound
+
+
+def test_the_scan_lists_over_bound_images_as_bad_and_remembers_the_bound(tmp_path):
+    for split in ("train", "valid"):
+        for cls in ("001.a", "002.b"):
+            Image.new("RGB", (20, 20), "blue").save(_folder(tmp_path / split / cls) / "ok.png")
+    _deep_images(tmp_path / "train" / "001.a")
+    splits = resolve_splits({"training": tmp_path})
+    cache = tmp_path / "scans"
+
+    scan = data.scan_dataset(splits, cache_dir=cache, max_cost=1000)
+    bad = {b.path: b.reason for b in scan.bad}
+    assert set(bad) == {"001.a/deep16.png", "001.a/float.tif"}
+    assert all(
+        r.startswith("too costly to decode") and "max_image_pixels" in r for r in bad.values()
+    )
+    assert scan.splits["train"].counts() == [2, 1]
+    # verdicts found under another bound are not taken for this one
+    assert data.scan_dataset(splits, cache_dir=cache, max_cost=1200).bad == []
+    assert len(data.scan_dataset(splits, cache_dir=cache, max_cost=1000).bad) == 2
+
+
+def _folder(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def test_training_reads_no_image_over_the_bound(tmp_path):
+    _deep_images(tmp_path)
+    samples = [(str(tmp_path / "plain.png"), 0), (str(tmp_path / "deep16.png"), 1)]
+    dataset = data.ImageListDataset(samples, lambda image: image.size, draft=None, max_cost=1000)
+    assert dataset[0] == ((20, 20), 0)
+    with pytest.raises(DataError, match=r"deep16.png could not be read .* over the bound of 1000"):
+        dataset[1]

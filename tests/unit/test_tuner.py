@@ -132,3 +132,30 @@ def test_the_tuners_pid_file_replaces_a_link_placed_there_instead_of_writing_thr
     assert precious.read_text() == "pinned\n"
     assert not (out / LOCK_FILE).is_symlink()
     assert (out / LOCK_FILE).read_text() == str(os.getpid())
+
+
+def test_a_resumed_study_never_prints_its_storage_password(tmp_path, capsys):
+    from imgclf.errors import UserError
+    from imgclf.tuning.local import run_tuning
+    from imgclf.tuning.optuna_setup import optuna_distributions
+
+    space = load_space(ROOT / "tuning.yaml")
+    # SQLite takes no user:password@; a password it ignores is in its query instead
+    storage = f"sqlite:///{tmp_path / 'study.db'}?password=SECRET"
+    study = open_study(space, storage, max_epochs=5)
+    trial = study.ask(fixed_distributions=optuna_distributions(space))
+    study.tell(trial, 1.0)
+    best = run_tuning(  # one trial finished, one asked for: nothing runs
+        space, data_dir=tmp_path, out_dir=tmp_path / "out", storage=storage, max_trials=1
+    )
+    shown = capsys.readouterr()
+    assert best["trial"] == 0 and "resuming the study in sqlite:///" in shown.out
+    assert "password=***" in shown.out and "SECRET" not in shown.out + shown.err
+
+    for url in ("postgresql://user:SECRET@127.0.0.1:1/db", "nodriver://user:SECRET@h/db"):
+        try:
+            open_study(space, url, max_epochs=5)
+        except UserError as exc:
+            message = str(exc)
+        assert "user:***@" in message and "SECRET" not in message, message
+        assert "cannot be opened" in message and "\n" not in message

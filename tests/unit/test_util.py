@@ -67,3 +67,26 @@ def test_plain_dir_makes_folders_and_refuses_a_link(tmp_path):
     (tmp_path / "jobs").symlink_to(tmp_path / "a", target_is_directory=True)
     with pytest.raises(UserError, match="jobs folder .*jobs is a symbolic link"):
         util.plain_dir(tmp_path / "jobs", "jobs folder")
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("postgresql://user:PASSWORD@db.example/optuna", "postgresql://user:***@db.example/optuna"),
+        (
+            "mysql+pymysql://u:p%40ss@h:3306/d?charset=utf8",
+            "mysql+pymysql://u:***@h:3306/d?charset=utf8",
+        ),
+        ("http://u:p@ss@h/x", "http://u:***@h/x"),  # an unencoded @: none of it shown
+        ("redis://:PASSWORD@r:6379/0", "redis://:***@r:6379/0"),
+        ("sqlite:///s.db?password=PASSWORD&mode=ro", "sqlite:///s.db?password=***&mode=ro"),
+        (
+            "cannot reach postgresql://a:PASSWORD@h/d (timeout)",
+            "cannot reach postgresql://a:***@h/d (timeout)",
+        ),
+        ("mysql://root@h/db", "mysql://root@h/db"),
+        ("sqlite:////tmp/a:b/study.db", "sqlite:////tmp/a:b/study.db"),
+    ],
+)
+def test_mask_secrets_hides_every_password_in_a_url(text, shown):
+    assert util.mask_secrets(text) == shown

@@ -50,6 +50,11 @@ def _data_parsers(sub) -> None:
     check.add_argument("dir", help="a folder holding train/ valid/ [test/]")
     check.add_argument("--strict", action="store_true", help="exit 1 if any image is unreadable")
     check.add_argument("--max-rows", type=int, default=40, help="print per-class rows up to this")
+    check.add_argument(
+        "--max-image-pixels",
+        help="bound on one image's decode cost, as training's max_image_pixels (default: its "
+        "default)",
+    )
     check.set_defaults(func=cmd_data_check)
     prep = data_sub.add_parser(
         "prepare", help="decode and resize every image once into a fast-loading copy"

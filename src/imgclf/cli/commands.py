@@ -13,7 +13,12 @@ from pathlib import Path
 
 from imgclf.cli.common import home, print_table
 from imgclf.cli.data import prepared_data
-from imgclf.config import parse_assignments, parse_hyperparameters
+from imgclf.config import (
+    canonical_key,
+    parse_assignments,
+    parse_hyperparameters,
+    refuse_platform_key,
+)
 from imgclf.contract import SAGEMAKER_ROLE_ENV
 from imgclf.errors import UserError
 from imgclf.targets.base import (
@@ -105,7 +110,10 @@ def _read_hp_file(path: str) -> dict[str, str]:
     loaded = loaded.get("hyperparameters", loaded) if isinstance(loaded, dict) else loaded
     if not isinstance(loaded, dict):
         raise UserError(f"--hp-from {path} must hold a JSON object of hyperparameters")
-    return {str(k).replace("-", "_"): str(v) for k, v in loaded.items()}
+    hps = {canonical_key(str(k)): str(v) for k, v in loaded.items()}
+    for key in hps:
+        refuse_platform_key(key, f"--hp-from {path}:")
+    return hps
 
 
 def cmd_train(args) -> int:

@@ -33,12 +33,15 @@ def _split_dirs(root: Path) -> dict[str, Path]:
 
 
 def cmd_data_check(args) -> int:
+    from imgclf.config import parse_hyperparameters
     from imgclf.data import scan_dataset
 
     root = Path(args.dir)
     if not root.is_dir():
         raise UserError(f"{root} is not a directory")
-    scan = scan_dataset(_split_dirs(root))
+    bound = {"max_image_pixels": args.max_image_pixels} if args.max_image_pixels else {}
+    max_cost = parse_hyperparameters(bound).max_image_pixels  # checked as training checks it
+    scan = scan_dataset(_split_dirs(root), max_cost=max_cost)
     names = list(scan.splits)
     print(f"dataset {root}: {len(scan.classes)} classes, splits: {', '.join(names)}")
     counts = {name: s.counts() for name, s in scan.splits.items()}

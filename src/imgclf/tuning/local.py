@@ -34,7 +34,7 @@ from imgclf.tuning.results import write_best
 from imgclf.tuning.space import TuningSpace, metric_direction, trial_hyperparameters
 from imgclf.tuning.study import default_storage, finished_count, open_study, recover_interrupted
 from imgclf.tuning.worker_pool import WorkerPool, runs_in_worker
-from imgclf.util import atomic_write, cpu_count
+from imgclf.util import atomic_write, cpu_count, mask_secrets
 
 LOCK_FILE = "tuner.pid"
 
@@ -85,7 +85,7 @@ def run_tuning(
     done = finished_count(study)
     if recovered or done:
         print(
-            f"resuming the study in {storage}: {done} trials finished"
+            f"resuming the study in {mask_secrets(storage)}: {done} trials finished"
             + (f", {recovered} interrupted trials queued again" if recovered else "")
         )
     tuner = _Tuner(space, study, data_dir=data_dir, out_dir=out_dir, parallel=parallel)

@@ -114,5 +114,7 @@ def load_status(out_dir: Path, storage: str | None = None) -> tuple[dict, list[l
     if not isinstance(meta, dict) or not {"metric", "direction"} <= meta.keys():
         raise UserError(f"{meta_file} lacks the metric and direction; the tuning dir is damaged")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.load_study(study_name=STUDY_NAME, storage=storage or default_storage(out_dir))
+    study = optuna.load_study(
+        study_name=STUDY_NAME, storage=study_storage(storage or default_storage(out_dir))
+    )
     return meta, trial_table(study, meta["metric"], meta["direction"])

@@ -6,8 +6,10 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+from imgclf.errors import UserError, reason
 from imgclf.tuning.optuna_setup import sampler_and_pruner
 from imgclf.tuning.space import TuningSpace
+from imgclf.util import mask_secrets
 
 STUDY_NAME = "imgclf"
 
@@ -37,13 +39,13 @@ def finished_count(study) -> int:
 
 
 def study_storage(url: str):
-    """SQLite has no SELECT ... FOR UPDATE, so two tuner threads can both take the same
+    """The storage behind `url`, opened here so that a URL that cannot be opened is one
+    UserError line with its password masked (a driver's error may quote the URL whole).
+
+    SQLite has no SELECT ... FOR UPDATE, so two tuner threads can both take the same
     queued (WAITING) trial and run it twice; a lock around the state change makes the second
     one see it RUNNING. (Several machines on one study need a server database anyway.)"""
     import optuna
-
-    if not url.startswith("sqlite"):
-        return url
 
     class LockedSQLiteStorage(optuna.storages.RDBStorage):
         _lock = threading.Lock()
@@ -52,7 +54,14 @@ def study_storage(url: str):
             with self._lock:
                 return super().set_trial_state_values(trial_id, state, values)
 
-    return LockedSQLiteStorage(url)
+    try:
+        if not url.startswith("sqlite"):
+            return optuna.storages.get_storage(url)
+        return LockedSQLiteStorage(url)
+    except Exception as exc:  # a bad URL, a missing driver, a server that does not answer
+        raise UserError(
+            f"the study storage {mask_secrets(url)} cannot be opened: {mask_secrets(reason(exc))}"
+        ) from None
 
 
 def open_study(space: TuningSpace, storage: str, *, max_epochs: int, create: bool = True):
