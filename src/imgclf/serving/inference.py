@@ -43,12 +43,6 @@ from imgclf.util import cpu_count, parse_bool
 
 log = logging.getLogger("imgclf.serving")
 
-# A pixel of these modes counts this many times against protocol.MAX_PIXELS: what it costs to
-# decode and turn into RGB against 8-bit RGB (measured peak memory: RGB ~8 bytes a pixel, RGBA
-# ~15, 16-bit or float ~25 through to_rgb's float64 scaling).
-PIXEL_WEIGHT = {"RGBA": 2, "LA": 2, "PA": 2, "RGBa": 2, "La": 2, "CMYK": 2}
-PIXEL_WEIGHT.update(dict.fromkeys(("I;16", "I;16B", "I;16L", "I;16N", "I", "F"), 3))
-
 
 @dataclass(frozen=True)
 class LoadedModel:
@@ -79,12 +73,8 @@ def model_fn(
 ) -> LoadedModel:
     """Load the artifact (weights_only), build the network it describes and ready it on the
     runtime `cpu_runtime` resolves to (see imgclf.serving.runtime; GPUs always run torch)."""
-    art = artifacts.load_artifact(Path(model_dir))
-    try:
-        arch = art.config["arch"]
-        pre = data.Preprocess.from_dict(art.config["preprocess"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise UserError(f"model artifact {model_dir}: model_config.json lacks {exc}") from None
+    art = artifacts.load_artifact(Path(model_dir))  # checked whole before anything is built
+    arch, pre = art.arch, art.preprocess
     model = models.build_model(arch, len(art.labels))
     try:
         model.load_state_dict(art.state_dict)
@@ -115,11 +105,11 @@ class ImageSize:
     width: int
     height: int
     resized_pixels: int
-    weight: int = 1  # PIXEL_WEIGHT of its mode
+    weight: int = 1  # data.PIXEL_WEIGHT of its mode: what a pixel costs to decode to RGB
 
     @property
     def pixels(self) -> int:
-        """Decoded pixels, weighted by what their mode costs (see PIXEL_WEIGHT)."""
+        """Decoded pixels, weighted by what their mode costs (data.PIXEL_WEIGHT)."""
         return self.width * self.height * self.weight
 
 
@@ -154,7 +144,7 @@ def probe_image(payload: bytes, *, draft: int | None, where: str = "body") -> Im
         ) from None
     if width < 1 or height < 1:
         raise RequestError(400, f"the image in the {where} has no pixels", "send a real image")
-    weight = PIXEL_WEIGHT.get(mode, 1)
+    weight = data.PIXEL_WEIGHT.get(mode, 1)
     size = ImageSize(width, height, resized_pixels(width, height, draft), weight)
     if size.pixels > MAX_PIXELS:
         shown = f"{mode} image of {width}x{height} pixels"
