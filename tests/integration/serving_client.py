@@ -178,3 +178,17 @@ def load(port: int, bodies: list[bytes], *, concurrency: int, seconds: float) ->
         "goodput": round(counts[200] / wall, 1),
         "answers": dict(counts),
     }
+
+
+def runtime_client(url: str):
+    """boto3's sagemaker-runtime client pointed at a local endpoint (which serves the runtime
+    API's path and takes any credentials)."""
+    import boto3
+
+    return boto3.client(
+        "sagemaker-runtime",
+        endpoint_url=url,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",  # noqa: S106 - the local endpoint does not check it
+    )

@@ -9,7 +9,6 @@ import threading
 import time
 from pathlib import Path
 
-import boto3
 import numpy as np
 import pytest
 import torch
@@ -28,6 +27,7 @@ from tests.integration.serving_client import (
     raw_exchange,
     read_response,
     request_bytes,
+    runtime_client,
 )
 
 LABELS = [f"{i:03d}.class{i}" for i in range(6)]
@@ -324,13 +324,7 @@ def test_the_seed_clients_three_lines_work_unchanged(endpoint, model_dir):
     """The Udacity dog-breed notebooks' client: boto3's invoke_endpoint with image/jpeg, and
     np.argmax over the JSON body. Pointed at the local endpoint (which also serves the runtime
     API's path), with this deployment's default format, vectors."""
-    runtime = boto3.client(
-        "sagemaker-runtime",
-        endpoint_url=endpoint["url"],
-        region_name="us-east-1",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",  # noqa: S106 - the local endpoint does not check it
-    )
+    runtime = runtime_client(endpoint["url"])
     img = jpeg_bytes(seed=7)
     # The three lines, as the seed notebooks have them:
     response = runtime.invoke_endpoint(EndpointName="faults", ContentType="image/jpeg", Body=img)

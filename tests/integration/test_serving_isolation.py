@@ -7,14 +7,13 @@ import os
 import socket
 import subprocess
 
-import boto3
 import botocore.exceptions
 import psutil
 import pytest
 
 from imgclf.processes import group_members
 from tests.conftest import jpeg_bytes, random_model, run_launch
-from tests.integration.serving_client import deploy, post
+from tests.integration.serving_client import deploy, post, runtime_client
 
 LABELS = [f"{i:03d}.class{i}" for i in range(3)]
 
@@ -136,13 +135,7 @@ def test_curls_default_type_and_the_aliases_are_served(endpoint):
 
 
 def test_boto3_shows_the_endpoints_reason(endpoint):
-    runtime = boto3.client(
-        "sagemaker-runtime",
-        endpoint_url=endpoint["url"],
-        region_name="us-east-1",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",  # noqa: S106 - the local endpoint does not check it
-    )
+    runtime = runtime_client(endpoint["url"])
     with pytest.raises(botocore.exceptions.ClientError) as err:
         runtime.invoke_endpoint(EndpointName="isolated", ContentType="image/png", Body=b"not png")
     text = str(err.value)
