@@ -41,6 +41,9 @@ SERVE_TIMEOUT_ENV = "SAGEMAKER_MODEL_SERVER_TIMEOUT"  # seconds per request
 SERVE_STARTUP_TIMEOUT_ENV = "SAGEMAKER_STARTUP_TIMEOUT"
 # Set by the SageMaker SDK for a model deployed with entry_point=: refused (serving.settings).
 SERVE_PROGRAM_ENV = "SAGEMAKER_PROGRAM"
+# Set by SageMaker in a batch transform's containers: batch limits (serving.settings).
+SERVE_BATCH_ENV = "SAGEMAKER_BATCH"
+SERVE_MAX_PAYLOAD_ENV = "SAGEMAKER_MAX_PAYLOAD_IN_MB"
 SERVE_SUBMIT_DIRECTORY_ENV = "SAGEMAKER_SUBMIT_DIRECTORY"
 SERVE_MODEL_DIR_ENV = "IMGCLF_MODEL_DIR"
 SERVE_BIND_HOST_ENV = "IMGCLF_BIND_HOST"  # 0.0.0.0 in a container; 127.0.0.1 locally

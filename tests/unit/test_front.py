@@ -217,3 +217,31 @@ def test_an_oversized_forwarded_header_is_refused_before_the_model_server():
     assert (
         received.startswith(b"HTTP/1.1 431 ") and b"x-amzn-sagemaker-custom-attributes" in received
     )
+
+
+def test_execution_parameters_and_the_answers_type():
+    import asyncio
+
+    import h11
+
+    from imgclf.serving.mms import exchange
+
+    params = {"MaxConcurrentTransforms": 8, "BatchStrategy": "SINGLE_RECORD", "MaxPayloadInMB": 20}
+
+    async def scenario():
+        gate = front.Front(front.Limits(), RecordingBackend(), execution_parameters=params)
+        await gate.start("127.0.0.1", 0)
+        port = gate._server.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        conn = h11.Connection(h11.CLIENT)
+        got = [await exchange(conn, reader, writer, "GET", "/execution-parameters", {})]
+        conn.start_next_cycle()
+        headers = {"Content-Type": "image/png", "Accept": "application/jsonlines"}
+        got.append(await exchange(conn, reader, writer, "POST", "/invocations", headers, b"x"))
+        writer.close()
+        gate._server.close()
+        return got
+
+    (status, _, body), (status2, headers2, _) = asyncio.run(scenario())
+    assert status == 200 and json.loads(body) == params
+    assert status2 == 200 and headers2["content-type"] == "application/jsonlines"

@@ -210,3 +210,27 @@ def test_a_failing_metrics_store_costs_no_answer(service):
     context.metrics = BrokenMetrics()
     answers = service.handle([{"body": _png()}], context)
     assert json.loads(answers[0])["predictions"]
+
+
+def test_in_a_batch_transform_an_unreadable_image_gets_a_placeholder_not_a_4xx(
+    tmp_path, monkeypatch
+):
+    """A 4xx would fail the user's whole SageMaker transform job: in batch mode the image's
+    answer is a 200 that says why, with no predictions; good images are answered as ever."""
+    monkeypatch.setenv("SAGEMAKER_BATCH", "true")
+    path = random_model(tmp_path / "model", ["1.a", "2.b", "3.c"])
+    svc = HandlerService()
+    svc.initialize(Context("model", str(path), {}, 1, None, "1.1.11"))
+    (bad_status, _, bad), (good_status, _, good) = call(
+        svc,
+        [
+            (b"\xff\xd8\xffnot a jpeg", {"Content-Type": "image/jpeg"}),
+            (_png(), {"Content-Type": "image/png", "Accept": "application/jsonlines"}),
+        ],
+    )
+    doc = json.loads(bad)
+    assert bad_status == 200 and doc["predictions"] == [] and doc["status"] == 400
+    assert "not an image that can be read" in doc["error"] and doc["message"]
+    assert good_status == 200
+    lines = good.decode().splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["predictions"][0]["label"] in "abc"

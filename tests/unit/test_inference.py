@@ -241,3 +241,20 @@ def test_response_format_per_request_or_by_default(loaded):
     with pytest.raises(inference.RequestError) as err:
         inference.parse_options("format=csv", 4)
     assert err.value.status == 400 and "vectors" in err.value.hint
+
+
+def test_json_lines_answers_one_line_per_image(loaded):
+    images = inference.input_fn(png_bytes(), "image/png") * 3
+    probs = inference.predict_fn(images, loaded)
+    for fmt in ("predictions", "vectors"):
+        options = inference.parse_options(f"format={fmt}", 4)
+        body, media = inference.output_fn(
+            probs, loaded.labels, accept="application/jsonlines", options=options, batch=True
+        )
+        lines = body.decode().splitlines()
+        assert media == "application/jsonlines" and len(lines) == 3 and body.endswith(b"\n")
+        docs = [json.loads(line) for line in lines]
+        if fmt == "vectors":
+            assert [int(np.argmax(row)) for row in docs] == probs.argmax(1).tolist()
+        else:
+            assert [d["predictions"][0]["index"] for d in docs] == probs.argmax(1).tolist()

@@ -60,3 +60,12 @@ def test_accept_and_reason_phrases():
     assert err.value.status == 406
     for status in (400, 406, 413, 415, 500, 503, 599):
         protocol.reason_phrase(status).encode("ascii")
+
+
+def test_json_lines_are_answered_when_asked_first():
+    assert protocol.answer_type(None) == "application/json"
+    assert protocol.answer_type("*/*") == "application/json"
+    assert protocol.answer_type("application/jsonlines") == "application/jsonlines"
+    assert protocol.answer_type("application/json, application/jsonlines") == "application/json"
+    assert protocol.answer_type("text/csv, application/jsonlines;q=1") == "application/jsonlines"
+    assert protocol.check_accept("application/jsonlines; format=vectors") == "vectors"

@@ -62,3 +62,31 @@ def test_sagemaker_names_are_the_inference_toolkits():
     assert contract.SERVE_STARTUP_TIMEOUT_ENV == parameters.STARTUP_TIMEOUT_ENV
     assert contract.SERVE_PROGRAM_ENV == parameters.USER_PROGRAM_ENV
     assert contract.BASE_DIR_ENV == parameters.BASE_PATH_ENV
+    assert contract.SERVE_MAX_PAYLOAD_ENV == parameters.MAX_REQUEST_SIZE
+
+
+def test_a_batch_transform_takes_its_payload_limit_and_minutes_per_request():
+    real_time = read_settings({"SAGEMAKER_MAX_PAYLOAD_IN_MB": "50"})
+    assert not real_time.batch and real_time.limits.max_body_bytes == 6 * 1024 * 1024
+    assert real_time.timeout_s == 60
+    batch = read_settings(
+        {
+            "SAGEMAKER_BATCH": "true",
+            "SAGEMAKER_MAX_PAYLOAD_IN_MB": "20",
+            "SAGEMAKER_MODEL_SERVER_WORKERS": "2",
+        }
+    )
+    assert batch.batch and batch.limits.max_body_bytes == 20 * 1024 * 1024
+    assert batch.timeout_s == 600 and batch.limits.body_timeout_s == 600
+    assert batch.limits.linger_bytes > batch.limits.max_body_bytes
+    assert batch.execution_parameters() == {
+        "MaxConcurrentTransforms": 2 * batch.batch_size,
+        "BatchStrategy": "SINGLE_RECORD",
+        "MaxPayloadInMB": 20,
+    }
+    timed = read_settings({"SAGEMAKER_BATCH": "1", "SAGEMAKER_MODEL_SERVER_TIMEOUT": "1800"})
+    assert timed.timeout_s == 1800 and timed.max_payload_mb == 6
+    with pytest.raises(SettingsError, match="SAGEMAKER_MAX_PAYLOAD_IN_MB='101'.*100 MB"):
+        read_settings({"SAGEMAKER_BATCH": "true", "SAGEMAKER_MAX_PAYLOAD_IN_MB": "101"})
+    with pytest.raises(SettingsError, match="SAGEMAKER_BATCH='maybe'"):
+        read_settings({"SAGEMAKER_BATCH": "maybe"})

@@ -39,6 +39,7 @@ from imgclf.serving.protocol import (
     JSON_TYPE,
     Limits,
     RequestError,
+    answer_type,
     reason_phrase,
     request_type,
 )
@@ -253,8 +254,11 @@ class _Client:
 class Front:
     """The public HTTP server over a Backend."""
 
-    def __init__(self, limits: Limits, backend: Backend) -> None:
+    def __init__(
+        self, limits: Limits, backend: Backend, *, execution_parameters: dict | None = None
+    ) -> None:
         self.limits, self.backend = limits, backend
+        self.execution_parameters = execution_parameters  # GET /execution-parameters
         self.budget = ByteBudget(limits.body_budget_bytes)
         self.counters = Counters()
         self.draining = False
@@ -371,6 +375,15 @@ class Front:
                 )
             )
             return status, True
+        if head.path == "/execution-parameters" and self.execution_parameters is not None:
+            await self._discard_small_body(client, head)
+            if head.method not in ("GET", "HEAD"):
+                raise HttpError(405, "use GET /execution-parameters", "GET it", close=False)
+            body = json.dumps(self.execution_parameters).encode()
+            await client.send(
+                response_events(200, body, keep_alive=head.keep_alive, head_only=client.head_only)
+            )
+            return 200, True
         if head.path == "/invocations" or _INVOCATIONS.fullmatch(head.path):
             if head.method != "POST":
                 await self._discard_small_body(client, head)
@@ -426,6 +439,8 @@ class Front:
                             close=False,
                         )
                 status, ctype, payload = await self.backend.post(headers, body, deadline)
+                if status == 200:  # the answer's type follows the request's Accept
+                    ctype = answer_type(head.headers.get("accept"))
             finally:
                 await self.budget.give(reserve)
             keep = head.keep_alive and not self.draining

@@ -11,6 +11,7 @@ never with the traceback. Reason phrases are fixed ASCII text (see protocol.reas
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -21,12 +22,11 @@ import torch
 
 from imgclf import processes, util
 from imgclf.contract import (
-    CPU_RUNTIME_ENV,
     MMS_WORKERS_ENV,
-    RESPONSE_FORMAT_ENV,
     WORKER_LOADED_DIR_ENV,
 )
 from imgclf.serving import inference, protocol, runtime
+from imgclf.serving.settings import Settings, read_settings
 
 log = logging.getLogger("imgclf.serving")
 
@@ -55,16 +55,11 @@ class HandlerService:
 
     def __init__(self) -> None:
         self.loaded: inference.LoadedModel | None = None
-        self.default_format = protocol.DEFAULT_FORMAT
+        self.settings = Settings()  # serve's own, read again from the worker's environment
         self._pool: ThreadPoolExecutor | None = None  # decodes a batch's requests side by side
 
     def initialize(self, context) -> None:
-        fmt = os.environ.get(RESPONSE_FORMAT_ENV) or protocol.DEFAULT_FORMAT
-        if fmt not in protocol.FORMATS:
-            raise ValueError(
-                f"{RESPONSE_FORMAT_ENV}={fmt!r}: use one of {', '.join(protocol.FORMATS)}"
-            )
-        self.default_format = fmt
+        self.settings = read_settings(os.environ)
         workers = int(os.environ.get(MMS_WORKERS_ENV, "1"))
         threads = inference.torch_threads(workers)
         torch.set_num_threads(threads)
@@ -79,7 +74,7 @@ class HandlerService:
             else torch.device("cpu")
         )
         self.loaded = inference.model_fn(
-            model_dir, device=device, cpu_runtime=os.environ.get(CPU_RUNTIME_ENV, runtime.AUTO)
+            model_dir, device=device, cpu_runtime=self.settings.cpu_runtime
         )
         if self.loaded.forward.runtime == runtime.ONNXRUNTIME:
             # ONNX Runtime has its own threads; what is left for torch (stacking crops,
@@ -103,7 +98,9 @@ class HandlerService:
         else:
             results = [_read_request(self, idx, request, context) for idx, request in jobs]
         for idx, result in enumerate(results):
-            if isinstance(result, protocol.RequestError):
+            if isinstance(result, protocol.RequestError) and self.settings.batch:
+                answers[idx] = placeholder(result)
+            elif isinstance(result, protocol.RequestError):
                 answers[idx] = result.body()
                 context.set_response_status(result.status, result.reason, idx=idx)
             else:
@@ -118,11 +115,14 @@ class HandlerService:
                 for idx, crops, options, accept, is_batch in work:
                     rows = probs[start : start + len(crops)]
                     start += len(crops)
-                    body, content_type = inference.output_fn(
+                    # The answer's type travels no further than this: the front names it from
+                    # the request's Accept (protocol.answer_type). MMS 1.1's Java decoder fails
+                    # a whole batch's frame when a worker's answer arrives split inside the
+                    # per-request header map (seen as "Invalid message size: -3" and a
+                    # restarted worker under load), so answers go with an empty map.
+                    answers[idx], _ = inference.output_fn(
                         rows, loaded.labels, accept=accept, options=options, batch=is_batch
                     )
-                    answers[idx] = body
-                    _set_content_type(context, idx, content_type)
             except Exception:
                 log.exception("prediction failed")
                 for idx, *_ in work:
@@ -131,6 +131,15 @@ class HandlerService:
             else:
                 _record_times(context, started, read, predicted, time.perf_counter())
         return answers
+
+
+def placeholder(error: protocol.RequestError) -> bytes:
+    """A batch transform's answer for a request that cannot be classified (an unreadable or
+    over-budget image): a 200 whose body says why, with no predictions. A 4xx would fail the
+    user's whole transform job; this way every other image is classified, and the image's
+    `.out` file names the problem (`launch.py transform` lists it in predictions.csv)."""
+    doc = json.loads(error.body())
+    return json.dumps({**doc, "status": error.status, "predictions": []}).encode()
 
 
 def _record_times(context, started: float, read: float, predicted: float, encoded: float):
@@ -151,16 +160,6 @@ def _record_times(context, started: float, read: float, predicted: float, encode
         log.warning("cannot record the batch's stage times", exc_info=True)
 
 
-def _set_content_type(context, idx: int, content_type: str) -> None:
-    """Only a content type other than JSON (the front's default) travels as a response header:
-    MMS 1.1's Java decoder fails a whole batch's frame when a worker's answer arrives split
-    inside the per-request header map (CodecUtils.readMap does not wait for the rest; seen as
-    "Invalid message size: -3" and a restarted worker under load), so every JSON answer goes
-    with an empty map."""
-    if content_type != protocol.JSON_TYPE:
-        context.set_response_content_type(idx, content_type)
-
-
 def _read_request(service: HandlerService, idx: int, request, context):
     """One request of the batch → (idx, uint8 crops, options, accept, is_batch), or the
     RequestError to answer it with."""
@@ -179,9 +178,14 @@ def _read_request(service: HandlerService, idx: int, request, context):
             headers.get("x-amzn-sagemaker-custom-attributes"),
             loaded.num_classes,
             accept_format=protocol.check_accept(accept),
-            default_format=service.default_format,
+            default_format=service.settings.response_format,
         )
-        images = inference.input_fn(body, content_type, draft=loaded.preprocess.resize_size)
+        images = inference.input_fn(
+            body,
+            content_type,
+            draft=loaded.preprocess.resize_size,
+            max_body=service.settings.limits.max_body_bytes,
+        )
         crops = inference.prepare(images, loaded)  # the decoded images are dropped here
         is_batch = protocol.request_type(content_type, body) == protocol.JSON_TYPE
         return idx, crops, options, accept, is_batch

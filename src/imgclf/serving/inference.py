@@ -28,6 +28,7 @@ from imgclf.serving.protocol import (
     DEFAULT_TOPK,
     JSON_HINT,
     JSON_TYPE,
+    JSONLINES_TYPE,
     MAX_BODY_BYTES,
     MAX_IMAGES,
     MAX_PIXELS,
@@ -35,6 +36,7 @@ from imgclf.serving.protocol import (
     MAX_RESIZE_FACTOR_REQUEST,
     RequestError,
     answer_format,
+    answer_type,
     check_accept,
     request_type,
     shown,
@@ -247,13 +249,18 @@ def _json_images(body: bytes) -> list[bytes]:
 
 
 def input_fn(
-    body: bytes, content_type: str | None, *, draft: int | None = None
+    body: bytes,
+    content_type: str | None,
+    *,
+    draft: int | None = None,
+    max_body: int = MAX_BODY_BYTES,
 ) -> list[Image.Image]:
-    """Request body → RGB images. Raw image bytes or JSON {"instances": [base64, ...]}."""
-    if len(body) > MAX_BODY_BYTES:
+    """Request body → RGB images. Raw image bytes or JSON {"instances": [base64, ...]}.
+    `max_body`: the endpoint's body limit (a batch transform's is its MaxPayloadInMB)."""
+    if len(body) > max_body:
         raise RequestError(
             413,
-            f"request body of {len(body)} bytes is over the 6 MB limit",
+            f"request body of {len(body)} bytes is over the limit of {max_body} bytes",
             "send a smaller image (resize or recompress it)",
         )
     if request_type(content_type, body) == JSON_TYPE:
@@ -338,16 +345,20 @@ def prediction(probs: torch.Tensor, labels: list[str], options: Options) -> dict
 def output_fn(
     probs: torch.Tensor, labels: list[str], *, accept: str | None, options: Options, batch: bool
 ) -> tuple[bytes, str]:
-    """Probabilities → JSON. "predictions": one object for one image, a list of them for a JSON
-    batch. "vectors": `[[p0, ..., pN-1], ...]`, one row per image in label order, always a list
-    of lists (what `np.argmax(np.asarray(json.loads(body)), 1)` reads)."""
+    """Probabilities → the answer. "predictions": one object for one image, a list of them for
+    a JSON batch. "vectors": `[[p0, ..., pN-1], ...]`, one row per image in label order, always a
+    list of lists (what `np.argmax(np.asarray(json.loads(body)), 1)` reads). With
+    `Accept: application/jsonlines`: one line per image instead (its object, or its row)."""
     check_accept(accept)
     if options.format == "vectors":
-        doc = [[round(float(p), 6) for p in row] for row in probs.tolist()]
-        return json.dumps(doc).encode(), JSON_TYPE
-    results = [prediction(row, labels, options) for row in probs]
-    doc = results if batch else results[0]
-    return json.dumps(doc).encode(), JSON_TYPE
+        rows: list = [[round(float(p), 6) for p in row] for row in probs.tolist()]
+    else:
+        rows = [prediction(row, labels, options) for row in probs]
+    media = answer_type(accept)
+    if media == JSONLINES_TYPE:
+        return b"".join(json.dumps(row).encode() + b"\n" for row in rows), media
+    doc = rows if batch or options.format == "vectors" else rows[0]
+    return json.dumps(doc).encode(), media
 
 
 def torch_threads(workers: int) -> int:

@@ -61,8 +61,8 @@ PREDICT_PATH = f"/predictions/{MODEL_NAME}"  # a registered (not start-up) model
 # The artifact's own files: all that MMS's model store ever holds.
 ARTIFACT_FILES = (MODEL_FILE, LABELS_FILE, CONFIG_FILE)
 MAX_ARTIFACT_FILE_BYTES = 4 * 1024**3
-# Headroom over the 6 MB limit for the framing of a request that is exactly 6 MB.
-MAX_REQUEST_FRAME = MAX_BODY_BYTES + 64 * 1024
+# Headroom over the body limit for the framing of a request that is exactly at the limit.
+FRAME_HEADROOM = 64 * 1024
 JOB_QUEUE_SIZE = 1024  # MMS's queue; the front hands it at most Limits.upstream_concurrency
 PROBE_MAX_AGE_S = 0.5  # ready() asks the management API again when its answer is older
 STOP_GRACE_S = 5.0  # MMS's processes get SIGTERM, then SIGKILL after this
@@ -86,7 +86,7 @@ def config_properties(settings: Settings, *, run_dir: Path, model_store: Path) -
         "default_response_timeout_seconds": str(math.ceil(settings.timeout_s)),
         "default_response_timeout": str(max(1, math.ceil(settings.timeout_s / 60))),
         "job_queue_size": str(JOB_QUEUE_SIZE),
-        "max_request_size": str(MAX_REQUEST_FRAME),
+        "max_request_size": str(settings.limits.max_body_bytes + FRAME_HEADROOM),
         "max_response_size": str(MAX_BODY_BYTES),
         "decode_input_request": "false",  # our handler reads the raw bytes, JSON included
         "enable_envvars_config": "false",

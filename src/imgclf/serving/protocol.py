@@ -42,6 +42,8 @@ FORMATS = ("predictions", "vectors")
 DEFAULT_FORMAT = "predictions"
 
 JSON_TYPE = "application/json"
+JSONLINES_TYPE = "application/jsonlines"  # one JSON line per image (batch transform's output)
+MAX_PAYLOAD_MB = 100  # SageMaker's ceiling on a batch transform's MaxPayloadInMB
 FORM_TYPE = "application/x-www-form-urlencoded"  # curl's default for --data-binary
 IMAGE_TYPES = frozenset(
     {
@@ -56,7 +58,7 @@ IMAGE_TYPES = frozenset(
     }
 )
 TYPE_ALIASES = {"image/jpg": "image/jpeg", "binary/octet-stream": "application/octet-stream"}
-ACCEPTED = frozenset({JSON_TYPE, "application/*", "*/*"})
+ACCEPTED = frozenset({JSON_TYPE, JSONLINES_TYPE, "application/*", "*/*"})
 JSON_HINT = 'send {"instances": ["<base64 image>", ...]}'
 TYPES_HINT = (
     "use image/jpeg, image/png, application/x-image, application/octet-stream or "
@@ -188,9 +190,19 @@ def check_accept(accept: str | None) -> str | None:
                 if key.strip().lower() == "format":
                     chosen = answer_format(value)
     if (accept or "").strip(" ,") and not acceptable:
-        hint = "accept application/json (or leave Accept out)"
+        hint = "accept application/json or application/jsonlines (or leave Accept out)"
         raise RequestError(406, f"cannot answer in {shown(accept)}", hint)
     return chosen
+
+
+def answer_type(accept: str | None) -> str:
+    """The media type of a 200 answer: JSON Lines when it is the first acceptable type the
+    client lists, JSON otherwise (the default, and what `*/*` gets)."""
+    for part in (accept or "").split(","):
+        media = part.split(";", 1)[0].strip().lower()
+        if media in ACCEPTED:
+            return JSONLINES_TYPE if media == JSONLINES_TYPE else JSON_TYPE
+    return JSON_TYPE
 
 
 def answer_format(value: str) -> str:

@@ -194,7 +194,9 @@ async def _serve(settings: Settings, server: ModelServer, state: StateFile) -> i
     supervisor = Supervisor(settings, server)
     watchdog = start_watchdog()
     server.keep = (watchdog.pid,)
-    gate = front.Front(settings.limits, server)
+    gate = front.Front(
+        settings.limits, server, execution_parameters=settings.execution_parameters()
+    )
     code = 0
     try:
         try:

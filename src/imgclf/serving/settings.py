@@ -26,6 +26,7 @@ from imgclf.contract import (
     DEFAULT_BASE_DIR,
     RESPONSE_FORMAT_ENV,
     SERVE_BATCH_DELAY_ENV,
+    SERVE_BATCH_ENV,
     SERVE_BATCH_SIZE_ENV,
     SERVE_BIND_HOST_ENV,
     SERVE_BODY_TIMEOUT_ENV,
@@ -38,10 +39,14 @@ from imgclf.contract import (
     SERVE_RECOVER_ENV,
     SERVE_SUBMIT_DIRECTORY_ENV,
 )
-from imgclf.serving.protocol import DEFAULT_FORMAT, FORMATS, Limits
-from imgclf.util import cpu_count
+from imgclf.serving.protocol import DEFAULT_FORMAT, FORMATS, MAX_PAYLOAD_MB, MB, Limits
+from imgclf.util import cpu_count, parse_bool
 
 HANDLER = "imgclf.serving.handler_service"  # the MMS service module serve registers
+# A batch transform's request: SageMaker's own default invocation timeout (ModelClientConfig's
+# InvocationsTimeoutInSeconds), and its default MaxPayloadInMB.
+BATCH_TIMEOUT_S = 600.0
+BATCH_PAYLOAD_MB = 6
 
 
 class SettingsError(ValueError):
@@ -77,6 +82,8 @@ class Settings:
     response_format: str = DEFAULT_FORMAT  # the default answer format
     batch_size: int = 8  # requests per handler call (one forward pass)
     max_batch_delay_ms: int = 1  # wait for more after the first
+    batch: bool = False  # a batch transform's container (SAGEMAKER_BATCH): see read_settings
+    max_payload_mb: int = 6  # the body limit (6 MB real-time; SAGEMAKER_MAX_PAYLOAD_IN_MB)
     limits: Limits = field(default_factory=Limits)  # the front's timeouts and caps
 
     @property
@@ -87,6 +94,15 @@ class Settings:
     @property
     def worker_count(self) -> int:
         return self.workers or default_workers()
+
+    def execution_parameters(self) -> dict:
+        """GET /execution-parameters (SageMaker's batch transform asks before it sends): as
+        many requests at once as the workers take in their batches, one image a record."""
+        return {
+            "MaxConcurrentTransforms": self.worker_count * self.batch_size,
+            "BatchStrategy": "SINGLE_RECORD",
+            "MaxPayloadInMB": self.max_payload_mb,
+        }
 
 
 # (field, variable, type) for every number read; Limits' fields go to `limits`.
@@ -155,4 +171,25 @@ def read_settings(environ) -> Settings:
     ):
         if environ.get(variable):
             values[name] = environ[variable]
+    batch = parse_bool(environ.get(SERVE_BATCH_ENV) or "false")
+    if batch is None:
+        raise SettingsError(f"{SERVE_BATCH_ENV}={environ[SERVE_BATCH_ENV]!r}: use true or false")
+    if batch:
+        # A batch transform: bodies up to its MaxPayloadInMB, minutes per request; every other
+        # guard (pixel budget, decode bounds, drain) as on a real-time endpoint.
+        payload = environ.get(sagemaker.MAX_REQUEST_SIZE) or str(BATCH_PAYLOAD_MB)
+        mb = _number(sagemaker.MAX_REQUEST_SIZE, payload, int)
+        if mb > MAX_PAYLOAD_MB:
+            raise SettingsError(
+                f"{sagemaker.MAX_REQUEST_SIZE}={payload!r} is over SageMaker's ceiling of "
+                f"{MAX_PAYLOAD_MB} MB"
+            )
+        values.update(batch=True, max_payload_mb=mb)
+        limits.setdefault("request_timeout_s", BATCH_TIMEOUT_S)
+        limits.setdefault("body_timeout_s", limits["request_timeout_s"])
+        limits.update(
+            max_body_bytes=mb * MB,
+            linger_bytes=max(Limits.linger_bytes, 2 * mb * MB),
+            body_budget_bytes=max(Limits.body_budget_bytes, 4 * mb * MB),
+        )
     return Settings(**values, limits=Limits(**limits))
