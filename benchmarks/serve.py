@@ -297,7 +297,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=48)
     parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--servers", default=",".join(SERVERS), help="from " + ",".join(SERVERS))
+    parser.add_argument(
+        "--servers",
+        help="from " + ",".join(SERVERS) + " (default: all; ours-before only with --before-src)",
+    )
     parser.add_argument(
         "--warmup", type=int, default=32, help="requests to each server before measuring"
     )
@@ -306,7 +309,10 @@ def main() -> None:
         "--before-src", help="the src folder `ours-before` imports imgclf from (e.g. main's)"
     )
     args = parser.parse_args()
-    names = [n for n in args.servers.split(",") if n]
+    if args.servers:
+        names = [n for n in args.servers.split(",") if n]
+    else:  # every server that can run with the arguments given
+        names = [n for n in SERVERS if n != "ours-before" or args.before_src]
     unknown = set(names) - set(SERVERS)
     if unknown or "naive" not in names:
         raise SystemExit(f"--servers takes naive and some of {', '.join(SERVERS)}")
