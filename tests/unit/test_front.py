@@ -245,3 +245,26 @@ def test_execution_parameters_and_the_answers_type():
     (status, _, body), (status2, headers2, _) = asyncio.run(scenario())
     assert status == 200 and json.loads(body) == params
     assert status2 == 200 and headers2["content-type"] == "application/jsonlines"
+
+
+def test_a_body_that_ends_early_is_named_so():
+    """A client that half-closes its socket mid-body (it gave up) gets the reason, not h11's."""
+    import asyncio
+
+    async def scenario() -> bytes:
+        gate = front.Front(front.Limits(), RecordingBackend())
+        await gate.start("127.0.0.1", 0)
+        port = gate._server.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nabc")
+        writer.write_eof()
+        received = b""
+        async with asyncio.timeout(20):
+            while data := await reader.read(1 << 16):
+                received += data
+        writer.close()
+        gate._server.close()
+        return received
+
+    received = asyncio.run(scenario())
+    assert received.startswith(b"HTTP/1.1 400 ") and b"the body ended early" in received

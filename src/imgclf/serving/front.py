@@ -37,6 +37,7 @@ import h11
 
 from imgclf.serving.protocol import (
     JSON_TYPE,
+    MB,
     Limits,
     RequestError,
     answer_type,
@@ -132,7 +133,8 @@ def too_large(length: int | None, limits: Limits) -> HttpError:
     shown = "a chunked body" if length is None else f"a body of {length} bytes"
     return HttpError(
         413,
-        f"{shown} is over the limit of {limits.max_body_bytes} bytes (6 MB)",
+        f"{shown} is over the limit of {limits.max_body_bytes} bytes "
+        f"({limits.max_body_bytes / MB:g} MB)",
         "send a smaller image (resize or recompress it) or fewer images per request",
     )
 
@@ -422,6 +424,8 @@ class Front:
                 except TimeoutError:
                     raise HttpError(408, "the request body took too long", "send faster") from None
                 except h11.RemoteProtocolError as exc:
+                    if client.reader.at_eof():  # h11 raises on EOF inside a body
+                        raise HttpError(400, "the body ended early", "send all of it") from None
                     raise protocol_error(exc) from None
                 if body is None:  # a chunked body over the limit
                     await self._refuse_body(client, head, too_large(None, limits))
@@ -458,8 +462,6 @@ class Front:
             event = await client.event()
             if isinstance(event, h11.EndOfMessage):
                 return b"".join(chunks)
-            if isinstance(event, h11.ConnectionClosed):
-                raise HttpError(400, "the body ended early", "send all of it")
             size += len(event.data)
             if size > self.limits.max_body_bytes:
                 return None

@@ -213,7 +213,7 @@ def answer(status: int, body: bytes) -> tuple[int, bytes]:
             "retry shortly; the endpoint recovers by itself",
         )
     if status == 413:
-        return 413, error_body("the request is too large", "send at most 6 MB")
+        return 413, error_body("the request is too large for the model server", "send less")
     if status == 408:
         return 504, error_body("the model did not answer in time", "retry with a smaller request")
     if 400 <= status < 500:

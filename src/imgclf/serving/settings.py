@@ -83,13 +83,17 @@ class Settings:
     batch_size: int = 8  # requests per handler call (one forward pass)
     max_batch_delay_ms: int = 1  # wait for more after the first
     batch: bool = False  # a batch transform's container (SAGEMAKER_BATCH): see read_settings
-    max_payload_mb: int = 6  # the body limit (6 MB real-time; SAGEMAKER_MAX_PAYLOAD_IN_MB)
     limits: Limits = field(default_factory=Limits)  # the front's timeouts and caps
 
     @property
     def timeout_s(self) -> float:
         """Per request, from its arrival to its answer (SAGEMAKER_MODEL_SERVER_TIMEOUT)."""
         return self.limits.request_timeout_s
+
+    @property
+    def max_payload_mb(self) -> int:
+        """The body limit in MB (6 real-time; a batch transform's SAGEMAKER_MAX_PAYLOAD_IN_MB)."""
+        return self.limits.max_body_bytes // MB
 
     @property
     def worker_count(self) -> int:
@@ -184,7 +188,7 @@ def read_settings(environ) -> Settings:
                 f"{sagemaker.MAX_REQUEST_SIZE}={payload!r} is over SageMaker's ceiling of "
                 f"{MAX_PAYLOAD_MB} MB"
             )
-        values.update(batch=True, max_payload_mb=mb)
+        values["batch"] = True
         limits.setdefault("request_timeout_s", BATCH_TIMEOUT_S)
         limits.setdefault("body_timeout_s", limits["request_timeout_s"])
         limits.update(
