@@ -102,7 +102,7 @@ def scan_folder(root: Path) -> list[Item]:
             items.append(Item(path.relative_to(root).as_posix(), path.stat().st_size, path))
     if not items:
         raise UserError(f"--input {root} holds no files")
-    return items
+    return sorted(items, key=lambda item: item.rel)  # S3's key order
 
 
 def check_folders(input_dir: Path, output_dir: Path) -> None:

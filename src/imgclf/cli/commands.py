@@ -335,6 +335,8 @@ def cmd_transform(args) -> int:
     result = target.transform(request)
     for line in result.details:
         print(line)
+    if not result.waited:
+        return 0
     print(f"answers: {result.outputs} (one <file>.out per input file)")
     print(result.line())
     return 1 if result.failed else 0

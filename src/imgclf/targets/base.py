@@ -111,6 +111,7 @@ class TransformResult:
     failed: int
     predictions: str  # predictions.csv
     outputs: str  # where the .out files are (a folder, and on SageMaker also the S3 prefix)
+    waited: bool = True  # False: a SageMaker job created and not followed (--no-wait)
     details: tuple[str, ...] = ()
 
     def line(self) -> str:
