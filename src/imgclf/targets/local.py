@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -208,8 +209,16 @@ class LocalTarget:
             flush=True,
         )
         errors = dict(big)
+        details = []
         if todo:
-            errors.update(self._send(name, request, todo, out))
+            started = time.perf_counter()
+            failed, sending = self._send(name, request, todo, out)
+            errors.update(failed)
+            rest = time.perf_counter() - started - sending
+            details.append(
+                f"sent {len(todo)} files in {sending:.1f} s ({len(todo) / sending:.1f} images/s; "
+                f"the server's start and stop took {rest:.1f} s more)"
+            )
         summary = batch.write_predictions(items, out, errors=errors, labels=labels)
         return TransformResult(
             name,
@@ -218,13 +227,14 @@ class LocalTarget:
             summary.failed,
             predictions=str(summary.predictions),
             outputs=str(out),
+            details=tuple(details),
         )
 
     def _send(
         self, name: str, request: TransformRequest, todo: list[batch.Item], out: Path
-    ) -> dict[str, str]:
+    ) -> tuple[dict[str, str], float]:
         """Start the server in batch mode, send `todo`, stop it (also on Ctrl-C); the reason
-        for each file that got no answer."""
+        for each file that got no answer, and the seconds the sending took."""
         settings = {SERVE_BATCH_ENV: "true", SERVE_MAX_PAYLOAD_ENV: str(request.max_payload_mb)}
         info = self.deploy(
             DeployRequest(
@@ -245,6 +255,7 @@ class LocalTarget:
                 f"(the server takes {params['MaxConcurrentTransforms']})",
                 flush=True,
             )
+            started = time.perf_counter()
             outcomes = batch.send_all(
                 info.url,
                 todo,
@@ -253,9 +264,10 @@ class LocalTarget:
                 accept=request.accept,
                 max_payload_mb=request.max_payload_mb,
             )
+            sending = time.perf_counter() - started
         finally:
             self.delete(name)
-        return {o.rel: o.error for o in outcomes if o.error}
+        return {o.rel: o.error for o in outcomes if o.error}, sending
 
     def endpoints(self) -> list[EndpointInfo]:
         found = [_process_info(e) for e in endpoints.list_endpoints(self.home)]
