@@ -108,6 +108,8 @@ def scan_folder(root: Path) -> list[Item]:
 def check_folders(input_dir: Path, output_dir: Path) -> None:
     """The output may not be inside the input (its .out files would become inputs), nor the
     input inside the output."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UserError(f"--output {output_dir} is a file; give a folder (made if missing)")
     a, b = input_dir.resolve(), output_dir.resolve()
     if a == b or a in b.parents or b in a.parents:
         raise UserError(

@@ -40,6 +40,9 @@ def test_an_empty_or_missing_input_and_overlapping_folders_are_refused(tmp_path)
     with pytest.raises(UserError, match="overlap"):
         batch.check_folders(tmp_path / "in", tmp_path)
     batch.check_folders(tmp_path / "in", tmp_path / "out")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="is a file"):
+        batch.check_folders(tmp_path / "in", tmp_path / "file")
 
 
 @pytest.mark.parametrize("rel", ["../x.jpg", "a/../../x", "/etc/passwd", "a//b", "", "a/./b"])
