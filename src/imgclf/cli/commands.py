@@ -289,8 +289,7 @@ def cmd_invoke(args) -> int:
             print(f"  answer: {answer['output']}\n  failure: {answer['failure']}")
             return True
         if status != 200:
-            code = f" {status}" if status else ""  # an async failure has no status to show
-            print(f"  error{code}: {answer.get('error')} ({answer.get('hint')})")
+            print(f"  {_error_line(status, answer)}")
             return False
         rows = [[f"  {p['label']}", f"{p['probability']:.4f}"] for p in answer["predictions"]]
         print_table(rows, ["  label", "probability"])
@@ -335,9 +334,14 @@ def _send_all(
         yield from ((202, answer) for _ in paths)
         return
     if status != 200:
-        print(f"error {status}: {answer.get('error')} ({answer.get('hint')})")
+        print(_error_line(status, answer))
         return
     yield from ((200, a) for a in answer)
+
+
+def _error_line(status: int, answer: dict) -> str:
+    code = f" {status}" if status else ""  # an async request's failure carries no status
+    return f"error{code}: {answer.get('error')} ({answer.get('hint')})"
 
 
 # ---------------------------------------------------------------- debug / report

@@ -374,8 +374,10 @@ def deploy(
         instance_count = max(instance_count, previous["desired"])  # the traffic it takes now
     model_s3 = resolve_model_s3(c, options, model, name)
     health_s, download_s = startup_timeouts(model_size(c, model_s3))
-    suffix = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
-    model_name = f"{name}-{suffix}"
+    now = datetime.now(UTC)
+    # Unique per deploy (two within a second: an update right after a create), within 63.
+    suffix = f"{now:%Y%m%d-%H%M%S}-{now.microsecond // 1000:03d}"
+    model_name = f"{name[: 62 - len(suffix)]}-{suffix}"
     created: list[tuple[str, dict]] = []  # what to delete, newest first, if a later step fails
     try:
         with aws_errors():
