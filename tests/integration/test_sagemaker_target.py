@@ -539,6 +539,7 @@ def test_sagemaker_only_settings_are_refused_clearly(aws, tmp_path):
         (["--min-instances", "1"], "needs both --min-instances and --max-instances"),
         (["--rollout", "canary:10:5"], "there is no endpoint new yet"),
         (["--async-output", "answers"], "s3://BUCKET/PREFIX"),
+        (["--min-instances", "3", "--max-instances", "2"], "need 0 <= min <= max"),
     ]
     for args, says in cases:
         proc = launch(

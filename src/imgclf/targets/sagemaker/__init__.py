@@ -337,9 +337,15 @@ def deploy(
             "autoscaling is registered once the endpoint is InService: drop --no-wait, or "
             "--min-instances/--max-instances"
         )
-    update_endpoint_request(  # a bad --rollout or too many alarms: refused before anything is made
+    # A bad --rollout, too many alarms, a bad scaling range: refused before anything is made.
+    update_endpoint_request(
         name=name, config_name=name, rollout=rollout, rollback_alarms=rollback_alarms
     )
+    if scaling is not None:
+        scalable_target_request(
+            endpoint=name, min_instances=scaling.min_instances, max_instances=scaling.max_instances
+        )
+        invocations_policy_request(endpoint=name, target_invocations=scaling.target_invocations)
     instance_type = options.instance_type or DEFAULT_SERVE_INSTANCE
     previous = _previous(c, existing) if existing is not None else None
     scaled_before = current_scaling(c, name) if existing is not None else None
@@ -463,7 +469,12 @@ def follow_update(c: Clients, made: dict, *, poll_s: float) -> list[str]:
     old config and models once the new one took the traffic; the new ones after a rollback,
     which is then an error naming the reason (the old model still serves)."""
     name, previous = made["endpoint"], made["previous"]
-    desc = wait_for_endpoint(c, name, poll_s=poll_s)
+    try:
+        desc = wait_for_endpoint(c, name, poll_s=poll_s)
+    except KeyboardInterrupt:
+        old = " ".join([previous["config"], *previous["models"]])
+        print(f"\nthe update of {name} goes on; once it is InService, {old} can be deleted")
+        raise
     if desc["EndpointConfigName"] == made["config"]:
         removed = _remove(c, previous["config"], previous["models"])
         return [f"endpoint {name} now serves {made['model']}", *removed]
@@ -472,8 +483,9 @@ def follow_update(c: Clients, made: dict, *, poll_s: float) -> list[str]:
     for line in removed:
         print(line)
     raise UserError(
-        f"the update of endpoint {name} was rolled back ({reason}): {previous['models'][0]} "
-        f"still serves; see /aws/sagemaker/Endpoints/{name} in CloudWatch"
+        f"the update of endpoint {name} was rolled back ({reason}): "
+        f"{' '.join(previous['models']) or previous['config']} still serves; see "
+        f"/aws/sagemaker/Endpoints/{name} in CloudWatch"
     )
 
 
@@ -523,8 +535,24 @@ def current_scaling(c: Clients, name: str) -> dict | None:
 def apply_scaling(c: Clients, name: str, scaling: Scaling, *, asynchronous: bool) -> list[str]:
     """Register the variant's instance count with Application Auto Scaling and its policy:
     invocations per instance, or an async endpoint's backlog (and, from zero instances, the
-    alarm on HasBacklogWithoutCapacity that brings the first one back)."""
-    lines = []
+    alarm on HasBacklogWithoutCapacity that brings the first one back). A policy an earlier
+    deploy registered that this one does not want (real-time then async, or back) is removed."""
+    before = current_scaling(c, name)
+    if not asynchronous:
+        policies = [
+            invocations_policy_request(endpoint=name, target_invocations=scaling.target_invocations)
+        ]
+        said = [f"  target: {scaling.target_invocations} invocations a minute per instance"]
+    else:
+        policies = [backlog_policy_request(endpoint=name)]
+        said = ["  target: the backlog of requests waiting per instance"]
+        if scaling.min_instances == 0:
+            policies.append(scale_from_zero_policy_request(endpoint=name))
+            said.append(
+                f"  from zero: alarm {backlog_alarm_name(name)} adds an instance when requests "
+                "wait with none running"
+            )
+    lines = [f"autoscaling: {scaling.min_instances} to {scaling.max_instances} instances", *said]
     with aws_errors():
         c.autoscaling.register_scalable_target(
             **scalable_target_request(
@@ -533,28 +561,25 @@ def apply_scaling(c: Clients, name: str, scaling: Scaling, *, asynchronous: bool
                 max_instances=scaling.max_instances,
             )
         )
-        lines.append(f"autoscaling: {scaling.min_instances} to {scaling.max_instances} instances")
-        if not asynchronous:
-            c.autoscaling.put_scaling_policy(
-                **invocations_policy_request(
-                    endpoint=name, target_invocations=scaling.target_invocations
+        for policy in policies:
+            made = c.autoscaling.put_scaling_policy(**policy)
+            if policy["PolicyType"] == "StepScaling":  # the one the from-zero alarm runs
+                c.cloudwatch.put_metric_alarm(
+                    **backlog_alarm_request(endpoint=name, policy_arn=made["PolicyARN"])
                 )
-            )
-            lines.append(
-                f"  target: {scaling.target_invocations} invocations a minute per instance"
-            )
-            return lines
-        c.autoscaling.put_scaling_policy(**backlog_policy_request(endpoint=name))
-        lines.append("  target: the backlog of requests waiting per instance")
-        if scaling.min_instances == 0:
-            step = c.autoscaling.put_scaling_policy(**scale_from_zero_policy_request(endpoint=name))
-            c.cloudwatch.put_metric_alarm(
-                **backlog_alarm_request(endpoint=name, policy_arn=step["PolicyARN"])
-            )
-            lines.append(
-                f"  from zero: alarm {backlog_alarm_name(name)} adds an instance when requests "
-                "wait with none running"
-            )
+        wanted = {policy["PolicyName"] for policy in policies}
+        for old in (before or {}).get("policies", []):
+            if old["PolicyName"] not in wanted:
+                c.autoscaling.delete_scaling_policy(
+                    PolicyName=old["PolicyName"],
+                    ServiceNamespace="sagemaker",
+                    ResourceId=variant_resource(name),
+                    ScalableDimension=SCALABLE_DIMENSION,
+                )
+                lines.append(f"  removed scaling policy {old['PolicyName']}")
+                if old["PolicyType"] == "StepScaling":  # its alarm would name nothing
+                    c.cloudwatch.delete_alarms(AlarmNames=[backlog_alarm_name(name)])
+                    lines.append(f"  removed alarm {backlog_alarm_name(name)}")
     return lines
 
 
