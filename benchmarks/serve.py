@@ -73,17 +73,17 @@ LOG_TIMES = {
 }
 
 
-def make_model(root: Path) -> Path:
+def make_model(root: Path, arch: str = "resnet50") -> Path:
     model_dir = root / "model"
     torch.manual_seed(0)
-    net = models.build_model("resnet50", 133)
-    pre = models.get_architecture("resnet50").preprocess(224)
+    net = models.build_model(arch, 133)
+    pre = models.get_architecture(arch).preprocess(224)
     artifacts.save_artifact(
         model_dir,
         state_dict=net.state_dict(),
         labels=[f"breed {i}" for i in range(133)],
         config={
-            "arch": "resnet50",
+            "arch": arch,
             "classes": [str(i) for i in range(133)],
             "preprocess": pre.to_dict(),
         },

@@ -60,3 +60,46 @@ def test_train_deploy_invoke_and_delete_with_docker(engine, images, tiny_digits,
     assert deleted.returncode == 0, deleted.stdout + deleted.stderr
     assert engine.docker("inspect", container, check=False).returncode != 0
     assert "no local endpoints" in run_launch("endpoints", home=tmp_path).stdout
+
+
+def test_transform_with_docker_runs_the_serving_image_in_batch_mode(
+    engine, images, tiny_digits, tmp_path
+):
+    import csv
+    import shutil
+
+    import numpy as np
+
+    from tests.conftest import random_model, write_odd_images
+
+    classes = sorted(p.name for p in (tiny_digits / "train").iterdir())
+    model = random_model(tmp_path / "model", classes)
+    source, out = tmp_path / "in", tmp_path / "out"
+    shutil.copytree(tiny_digits / "test" / classes[0], source / "a" / classes[0])
+    write_odd_images(source / "odd", np.random.default_rng(2))
+    files = sorted(
+        p.relative_to(source).as_posix()
+        for p in source.rglob("*")
+        if p.is_file() and not p.name.startswith(".")
+    )
+    proc = run_launch(
+        "transform", "--docker", images.serve, "--model", str(model), "--input", str(source),
+        "--output", str(out), "--job-name", "dk-transform", home=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]  # 3 broken images
+    assert (
+        proc.stdout.strip()
+        .splitlines()[-1]
+        .startswith(f"{len(files)} images: {len(files) - 3} classified, 3 failed")
+    )
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.out")) == [
+        f + ".out" for f in files
+    ]
+    placeholder = json.loads((out / "odd" / "text.jpg.out").read_bytes())
+    assert placeholder["status"] == 400 and placeholder["predictions"] == []  # batch mode
+    with (out / "predictions.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["file"] for r in rows] == files
+    assert {r["label"] for r in rows if not r["error"]} <= {c.split(".", 1)[1] for c in classes}
+    # the container is gone at the end
+    assert engine.docker("inspect", "imgclf-endpoint-dk-transform", check=False).returncode != 0

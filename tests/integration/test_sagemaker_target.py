@@ -2,7 +2,9 @@
 verb sends to AWS, read back from the server and from its request recording."""
 
 import base64
+import csv
 import json
+import shutil
 import time
 
 import pytest
@@ -680,3 +682,78 @@ def test_an_update_that_rolls_back_leaves_the_old_model_serving(aws, tmp_path, m
     assert [m["ModelName"] for m in sm.list_models()["Models"]] == [before]
     configs = [c["EndpointConfigName"] for c in sm.list_endpoint_configs()["EndpointConfigs"]]
     assert configs == [before]
+
+
+def test_transform_uploads_creates_the_job_downloads_answers_and_resumes(
+    aws, tmp_path, tiny_digits
+):
+    """moto completes a transform job at once and runs no container, so the answers the
+    container would write are put under the output prefix by the test (in the serving
+    program's format) between the two runs."""
+    from tests.conftest import random_model
+
+    home = tmp_path / "home"
+    remember_images(home)
+    classes = sorted(p.name for p in (tiny_digits / "train").iterdir())
+    model = random_model(tmp_path / "model", classes)
+    source = tmp_path / "photos"
+    for cls in classes[:2]:
+        shutil.copytree(tiny_digits / "test" / cls, source / "shelter" / cls)
+    files = sorted(p.relative_to(source).as_posix() for p in source.rglob("*.png"))
+    out_uri = f"s3://{BUCKET}/transform-out/"
+    args = ["transform", "--target", "sagemaker", "--model", str(model), "--role", ROLE]
+    args += ["--input", str(source), "--output", out_uri, "--instance-count", "2"]
+    args += ["--instance-type", "ml.c5.xlarge", "--max-payload-mb", "12"]
+
+    first = launch(aws, home, *args, "--job-name", "tx-1")
+    assert first.returncode == 1, first.stdout + first.stderr  # the job wrote nothing (moto)
+    assert f"{len(files)} files uploaded" in first.stdout
+    [created] = aws.requests("SageMaker.CreateTransformJob")
+    body = created["json"]
+    prefix = f"s3://{BUCKET}/imgclf/transform-input/photos/"
+    assert body["TransformInput"] == {
+        "DataSource": {"S3DataSource": {"S3DataType": "S3Prefix", "S3Uri": prefix}},
+        "ContentType": "application/x-image",
+        "CompressionType": "None",
+        "SplitType": "None",
+    }
+    assert body["BatchStrategy"] == "SingleRecord" and body["MaxPayloadInMB"] == 12
+    assert body["TransformResources"] == {"InstanceType": "ml.c5.xlarge", "InstanceCount": 2}
+    assert body["TransformOutput"]["S3OutputPath"] == out_uri
+    assert body["ModelClientConfig"] == {
+        "InvocationsTimeoutInSeconds": 600,
+        "InvocationsMaxRetries": 3,
+    }
+    [model_made] = aws.requests("SageMaker.CreateModel")
+    assert model_made["json"]["PrimaryContainer"]["Image"] == SERVE_IMAGE
+    sm = aws.client("sagemaker")
+    with pytest.raises(sm.exceptions.ClientError):  # the job's model is removed after it
+        sm.describe_model(ModelName="tx-1")
+    local = home / "sagemaker" / "transform" / BUCKET / "transform-out"
+    assert "no answer: transform job tx-1 Completed" in (local / "predictions.csv").read_text()
+
+    # What the serving container answers for the first three files, as SageMaker stores it.
+    s3 = aws.client("s3")
+    answered = files[:3]
+    for n, rel in enumerate(answered):
+        answer = {"predictions": [{"label": f"l{n}", "index": n, "probability": 0.5}]}
+        s3.put_object(Bucket=BUCKET, Key=f"transform-out/{rel}.out", Body=json.dumps(answer))
+    aws.recording.write_text("")
+    second = launch(aws, home, *args, "--job-name", "tx-2")
+    assert "0 files uploaded" in second.stdout  # the input is already there
+    [created] = aws.requests("SageMaker.CreateTransformJob")
+    source_s3 = created["json"]["TransformInput"]["DataSource"]["S3DataSource"]
+    assert source_s3["S3DataType"] == "ManifestFile"  # only the files still without an answer
+    bucket, key = source_s3["S3Uri"][5:].split("/", 1)
+    manifest = json.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+    assert manifest == [{"prefix": prefix}, *files[3:]]
+    with (local / "predictions.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["file"] for r in rows] == files
+    assert [r["label"] for r in rows[:3]] == ["l0", "l1", "l2"]
+    assert all(r["error"].startswith("no answer: transform job tx-2") for r in rows[3:])
+    assert sorted(p.relative_to(local).as_posix() for p in local.rglob("*.out")) == [
+        f + ".out" for f in answered
+    ]
+    last = second.stdout.strip().splitlines()[-1]
+    assert last.startswith(f"{len(files)} images: 3 classified, {len(files) - 3} failed")

@@ -382,3 +382,31 @@ def test_invoke_endpoint_async_request_shape_passes_validation():
             "InvocationTimeoutSeconds": rq.ASYNC_TIMEOUT_S,
         },
     )
+
+
+@pytest.mark.parametrize("manifest", [False, True])
+def test_transform_job_request_passes_validation(manifest):
+    from imgclf.targets.sagemaker.requests import transform_job_request, transform_manifest
+
+    request = transform_job_request(
+        job_name="transform-1",
+        model_name="transform-1",
+        input_s3="s3://b/manifests/t.manifest" if manifest else "s3://b/in/",
+        output_s3="s3://b/out/",
+        manifest=manifest,
+        max_payload_mb=20,
+        max_concurrent=8,
+        accept="application/jsonlines",
+        environment={"IMGCLF_RESPONSE_FORMAT": "vectors"},
+        instance_count=3,
+    )
+    validate("CreateTransformJob", request)
+    source = request["TransformInput"]["DataSource"]["S3DataSource"]
+    assert source["S3DataType"] == ("ManifestFile" if manifest else "S3Prefix")
+    assert request["TransformInput"]["SplitType"] == "None"  # a file is one request
+    assert request["Environment"]["SAGEMAKER_BATCH"] == "true"  # placeholders, not failures
+    assert request["Environment"]["SAGEMAKER_MAX_PAYLOAD_IN_MB"] == "20"
+    assert json.loads(transform_manifest("s3://b/in", ["a/x.jpg"])) == [
+        {"prefix": "s3://b/in/"},
+        "a/x.jpg",
+    ]

@@ -11,6 +11,7 @@ from imgclf.cli import commands
 from imgclf.cli.data import cmd_data_check, cmd_data_prepare, cmd_data_sample
 from imgclf.config import describe
 from imgclf.errors import UserError
+from imgclf.transform import ACCEPT_TYPES
 
 # ---------------------------------------------------------------- parser
 
@@ -263,6 +264,54 @@ def _deploy_production_arguments(deploy) -> None:
     )
 
 
+def _transform_parser(sub) -> None:
+    transform = sub.add_parser(
+        "transform",
+        help="classify every image of a folder or S3 prefix (batch transform)",
+        description="Every file under --input is sent to the serving program in batch mode, one "
+        "request each; its answer goes to OUTPUT/<path>.out (SageMaker's naming) and one row "
+        "per file to OUTPUT/predictions.csv (file,label,index,probability,error). Running the "
+        "same command again sends only the files with no .out yet. Exit status 1 when any "
+        "file could not be classified.",
+    )
+    transform.add_argument(
+        "--model",
+        required=True,
+        help="a model dir or model.tar.gz (sagemaker also: s3://... or a training job name)",
+    )
+    transform.add_argument("--input", required=True, help="a folder of images (or s3://...)")
+    transform.add_argument("--output", required=True, help="a folder (or s3://...)")
+    transform.add_argument(
+        "--max-payload-mb",
+        type=int,
+        default=6,
+        help="largest file sent, in MB (6, SageMaker's default; at most 100)",
+    )
+    transform.add_argument(
+        "--concurrency",
+        type=int,
+        help="requests in flight (default: the server's /execution-parameters)",
+    )
+    transform.add_argument(
+        "--response-format",
+        choices=("predictions", "vectors"),
+        help="what each .out holds: top-k predictions (default) or vectors [[p0, ...]]",
+    )
+    transform.add_argument(
+        "--accept",
+        choices=tuple(ACCEPT_TYPES),
+        default="json",
+        help="each .out as JSON (default) or JSON Lines",
+    )
+    transform.add_argument(
+        "--docker", metavar="IMAGE", help="run the serving image under Docker (local)"
+    )
+    transform.add_argument("--job-name", help="transform job name (default transform-<time>)")
+    transform.add_argument("--home", help="where local endpoints live (default .imgclf)")
+    _add_target(transform, image=True, resources=True, wait=True)
+    transform.set_defaults(func=commands.cmd_transform)
+
+
 def _endpoint_parsers(sub) -> None:
     endpoints = sub.add_parser("endpoints", help="list endpoints")
     endpoints.add_argument("--home", help="where local endpoints live (default .imgclf)")
@@ -325,6 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     _train_parser(sub)
     _tune_parser(sub)
     _deploy_parser(sub)
+    _transform_parser(sub)
     _endpoint_parsers(sub)
     return parser
 

@@ -27,21 +27,12 @@ from imgclf.targets.base import (
     JobResult,
     Target,
     TrainRequest,
+    TransformRequest,
     TuneRequest,
     TuningResult,
 )
+from imgclf.transform import ACCEPT_TYPES, check_payload_mb, content_type
 from imgclf.util import parse_bool
-
-CONTENT_TYPES = {
-    ".jpg": "image/jpeg",
-    ".jpeg": "image/jpeg",
-    ".png": "image/png",
-    ".webp": "image/webp",
-    ".bmp": "image/bmp",
-    ".gif": "image/gif",
-    ".tif": "image/tiff",
-    ".tiff": "image/tiff",
-}
 
 
 def open_target(args) -> Target:
@@ -320,8 +311,9 @@ def _send_all(
     when it failed (said here)."""
     if not batch:
         for p in paths:
-            content_type = CONTENT_TYPES.get(p.suffix.lower(), "application/octet-stream")
-            yield send(endpoint, _read(p), content_type=content_type, custom_attributes=attributes)
+            yield send(
+                endpoint, _read(p), content_type=content_type(p.name), custom_attributes=attributes
+            )
         return
     images = [base64.b64encode(_read(p)).decode("ascii") for p in paths]
     status, answer = send(
@@ -342,6 +334,32 @@ def _send_all(
 def _error_line(status: int, answer: dict) -> str:
     code = f" {status}" if status else ""  # an async request's failure carries no status
     return f"error{code}: {answer.get('error')} ({answer.get('hint')})"
+
+
+# ---------------------------------------------------------------- batch transform
+
+
+def cmd_transform(args) -> int:
+    target = open_target(args)
+    request = TransformRequest(
+        args.model,
+        args.input,
+        args.output,
+        max_payload_mb=check_payload_mb(args.max_payload_mb),
+        concurrency=args.concurrency,
+        response_format=args.response_format,
+        accept=ACCEPT_TYPES[args.accept],
+        docker=args.docker,
+        job_name=args.job_name,
+    )
+    result = target.transform(request)
+    for line in result.details:
+        print(line)
+    if not result.waited:
+        return 0
+    print(f"answers: {result.outputs} (one <file>.out per input file)")
+    print(result.line())
+    return 1 if result.failed else 0
 
 
 # ---------------------------------------------------------------- debug / report

@@ -112,6 +112,41 @@ class DeployRequest:
 
 
 @dataclass(frozen=True)
+class TransformRequest:
+    """`launch.py transform`: every file under `input` classified, `<file>.out` under `output`."""
+
+    model: str  # what DeployRequest.model takes
+    input: str  # a folder (any depth), or s3://bucket/prefix/
+    output: str  # a folder, or s3://bucket/prefix/ (SageMaker)
+    max_payload_mb: int = 6  # SageMaker's MaxPayloadInMB (at most 100)
+    concurrency: int | None = None  # requests in flight (None: what the server says it takes)
+    response_format: str | None = None  # the .out files' shape: predictions or vectors
+    accept: str = "application/json"  # or application/jsonlines
+    docker: str | None = None  # run this serving image under Docker (local)
+    job_name: str | None = None  # SageMaker
+
+
+@dataclass(frozen=True)
+class TransformResult:
+    """What a transform did: counts from predictions.csv, and where things are."""
+
+    name: str
+    images: int
+    classified: int
+    failed: int
+    predictions: str  # predictions.csv
+    outputs: str  # where the .out files are (a folder, and on SageMaker also the S3 prefix)
+    waited: bool = True  # False: a SageMaker job created and not followed (--no-wait)
+    details: tuple[str, ...] = ()
+
+    def line(self) -> str:
+        return (
+            f"{self.images} images: {self.classified} classified, {self.failed} failed "
+            f"(see {self.predictions})"
+        )
+
+
+@dataclass(frozen=True)
 class EndpointInfo:
     """One endpoint as `deploy`, `endpoints` and `invoke` see it."""
 
@@ -136,6 +171,8 @@ class Target(Protocol):
     def tune(self, request: TuneRequest) -> TuningResult: ...
 
     def deploy(self, request: DeployRequest) -> EndpointInfo: ...
+
+    def transform(self, request: TransformRequest) -> TransformResult: ...
 
     def endpoints(self) -> list[EndpointInfo]: ...
 

@@ -177,6 +177,7 @@ def serve_container_command(
     workers: int | None = None,
     gpus: bool | None = None,
     response_format: str | None = None,
+    environment: dict[str, str] | None = None,
 ) -> list[str]:
     """`docker run` of the serving image as SageMaker runs it (`serve`, the model at
     /opt/ml/model, no --user), on the host's network and bound to 127.0.0.1 only."""
@@ -203,6 +204,8 @@ def serve_container_command(
         command += ["-e", f"{SERVE_WORKERS_ENV}={workers}"]
     if response_format:  # the answers' default shape, as a SageMaker model's Environment sets it
         command += ["-e", f"{RESPONSE_FORMAT_ENV}={response_format}"]
+    for key, value in (environment or {}).items():  # as a transform job's Environment sets them
+        command += ["-e", f"{key}={value}"]
     if gpus:
         command += ["--gpus", "all"]
     return command + [endpoint.image, "serve"]
@@ -236,6 +239,7 @@ def deploy_container(
     image: str,
     workers: int | None = None,
     response_format: str | None = None,
+    environment: dict[str, str] | None = None,
     timeout: float = READY_TIMEOUT_SECONDS,
 ) -> ContainerEndpoint:
     """Run the serving image over a model dir or model.tar.gz; return once /ping answers 200."""
@@ -263,7 +267,11 @@ def deploy_container(
         subprocess.run(["docker", "rm", "--force", endpoint.container], capture_output=True)
         started = subprocess.run(
             serve_container_command(
-                endpoint, model_dir, workers=workers, response_format=response_format
+                endpoint,
+                model_dir,
+                workers=workers,
+                response_format=response_format,
+                environment=environment,
             ),
             capture_output=True,
             text=True,

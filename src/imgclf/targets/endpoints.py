@@ -282,10 +282,12 @@ def deploy(
     port: int,
     workers: int | None = None,
     response_format: str | None = None,
+    environment: dict[str, str] | None = None,
     timeout: float = READY_TIMEOUT_SECONDS,
 ) -> Endpoint:
     """Start `serve` over <home>/endpoints/<name>/model on 127.0.0.1:<port> in the background;
-    return once it reports itself ready in its state file and /ping agrees."""
+    return once it reports itself ready in its state file and /ping agrees. `environment`: more
+    of the serving contract's settings (a batch transform's, for one)."""
     _clear_old(home, name)
     if not port_free(port):
         raise UserError(f"port {port} is in use; pick another with --port")
@@ -311,6 +313,7 @@ def deploy(
         env[SERVE_WORKERS_ENV] = str(workers)
     if response_format:
         env[RESPONSE_FORMAT_ENV] = response_format
+    env.update(environment or {})
     serve = Path(sys.executable).parent / "serve"
     with open(base / "serve.log", "ab") as log:
         proc = subprocess.Popen(

@@ -7,11 +7,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
 from imgclf import jobs
-from imgclf.contract import BEST_FILE, HOME_ENV, check_name
+from imgclf import transform as batch
+from imgclf.contract import (
+    BEST_FILE,
+    HOME_ENV,
+    SERVE_BATCH_ENV,
+    SERVE_MAX_PAYLOAD_ENV,
+    check_name,
+)
 from imgclf.errors import UserError
 from imgclf.targets import docker, endpoints
 from imgclf.targets.base import (
@@ -20,10 +28,12 @@ from imgclf.targets.base import (
     EndpointInfo,
     JobResult,
     TrainRequest,
+    TransformRequest,
+    TransformResult,
     TuneRequest,
     TuningResult,
 )
-from imgclf.util import new_job_name, parse_bool
+from imgclf.util import free_port, new_job_name, parse_bool, plain_dir
 
 TRIAL_HEADER = ("trial", "state", "epochs")  # then the metric, then the hyperparameters
 
@@ -135,7 +145,9 @@ class LocalTarget:
 
     # ------------------------------------------------------------ endpoints
 
-    def deploy(self, request: DeployRequest) -> EndpointInfo:
+    def deploy(
+        self, request: DeployRequest, *, environment: dict[str, str] | None = None
+    ) -> EndpointInfo:
         check_name("endpoint", request.name)
         sagemaker_only = request.sagemaker_only()
         if sagemaker_only:
@@ -154,6 +166,7 @@ class LocalTarget:
                 image=request.docker,
                 workers=request.workers,
                 response_format=request.response_format,
+                environment=environment,
             )
             return _container_info(container, "healthy")
         endpoint = endpoints.deploy(
@@ -163,8 +176,104 @@ class LocalTarget:
             port=request.port,
             workers=request.workers,
             response_format=request.response_format,
+            environment=environment,
         )
         return _process_info(endpoint, "healthy")
+
+    # ------------------------------------------------------------ batch transform
+
+    def transform(self, request: TransformRequest) -> TransformResult:
+        """Every file of a folder through the serving program in batch mode (a process, or the
+        image with --docker), started as `deploy` starts it on a free port and stopped at the
+        end; only the files with no `.out` yet are sent."""
+        if "://" in request.input or "://" in request.output:
+            raise UserError(
+                "the local target reads a folder and writes a folder; for s3:// add "
+                "--target sagemaker (or copy it here first: aws s3 sync)"
+            )
+        source, out = Path(request.input), Path(request.output)
+        items = batch.scan_folder(source)
+        batch.check_folders(source, out)
+        plain_dir(out, "output folder")
+        todo = batch.pending(items, out)
+        big = {
+            i.rel: batch.too_big_reason(i, request.max_payload_mb)
+            for i in batch.oversized(todo, request.max_payload_mb)
+        }
+        todo = [i for i in todo if i.rel not in big]
+        labels = (
+            batch.model_labels(Path(request.model))
+            if request.response_format == "vectors"
+            else None
+        )
+        name = check_name("endpoint", request.job_name or new_job_name("transform"))
+        done = len(items) - len(todo) - len(big)
+        print(
+            f"transform {name}: {len(items)} files in {source}"
+            + (f", {done} already answered in {out}" if done else "")
+            + (f", {len(big)} over {request.max_payload_mb} MB" if big else ""),
+            flush=True,
+        )
+        errors = dict(big)
+        details = []
+        if todo:
+            started = time.perf_counter()
+            failed, sending = self._send(name, request, todo, out)
+            errors.update(failed)
+            rest = time.perf_counter() - started - sending
+            details.append(
+                f"sent {len(todo)} files in {sending:.1f} s ({len(todo) / sending:.1f} images/s; "
+                f"the server's start and stop took {rest:.1f} s more)"
+            )
+        summary = batch.write_predictions(items, out, errors=errors, labels=labels)
+        return TransformResult(
+            name,
+            summary.images,
+            summary.classified,
+            summary.failed,
+            predictions=str(summary.predictions),
+            outputs=str(out),
+            details=tuple(details),
+        )
+
+    def _send(
+        self, name: str, request: TransformRequest, todo: list[batch.Item], out: Path
+    ) -> tuple[dict[str, str], float]:
+        """Start the server in batch mode, send `todo`, stop it (also on Ctrl-C); the reason
+        for each file that got no answer, and the seconds the sending took."""
+        settings = {SERVE_BATCH_ENV: "true", SERVE_MAX_PAYLOAD_ENV: str(request.max_payload_mb)}
+        info = self.deploy(
+            DeployRequest(
+                request.model,
+                name,
+                port=free_port(),
+                response_format=request.response_format,
+                docker=request.docker,
+            ),
+            environment=settings,
+        )
+        try:
+            assert info.url is not None
+            params = batch.execution_parameters(info.url)
+            concurrency = request.concurrency or params["MaxConcurrentTransforms"]
+            print(
+                f"  {len(todo)} to send, {concurrency} at a time "
+                f"(the server takes {params['MaxConcurrentTransforms']})",
+                flush=True,
+            )
+            started = time.perf_counter()
+            outcomes = batch.send_all(
+                info.url,
+                todo,
+                out,
+                concurrency=concurrency,
+                accept=request.accept,
+                max_payload_mb=request.max_payload_mb,
+            )
+            sending = time.perf_counter() - started
+        finally:
+            self.delete(name)
+        return {o.rel: o.error for o in outcomes if o.error}, sending
 
     def endpoints(self) -> list[EndpointInfo]:
         found = [_process_info(e) for e in endpoints.list_endpoints(self.home)]

@@ -10,6 +10,7 @@ from imgclf.errors import UserError
 from imgclf.targets.sagemaker.aws import Clients, aws_errors
 
 LOG_GROUP_TRAINING = "/aws/sagemaker/TrainingJobs"
+LOG_GROUP_TRANSFORM = "/aws/sagemaker/TransformJobs"
 
 
 class LogStreamer:
@@ -56,33 +57,77 @@ def wait_for_training(
 ) -> dict:
     """Follow the job: a line per status change, its CloudWatch log, until it ends. Ctrl-C
     offers to stop it (it keeps running, and billing, otherwise)."""
-    streamer = LogStreamer(c.logs, LOG_GROUP_TRAINING, f"{job_name}/")
+    return follow_job(
+        f"training job {job_name}",
+        describe=lambda: c.sagemaker.describe_training_job(TrainingJobName=job_name),
+        status=lambda d: (d["TrainingJobStatus"], d.get("SecondaryStatus")),
+        streamer=LogStreamer(c.logs, LOG_GROUP_TRAINING, f"{job_name}/"),
+        stop=lambda: c.sagemaker.stop_training_job(TrainingJobName=job_name),
+        stopped="its last checkpoint stays in S3",
+        cli_stop=f"aws sagemaker stop-training-job --training-job-name {job_name}",
+        poll_s=poll_s,
+        ask=ask,
+    )
+
+
+def wait_for_transform(
+    c: Clients,
+    job_name: str,
+    *,
+    poll_s: float = 30.0,
+    ask: Callable[[str], str] | None = None,
+) -> dict:
+    """Follow a batch transform job as `wait_for_training` follows a training job."""
+    return follow_job(
+        f"transform job {job_name}",
+        describe=lambda: c.sagemaker.describe_transform_job(TransformJobName=job_name),
+        status=lambda d: (d["TransformJobStatus"], None),
+        streamer=LogStreamer(c.logs, LOG_GROUP_TRANSFORM, f"{job_name}/"),
+        stop=lambda: c.sagemaker.stop_transform_job(TransformJobName=job_name),
+        stopped="the .out files written so far stay in S3; the same command resumes",
+        cli_stop=f"aws sagemaker stop-transform-job --transform-job-name {job_name}",
+        poll_s=poll_s,
+        ask=ask,
+    )
+
+
+def follow_job(
+    what: str,
+    *,
+    describe: Callable[[], dict],
+    status: Callable[[dict], tuple[str, str | None]],
+    streamer: LogStreamer,
+    stop: Callable[[], object],
+    stopped: str,
+    cli_stop: str,
+    poll_s: float,
+    ask: Callable[[str], str] | None = None,
+) -> dict:
+    """A line per status change and the job's CloudWatch log until it ends (Completed, Failed,
+    Stopped); Ctrl-C offers to stop it (it keeps running, and billing, otherwise)."""
     last = None
     while True:
         try:
             with aws_errors():
-                desc = c.sagemaker.describe_training_job(TrainingJobName=job_name)
-                status = (desc["TrainingJobStatus"], desc.get("SecondaryStatus"))
-                if status != last:
-                    print(f"{job_name}: {status[0]} / {status[1]}", flush=True)
-                    last = status
+                desc = describe()
+                now = status(desc)
+                if now != last:
+                    print(f"{what}: {' / '.join(s for s in now if s)}", flush=True)
+                    last = now
                 streamer.poll()
-            if status[0] in ("Completed", "Failed", "Stopped"):
+            if now[0] in ("Completed", "Failed", "Stopped"):
                 return desc
             time.sleep(poll_s)
         except KeyboardInterrupt:
             answer = "n"
             if ask is not None or sys.stdin.isatty():
-                answer = (ask or input)(f"\nstop training job {job_name}? [y/N] ").strip().lower()
+                answer = (ask or input)(f"\nstop {what}? [y/N] ").strip().lower()
             if answer.startswith("y"):
                 with aws_errors():
-                    c.sagemaker.stop_training_job(TrainingJobName=job_name)
-                print(f"stopping {job_name}; its last checkpoint stays in S3")
+                    stop()
+                print(f"stopping {what}; {stopped}")
             else:
-                print(
-                    f"{job_name} keeps running (and billing); stop it with: aws sagemaker "
-                    f"stop-training-job --training-job-name {job_name}"
-                )
+                print(f"{what} keeps running (and billing); stop it with: {cli_stop}")
             raise
 
 

@@ -499,3 +499,71 @@ def backlog_alarm_request(*, endpoint: str, policy_arn: str) -> dict:
         "TreatMissingData": "missing",
         "AlarmActions": [policy_arn],
     }
+
+
+DEFAULT_TRANSFORM_INSTANCE = "ml.g5.xlarge"
+
+
+def transform_job_request(
+    *,
+    job_name: str,
+    model_name: str,
+    input_s3: str,
+    output_s3: str,
+    manifest: bool = False,
+    max_payload_mb: int = 6,
+    max_concurrent: int | None = None,
+    timeout_s: int = 600,
+    retries: int = 3,
+    accept: str = "application/json",
+    environment: dict[str, str] | None = None,
+    instance_type: str = DEFAULT_TRANSFORM_INSTANCE,
+    instance_count: int = 1,
+) -> dict:
+    """The CreateTransformJob request body: every object under `input_s3` (or listed in the
+    manifest file at `input_s3`) sent whole as one request (SplitType None, one image a
+    record), its answer written to `<output_s3>/<key relative to the input>.out`. Without
+    `max_concurrent`, SageMaker asks the container's GET /execution-parameters. The
+    container's batch settings travel in Environment as well as being set by SageMaker, so
+    the placeholder answers (a bad image does not fail the job) never depend on the platform
+    setting them."""
+    from imgclf.contract import SERVE_BATCH_ENV, SERVE_MAX_PAYLOAD_ENV
+
+    request: dict[str, Any] = {
+        "TransformJobName": job_name,
+        "ModelName": model_name,
+        "BatchStrategy": "SingleRecord",
+        "MaxPayloadInMB": max_payload_mb,
+        "ModelClientConfig": {
+            "InvocationsTimeoutInSeconds": timeout_s,
+            "InvocationsMaxRetries": retries,
+        },
+        "Environment": {
+            SERVE_BATCH_ENV: "true",
+            SERVE_MAX_PAYLOAD_ENV: str(max_payload_mb),
+            **(environment or {}),
+        },
+        "TransformInput": {
+            "DataSource": {
+                "S3DataSource": {
+                    "S3DataType": "ManifestFile" if manifest else "S3Prefix",
+                    "S3Uri": input_s3,
+                }
+            },
+            "ContentType": "application/x-image",
+            "CompressionType": "None",
+            "SplitType": "None",
+        },
+        "TransformOutput": {"S3OutputPath": output_s3, "Accept": accept, "AssembleWith": "None"},
+        "TransformResources": {"InstanceType": instance_type, "InstanceCount": instance_count},
+        "Tags": [{"Key": TAG_KEY, "Value": "transform"}],
+    }
+    if max_concurrent:
+        request["MaxConcurrentTransforms"] = max_concurrent
+    return request
+
+
+def transform_manifest(prefix: str, keys: list[str]) -> str:
+    """A manifest file (S3DataType ManifestFile): the files still to send, each relative to
+    the input prefix, so their outputs keep the names a whole-prefix job gives them."""
+    return json.dumps([{"prefix": prefix.rstrip("/") + "/"}, *keys])

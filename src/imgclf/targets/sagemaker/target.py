@@ -14,6 +14,8 @@ from imgclf.targets.base import (
     EndpointInfo,
     JobResult,
     TrainRequest,
+    TransformRequest,
+    TransformResult,
     TuneRequest,
     TuningResult,
 )
@@ -170,6 +172,14 @@ class SageMakerTarget:
             log=f"CloudWatch /aws/sagemaker/Endpoints/{request.name}",
             bills=True,
         )
+
+    def transform(self, request: TransformRequest) -> TransformResult:
+        from imgclf.targets.sagemaker.transform import run_transform
+
+        if request.docker:
+            raise UserError("--docker runs the image locally; drop --target sagemaker or --docker")
+        name = check_name("transform job", request.job_name or new_job_name("transform"))
+        return run_transform(self.c, self.options, request, name)
 
     def endpoints(self) -> list[EndpointInfo]:
         return sm.list_endpoints(self.c)
