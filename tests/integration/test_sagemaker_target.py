@@ -371,6 +371,319 @@ def test_a_deploy_that_fails_midway_leaves_nothing_behind(aws, tmp_path):
     assert sm.list_endpoints()["Endpoints"] == []
 
 
+# ---------------------------------------------------------------- issue 25: endpoints that live on
+
+
+def model_folder(tmp_path, name="model"):
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / "model.pt").write_bytes(b"weights of " + name.encode())
+    return folder
+
+
+def scaling_of(aws, endpoint):
+    scaling = aws.client("application-autoscaling")
+    resource = f"endpoint/{endpoint}/variant/AllTraffic"
+    targets = scaling.describe_scalable_targets(
+        ServiceNamespace="sagemaker", ResourceIds=[resource]
+    )["ScalableTargets"]
+    policies = scaling.describe_scaling_policies(ServiceNamespace="sagemaker", ResourceId=resource)[
+        "ScalingPolicies"
+    ]
+    return targets, policies
+
+
+def test_autoscaling_is_registered_listed_and_removed_with_the_endpoint(aws, tmp_path):
+    home = tmp_path / "home"
+    remember_images(home)
+    deployed = ok(
+        launch(
+            aws,
+            home,
+            *["deploy", "--target", "sagemaker", "--model", str(model_folder(tmp_path))],
+            *["--name", "dogs", "--role", ROLE, "--instance-type", "ml.c5.xlarge"],
+            *["--min-instances", "2", "--max-instances", "5"],
+        )
+    )
+    assert "autoscaling: 2 to 5 instances" in deployed.stdout
+    assert "504 invocations a minute per instance" in deployed.stdout  # the measured default
+    (target,), (policy,) = scaling_of(aws, "dogs")
+    assert (target["MinCapacity"], target["MaxCapacity"]) == (2, 5)
+    assert target["ScalableDimension"] == "sagemaker:variant:DesiredInstanceCount"
+    tracking = policy["TargetTrackingScalingPolicyConfiguration"]
+    assert tracking["TargetValue"] == 504
+    assert tracking["PredefinedMetricSpecification"]["PredefinedMetricType"] == (
+        "SageMakerVariantInvocationsPerInstance"
+    )
+    sm = aws.client("sagemaker")
+    config = sm.describe_endpoint_config(
+        EndpointConfigName=sm.describe_endpoint(EndpointName="dogs")["EndpointConfigName"]
+    )
+    variant = config["ProductionVariants"][0]
+    # Starts at the minimum; the startup timeouts are sized, not SageMaker's defaults.
+    assert variant["InitialInstanceCount"] == 2
+    assert variant["ContainerStartupHealthCheckTimeoutInSeconds"] == 180
+    assert variant["ModelDataDownloadTimeoutInSeconds"] == 60
+
+    listed = ok(launch(aws, home, "endpoints", "--target", "sagemaker"))
+    assert "2 x ml.c5.xlarge (desired 2), scales 2-5" in listed.stdout
+    assert variant["ModelName"] in listed.stdout
+
+    deleted = ok(launch(aws, home, "delete", "dogs", "--target", "sagemaker"))
+    assert "scalable target endpoint/dogs/variant/AllTraffic" in deleted.stdout
+    assert scaling_of(aws, "dogs") == ([], [])
+    assert sm.list_endpoints()["Endpoints"] == [] and sm.list_models()["Models"] == []
+
+
+def test_an_async_endpoint_scales_to_zero_and_invoke_async_reads_the_answer_from_s3(
+    aws, tmp_path, tiny_digits
+):
+    home = tmp_path / "home"
+    remember_images(home)
+    ok(
+        launch(
+            aws,
+            home,
+            *["deploy", "--target", "sagemaker", "--model", str(model_folder(tmp_path))],
+            *["--name", "big", "--role", ROLE, "--instance-type", "ml.c5.2xlarge"],
+            *["--async-output", "s3://answers/big/", "--min-instances", "0"],
+            *["--max-instances", "3", "--startup-timeout", "600"],
+        )
+    )
+    sm = aws.client("sagemaker")
+    endpoint = sm.describe_endpoint(EndpointName="big")
+    config = sm.describe_endpoint_config(EndpointConfigName=endpoint["EndpointConfigName"])
+    assert config["AsyncInferenceConfig"] == {
+        # 2 workers on 8 vCPUs, 8 requests in each one's MMS batch: GET /execution-parameters.
+        "ClientConfig": {"MaxConcurrentInvocationsPerInstance": 16},
+        "OutputConfig": {
+            "S3OutputPath": "s3://answers/big",
+            "S3FailurePath": "s3://answers/big/failures",
+        },
+    }
+    variant = config["ProductionVariants"][0]
+    assert variant["ContainerStartupHealthCheckTimeoutInSeconds"] == 600  # overridden
+    assert variant["InitialInstanceCount"] == 1  # 0 is for the scaling, not the start
+    model = sm.describe_model(ModelName=variant["ModelName"])
+    assert model["PrimaryContainer"]["Environment"] == {"IMGCLF_ASYNC": "true"}
+    (target,), policies = scaling_of(aws, "big")
+    assert (target["MinCapacity"], target["MaxCapacity"]) == (0, 3)
+    kinds = {p["PolicyName"]: p["PolicyType"] for p in policies}
+    assert kinds == {"big-backlog": "TargetTrackingScaling", "big-from-zero": "StepScaling"}
+    (alarm,) = aws.client("cloudwatch").describe_alarms()["MetricAlarms"]
+    assert alarm["MetricName"] == "HasBacklogWithoutCapacity"
+    from_zero = next(p for p in policies if p["PolicyName"] == "big-from-zero")
+    assert alarm["AlarmActions"] == [from_zero["PolicyARN"]]
+
+    # moto answers InvokeEndpointAsync from its queue and writes the answer into its own bucket.
+    answers = [
+        {"predictions": [{"label": "Basenji", "index": 1, "probability": 0.625}]},
+        {"predictions": [{"label": "Affenpinscher", "index": 0, "probability": 0.5}]},
+    ]
+    aws.post(
+        "/moto-api/static/sagemaker/async-endpoint-results",
+        {"results": [{"data": json.dumps(answers)}]},
+    )
+    images = sorted(tiny_digits.rglob("*.png"))[:2]
+    invoked = ok(
+        launch(
+            aws,
+            home,
+            *["invoke", "--target", "sagemaker", "--endpoint", "big", "--async", "--batch"],
+            *map(str, images),
+        )
+    )
+    assert "Basenji" in invoked.stdout and "0.6250" in invoked.stdout
+    assert "Affenpinscher" in invoked.stdout
+    (call,) = [r for r in aws.requests() if "/endpoints/big/async-invocations" in r["url"]]
+    headers = {k.lower(): v for k, v in call["headers"].items()}
+    source = headers["x-amzn-sagemaker-inputlocation"]
+    assert source.startswith(f"s3://{BUCKET}/imgclf/async-input/big/")
+    (upload,) = [r for r in aws.requests() if r["method"] == "PUT" and "async-input" in r["url"]]
+    sent = json.loads(upload["body"])
+    assert [base64.b64decode(i) for i in sent["instances"]] == [p.read_bytes() for p in images]
+    s3 = aws.client("s3")
+    left = s3.list_objects_v2(Bucket=BUCKET, Prefix="imgclf/async-input/").get("KeyCount")
+    assert left == 0  # the input is removed once answered
+
+    aws.post(
+        "/moto-api/static/sagemaker/async-endpoint-results",
+        {"results": [{"is_failure": True, "data": json.dumps({"error": "bad", "hint": "fix"})}]},
+    )
+    failed = launch(
+        aws,
+        home,
+        *["invoke", "--target", "sagemaker", "--endpoint", "big", "--async", "--batch"],
+        *map(str, images[:1]),
+    )
+    assert failed.returncode == 1 and "error: bad (fix)" in failed.stdout
+    queued = ok(
+        launch(
+            aws,
+            home,
+            *["invoke", "--target", "sagemaker", "--endpoint", "big", "--async", "--no-wait"],
+            str(images[0]),
+        )
+    )
+    assert "answer: s3://" in queued.stdout and "failure: s3://" in queued.stdout
+
+    deleted = ok(launch(aws, home, "delete", "big", "--target", "sagemaker"))
+    assert "alarm imgclf-big-backlog-without-capacity" in deleted.stdout
+    assert scaling_of(aws, "big") == ([], [])
+    assert aws.client("cloudwatch").describe_alarms()["MetricAlarms"] == []
+
+
+def test_sagemaker_only_settings_are_refused_clearly(aws, tmp_path):
+    home = tmp_path / "home"
+    remember_images(home)
+    cases = [
+        (["--min-instances", "0", "--max-instances", "2"], "only an asynchronous endpoint"),
+        (["--min-instances", "1"], "needs both --min-instances and --max-instances"),
+        (["--rollout", "canary:10:5"], "there is no endpoint new yet"),
+        (["--async-output", "answers"], "s3://BUCKET/PREFIX"),
+        (["--min-instances", "3", "--max-instances", "2"], "need 0 <= min <= max"),
+    ]
+    for args, says in cases:
+        proc = launch(
+            aws,
+            home,
+            *["deploy", "--target", "sagemaker", "--model", "s3://b/m/model.tar.gz"],
+            *["--name", "new", "--role", ROLE, *args],
+        )
+        assert proc.returncode == 2 and says in proc.stderr, (args, proc.stderr)
+        assert len(proc.stderr.strip().splitlines()) == 1
+    sm = aws.client("sagemaker")
+    assert sm.list_models()["Models"] == [] and sm.list_endpoint_configs()["EndpointConfigs"] == []
+    local = launch(aws, home, "deploy", "--model", str(tmp_path), "--min-instances", "1")
+    assert local.returncode == 2 and "add --target sagemaker" in local.stderr
+
+
+# UpdateEndpoint is not in moto 5.2.5: in the tests below that one call is answered by the
+# response SageMaker recorded for it (checked against botocore's service model), from a
+# handler on the client's own before-call event; every other call reaches moto's server.
+UPDATE_RESPONSE = {"EndpointArn": "arn:aws:sagemaker:us-east-1:123456789012:endpoint/dogs"}
+
+
+def _target(aws, monkeypatch, home, **options):
+    from imgclf.targets.sagemaker import AwsOptions
+    from imgclf.targets.sagemaker.target import SageMakerTarget
+
+    for key in [k for k in __import__("os").environ if k.startswith("AWS_")]:
+        monkeypatch.delenv(key)
+    for key, value in aws.env().items():
+        if key.startswith("AWS_"):
+            monkeypatch.setenv(key, value)
+    return SageMakerTarget(AwsOptions(role=ROLE, home=home, poll_s=0.05, **options))
+
+
+def _answer_update_endpoint(target, aws, *, takes_effect: bool):
+    """Answer UpdateEndpoint with the recorded response; with `takes_effect`, the endpoint is
+    then moved to the new config on moto's server (CreateEndpoint over the same name is how
+    moto replaces one), as SageMaker's finished blue/green deployment leaves it."""
+    import botocore.session
+    from botocore.awsrequest import AWSResponse
+    from botocore.validate import ParamValidator
+
+    model = botocore.session.get_session().get_service_model("sagemaker")
+    shape = model.operation_model("UpdateEndpoint").output_shape
+    report = ParamValidator().validate(UPDATE_RESPONSE, shape)
+    assert not report.has_errors(), report.generate_report()
+    sent = []
+
+    def answer(params, **_):
+        body = json.loads(params["body"])
+        sent.append(body)
+        if takes_effect:
+            aws.client("sagemaker").create_endpoint(
+                EndpointName=body["EndpointName"], EndpointConfigName=body["EndpointConfigName"]
+            )
+        return AWSResponse(params["url"], 200, {}, None), dict(UPDATE_RESPONSE)
+
+    target.c.sagemaker.meta.events.register("before-call.sagemaker.UpdateEndpoint", answer)
+    return sent
+
+
+def _deploy(target, model, **kw):
+    from imgclf.targets.base import DeployRequest
+
+    return target.deploy(DeployRequest(str(model), "dogs", **kw))
+
+
+def test_deploy_to_a_running_endpoint_updates_it_and_removes_the_old_model(
+    aws, tmp_path, monkeypatch, capsys
+):
+    home = tmp_path / "home"
+    remember_images(home)
+    target = _target(aws, monkeypatch, home, instance_type="ml.c5.xlarge")
+    sent = _answer_update_endpoint(target, aws, takes_effect=True)
+    _deploy(target, model_folder(tmp_path, "old"), min_instances=1, max_instances=4)
+    sm = aws.client("sagemaker")
+    (old_model,) = [m["ModelName"] for m in sm.list_models()["Models"]]
+    assert sent == []  # a new endpoint is CreateEndpoint
+
+    info = _deploy(
+        target,
+        model_folder(tmp_path, "new"),
+        rollout="canary:10:5",
+        rollback_alarms=("dogs-5xx", "dogs-latency"),
+    )
+    out = capsys.readouterr().out
+    (update,) = sent
+    assert update["EndpointName"] == "dogs"
+    new_config = update["EndpointConfigName"]
+    policy = update["DeploymentConfig"]["BlueGreenUpdatePolicy"]
+    assert policy["TrafficRoutingConfiguration"]["CanarySize"] == {
+        "Type": "CAPACITY_PERCENT",
+        "Value": 10,
+    }
+    assert update["DeploymentConfig"]["AutoRollbackConfiguration"] == {
+        "Alarms": [{"AlarmName": "dogs-5xx"}, {"AlarmName": "dogs-latency"}]
+    }
+    assert info.state == "InService" and f"now serves {new_config}" in out
+    endpoint = sm.describe_endpoint(EndpointName="dogs")
+    assert endpoint["EndpointConfigName"] == new_config
+    # The old config and model are gone; only the new ones are left.
+    assert [m["ModelName"] for m in sm.list_models()["Models"]] == [new_config]
+    configs = [c["EndpointConfigName"] for c in sm.list_endpoint_configs()["EndpointConfigs"]]
+    assert configs == [new_config] and f"removed model {old_model}" in out
+    # The scaling registered with the first deploy stays (same instance type).
+    (scaled,), _ = scaling_of(aws, "dogs")
+    assert (scaled["MinCapacity"], scaled["MaxCapacity"]) == (1, 4)
+
+    # Another instance type while autoscaling is registered: SageMaker would refuse the update;
+    # the deploy refuses first, before anything is made, and says how.
+    other = _target(aws, monkeypatch, home, instance_type="ml.c5.2xlarge")
+    sent_other = _answer_update_endpoint(other, aws, takes_effect=True)
+    with pytest.raises(Exception, match="pass --min-instances and --max-instances"):
+        _deploy(other, model_folder(tmp_path, "bigger"))
+    assert sent_other == [] and len(sm.list_models()["Models"]) == 1
+    _deploy(other, model_folder(tmp_path, "bigger2"), min_instances=2, max_instances=6)
+    out = capsys.readouterr().out
+    assert "scalable target endpoint/dogs/variant/AllTraffic" in out  # removed for the update
+    (scaled,), _ = scaling_of(aws, "dogs")
+    assert (scaled["MinCapacity"], scaled["MaxCapacity"]) == (2, 6)  # and registered again
+
+
+def test_an_update_that_rolls_back_leaves_the_old_model_serving(aws, tmp_path, monkeypatch, capsys):
+    from imgclf.errors import UserError
+
+    home = tmp_path / "home"
+    remember_images(home)
+    target = _target(aws, monkeypatch, home, instance_type="ml.c5.xlarge")
+    sent = _answer_update_endpoint(target, aws, takes_effect=False)
+    _deploy(target, model_folder(tmp_path, "old"))
+    sm = aws.client("sagemaker")
+    before = sm.describe_endpoint(EndpointName="dogs")["EndpointConfigName"]
+    with pytest.raises(UserError, match="rolled back") as err:
+        _deploy(target, model_folder(tmp_path, "new"), rollback_alarms=("dogs-5xx",))
+    assert f"{before} still serves" in str(err.value)
+    assert len(sent) == 1
+    assert sm.describe_endpoint(EndpointName="dogs")["EndpointConfigName"] == before
+    assert [m["ModelName"] for m in sm.list_models()["Models"]] == [before]
+    configs = [c["EndpointConfigName"] for c in sm.list_endpoint_configs()["EndpointConfigs"]]
+    assert configs == [before]
+
+
 def test_transform_uploads_creates_the_job_downloads_answers_and_resumes(
     aws, tmp_path, tiny_digits
 ):

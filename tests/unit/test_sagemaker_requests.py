@@ -12,6 +12,7 @@ from imgclf.contract import TORCH_DISTRIBUTED_KEY
 from imgclf.errors import UserError
 from imgclf.metrics import metric_definitions
 from imgclf.targets import sagemaker as sm
+from imgclf.targets.sagemaker import requests as rq
 from imgclf.targets.sagemaker import s3 as sm_s3
 from imgclf.targets.sagemaker import training_definition
 from imgclf.targets.sagemaker.requests import tuning_job_request
@@ -227,6 +228,160 @@ def test_tuning_request_passes_botocores_own_validation(strategy):
 def test_a_broken_request_is_caught_by_the_same_validation():
     with pytest.raises(AssertionError):
         validate("CreateHyperParameterTuningJob", {"HyperParameterTuningJobName": 5})
+
+
+# ---------------------------------------------------------------- issue 25: endpoints that live on
+
+
+def validate_in(service: str, operation: str, request: dict) -> None:
+    model = botocore.session.get_session().get_service_model(service)
+    report = ParamValidator().validate(request, model.operation_model(operation).input_shape)
+    assert not report.has_errors(), report.generate_report()
+
+
+@pytest.mark.parametrize(
+    ("rollout", "alarms", "routing"),
+    [
+        ("all-at-once", (), {"Type": "ALL_AT_ONCE", "WaitIntervalInSeconds": 0}),
+        (
+            "canary:10:5",
+            ("errors-high",),
+            {
+                "Type": "CANARY",
+                "WaitIntervalInSeconds": 300,
+                "CanarySize": {"Type": "CAPACITY_PERCENT", "Value": 10},
+            },
+        ),
+        (
+            "linear:25:2",
+            ("errors-high", "latency-high", "errors-high"),
+            {
+                "Type": "LINEAR",
+                "WaitIntervalInSeconds": 120,
+                "LinearStepSize": {"Type": "CAPACITY_PERCENT", "Value": 25},
+            },
+        ),
+    ],
+)
+def test_update_endpoint_requests_pass_validation(rollout, alarms, routing):
+    request = rq.update_endpoint_request(
+        name="dogs", config_name="dogs-2", rollout=rollout, rollback_alarms=alarms
+    )
+    validate("UpdateEndpoint", request)
+    policy = request["DeploymentConfig"]["BlueGreenUpdatePolicy"]
+    assert policy["TrafficRoutingConfiguration"] == routing
+    # Long enough for every baking step (linear 25%: four of 2 minutes) and the new fleet.
+    steps = {"ALL_AT_ONCE": 1, "CANARY": 2, "LINEAR": 4}[routing["Type"]]
+    assert policy["MaximumExecutionTimeoutInSeconds"] >= steps * routing["WaitIntervalInSeconds"]
+    rollback = request["DeploymentConfig"].get("AutoRollbackConfiguration")
+    names = list(dict.fromkeys(alarms))  # a repeated name is sent once
+    assert rollback == ({"Alarms": [{"AlarmName": a} for a in names]} if alarms else None)
+
+
+@pytest.mark.parametrize(
+    ("rollout", "says"),
+    [
+        ("blue-green", "use one of all-at-once, canary:PCT:MINUTES"),
+        ("canary:10", "use one of"),
+        ("canary:75:5", "a canary step is 1 to 50 percent"),
+        ("linear:5:5", "a linear step is 10 to 50 percent"),
+        ("linear:20:90", "1 to 60 minutes"),
+        ("canary:x:5", "use one of"),
+    ],
+)
+def test_a_bad_rollout_is_refused_naming_what_is_accepted(rollout, says):
+    with pytest.raises(UserError, match=says):
+        rq.update_endpoint_request(name="d", config_name="d-2", rollout=rollout)
+
+
+def test_too_many_rollback_alarms_are_refused():
+    with pytest.raises(UserError, match="at most 10 alarms"):
+        rq.update_endpoint_request(
+            name="d", config_name="d-2", rollback_alarms=[f"a{i}" for i in range(11)]
+        )
+
+
+def test_an_async_endpoint_config_with_startup_timeouts_passes_validation():
+    health, download = rq.startup_timeouts(95 * 1024 * 1024)  # a ResNet-50's model.tar.gz
+    # 10x the measured 17 s cold start, in whole minutes; a small model: SageMaker's minimum.
+    assert (health, download) == (180, 60)
+    assert rq.startup_timeouts(3 * 1024**3)[1] == 360  # 3 GB at 10 MB/s: 307 s, in minutes
+    assert rq.startup_timeouts(100 * 1024**3)[1] == 3600  # SageMaker's ceiling
+    workers = rq.instance_workers("ml.c5.2xlarge")
+    assert workers == 2 and rq.instance_workers("ml.g5.xlarge") == 1
+    assert rq.instance_workers("ml.m5.large") == 1
+    config = rq.endpoint_config_request(
+        name="big-1",
+        model_name="big-1",
+        instance_type="ml.c5.2xlarge",
+        startup_timeout_s=health,
+        download_timeout_s=download,
+        async_config=rq.async_inference_config(output_s3="s3://b/answers/", max_concurrent=16),
+    )
+    validate("CreateEndpointConfig", config)
+    variant = config["ProductionVariants"][0]
+    assert variant["ContainerStartupHealthCheckTimeoutInSeconds"] == 180
+    assert variant["ModelDataDownloadTimeoutInSeconds"] == 60
+    assert config["AsyncInferenceConfig"] == {
+        "ClientConfig": {"MaxConcurrentInvocationsPerInstance": 16},
+        "OutputConfig": {
+            "S3OutputPath": "s3://b/answers",
+            "S3FailurePath": "s3://b/answers/failures",
+        },
+    }
+    with pytest.raises(UserError, match="s3://BUCKET/PREFIX"):
+        rq.async_inference_config(output_s3="answers/", max_concurrent=1)
+    with pytest.raises(UserError, match="drop --serverless-mb"):
+        rq.endpoint_config_request(
+            name="x",
+            model_name="x",
+            serverless_memory_mb=2048,
+            async_config=rq.async_inference_config(output_s3="s3://b/a", max_concurrent=1),
+        )
+
+
+def test_autoscaling_requests_pass_application_autoscalings_validation():
+    target = rq.scalable_target_request(endpoint="dogs", min_instances=1, max_instances=4)
+    validate_in("application-autoscaling", "RegisterScalableTarget", target)
+    assert target["ResourceId"] == "endpoint/dogs/variant/AllTraffic"
+    assert target["ScalableDimension"] == "sagemaker:variant:DesiredInstanceCount"
+    policy = rq.invocations_policy_request(endpoint="dogs", target_invocations=600)
+    validate_in("application-autoscaling", "PutScalingPolicy", policy)
+    tracking = policy["TargetTrackingScalingPolicyConfiguration"]
+    assert tracking["TargetValue"] == 600.0
+    assert tracking["PredefinedMetricSpecification"] == {
+        "PredefinedMetricType": "SageMakerVariantInvocationsPerInstance"
+    }
+    assert tracking["ScaleInCooldown"] > tracking["ScaleOutCooldown"]
+    # The default target: half the measured 16.82 req/s a minute.
+    assert rq.DEFAULT_TARGET_INVOCATIONS == 504
+    for request in (
+        rq.backlog_policy_request(endpoint="big"),
+        rq.scale_from_zero_policy_request(endpoint="big"),
+    ):
+        validate_in("application-autoscaling", "PutScalingPolicy", request)
+    alarm = rq.backlog_alarm_request(endpoint="big", policy_arn="arn:aws:autoscaling:x")
+    validate_in("cloudwatch", "PutMetricAlarm", alarm)
+    assert alarm["MetricName"] == "HasBacklogWithoutCapacity"
+    for low, high in ((2, 1), (-1, 3), (0, 0)):
+        with pytest.raises(UserError, match="need 0 <= min <= max"):
+            rq.scalable_target_request(endpoint="d", min_instances=low, max_instances=high)
+    with pytest.raises(UserError, match="--target-invocations 0"):
+        rq.invocations_policy_request(endpoint="d", target_invocations=0)
+
+
+def test_invoke_endpoint_async_request_shape_passes_validation():
+    validate_in(
+        "sagemaker-runtime",
+        "InvokeEndpointAsync",
+        {
+            "EndpointName": "big",
+            "InputLocation": "s3://b/imgclf/async-input/big/abc",
+            "ContentType": "image/jpeg",
+            "Accept": "application/json",
+            "InvocationTimeoutSeconds": rq.ASYNC_TIMEOUT_S,
+        },
+    )
 
 
 @pytest.mark.parametrize("manifest", [False, True])

@@ -90,3 +90,29 @@ def test_a_batch_transform_takes_its_payload_limit_and_minutes_per_request():
         read_settings({"SAGEMAKER_BATCH": "true", "SAGEMAKER_MAX_PAYLOAD_IN_MB": "101"})
     with pytest.raises(SettingsError, match="SAGEMAKER_BATCH='maybe'"):
         read_settings({"SAGEMAKER_BATCH": "maybe"})
+
+
+def test_an_async_endpoint_takes_a_gigabyte_and_an_hour_and_keeps_every_other_guard():
+    """IMGCLF_ASYNC, which `deploy --async-output` writes into the model: async inference's own
+    limits (1 GB, an hour), one such body held at a time; the pixel budget is unchanged."""
+    from imgclf.serving.protocol import MB, Limits
+
+    real_time = read_settings({})
+    asynchronous = read_settings({"IMGCLF_ASYNC": "true"})
+    assert asynchronous.asynchronous and not asynchronous.batch
+    assert asynchronous.limits.max_body_bytes == 1024 * MB
+    assert asynchronous.timeout_s == 3600 and asynchronous.limits.body_timeout_s == 3600
+    assert asynchronous.limits.body_budget_bytes == 1024 * MB
+    unchanged = {"header_timeout_s", "max_connections", "idle_timeout_s", "max_header_bytes"}
+    for name in unchanged:
+        assert getattr(asynchronous.limits, name) == getattr(Limits(), name), name
+    assert real_time.limits.max_body_bytes == 6 * MB and real_time.timeout_s == 60
+    smaller = read_settings({"IMGCLF_ASYNC": "1", "SAGEMAKER_MAX_PAYLOAD_IN_MB": "200"})
+    assert smaller.max_payload_mb == 200
+    with pytest.raises(SettingsError, match="over async inference's limit of 1024 MB"):
+        read_settings({"IMGCLF_ASYNC": "true", "SAGEMAKER_MAX_PAYLOAD_IN_MB": "2048"})
+    with pytest.raises(SettingsError, match="IMGCLF_ASYNC='sometimes'"):
+        read_settings({"IMGCLF_ASYNC": "sometimes"})
+    # A transform job run with an async endpoint's model is a transform: batch limits.
+    both = read_settings({"IMGCLF_ASYNC": "true", "SAGEMAKER_BATCH": "true"})
+    assert both.batch and not both.asynchronous and both.max_payload_mb == 6

@@ -196,8 +196,72 @@ def _deploy_parser(sub) -> None:
     deploy.add_argument(
         "--serverless-mb", type=int, help="serverless endpoint with this memory (sagemaker)"
     )
+    _deploy_production_arguments(deploy)
     deploy.add_argument("--home", help="where local endpoints live (default .imgclf)")
     deploy.set_defaults(func=commands.cmd_deploy)
+
+
+def _deploy_production_arguments(deploy) -> None:
+    """deploy's SageMaker settings for an endpoint that lives on: updates, autoscaling, async."""
+    from imgclf.targets.sagemaker import requests as rq
+
+    update = deploy.add_argument_group(
+        "--target sagemaker, --name of a running endpoint: a new model by UpdateEndpoint "
+        "(blue/green), then the old config and model are removed"
+    )
+    update.add_argument(
+        "--rollout",
+        default="all-at-once",
+        metavar="|".join(rq.ROLLOUTS),
+        help="how traffic moves to the new model: all at once (default), a canary of PCT%% of "
+        "capacity baked MINUTES before the rest, or PCT%% more every MINUTES",
+    )
+    update.add_argument(
+        "--rollback-alarm",
+        action="append",
+        default=[],
+        metavar="ALARM",
+        help="a CloudWatch alarm name; if one fires during the rollout, SageMaker shifts "
+        f"the traffic back (repeatable, up to {rq.MAX_ROLLBACK_ALARMS})",
+    )
+    scaling = deploy.add_argument_group(
+        "--target sagemaker autoscaling (Application Auto Scaling, target tracking; "
+        f"scale-out cooldown {rq.SCALE_OUT_COOLDOWN_S} s, scale-in {rq.SCALE_IN_COOLDOWN_S} s)"
+    )
+    scaling.add_argument("--min-instances", type=int, help="fewest instances (0: async only)")
+    scaling.add_argument("--max-instances", type=int, help="most instances")
+    scaling.add_argument(
+        "--target-invocations",
+        type=int,
+        metavar="N",
+        help="invocations a minute per instance to hold (default "
+        f"{rq.DEFAULT_TARGET_INVOCATIONS}: {rq.TARGET_FRACTION * 100:.0f}%% of the "
+        f"{rq.MEASURED_REQUESTS_PER_S} req/s benchmarks/serve.py measured for ResNet-50 at "
+        "concurrency 16 on 2 CPUs, benchmarks/README.md; measure yours with it)",
+    )
+    deploy.add_argument(
+        "--async-output",
+        metavar="s3://BUCKET/PREFIX",
+        help="an asynchronous endpoint (sagemaker): requests up to 1 GB and an hour, answers "
+        "written here (failures under PREFIX/failures); with --min-instances 0 it scales to "
+        "zero when idle",
+    )
+    cold = rq.MEASURED_COLD_START_S
+    deploy.add_argument(
+        "--startup-timeout",
+        type=int,
+        metavar="S",
+        help="the variant's container health-check timeout (sagemaker; default "
+        f"{rq.startup_timeouts(None)[0]} s: {rq.STARTUP_MARGIN}x the {cold:g} s cold start "
+        "measured on 2 CPUs)",
+    )
+    deploy.add_argument(
+        "--download-timeout",
+        type=int,
+        metavar="S",
+        help="the variant's model-download timeout (sagemaker; default from the model's size "
+        f"at {rq.DOWNLOAD_BYTES_PER_S // 2**20} MB/s, at least 60 s)",
+    )
 
 
 def _transform_parser(sub) -> None:
@@ -270,6 +334,17 @@ def _endpoint_parsers(sub) -> None:
     invoke.add_argument(
         "--batch", action="store_true", help="all images in one JSON request (one forward pass)"
     )
+    invoke.add_argument(
+        "--async",
+        dest="asynchronous",
+        action="store_true",
+        help="an asynchronous endpoint (sagemaker): each image is uploaded to S3, sent with "
+        "InvokeEndpointAsync, and its answer read back",
+    )
+    invoke.add_argument(
+        "--no-wait", action="store_true", help="with --async: print where each answer will be"
+    )
+    invoke.add_argument("--bucket", help="with --async: where inputs go (sagemaker-REGION-ACCOUNT)")
     invoke.add_argument("--home", help="where local endpoints live (default .imgclf)")
     _add_target(invoke)
     invoke.set_defaults(func=commands.cmd_invoke)

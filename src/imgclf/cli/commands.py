@@ -222,11 +222,19 @@ def cmd_deploy(args) -> int:
         response_format=args.response_format,
         docker=args.docker,
         serverless_mb=args.serverless_mb,
+        rollout=args.rollout,
+        rollback_alarms=tuple(args.rollback_alarm),
+        min_instances=args.min_instances,
+        max_instances=args.max_instances,
+        target_invocations=args.target_invocations,
+        async_output=args.async_output,
+        startup_timeout_s=args.startup_timeout,
+        download_timeout_s=args.download_timeout,
     )
     e = target.deploy(request)
     where = f"{e.url}/invocations" if e.url else e.state
     print(f"endpoint {e.name} is {'up: ' if e.url else ''}{where} ({e.runs_as}; log: {e.log})")
-    if e.state not in ("Creating",):
+    if e.state not in ("Creating", "Updating"):
         print(f"  python launch.py invoke{_on(target)} --endpoint {e.name} IMAGE...")
     if e.url:
         print(f"  curl --data-binary @IMAGE -H 'Content-Type: image/jpeg' {e.url}/invocations")
@@ -268,8 +276,11 @@ def cmd_invoke(args) -> int:
 
     def show(path: Path, status: int, answer: dict) -> bool:
         print(f"{path}  (folder: {label_name(path.parent.name)})")
+        if status == 202:  # --async --no-wait: where the answer will be
+            print(f"  answer: {answer['output']}\n  failure: {answer['failure']}")
+            return True
         if status != 200:
-            print(f"  error {status}: {answer.get('error')} ({answer.get('hint')})")
+            print(f"  {_error_line(status, answer)}")
             return False
         rows = [[f"  {p['label']}", f"{p['probability']:.4f}"] for p in answer["predictions"]]
         print_table(rows, ["  label", "probability"])
@@ -278,7 +289,8 @@ def cmd_invoke(args) -> int:
         return True
 
     paths = [Path(image) for image in args.images]
-    sent = _send_all(target, endpoint, paths, attributes, batch=args.batch)
+    send = target.invoke_async if args.asynchronous else target.invoke
+    sent = _send_all(send, endpoint, paths, attributes, batch=args.batch)
     # each answer is printed as it comes (one request per image unless --batch)
     results = [show(p, status, answer) for p, (status, answer) in zip(paths, sent, strict=False)]
     return 0 if len(results) == len(paths) and all(results) else 1
@@ -292,28 +304,36 @@ def _read(path: Path) -> bytes:
 
 
 def _send_all(
-    target: Target, endpoint: EndpointInfo, paths: list[Path], attributes: str, *, batch: bool
+    send, endpoint: EndpointInfo, paths: list[Path], attributes: str, *, batch: bool
 ) -> Iterator[tuple[int, dict]]:
     """(status, answer) per image, as each comes back: one request each, or with `batch` one
     JSON request (one forward pass) of {"instances": [base64 image, ...]}, which yields nothing
     when it failed (said here)."""
     if not batch:
         for p in paths:
-            yield target.invoke(
+            yield send(
                 endpoint, _read(p), content_type=content_type(p.name), custom_attributes=attributes
             )
         return
     images = [base64.b64encode(_read(p)).decode("ascii") for p in paths]
-    status, answer = target.invoke(
+    status, answer = send(
         endpoint,
         json.dumps({"instances": images}).encode(),
         content_type="application/json",
         custom_attributes=attributes,
     )
+    if status == 202:  # --async --no-wait: one answer for them all, still to come
+        yield from ((202, answer) for _ in paths)
+        return
     if status != 200:
-        print(f"error {status}: {answer.get('error')} ({answer.get('hint')})")
+        print(_error_line(status, answer))
         return
     yield from ((200, a) for a in answer)
+
+
+def _error_line(status: int, answer: dict) -> str:
+    code = f" {status}" if status else ""  # an async request's failure carries no status
+    return f"error{code}: {answer.get('error')} ({answer.get('hint')})"
 
 
 # ---------------------------------------------------------------- batch transform

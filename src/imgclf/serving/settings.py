@@ -25,6 +25,7 @@ from imgclf.contract import (
     CPU_RUNTIME_ENV,
     DEFAULT_BASE_DIR,
     RESPONSE_FORMAT_ENV,
+    SERVE_ASYNC_ENV,
     SERVE_BATCH_DELAY_ENV,
     SERVE_BATCH_ENV,
     SERVE_BATCH_SIZE_ENV,
@@ -47,6 +48,11 @@ HANDLER = "imgclf.serving.handler_service"  # the MMS service module serve regis
 # InvocationsTimeoutInSeconds), and its default MaxPayloadInMB.
 BATCH_TIMEOUT_S = 600.0
 BATCH_PAYLOAD_MB = 6
+# An asynchronous endpoint's request (IMGCLF_ASYNC, which the launcher writes into the model):
+# what SageMaker's async inference allows, 1 GB from S3 and an hour (InvokeEndpointAsync's
+# InvocationTimeoutSeconds ceiling; its own default of 15 min expires a request first).
+ASYNC_TIMEOUT_S = 3600.0
+ASYNC_PAYLOAD_MB = 1024
 
 
 class SettingsError(ValueError):
@@ -83,6 +89,7 @@ class Settings:
     batch_size: int = 8  # requests per handler call (one forward pass)
     max_batch_delay_ms: int = 1  # wait for more after the first
     batch: bool = False  # a batch transform's container (SAGEMAKER_BATCH): see read_settings
+    asynchronous: bool = False  # an async endpoint's container (IMGCLF_ASYNC): read_settings
     limits: Limits = field(default_factory=Limits)  # the front's timeouts and caps
 
     @property
@@ -175,19 +182,14 @@ def read_settings(environ) -> Settings:
     ):
         if environ.get(variable):
             values[name] = environ[variable]
-    batch = parse_bool(environ.get(SERVE_BATCH_ENV) or "false")
-    if batch is None:
-        raise SettingsError(f"{SERVE_BATCH_ENV}={environ[SERVE_BATCH_ENV]!r}: use true or false")
+    batch = _flag(environ, SERVE_BATCH_ENV)
+    # A batch transform's container is one whatever its model says (a model made for an async
+    # endpoint, reused in a transform job): the platform sets SAGEMAKER_BATCH.
+    asynchronous = _flag(environ, SERVE_ASYNC_ENV) and not batch
     if batch:
         # A batch transform: bodies up to its MaxPayloadInMB, minutes per request; every other
         # guard (pixel budget, decode bounds, drain) as on a real-time endpoint.
-        payload = environ.get(sagemaker.MAX_REQUEST_SIZE) or str(BATCH_PAYLOAD_MB)
-        mb = _number(sagemaker.MAX_REQUEST_SIZE, payload, int)
-        if mb > MAX_PAYLOAD_MB:
-            raise SettingsError(
-                f"{sagemaker.MAX_REQUEST_SIZE}={payload!r} is over SageMaker's ceiling of "
-                f"{MAX_PAYLOAD_MB} MB"
-            )
+        mb = _payload_mb(environ, BATCH_PAYLOAD_MB, MAX_PAYLOAD_MB, "SageMaker's ceiling")
         values["batch"] = True
         limits.setdefault("request_timeout_s", BATCH_TIMEOUT_S)
         limits.setdefault("body_timeout_s", limits["request_timeout_s"])
@@ -196,4 +198,35 @@ def read_settings(environ) -> Settings:
             linger_bytes=max(Limits.linger_bytes, 2 * mb * MB),
             body_budget_bytes=max(Limits.body_budget_bytes, 4 * mb * MB),
         )
+    elif asynchronous:
+        # An async endpoint: SageMaker reads the request from S3 and posts it here, up to 1 GB,
+        # and waits up to an hour. One body of the largest size is held at a time (the others
+        # wait their turn in the front); the pixel budget and decode bounds are unchanged, so a
+        # large photo costs its decode at the draft scale, as any other.
+        mb = _payload_mb(environ, ASYNC_PAYLOAD_MB, ASYNC_PAYLOAD_MB, "async inference's limit")
+        values["asynchronous"] = True
+        limits.setdefault("request_timeout_s", ASYNC_TIMEOUT_S)
+        limits.setdefault("body_timeout_s", limits["request_timeout_s"])
+        limits.update(
+            max_body_bytes=mb * MB,
+            body_budget_bytes=max(Limits.body_budget_bytes, mb * MB),
+        )
     return Settings(**values, limits=Limits(**limits))
+
+
+def _flag(environ, variable: str) -> bool:
+    value = parse_bool(environ.get(variable) or "false")
+    if value is None:
+        raise SettingsError(f"{variable}={environ[variable]!r}: use true or false")
+    return value
+
+
+def _payload_mb(environ, default: int, ceiling: int, what: str) -> int:
+    """SAGEMAKER_MAX_PAYLOAD_IN_MB, within `ceiling`."""
+    payload = environ.get(sagemaker.MAX_REQUEST_SIZE) or str(default)
+    mb = _number(sagemaker.MAX_REQUEST_SIZE, payload, int)
+    if mb > ceiling:
+        raise SettingsError(
+            f"{sagemaker.MAX_REQUEST_SIZE}={payload!r} is over {what} of {ceiling} MB"
+        )
+    return mb

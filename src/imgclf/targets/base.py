@@ -84,6 +84,31 @@ class DeployRequest:
     response_format: str | None = None  # local
     docker: str | None = None  # run this serving image under Docker (local)
     serverless_mb: int | None = None  # SageMaker
+    # SageMaker, onto an existing endpoint: UpdateEndpoint's traffic shifting and rollback.
+    rollout: str = "all-at-once"
+    rollback_alarms: tuple[str, ...] = ()
+    # SageMaker autoscaling of the variant (None: none registered by this deploy).
+    min_instances: int | None = None
+    max_instances: int | None = None
+    target_invocations: int | None = None  # a minute's invocations per instance
+    async_output: str | None = None  # SageMaker: s3://… for an asynchronous endpoint's answers
+    startup_timeout_s: int | None = None  # SageMaker: the variant's health-check timeout
+    download_timeout_s: int | None = None  # SageMaker: the variant's model-download timeout
+
+    def sagemaker_only(self) -> list[str]:
+        """The flags set here that only a SageMaker endpoint has."""
+        flags = {
+            "--rollout": self.rollout != "all-at-once",
+            "--rollback-alarm": bool(self.rollback_alarms),
+            "--min-instances": self.min_instances is not None,
+            "--max-instances": self.max_instances is not None,
+            "--target-invocations": self.target_invocations is not None,
+            "--async-output": self.async_output is not None,
+            "--startup-timeout": self.startup_timeout_s is not None,
+            "--download-timeout": self.download_timeout_s is not None,
+            "--serverless-mb": self.serverless_mb is not None,
+        }
+        return [flag for flag, given in flags.items() if given]
 
 
 @dataclass(frozen=True)
@@ -163,6 +188,14 @@ class Target(Protocol):
         self, endpoint: EndpointInfo, body: bytes, *, content_type: str, custom_attributes: str
     ) -> tuple[int, Any]:
         """POST /invocations: (status, the answer's JSON), a model's 4xx included."""
+        ...
+
+    def invoke_async(
+        self, endpoint: EndpointInfo, body: bytes, *, content_type: str, custom_attributes: str
+    ) -> tuple[int, Any]:
+        """An asynchronous endpoint's request: (200, the answer) once it is written, (0, the
+        error) when the failure is, or (202, {"output", "failure"}: where each will be) when
+        the target was told not to wait."""
         ...
 
     def job_dir(self, job: str) -> Path:

@@ -149,6 +149,12 @@ class LocalTarget:
         self, request: DeployRequest, *, environment: dict[str, str] | None = None
     ) -> EndpointInfo:
         check_name("endpoint", request.name)
+        sagemaker_only = request.sagemaker_only()
+        if sagemaker_only:
+            raise UserError(
+                f"{', '.join(sagemaker_only)}: SageMaker endpoint settings; add --target sagemaker "
+                "or drop them"
+            )
         print(f"starting endpoint {request.name} on 127.0.0.1:{request.port} ...", flush=True)
         if request.docker:
             docker.require_docker()
@@ -310,6 +316,14 @@ class LocalTarget:
         assert endpoint.url is not None
         return endpoints.invoke(
             endpoint.url, body, content_type=content_type, custom_attributes=custom_attributes
+        )
+
+    def invoke_async(
+        self, endpoint: EndpointInfo, body: bytes, *, content_type: str, custom_attributes: str
+    ) -> tuple[int, Any]:
+        raise UserError(
+            "--async is for SageMaker asynchronous endpoints (deploy --async-output); a local "
+            "endpoint answers each request directly: drop --async"
         )
 
 

@@ -148,6 +148,8 @@ def clients(options: AwsOptions) -> Clients:
             runtime=s.client("sagemaker-runtime"),
             sts=s.client("sts"),
             region=s.region_name,
+            autoscaling=s.client("application-autoscaling"),
+            cloudwatch=s.client("cloudwatch"),
         )
 
 
@@ -159,6 +161,8 @@ class Clients:
     runtime: object
     sts: object
     region: str | None
+    autoscaling: object = None  # application-autoscaling: an endpoint variant's instance count
+    cloudwatch: object = None  # the alarm that scales an async endpoint up from zero
 
     def require_region(self) -> str:
         if not self.region:

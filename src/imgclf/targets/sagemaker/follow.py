@@ -175,7 +175,7 @@ def wait_for_endpoint(c: Clients, name: str, *, poll_s: float = 30.0) -> dict:
             last = status
         if status == "InService":
             return desc
-        if status in ("Failed", "OutOfService"):
+        if status in ("Failed", "OutOfService", "UpdateRollbackFailed"):
             reason = desc.get("FailureReason") or f"see log /aws/sagemaker/Endpoints/{name}"
             raise UserError(
                 f"endpoint {name} is {status}: {reason}; delete it with "

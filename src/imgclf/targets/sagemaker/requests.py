@@ -237,7 +237,13 @@ def endpoint_config_request(
     instance_count: int = 1,
     serverless_memory_mb: int | None = None,
     serverless_concurrency: int = 5,
+    startup_timeout_s: int | None = None,
+    download_timeout_s: int | None = None,
+    async_config: dict | None = None,
 ) -> dict:
+    """CreateEndpointConfig: one variant, on instances (with startup and model-download
+    timeouts: `startup_timeouts`) or serverless; `async_config` (`async_inference_config`)
+    makes it an asynchronous endpoint."""
     variant: dict = {"VariantName": "AllTraffic", "ModelName": model_name}
     if serverless_memory_mb:
         variant["ServerlessConfig"] = {
@@ -252,10 +258,246 @@ def endpoint_config_request(
                 "InitialVariantWeight": 1.0,
             }
         )
-    return {
+        if startup_timeout_s is not None:
+            variant["ContainerStartupHealthCheckTimeoutInSeconds"] = startup_timeout_s
+        if download_timeout_s is not None:
+            variant["ModelDataDownloadTimeoutInSeconds"] = download_timeout_s
+    request = {
         "EndpointConfigName": name,
         "ProductionVariants": [variant],
         "Tags": [{"Key": TAG_KEY, "Value": "serve"}],
+    }
+    if async_config is not None:
+        if serverless_memory_mb:
+            raise UserError("--async-output needs instances: drop --serverless-mb")
+        request["AsyncInferenceConfig"] = async_config
+    return request
+
+
+# ---------------------------------------------------------------- a running endpoint (pure)
+
+VARIANT = "AllTraffic"  # the one production variant every endpoint of ours has
+# A new model on a running endpoint: UpdateEndpoint's blue/green traffic shifting.
+ROLLOUTS = ("all-at-once", "canary:PCT:MINUTES", "linear:PCT:MINUTES")
+MAX_ROLLBACK_ALARMS = 10  # AutoRollbackConfiguration's limit
+
+# Cold start of the serving container, measured on the 2-CPU development machine (AMD EPYC, no
+# GPU): `docker run` to a 200 from /ping took 11.4 s (ResNet-50, 133 classes), 12.6 s (the
+# digits ResNet-18) and 17 s (README, a busier day): imports, serve's preflight (load and ONNX
+# export), MMS and its worker (a second load and export). The variant's health-check timeout
+# is the worst of these times STARTUP_MARGIN, in whole minutes: room for a slower instance, a
+# bigger network's export (ResNet-152's is about 4x ResNet-50's) and a restart of MMS.
+MEASURED_COLD_START_S = 17.0
+STARTUP_MARGIN = 10
+# model.tar.gz from S3: not measured here (no AWS from this machine); sized for 10 MB/s, far
+# under what one instance reads from S3 in its own region, and never under SageMaker's 60 s.
+DOWNLOAD_BYTES_PER_S = 10 * 1024 * 1024
+TIMEOUT_RANGE_S = (60, 3600)  # SageMaker's range for both variant timeouts
+
+# Autoscaling. The default target of SageMakerVariantInvocationsPerInstance (a minute's
+# invocations per instance): half of what benchmarks/serve.py measured the serving container
+# sustain, ResNet-50 at concurrency 16 on 2 CPUs, 16.82 req/s (benchmarks/README.md, issue 23,
+# run 2): 16.82 x 60 x 0.5 = 504. Half: AWS's own guidance for a target (scale out before the
+# instance saturates), and room for bigger photos than the benchmark's 1600x1200 JPEGs.
+MEASURED_REQUESTS_PER_S = 16.82
+TARGET_FRACTION = 0.5
+DEFAULT_TARGET_INVOCATIONS = int(MEASURED_REQUESTS_PER_S * 60 * TARGET_FRACTION)
+SCALE_OUT_COOLDOWN_S = 60  # add instances soon after the load rises
+SCALE_IN_COOLDOWN_S = 300  # remove them only once it has stayed low (each new one cold-starts)
+SCALABLE_DIMENSION = "sagemaker:variant:DesiredInstanceCount"
+# An async endpoint scales on its queue: requests waiting per instance (a target of a few keeps
+# each instance's workers busy), and from zero on SageMaker's HasBacklogWithoutCapacity metric.
+DEFAULT_TARGET_BACKLOG = 5
+ASYNC_TIMEOUT_S = 3600  # InvokeEndpointAsync's InvocationTimeoutSeconds ceiling
+
+
+def traffic_routing(rollout: str) -> dict:
+    """--rollout → TrafficRoutingConfiguration: `all-at-once` (the default), `canary:PCT:MINUTES`
+    (PCT% of the new fleet takes traffic, MINUTES of baking, then the rest) or
+    `linear:PCT:MINUTES` (PCT% more every MINUTES). The baking minutes are when rollback alarms
+    are watched."""
+    parts = rollout.split(":")
+    kind = parts[0]
+    if kind == "all-at-once" and len(parts) == 1:
+        return {"Type": "ALL_AT_ONCE", "WaitIntervalInSeconds": 0}
+    bounds = {"canary": (1, 50), "linear": (10, 50)}  # SageMaker's own, in % of capacity
+    if kind not in bounds or len(parts) != 3 or not all(p.isdigit() for p in parts[1:]):
+        raise UserError(f"--rollout {rollout!r}: use one of {', '.join(ROLLOUTS)}")
+    pct, minutes = int(parts[1]), int(parts[2])
+    low, high = bounds[kind]
+    if not low <= pct <= high:
+        raise UserError(f"--rollout {rollout!r}: a {kind} step is {low} to {high} percent")
+    if not 1 <= minutes <= 60:
+        raise UserError(f"--rollout {rollout!r}: the wait is 1 to 60 minutes")
+    size = {"Type": "CAPACITY_PERCENT", "Value": pct}
+    key = "CanarySize" if kind == "canary" else "LinearStepSize"
+    return {"Type": kind.upper(), "WaitIntervalInSeconds": minutes * 60, key: size}
+
+
+def update_endpoint_request(
+    *, name: str, config_name: str, rollout: str = "all-at-once", rollback_alarms=()
+) -> dict:
+    """UpdateEndpoint: the endpoint moves to `config_name` by a blue/green deployment; with
+    alarms, SageMaker shifts the traffic back if one fires while it deploys or bakes."""
+    routing = traffic_routing(rollout)
+    alarms = list(dict.fromkeys(rollback_alarms))
+    if len(alarms) > MAX_ROLLBACK_ALARMS:
+        raise UserError(f"--rollback-alarm: at most {MAX_ROLLBACK_ALARMS} alarms")
+    steps = 1
+    if routing["Type"] == "LINEAR":
+        steps = -(-100 // routing["LinearStepSize"]["Value"])
+    elif routing["Type"] == "CANARY":
+        steps = 2
+    # Every baking step, plus an hour to provision and health-check the new fleet.
+    timeout = min(28800, max(600, steps * routing["WaitIntervalInSeconds"] + 3600))
+    config: dict = {
+        "BlueGreenUpdatePolicy": {
+            "TrafficRoutingConfiguration": routing,
+            "MaximumExecutionTimeoutInSeconds": timeout,
+        }
+    }
+    if alarms:
+        config["AutoRollbackConfiguration"] = {"Alarms": [{"AlarmName": a} for a in alarms]}
+    return {"EndpointName": name, "EndpointConfigName": config_name, "DeploymentConfig": config}
+
+
+def startup_timeouts(model_bytes: int | None) -> tuple[int, int]:
+    """(ContainerStartupHealthCheckTimeoutInSeconds, ModelDataDownloadTimeoutInSeconds) from
+    the measured cold start and the model's size (unknown: a 1 GB model's time)."""
+    low, high = TIMEOUT_RANGE_S
+
+    def minutes(seconds: float) -> int:
+        return int(min(high, max(low, -(-seconds // 60) * 60)))
+
+    size = model_bytes if model_bytes is not None else 1024**3
+    return (
+        minutes(MEASURED_COLD_START_S * STARTUP_MARGIN),
+        minutes(size / DOWNLOAD_BYTES_PER_S),
+    )
+
+
+def instance_workers(instance_type: str) -> int:
+    """MMS workers `serve` starts on an instance by default (settings.default_workers): one per
+    GPU (taken as one: the smallest GPU instances), or one per four vCPUs (large = 2 vCPUs,
+    xlarge = 4, Nxlarge = 4N)."""
+    family, _, size = instance_type.removeprefix("ml.").partition(".")
+    if family[:1] in ("g", "p"):
+        return 1
+    vcpus = {"medium": 1, "large": 2, "xlarge": 4}.get(size)
+    if vcpus is None and size.endswith("xlarge") and size[:-6].isdigit():
+        vcpus = 4 * int(size[:-6])
+    return max(1, (vcpus or 4) // 4)
+
+
+def async_inference_config(*, output_s3: str, max_concurrent: int) -> dict:
+    """AsyncInferenceConfig: answers under output_s3/, failures under output_s3/failures/."""
+    base = output_s3.rstrip("/")
+    if not base.startswith("s3://") or len(base) <= len("s3://"):
+        raise UserError(f"--async-output {output_s3!r}: give an S3 prefix, s3://BUCKET/PREFIX")
+    return {
+        "ClientConfig": {"MaxConcurrentInvocationsPerInstance": max(1, min(1000, max_concurrent))},
+        "OutputConfig": {"S3OutputPath": base, "S3FailurePath": f"{base}/failures"},
+    }
+
+
+def variant_resource(endpoint: str) -> str:
+    return f"endpoint/{endpoint}/variant/{VARIANT}"
+
+
+def scalable_target_request(*, endpoint: str, min_instances: int, max_instances: int) -> dict:
+    """RegisterScalableTarget for the variant's instance count."""
+    if not 0 <= min_instances <= max_instances or max_instances < 1:
+        raise UserError(
+            f"--min-instances {min_instances} --max-instances {max_instances}: need "
+            "0 <= min <= max and max >= 1"
+        )
+    return {
+        "ServiceNamespace": "sagemaker",
+        "ResourceId": variant_resource(endpoint),
+        "ScalableDimension": SCALABLE_DIMENSION,
+        "MinCapacity": min_instances,
+        "MaxCapacity": max_instances,
+    }
+
+
+def _policy(endpoint: str, name: str, policy_type: str) -> dict:
+    return {
+        "PolicyName": f"{endpoint}-{name}",
+        "ServiceNamespace": "sagemaker",
+        "ResourceId": variant_resource(endpoint),
+        "ScalableDimension": SCALABLE_DIMENSION,
+        "PolicyType": policy_type,
+    }
+
+
+def invocations_policy_request(*, endpoint: str, target_invocations: int) -> dict:
+    """Target tracking on SageMakerVariantInvocationsPerInstance (a minute's invocations)."""
+    if target_invocations < 1:
+        raise UserError(f"--target-invocations {target_invocations}: give 1 or more a minute")
+    return {
+        **_policy(endpoint, "invocations", "TargetTrackingScaling"),
+        "TargetTrackingScalingPolicyConfiguration": {
+            "TargetValue": float(target_invocations),
+            "PredefinedMetricSpecification": {
+                "PredefinedMetricType": "SageMakerVariantInvocationsPerInstance"
+            },
+            "ScaleOutCooldown": SCALE_OUT_COOLDOWN_S,
+            "ScaleInCooldown": SCALE_IN_COOLDOWN_S,
+        },
+    }
+
+
+def backlog_policy_request(*, endpoint: str, target_backlog: int = DEFAULT_TARGET_BACKLOG) -> dict:
+    """An async endpoint: target tracking on its queue per instance (down to 0 instances)."""
+    return {
+        **_policy(endpoint, "backlog", "TargetTrackingScaling"),
+        "TargetTrackingScalingPolicyConfiguration": {
+            "TargetValue": float(target_backlog),
+            "CustomizedMetricSpecification": {
+                "MetricName": "ApproximateBacklogSizePerInstance",
+                "Namespace": "AWS/SageMaker",
+                "Dimensions": [{"Name": "EndpointName", "Value": endpoint}],
+                "Statistic": "Average",
+            },
+            "ScaleOutCooldown": SCALE_OUT_COOLDOWN_S,
+            "ScaleInCooldown": SCALE_IN_COOLDOWN_S,
+        },
+    }
+
+
+def scale_from_zero_policy_request(*, endpoint: str) -> dict:
+    """At 0 instances there is no per-instance backlog to track: one instance is added when
+    requests wait with none to take them (the alarm below)."""
+    return {
+        **_policy(endpoint, "from-zero", "StepScaling"),
+        "StepScalingPolicyConfiguration": {
+            "AdjustmentType": "ChangeInCapacity",
+            "MetricAggregationType": "Average",
+            "Cooldown": SCALE_OUT_COOLDOWN_S,
+            "StepAdjustments": [{"MetricIntervalLowerBound": 0, "ScalingAdjustment": 1}],
+        },
+    }
+
+
+def backlog_alarm_name(endpoint: str) -> str:
+    return f"imgclf-{endpoint}-backlog-without-capacity"
+
+
+def backlog_alarm_request(*, endpoint: str, policy_arn: str) -> dict:
+    """CloudWatch PutMetricAlarm: HasBacklogWithoutCapacity >= 1 for a minute → the step policy."""
+    return {
+        "AlarmName": backlog_alarm_name(endpoint),
+        "AlarmDescription": f"imgclf: requests wait on {endpoint} with no instance to take them",
+        "MetricName": "HasBacklogWithoutCapacity",
+        "Namespace": "AWS/SageMaker",
+        "Dimensions": [{"Name": "EndpointName", "Value": endpoint}],
+        "Statistic": "Average",
+        "Period": 60,
+        "EvaluationPeriods": 1,
+        "Threshold": 1.0,
+        "ComparisonOperator": "GreaterThanOrEqualToThreshold",
+        "TreatMissingData": "missing",
+        "AlarmActions": [policy_arn],
     }
 
 

@@ -109,6 +109,17 @@ class SageMakerTarget:
         if request.docker:
             raise UserError("--docker runs the image locally; drop --target sagemaker or --docker")
         check_name("endpoint", request.name)
+        scaling = None
+        if request.min_instances is not None or request.max_instances is not None:
+            if request.min_instances is None or request.max_instances is None:
+                raise UserError("autoscaling needs both --min-instances and --max-instances")
+            scaling = sm.Scaling(
+                request.min_instances,
+                request.max_instances,
+                request.target_invocations or sm.DEFAULT_TARGET_INVOCATIONS,
+            )
+        elif request.target_invocations is not None:
+            raise UserError("--target-invocations needs --min-instances and --max-instances")
         made = sm.deploy(
             self.c,
             self.options,
@@ -116,20 +127,47 @@ class SageMakerTarget:
             name=request.name,
             serverless_memory_mb=request.serverless_mb,
             response_format=request.response_format,
+            rollout=request.rollout,
+            rollback_alarms=request.rollback_alarms,
+            scaling=scaling,
+            async_output=request.async_output,
+            startup_timeout_s=request.startup_timeout_s,
+            download_timeout_s=request.download_timeout_s,
         )
+        previous = made["previous"]
+        verb = "updating" if previous else "creating"
+        shift = f", {request.rollout}" if previous else ""
         print(
-            f"endpoint {request.name} creating: model {made['model']} from {made['model_data']}",
+            f"endpoint {request.name} {verb}{shift}: model {made['model']} from "
+            f"{made['model_data']}" + (f" on {made['instances']}" if made["instances"] else ""),
             flush=True,
         )
-        state = "Creating"
+        state = "Updating" if previous else "Creating"
+        model = made["model_data"]
         if self.options.wait:
-            state = sm.wait_for_endpoint(self.c, request.name, poll_s=self.options.poll_s)[
-                "EndpointStatus"
-            ]
+            if previous:
+                for line in sm.follow_update(self.c, made, poll_s=self.options.poll_s):
+                    print(line, flush=True)
+                state = "InService"
+            else:
+                state = sm.wait_for_endpoint(self.c, request.name, poll_s=self.options.poll_s)[
+                    "EndpointStatus"
+                ]
+            if scaling is not None:
+                for line in sm.apply_scaling(
+                    self.c, request.name, scaling, asynchronous=made["asynchronous"]
+                ):
+                    print(line, flush=True)
+        elif previous:
+            old = " ".join([previous["config"], *previous["models"]])
+            print(
+                f"  once it is InService, {old} can go: aws sagemaker delete-endpoint-config / "
+                "delete-model (a deploy that waits removes them itself)"
+            )
         return EndpointInfo(
             request.name,
             state=state,
-            model=made["model_data"],
+            model=model,
             runs_as=made["model"],
             log=f"CloudWatch /aws/sagemaker/Endpoints/{request.name}",
             bills=True,
@@ -163,6 +201,18 @@ class SageMakerTarget:
     ) -> tuple[int, Any]:
         return sm.invoke(
             self.c,
+            endpoint.name,
+            body,
+            content_type=content_type,
+            custom_attributes=custom_attributes,
+        )
+
+    def invoke_async(
+        self, endpoint: EndpointInfo, body: bytes, *, content_type: str, custom_attributes: str
+    ) -> tuple[int, Any]:
+        return sm.invoke_async(
+            self.c,
+            self.options,
             endpoint.name,
             body,
             content_type=content_type,
