@@ -13,7 +13,18 @@ LAYERS = {
     "jobs": 4,
     **dict.fromkeys(["train", "serving", "report", "debugging", "container", "_program"], 3),
     **dict.fromkeys(
-        ["engine", "data", "models", "artifacts", "features", "prepare", "sample", "metrics"], 2
+        [
+            "engine",
+            "data",
+            "models",
+            "artifacts",
+            "features",
+            "prepare",
+            "sample",
+            "metrics",
+            "scores",
+        ],
+        2,
     ),
     **dict.fromkeys(["config", "contract", "util", "errors", "processes", "archives"], 1),
 }
