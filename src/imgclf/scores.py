@@ -11,6 +11,7 @@ import csv
 import io
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,11 @@ import numpy as np
 ECE_BINS = 15  # the usual choice (Guo et al., "On Calibration of Modern Neural Networks")
 TEMPERATURE_RANGE = (0.05, 20.0)
 PREDICTIONS_COLUMNS = ("file", "true_label", "predicted_label", "probability", "correct")
+
+
+def predictions_file(split: str) -> str:
+    """output/data/<split>_predictions.csv: one row per image of the split."""
+    return f"{split}_predictions.csv"
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -234,3 +240,62 @@ def evaluation(
         "ece_uncalibrated": expected_calibration_error(before),
         "reliability": {"uncalibrated": before, "calibrated": after},
     }
+
+
+def split_summary(split: str, result: dict) -> dict:
+    """What metrics.json keeps of `evaluation(...)` for one split (the reliability bins go to
+    output/data/evaluation.json)."""
+    return {
+        "per_class": result["per_class"],
+        "macro_avg": result["macro_avg"],
+        "weighted_avg": result["weighted_avg"],
+        f"{split}_ece": result["ece"],
+        f"{split}_ece_uncalibrated": result["ece_uncalibrated"],
+    }
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What the validation split decides about the answers: the temperature that divides the
+    logits, and each class's confidence threshold (best F1, on the calibrated probabilities),
+    in label order."""
+
+    temperature: float = 1.0
+    thresholds: list[float] = field(default_factory=list)
+    valid_ece: float | None = None
+    valid_ece_uncalibrated: float | None = None
+    reliability: dict = field(default_factory=dict)
+
+    def model_config(self) -> dict:
+        """The part of model_config.json the endpoint applies."""
+        out: dict = {"temperature": self.temperature}
+        if self.thresholds:
+            out["thresholds"] = [round(t, 6) for t in self.thresholds]
+        return out
+
+    def summary(self, labels: Sequence[str]) -> dict:
+        return {
+            "temperature": self.temperature,
+            "method": "temperature scaling, fitted on the validation split",
+            "valid_ece_uncalibrated": self.valid_ece_uncalibrated,
+            "valid_ece": self.valid_ece,
+            "thresholds": dict(zip(labels, self.thresholds)),
+            "thresholds_rule": "best F1 on the validation split (calibrated probabilities)",
+        }
+
+
+def calibrate(logits: np.ndarray, targets: Sequence[int], labels: Sequence[str]) -> Calibration:
+    """Fit the temperature, then the thresholds, on the validation split's logits."""
+    logits = np.asarray(logits, dtype=np.float64)
+    if len(logits) == 0:
+        return Calibration(thresholds=[0.0] * len(labels))
+    temperature = fit_temperature(logits, targets)
+    calibrated = softmax(logits, temperature)
+    before, after = reliability(softmax(logits), targets), reliability(calibrated, targets)
+    return Calibration(
+        temperature=temperature,
+        thresholds=best_f1_thresholds(calibrated, targets),
+        valid_ece=expected_calibration_error(after),
+        valid_ece_uncalibrated=expected_calibration_error(before),
+        reliability={"uncalibrated": before, "calibrated": after},
+    )
