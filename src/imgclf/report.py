@@ -291,9 +291,13 @@ def build_report(job_dir: Path) -> str:
         *_time_section(history, evaluation.get("device", "cpu")),
         *_profile_sections(data_dir),
     ]
+    return page(job_dir.name, parts)
+
+
+def page(title: str, parts: list[str]) -> str:
     return (
         "<!doctype html><html><head><meta charset='utf-8'>"
-        f"<title>imgclf report {html.escape(job_dir.name)}</title><style>{CSS}</style></head>"
+        f"<title>imgclf report {html.escape(title)}</title><style>{CSS}</style></head>"
         f"<body>{''.join(parts)}</body></html>"
     )
 
@@ -538,6 +542,33 @@ def write_report(job_dir: Path, out: Path | None = None) -> Path:
     out = out or job_dir / "output" / "data" / REPORT_FILE
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(build_report(job_dir))
+    return out
+
+
+def write_evaluation_report(out_dir: Path, split: str, title: str) -> Path:
+    """`launch.py evaluate`'s report.html, from the metrics.json, evaluation.json and
+    <split>_predictions.csv it wrote to `out_dir`: its numbers, then the training report's
+    evaluation sections."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    metrics = _load(out_dir / "metrics.json", {})
+    rows = [
+        [key, f"{metrics[key]:.4f}"]
+        for key in (f"{split}_loss", f"{split}_acc", f"{split}_top5", f"{split}_ece")
+        if isinstance(metrics.get(key), float)
+    ]
+    rows.append([f"{split} images", metrics.get(f"{split}_images", "?")])
+    text = page(
+        title,
+        [
+            f"<h1>{html.escape(title)}</h1>",
+            f"<section id='summary'><h2>Summary</h2>{_table(['', ''], rows)}</section>",
+            *evaluation_sections(metrics, _load(out_dir / "evaluation.json", {}), out_dir, split),
+        ],
+    )
+    out = out_dir / REPORT_FILE
+    out.write_text(text)
     return out
 
 

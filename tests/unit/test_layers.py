@@ -11,7 +11,9 @@ LAYERS = {
     "targets": 6,
     "tuning": 5,
     "jobs": 4,
-    **dict.fromkeys(["train", "serving", "report", "debugging", "container", "_program"], 3),
+    **dict.fromkeys(
+        ["train", "evaluate", "serving", "report", "debugging", "container", "_program"], 3
+    ),
     **dict.fromkeys(
         [
             "engine",
