@@ -4,6 +4,7 @@ training checkpoints. Everything is loadable with `torch.load(weights_only=True)
 from __future__ import annotations
 
 import json
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +67,17 @@ class ModelArtifact:
     @property
     def preprocess(self) -> Preprocess:
         return Preprocess.from_dict(self.config["preprocess"])
+
+    @property
+    def temperature(self) -> float:
+        """What the logits are divided by before the softmax (1.0: not calibrated)."""
+        return float(self.config.get("temperature", 1.0))
+
+    @property
+    def thresholds(self) -> list[float] | None:
+        """Each class's confidence threshold (best F1 on the validation split), label order."""
+        values = self.config.get("thresholds")
+        return [float(v) for v in values] if values is not None else None
 
 
 def save_artifact(
@@ -169,6 +181,20 @@ def check_config(config: Any) -> dict[str, Any]:
         raise ArtifactProblem(
             f"{name}: num_classes is {_shown(count)}: accepted an integer from 1 to {MAX_LABELS}"
         )
+    temperature = config.get("temperature", 1.0)
+    if not (_number(temperature) and 0.01 <= temperature <= 100):
+        raise ArtifactProblem(
+            f"{name}: temperature is {_shown(temperature)}: accepted a number from 0.01 to 100"
+        )
+    thresholds = config.get("thresholds")
+    if thresholds is not None and not (
+        isinstance(thresholds, list)
+        and len(thresholds) == count
+        and all(_number(t) and 0 <= t <= 1 for t in thresholds)
+    ):
+        raise ArtifactProblem(
+            f"{name}: thresholds is not a list of {count} numbers from 0 to 1 (num_classes)"
+        )
     classes = config.get("classes")
     if classes is not None and not (
         isinstance(classes, list) and len(classes) == count and all(map(_label_ok, classes))
@@ -209,6 +235,10 @@ def check_labels(labels_map: Any) -> list[str]:
             )
         labels.append(value)
     return labels
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _label_ok(value: Any) -> bool:

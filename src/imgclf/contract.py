@@ -65,6 +65,8 @@ SERVE_STATE_FILE_ENV = "IMGCLF_STATE_FILE"
 SERVE_BATCH_SIZE_ENV = "IMGCLF_BATCH_SIZE"
 SERVE_BATCH_DELAY_ENV = "IMGCLF_MAX_BATCH_DELAY_MS"
 RESPONSE_FORMAT_ENV = "IMGCLF_RESPONSE_FORMAT"  # the deploy's default answer format
+# The deploy's default min_confidence: a probability, "auto" (each class's own threshold), "off"
+MIN_CONFIDENCE_ENV = "IMGCLF_MIN_CONFIDENCE"
 MMS_WORKERS_ENV = "IMGCLF_WORKERS"  # set by serve for each MMS worker: how to split the CPUs
 # Set by serve for MMS's workers: a folder where each worker, once its model is loaded, leaves
 # a file named by its pid (MMS calls a worker READY as soon as it connects, before the load).

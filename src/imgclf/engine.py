@@ -40,6 +40,10 @@ class EvalResult:
     top5: float
     confusion: torch.Tensor  # [true, predicted] counts, int64
     images: int
+    # with keep_outputs: this process's logits [n, classes] (float32, CPU) and targets, in
+    # the loader's order
+    logits: torch.Tensor | None = None
+    targets: torch.Tensor | None = None
 
     def per_class_accuracy(self) -> list[float]:
         totals = self.confusion.sum(dim=1).clamp(min=1)
@@ -150,20 +154,25 @@ def evaluate(
     normalize: Callable[[torch.Tensor], torch.Tensor] | None = None,
     reduce: Reduce = _no_reduce,
     criterion: nn.Module | None = None,
+    keep_outputs: bool = False,
 ) -> EvalResult:
     """Plain (unweighted, unsmoothed) cross-entropy, top-1, top-5 and the confusion matrix.
     `criterion` (a plain mean cross-entropy module) computes the loss when given, so hooks on
-    it (smdebug) see each batch's loss."""
+    it (smdebug) see each batch's loss. `keep_outputs`: the logits and targets too (this
+    process's share; calibration and the predictions file need them)."""
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     top5 = torch.zeros((), dtype=torch.float64, device=device)
     confusion = torch.zeros(num_classes * num_classes, dtype=torch.float64, device=device)
     k = min(5, num_classes)
+    kept: list[tuple[torch.Tensor, torch.Tensor]] = []
     for images, targets in loader:
         images, targets = _to_device(images, targets, device, channels_last, normalize)
         with autocast(device, amp_dtype):
             logits = model(images)
         logits = logits.float()
+        if keep_outputs:
+            kept.append((logits.cpu(), targets.cpu()))
         if criterion is not None:
             loss_sum += criterion(logits, targets).double() * targets.numel()
         else:
@@ -182,4 +191,10 @@ def evaluate(
         top5=packed[1].item() / count,
         confusion=confusion_matrix,
         images=int(confusion_matrix.sum()),
+        logits=_cat([x for x, _ in kept], (0, num_classes)) if keep_outputs else None,
+        targets=_cat([t for _, t in kept], (0,), torch.long) if keep_outputs else None,
     )
+
+
+def _cat(parts: list[torch.Tensor], empty: tuple[int, ...], dtype=torch.float32) -> torch.Tensor:
+    return torch.cat(parts) if parts else torch.zeros(empty, dtype=dtype)

@@ -1,7 +1,8 @@
 """report.html: one self-contained page (figures inline, opens offline) about a training job.
 
 Built from what the job leaves in its directory: output/data/history.json (per epoch),
-model/metrics.json (test evaluation), output/data/evaluation.json, output/data/rules.json,
+model/metrics.json (test evaluation), output/data/evaluation.json (labels, reliability bins),
+output/data/test_predictions.csv, output/data/rules.json,
 output/data/debug.json, the smdebug tensors and output/data/profiler/. Sections whose inputs are
 missing say so instead of failing.
 """
@@ -16,8 +17,13 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
+from imgclf import scores
+
 REPORT_FILE = "report.html"
 MAX_HEATMAP_CLASSES = 40
+MAX_SCORE_ROWS = 30  # classes listed in the precision / recall / F1 table, worst F1 first
+GALLERY_SIZE = 12  # the most confident mistakes shown
+THUMBNAIL_PX = 96
 
 
 def _load(path: Path, default=None):
@@ -156,6 +162,77 @@ def fig_confusion(confusion: list[list[int]], labels: list[str]) -> str:
     return _png(fig)
 
 
+def fig_reliability(reliability: dict[str, list[dict]], title: str) -> str:
+    """Accuracy against confidence per bin, before and after the temperature: bars on the
+    diagonal are what calibrated probabilities look like."""
+    import matplotlib.pyplot as plt
+
+    panels = [(k, v) for k, v in (reliability or {}).items() if v]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4), squeeze=False)
+    for ax, (name, bins) in zip(axes[0], panels):
+        width = bins[0]["high"] - bins[0]["low"]
+        filled = [b for b in bins if b["count"]]
+        ax.bar(
+            [b["low"] for b in filled],
+            [b["accuracy"] for b in filled],
+            width=width,
+            align="edge",
+            edgecolor="k",
+            color="tab:blue",
+            label="accuracy",
+        )
+        ax.bar(
+            [b["low"] for b in filled],
+            [abs(b["confidence"] - b["accuracy"]) for b in filled],
+            bottom=[min(b["confidence"], b["accuracy"]) for b in filled],
+            width=width,
+            align="edge",
+            color="tab:red",
+            alpha=0.5,
+            label="gap to the mean confidence",
+        )
+        ax.plot([0, 1], [0, 1], "k--", lw=1)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("confidence (top probability)")
+        ax.set_ylabel("accuracy")
+        ax.set_title(f"{title}, {name}: ECE {scores.expected_calibration_error(bins):.3f}")
+        ax.legend(loc="upper left", fontsize=8)
+    return _png(fig)
+
+
+def fig_mistakes(mistakes: list[dict], root: Path | None) -> str | None:
+    """Thumbnails of the most confident mistakes, each titled true -> predicted (p); None when
+    none of their files can be read (the report was written where the data is not)."""
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    images = []
+    for row in mistakes:
+        try:
+            with Image.open(root / row["file"]) as image:
+                image.draft("RGB", (THUMBNAIL_PX, THUMBNAIL_PX))
+                thumb = image.convert("RGB")
+                thumb.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
+                images.append((row, thumb))
+        except (OSError, TypeError, ValueError):
+            continue
+    if not images:
+        return None
+    cols = min(6, len(images))
+    rows = -(-len(images) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2 * cols, 2.3 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (row, thumb) in zip(axes.flat, images):
+        ax.imshow(thumb)
+        ax.set_title(
+            f"{row['true_label']}\n→ {row['predicted_label']} ({row['probability']:.2f})",
+            fontsize=8,
+        )
+    return _png(fig)
+
+
 def fig_time_split(history: list[dict]) -> str:
     import matplotlib.pyplot as plt
 
@@ -205,21 +282,127 @@ def build_report(job_dir: Path) -> str:
     history = _load(data_dir / "history.json", [])
     metrics = _load(job_dir / "model" / "metrics.json", {})
     evaluation = _load(data_dir / "evaluation.json", {})
-    labels = evaluation.get("labels") or list((metrics.get("per_class_accuracy") or {}).keys())
     parts = [
         f"<h1>Training report: {html.escape(job_dir.name)}</h1>",
         _summary_section(metrics, _load(data_dir / "config.json", {}), history),
         *_curves_section(job_dir, history, _load(data_dir / "debug.json")),
-        *_class_sections(metrics, labels),
+        *evaluation_sections(metrics, evaluation, data_dir, "test"),
         _rules_section(_load(data_dir / "rules.json")),
         *_time_section(history, evaluation.get("device", "cpu")),
         *_profile_sections(data_dir),
     ]
+    return page(job_dir.name, parts)
+
+
+def page(title: str, parts: list[str]) -> str:
     return (
         "<!doctype html><html><head><meta charset='utf-8'>"
-        f"<title>imgclf report {html.escape(job_dir.name)}</title><style>{CSS}</style></head>"
+        f"<title>imgclf report {html.escape(title)}</title><style>{CSS}</style></head>"
         f"<body>{''.join(parts)}</body></html>"
     )
+
+
+def evaluation_sections(metrics: dict, evaluation: dict, data_dir: Path, split: str) -> list[str]:
+    """What a model's answers on one split are worth: per-class accuracy, precision, recall
+    and F1, the confusions, the calibration and the most confident mistakes. The training
+    report and `launch.py evaluate`'s report share them."""
+    labels = evaluation.get("labels") or list((metrics.get("per_class_accuracy") or {}).keys())
+    root = evaluation.get(f"{split}_root")
+    return [
+        *_class_sections(metrics, labels, split),
+        *_scores_section(metrics, split),
+        *_calibration_section(metrics, evaluation, split),
+        *_mistakes_section(
+            scores.read_predictions(data_dir / scores.predictions_file(split)),
+            Path(root) if root else None,
+            split,
+        ),
+    ]
+
+
+def _scores_section(metrics: dict, split: str) -> list[str]:
+    per_class = metrics.get("per_class")
+    if not per_class:
+        return []
+    worst = sorted(per_class.items(), key=lambda kv: (kv[1]["f1"], kv[0]))[:MAX_SCORE_ROWS]
+
+    def row(name: str, s: dict) -> list:
+        return [name, f"{s['precision']:.3f}", f"{s['recall']:.3f}", f"{s['f1']:.3f}", s["support"]]
+
+    rows = [row(name, s) for name, s in worst]
+    for key, name in (("macro_avg", "macro average"), ("weighted_avg", "weighted average")):
+        if key in metrics:
+            rows.append(row(name, metrics[key]))
+    shown = "" if len(per_class) <= MAX_SCORE_ROWS else f" (the worst {MAX_SCORE_ROWS})"
+    return [
+        f"<section id='scores'><h2>Precision, recall and F1 per class ({split}), worst F1 "
+        f"first{shown}</h2>"
+        + _table(["class", "precision", "recall", "F1", "images"], rows)
+        + "<p class='note'>Precision: of the images given this label, the share that are this "
+        "class. Recall: of this class's images, the share given its label. Macro: the mean over "
+        "classes; weighted: weighted by their images.</p></section>"
+    ]
+
+
+def _calibration_section(metrics: dict, evaluation: dict, split: str) -> list[str]:
+    calibration = metrics.get("calibration") or {}
+    reliability = evaluation.get("reliability") or {}
+    if not calibration and not reliability:
+        return []
+    rows = []
+    if "temperature" in calibration:
+        rows.append(
+            ["temperature (fitted on the validation split)", f"{calibration['temperature']:.3f}"]
+        )
+    for name, key in (
+        ("validation ECE, before", "valid_ece_uncalibrated"),
+        ("validation ECE, after", "valid_ece"),
+        (f"{split} ECE, before", f"{split}_ece_uncalibrated"),
+        (f"{split} ECE, after", f"{split}_ece"),
+    ):
+        value = calibration.get(key, metrics.get(key))
+        if isinstance(value, float):
+            rows.append([name, f"{value:.4f}"])
+    figures = "".join(
+        _img(fig_reliability(reliability[name], title), f"reliability diagram, {title}")
+        for name, title in (("valid", "validation"), (split, split))
+        if reliability.get(name)
+    )
+    return [
+        "<section id='calibration'><h2>Calibration</h2>"
+        "<p class='note'>The endpoint divides the logits by the temperature before the softmax, "
+        "so that of the answers given with probability p, a share p is right. ECE: the mean gap "
+        "between confidence and accuracy (15 bins).</p>"
+        + _table(["", ""], rows)
+        + figures
+        + "</section>"
+    ]
+
+
+def _mistakes_section(predictions: list[dict], root: Path | None, split: str) -> list[str]:
+    if not predictions:
+        return []
+    mistakes = sorted(
+        (p for p in predictions if not p["correct"]), key=lambda p: -p["probability"]
+    )[:GALLERY_SIZE]
+    title = f"<h2>The most confident mistakes ({split})</h2>"
+    if not mistakes:
+        return [f"<section id='mistakes'>{title}<p>No mistakes.</p></section>"]
+    table = _table(
+        ["file", "true", "predicted", "probability"],
+        [
+            [m["file"], m["true_label"], m["predicted_label"], f"{m['probability']:.3f}"]
+            for m in mistakes
+        ],
+    )
+    figure = fig_mistakes(mistakes, root) if root is not None else None
+    note = "" if figure else "<p class='note'>The images are not readable here.</p>"
+    return [
+        f"<section id='mistakes'>{title}"
+        + (_img(figure, "most confident mistakes") if figure else note)
+        + table
+        + "</section>"
+    ]
 
 
 def _summary_section(metrics: dict, config: dict, history: list) -> str:
@@ -253,13 +436,13 @@ def _curves_section(job_dir: Path, history: list, debug: dict | None) -> list[st
     ]
 
 
-def _class_sections(metrics: dict, labels: list[str]) -> list[str]:
+def _class_sections(metrics: dict, labels: list[str], split: str = "test") -> list[str]:
     parts = []
     per_class = metrics.get("per_class_accuracy")
     if per_class:
         worst = sorted(per_class.items(), key=lambda kv: kv[1])[:5]
         parts.append(
-            "<section id='classes'><h2>Per-class accuracy (test)</h2>"
+            f"<section id='classes'><h2>Per-class accuracy ({split})</h2>"
             + _table(["class", "accuracy"], [[k, f"{v:.3f}"] for k, v in worst])
             + _img(fig_per_class(per_class), "per-class accuracy")
             + "</section>"
@@ -268,7 +451,7 @@ def _class_sections(metrics: dict, labels: list[str]) -> list[str]:
     if confusion and labels:
         pairs = confused_pairs(confusion, labels)
         parts.append(
-            "<section id='confusion'><h2>Most confused classes (test)</h2>"
+            f"<section id='confusion'><h2>Most confused classes ({split})</h2>"
             + (
                 _table(["true", "predicted as", "images", "of the class"], pairs)
                 if pairs
@@ -359,6 +542,33 @@ def write_report(job_dir: Path, out: Path | None = None) -> Path:
     out = out or job_dir / "output" / "data" / REPORT_FILE
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(build_report(job_dir))
+    return out
+
+
+def write_evaluation_report(out_dir: Path, split: str, title: str) -> Path:
+    """`launch.py evaluate`'s report.html, from the metrics.json, evaluation.json and
+    <split>_predictions.csv it wrote to `out_dir`: its numbers, then the training report's
+    evaluation sections."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    metrics = _load(out_dir / "metrics.json", {})
+    rows = [
+        [key, f"{metrics[key]:.4f}"]
+        for key in (f"{split}_loss", f"{split}_acc", f"{split}_top5", f"{split}_ece")
+        if isinstance(metrics.get(key), float)
+    ]
+    rows.append([f"{split} images", metrics.get(f"{split}_images", "?")])
+    text = page(
+        title,
+        [
+            f"<h1>{html.escape(title)}</h1>",
+            f"<section id='summary'><h2>Summary</h2>{_table(['', ''], rows)}</section>",
+            *evaluation_sections(metrics, _load(out_dir / "evaluation.json", {}), out_dir, split),
+        ],
+    )
+    out = out_dir / REPORT_FILE
+    out.write_text(text)
     return out
 
 

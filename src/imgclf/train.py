@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from imgclf import artifacts, data, engine, features, metrics, models
+from imgclf import artifacts, data, engine, features, metrics, models, scores
 from imgclf.config import TrainConfig, debug_stop_rules, parse_hyperparameters
 from imgclf.contract import (
     NO_REPORT_ENV,
@@ -35,6 +35,7 @@ from imgclf.debugging.hook import read_settings as read_debug_settings
 from imgclf.debugging.profiling import PROFILER_DIR, Profiler
 from imgclf.errors import ConfigError, DataError, TrainingStopped, UserError
 from imgclf.prepare import stored_short_side
+from imgclf.util import atomic_write
 
 log = logging.getLogger("imgclf.train")
 
@@ -138,6 +139,30 @@ def _sum(runtime: Runtime):
         return t
 
     return reduce
+
+
+def _relative_files(split: data.SplitScan) -> list[str]:
+    """The split's images as paths under its root (`003.two/12.png`), in sample order."""
+    root = Path(split.root)
+    out = []
+    for path, _ in split.samples:
+        try:
+            out.append(Path(path).relative_to(root).as_posix())
+        except ValueError:
+            out.append(path)
+    return out
+
+
+def _gathered(result: engine.EvalResult, indices: list[int]) -> engine.EvalResult:
+    """Every process's logits and targets, put back in the split's order (each process
+    evaluated the indices its ShardSampler gave it)."""
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, (indices, result.logits, result.targets))
+    order = torch.tensor([i for idx, _, _ in parts for i in idx], dtype=torch.long)
+    logits = torch.cat([x for _, x, _ in parts])
+    targets = torch.cat([t for _, _, t in parts])
+    logits[order], targets[order] = logits.clone(), targets.clone()
+    return dataclasses.replace(result, logits=logits, targets=targets)
 
 
 def _broadcast(runtime: Runtime, value: Any) -> Any:
@@ -542,8 +567,10 @@ class TrainingRun:
             net = torch.compile(net)  # training only: evaluation's last batch has another shape
         return net
 
-    def evaluate(self, split: str) -> engine.EvalResult:
-        return engine.evaluate(
+    def evaluate(self, split: str, *, keep_outputs: bool = False) -> engine.EvalResult:
+        """One pass over `split`; with `keep_outputs`, every image's logits and target in the
+        split's order (gathered from every process)."""
+        result = engine.evaluate(
             self.trainable,
             self.loaders[split],
             num_classes=len(self.classes),
@@ -553,7 +580,11 @@ class TrainingRun:
             normalize=self.normalize,
             reduce=_sum(self.runtime),
             criterion=self.eval_criterion,
+            keep_outputs=keep_outputs,
         )
+        if keep_outputs and self.runtime.distributed:
+            result = _gathered(result, list(self.loaders[split].sampler))
+        return result
 
     def fit(self) -> TrainingRun:
         cfg, state = self.cfg, self.state
@@ -655,9 +686,12 @@ class TrainingRun:
         if self.cached is not None:
             summary["features"] = self.cached.info()
         labels = [data.label_name(c) for c in self.classes]
+        self.debug.predict_mode()  # these passes land apart from validation (PREDICT)
+        self.calibration = self._calibrate(labels)
+        summary["calibration"] = self.calibration.summary(labels)
+        self.test_outputs = None
         if "test" in self.loaders:
-            self.debug.predict_mode()  # test batches land apart from validation (PREDICT)
-            test = self.evaluate("test")
+            test = self.evaluate("test", keep_outputs=True)
             summary.update(
                 test_loss=test.loss,
                 test_acc=test.accuracy,
@@ -666,9 +700,22 @@ class TrainingRun:
                 per_class_accuracy=dict(zip(labels, test.per_class_accuracy())),
                 confusion_matrix=test.confusion.tolist(),
             )
+            self.test_outputs = scores.evaluation(
+                test.logits.numpy(),
+                test.targets.numpy(),
+                labels,
+                temperature=self.calibration.temperature,
+            )
+            summary.update(scores.split_summary("test", self.test_outputs))
             if runtime.is_main:
                 line = {"test_loss": test.loss, "test_acc": test.accuracy, "test_top5": test.top5}
                 print(metrics.format_test_line(line), flush=True)
+                files = _relative_files(self.scan.splits["test"])
+                probs = scores.softmax(test.logits.numpy(), self.calibration.temperature)
+                atomic_write(
+                    self.layout.output_data_dir / scores.predictions_file("test"),
+                    scores.predictions_csv(files, test.targets.tolist(), probs, labels),
+                )
         elif runtime.is_main:
             log.warning("no test split: the model is saved without a test evaluation")
         self.debug.close()
@@ -677,6 +724,20 @@ class TrainingRun:
             _rules_and_report(self.layout, self.cfg, self.debug, summary, self.scan, runtime)
         return summary
 
+    def _calibrate(self, labels: list[str]) -> scores.Calibration:
+        """The temperature and the per-class thresholds, fitted on the validation split's
+        answers of the weights being saved."""
+        valid = self.evaluate("valid", keep_outputs=True)
+        calibration = scores.calibrate(valid.logits.numpy(), valid.targets.numpy(), labels)
+        if self.runtime.is_main:
+            log.info(
+                "calibration: temperature %.3f, validation ECE %.4f -> %.4f",
+                calibration.temperature,
+                calibration.valid_ece_uncalibrated or 0.0,
+                calibration.valid_ece or 0.0,
+            )
+        return calibration
+
     def _write_outputs(self, summary: dict, labels: list[str]) -> None:
         cfg, layout = self.cfg, self.layout
         model_config = {
@@ -684,6 +745,7 @@ class TrainingRun:
             "classes": list(self.classes),
             "preprocess": self.pre.to_dict(),
             "channels_last": cfg.channels_last,
+            **self.calibration.model_config(),
         }
         artifacts.save_artifact(
             layout.model_dir,
@@ -702,6 +764,15 @@ class TrainingRun:
                 **summary,
                 "train_counts": self.scan.splits["train"].counts(),
                 "device": self.runtime.device.type,
+                "reliability": {
+                    "valid": self.calibration.reliability,
+                    **({"test": self.test_outputs["reliability"]} if self.test_outputs else {}),
+                },
+                **(
+                    {"test_root": str(self.scan.splits["test"].root)}
+                    if "test" in self.scan.splits
+                    else {}
+                ),
             },
         )
         log.info("model saved to %s", layout.model_dir)

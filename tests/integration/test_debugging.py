@@ -287,6 +287,9 @@ def test_the_report_has_its_sections_and_the_jobs_numbers(tmp_path, tiny_digits)
         "curves",
         "classes",
         "confusion",
+        "scores",
+        "calibration",
+        "mistakes",
         "rules",
         "time",
         "system",
@@ -296,6 +299,8 @@ def test_the_report_has_its_sections_and_the_jobs_numbers(tmp_path, tiny_digits)
     assert f"{metrics['test_acc']:.4f}" in html and f"{metrics['valid_loss']:.4f}" in html
     worst = min(metrics["per_class_accuracy"].values())
     assert f"<td>{worst:.3f}</td>" in html
+    assert f"<td>{metrics['macro_avg']['f1']:.3f}</td>" in html
+    assert f"<td>{metrics['calibration']['temperature']:.3f}</td>" in html
     assert "http://" not in html and "https://" not in html  # opens offline
     for name in ("trace.json", "steps.json", "system.jsonl", "top_ops.json"):
         assert (job / "output/data/profiler" / name).exists(), name

@@ -92,6 +92,33 @@ def test_answers_match_predict_fn(endpoint, model_dir, tiny_digits):
         assert int(full.argmax()) == int(expected.argmax())
 
 
+def test_min_confidence_through_the_endpoint(endpoint, model_dir, tiny_digits):
+    """The real serving stack: the model's thresholds, and each
+    answer format saying "no confident label" for an image below its threshold."""
+    config = json.loads((model_dir / "model_config.json").read_text())
+    body = sorted((tiny_digits / "test").rglob("*.png"))[0].read_bytes()
+    status, raw = post(endpoint, body, "image/png")
+    top = json.loads(raw)["predictions"][0]
+    assert "confident" not in json.loads(raw)  # nothing asked, nothing changed
+    above, below = top["probability"] / 2, min(1.0, top["probability"] + 1e-3)
+    for floor, sure in ((above, True), (below, False)):
+        attrs = {"X-Amzn-SageMaker-Custom-Attributes": f"min_confidence={floor:.6f}"}
+        status, raw = post(endpoint, body, "image/png", attrs)
+        answer = json.loads(raw)
+        assert status == 200 and answer["confident"] is sure
+        assert answer["label"] == (top["label"] if sure else None)
+        assert answer["predictions"][0] == top  # the top-k is still there
+        vectors = {"X-Amzn-SageMaker-Custom-Attributes": f"min_confidence={floor:.6f}"}
+        vectors["Accept"] = "application/jsonlines; format=vectors"
+        status, raw = post(endpoint, body, "image/png", vectors)
+        row = json.loads(raw.decode().splitlines()[0])
+        assert len(row) == 11 and int(np.argmax(row)) == (top["index"] if sure else 10)
+    auto = {"X-Amzn-SageMaker-Custom-Attributes": "min_confidence=auto,format=vectors"}
+    status, raw = post(endpoint, body, "image/png", auto)
+    sure = top["probability"] >= config["thresholds"][top["index"]]
+    assert int(np.argmax(json.loads(raw)[0])) == (top["index"] if sure else 10)
+
+
 def _bomb() -> bytes:
     buf = io.BytesIO()
     Image.new("1", (8000, 8000)).save(buf, format="PNG")

@@ -121,6 +121,15 @@ def test_two_processes_under_torchrun_write_one_artifact(tmp_path, tiny_digits):
     ]
     metrics = json.loads((model / "metrics.json").read_text())
     assert metrics["test_images"] == 40  # every test image counted once across both ranks
+    # both ranks' answers gathered back in the split's order: one row per image, and each
+    # row's verdict is its own image's (the rows agree with the confusion matrix)
+    rows = (tmp_path / "jobs/ddp/output/data/test_predictions.csv").read_text().splitlines()[1:]
+    assert len({row.split(",")[0] for row in rows}) == len(rows) == 40
+    pairs = [tuple(row.split(",")[1:3]) for row in rows]
+    labels = list(metrics["per_class_accuracy"])
+    for i, true in enumerate(labels):
+        for j, predicted in enumerate(labels):
+            assert pairs.count((true, predicted)) == metrics["confusion_matrix"][i][j]
 
 
 def _spaced_environment(folder):

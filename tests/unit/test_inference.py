@@ -1,6 +1,7 @@
 import base64
 import io
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -258,3 +259,82 @@ def test_json_lines_answers_one_line_per_image(loaded):
             assert [int(np.argmax(row)) for row in docs] == probs.argmax(1).tolist()
         else:
             assert [d["predictions"][0]["index"] for d in docs] == probs.argmax(1).tolist()
+
+
+# ---------------------------------------------------------------- min_confidence, temperature
+
+# Two images over the labels a, b, c, d: the first sure of a (0.7), the second torn (0.4).
+PROBS = torch.tensor([[0.7, 0.1, 0.1, 0.1], [0.4, 0.3, 0.2, 0.1]])
+LABELS = ["a", "b", "c", "d"]
+
+
+def _answer(attributes, *, accept=None, batch=True, thresholds=None, **defaults):
+    options = inference.parse_options(attributes, 4, thresholds=thresholds, **defaults)
+    body, _ = inference.output_fn(
+        PROBS, LABELS, accept=accept, options=options, batch=batch, thresholds=thresholds
+    )
+    if accept == "application/jsonlines":
+        return [json.loads(line) for line in body.decode().splitlines()]
+    return json.loads(body)
+
+
+def test_min_confidence_says_no_confident_label_in_every_format():
+    docs = _answer("min_confidence=0.5")
+    assert [(d["label"], d["confident"], d["threshold"]) for d in docs] == [
+        ("a", True, 0.5),
+        (None, False, 0.5),
+    ]
+    # the top-k is still listed for the image without a confident label
+    assert [p["label"] for p in docs[1]["predictions"]] == ["a", "b", "c", "d"]
+    # vectors: one more entry, index N (one past the last label), which an argmax then picks
+    rows = np.asarray(_answer("min_confidence=0.5,format=vectors"))
+    assert rows.shape == (2, 5) and np.argmax(rows, 1).tolist() == [0, 4]
+    assert np.allclose(rows[:, :4], PROBS.numpy())
+    lines = _answer("min_confidence=0.5", accept="application/jsonlines")
+    assert [line["confident"] for line in lines] == [True, False]
+    lines = _answer("min_confidence=0.5,format=vectors", accept="application/jsonlines")
+    assert [int(np.argmax(row)) for row in lines] == [0, 4]
+    one = _answer("min_confidence=0.75", batch=False)  # an image body: one object
+    assert one["label"] is None and one["predictions"][0]["label"] == "a"
+
+
+def test_without_min_confidence_the_answers_are_unchanged():
+    docs = _answer(None)
+    assert all(set(d) == {"predictions"} for d in docs)
+    assert np.asarray(_answer("format=vectors")).shape == (2, 4)
+    assert np.asarray(_answer("format=vectors,min_confidence=0")).shape == (2, 4)
+
+
+def test_min_confidence_auto_uses_each_classs_threshold_and_deploy_default():
+    thresholds = (0.8, 0.2, 0.2, 0.2)  # class a must reach 0.8
+    docs = _answer("min_confidence=auto", thresholds=thresholds)
+    assert [d["confident"] for d in docs] == [False, False]
+    assert docs[0]["threshold"] == 0.8
+    # the deploy's default applies when the request says nothing, and the request's wins
+    docs = _answer(None, thresholds=thresholds, default_min_confidence=0.35)
+    assert [d["confident"] for d in docs] == [True, True]
+    assert "confident" not in _answer("min_confidence=off", default_min_confidence=0.9)[0]
+    with pytest.raises(inference.RequestError) as err:
+        inference.parse_options("min_confidence=auto", 4)  # a model without thresholds
+    assert err.value.status == 400 and "min_confidence=P" in err.value.hint
+    for bad in ("1.5", "-0.1", "high", "0.5.5"):
+        with pytest.raises(inference.RequestError) as err:
+            inference.parse_options(f"min_confidence={bad}", 4)
+        assert err.value.status == 400 and "0 to 1" in err.value.hint
+
+
+def test_the_endpoint_divides_the_logits_by_the_models_temperature(tmp_path, model_dir, loaded):
+    hot = tmp_path / "hot"
+    shutil.copytree(model_dir, hot)
+    config = json.loads((hot / "model_config.json").read_text())
+    (hot / "model_config.json").write_text(json.dumps({**config, "temperature": 2.5}))
+    warm = inference.model_fn(hot, device=torch.device("cpu"), cpu_runtime="torch")
+    images = inference.input_fn(jpeg_bytes(5), "image/jpeg")
+    crops = inference.prepare(images, warm)
+    logits = warm.forward(crops)
+    assert torch.allclose(
+        inference.predict_batch(crops, warm), torch.softmax(logits / 2.5, dim=1), atol=1e-6
+    )
+    assert torch.allclose(
+        inference.predict_batch(crops, loaded), torch.softmax(logits, dim=1), atol=1e-4
+    )

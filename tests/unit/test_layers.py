@@ -12,10 +12,31 @@ LAYERS = {
     "tuning": 5,
     "jobs": 4,
     **dict.fromkeys(
-        ["train", "serving", "report", "debugging", "container", "_program", "transform"], 3
+        [
+            "train",
+            "serving",
+            "report",
+            "debugging",
+            "container",
+            "_program",
+            "transform",
+            "evaluate",
+        ],
+        3,
     ),
     **dict.fromkeys(
-        ["engine", "data", "models", "artifacts", "features", "prepare", "sample", "metrics"], 2
+        [
+            "engine",
+            "data",
+            "models",
+            "artifacts",
+            "features",
+            "prepare",
+            "sample",
+            "metrics",
+            "scores",
+        ],
+        2,
     ),
     **dict.fromkeys(["config", "contract", "util", "errors", "processes", "archives"], 1),
 }

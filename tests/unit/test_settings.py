@@ -33,6 +33,15 @@ def test_settings_come_from_the_environment_and_bad_values_are_named():
             read_settings({"IMGCLF_BATCH_SIZE": bad})
 
 
+def test_the_deploys_min_confidence():
+    assert read_settings({}).min_confidence is None
+    assert read_settings({"IMGCLF_MIN_CONFIDENCE": "auto"}).min_confidence == "auto"
+    assert read_settings({"IMGCLF_MIN_CONFIDENCE": "0.7"}).min_confidence == 0.7
+    assert read_settings({"IMGCLF_MIN_CONFIDENCE": "off"}).min_confidence is None
+    with pytest.raises(SettingsError, match="IMGCLF_MIN_CONFIDENCE='70%'.*0 to 1"):
+        read_settings({"IMGCLF_MIN_CONFIDENCE": "70%"})
+
+
 @pytest.mark.parametrize(
     "env",
     [

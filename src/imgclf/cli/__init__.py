@@ -362,6 +362,22 @@ def _endpoint_parsers(sub) -> None:
     rep.set_defaults(func=commands.cmd_report)
 
 
+def _evaluate_parser(sub) -> None:
+    ev = sub.add_parser(
+        "evaluate",
+        help="a model's metrics, predictions and report on any ImageFolder split, no training",
+    )
+    ev.add_argument(
+        "--model", required=True, help="a model dir, a model.tar.gz or a local job's name"
+    )
+    ev.add_argument("--data", required=True, help="an ImageFolder root (train/ valid/ test/)")
+    ev.add_argument("--split", default="test", help="the split folder to evaluate (test)")
+    ev.add_argument("--out", help="where to write (default: .imgclf/evaluations/<model>-<split>)")
+    ev.add_argument("--batch-size", type=int, default=64, help="images per forward pass (64)")
+    ev.add_argument("--home", help="where local jobs live (default .imgclf)")
+    ev.set_defaults(func=commands.cmd_evaluate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="launch.py",
@@ -372,6 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _data_parsers(sub)
     _train_parser(sub)
+    _evaluate_parser(sub)
     _tune_parser(sub)
     _deploy_parser(sub)
     _transform_parser(sub)

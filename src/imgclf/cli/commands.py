@@ -391,6 +391,30 @@ def _read_json(path: Path) -> dict:
     return json.loads(path.read_text() or "{}") if path.exists() else {}
 
 
+def cmd_evaluate(args) -> int:
+    """A model on a split without training: the test section of a job, for any data."""
+    from imgclf.evaluate import evaluate_model
+
+    model = Path(args.model)
+    if not model.exists() and (home(args) / "jobs" / args.model / "model").is_dir():
+        model = home(args) / "jobs" / args.model / "model"  # a local job's name
+    name = model.parent.name if model.name == "model" else model.name.split(".")[0]
+    out = Path(args.out) if args.out else home(args) / "evaluations" / f"{name}-{args.split}"
+    metrics = evaluate_model(
+        model, Path(args.data), split=args.split, out=out, batch_size=args.batch_size
+    )
+    split = args.split
+    print(
+        f"{split} accuracy {metrics[f'{split}_acc']:.2%}, top-5 {metrics[f'{split}_top5']:.2%}, "
+        f"macro F1 {metrics['macro_avg']['f1']:.3f}, ECE {metrics[f'{split}_ece']:.4f} on "
+        f"{metrics[f'{split}_images']} images"
+    )
+    print(f"  metrics:     {out / 'metrics.json'}")
+    print(f"  predictions: {out / (split + '_predictions.csv')}")
+    print(f"  report:      {out / 'report.html'}")
+    return 0
+
+
 def cmd_report(args) -> int:
     from imgclf import report
 

@@ -121,7 +121,12 @@ class HandlerService:
                     # per-request header map (seen as "Invalid message size: -3" and a
                     # restarted worker under load), so answers go with an empty map.
                     answers[idx], _ = inference.output_fn(
-                        rows, loaded.labels, accept=accept, options=options, batch=is_batch
+                        rows,
+                        loaded.labels,
+                        accept=accept,
+                        options=options,
+                        batch=is_batch,
+                        thresholds=loaded.thresholds,
                     )
             except Exception:
                 log.exception("prediction failed")
@@ -179,6 +184,8 @@ def _read_request(service: HandlerService, idx: int, request, context):
             loaded.num_classes,
             accept_format=protocol.check_accept(accept),
             default_format=service.settings.response_format,
+            default_min_confidence=service.settings.min_confidence,
+            thresholds=loaded.thresholds,
         )
         images = inference.input_fn(
             body,

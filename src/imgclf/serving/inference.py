@@ -24,6 +24,7 @@ from imgclf import artifacts, data, models
 from imgclf.errors import UserError
 from imgclf.serving import runtime
 from imgclf.serving.protocol import (
+    AUTO_CONFIDENCE,
     DEFAULT_FORMAT,
     DEFAULT_TOPK,
     JSON_HINT,
@@ -38,6 +39,7 @@ from imgclf.serving.protocol import (
     answer_format,
     answer_type,
     check_accept,
+    min_confidence,
     request_type,
     shown,
 )
@@ -54,6 +56,8 @@ class LoadedModel:
     transform: object  # image → uint8 CHW crop (training's eval transform, before Normalize)
     device: torch.device
     forward: runtime.Forward  # uint8 batch → logits (normalises inside), on the chosen runtime
+    temperature: float = 1.0  # the logits are divided by it (fitted on the validation split)
+    thresholds: tuple[float, ...] | None = None  # each class's min_confidence=auto threshold
 
     @property
     def num_classes(self) -> int:
@@ -65,6 +69,9 @@ class Options:
     topk: int = DEFAULT_TOPK
     probabilities: bool = False  # the full vector, in label order
     format: str = DEFAULT_FORMAT  # one of FORMATS
+    # None: every image gets its best label; a probability, or AUTO_CONFIDENCE (each class's
+    # own threshold): below it, the answer says there is no confident label
+    min_confidence: float | str | None = None
 
 
 def model_fn(
@@ -96,7 +103,10 @@ def model_fn(
         normalize=(pre.mean, pre.std),
     )
     transform = data.eval_transform(pre, normalize=False)
-    return LoadedModel(model, art.labels, pre, transform, device, forward)
+    thresholds = tuple(art.thresholds) if art.thresholds is not None else None
+    return LoadedModel(
+        model, art.labels, pre, transform, device, forward, art.temperature, thresholds
+    )
 
 
 @dataclass(frozen=True)
@@ -282,11 +292,15 @@ def parse_options(
     *,
     accept_format: str | None = None,
     default_format: str = DEFAULT_FORMAT,
+    default_min_confidence: float | str | None = None,
+    thresholds: tuple[float, ...] | None = None,
 ) -> Options:
-    """`X-Amzn-SageMaker-Custom-Attributes: topk=3,probabilities=true,format=vectors`. The
-    format comes from the attributes, else the Accept header's parameter, else the deploy's
-    default."""
+    """`X-Amzn-SageMaker-Custom-Attributes: topk=3,probabilities=true,format=vectors,
+    min_confidence=0.8`. The format comes from the attributes, else the Accept header's
+    parameter, else the deploy's default; min_confidence from the attributes, else the
+    deploy's default (`auto` needs the model's `thresholds`)."""
     topk, full, chosen = DEFAULT_TOPK, False, None
+    floor = default_min_confidence
     for part in (custom_attributes or "").replace(";", ",").split(","):
         key, _, value = part.partition("=")
         key, value = key.strip().lower(), value.strip().lower()
@@ -304,8 +318,17 @@ def parse_options(
             full = value == "all" or parse_bool(value) is True
         elif key == "format":
             chosen = answer_format(value)
+        elif key == "min_confidence":
+            floor = min_confidence(value)
+    if floor == AUTO_CONFIDENCE and thresholds is None:
+        raise RequestError(
+            400,
+            "min_confidence=auto: this model carries no per-class thresholds (it was trained "
+            "before imgclf chose them)",
+            "send min_confidence=P with a probability P, or retrain the model",
+        )
     fmt = chosen or accept_format or default_format
-    return Options(min(topk, num_classes), full, fmt)
+    return Options(min(topk, num_classes), full, fmt, floor)
 
 
 def prepare(images: list[Image.Image], loaded: LoadedModel) -> torch.Tensor:
@@ -320,7 +343,8 @@ def predict_batch(batch: torch.Tensor, loaded: LoadedModel) -> torch.Tensor:
     batches of several requests stay within the memory one full JSON request takes):
     softmax probabilities [N, classes], float32 on CPU."""
     logits = [loaded.forward(part) for part in batch.split(MAX_IMAGES)]
-    return torch.softmax(logits[0] if len(logits) == 1 else torch.cat(logits), dim=1)
+    joined = logits[0] if len(logits) == 1 else torch.cat(logits)
+    return torch.softmax(joined / loaded.temperature, dim=1)
 
 
 def predict_fn(images: list[Image.Image], loaded: LoadedModel) -> torch.Tensor:
@@ -328,7 +352,25 @@ def predict_fn(images: list[Image.Image], loaded: LoadedModel) -> torch.Tensor:
     return predict_batch(prepare(images, loaded), loaded)
 
 
-def prediction(probs: torch.Tensor, labels: list[str], options: Options) -> dict:
+def confident(
+    probs: torch.Tensor, options: Options, thresholds: tuple[float, ...] | None
+) -> tuple[bool, float]:
+    """Whether one image's best class reaches the threshold that applies to it (the request's
+    probability, or the class's own with `auto`), and that threshold."""
+    best = int(probs.argmax())
+    if options.min_confidence == AUTO_CONFIDENCE:
+        threshold = thresholds[best] if thresholds is not None else 0.0
+    else:
+        threshold = float(options.min_confidence or 0.0)
+    return float(probs[best]) >= threshold, threshold
+
+
+def prediction(
+    probs: torch.Tensor,
+    labels: list[str],
+    options: Options,
+    thresholds: tuple[float, ...] | None = None,
+) -> dict:
     values, indices = probs.topk(options.topk)
     out: dict = {
         "predictions": [
@@ -336,24 +378,48 @@ def prediction(probs: torch.Tensor, labels: list[str], options: Options) -> dict
             for p, i in zip(values.tolist(), indices.tolist())
         ]
     }
+    if options.min_confidence is not None:
+        sure, threshold = confident(probs, options, thresholds)
+        out["label"] = labels[int(indices[0])] if sure else None
+        out["confident"] = sure
+        out["threshold"] = round(threshold, 6)
     if options.probabilities:
         out["probabilities"] = [round(float(p), 6) for p in probs.tolist()]
         out["labels"] = labels
     return out
 
 
+def vector(
+    probs: torch.Tensor, options: Options, thresholds: tuple[float, ...] | None = None
+) -> list[float]:
+    """One image's row in label order; with min_confidence, one more entry at index N (one past
+    the last label): 1.0 when there is no confident label (so an argmax lands on it), else 0."""
+    row = [round(float(p), 6) for p in probs.tolist()]
+    if options.min_confidence is not None:
+        row.append(0.0 if confident(probs, options, thresholds)[0] else 1.0)
+    return row
+
+
 def output_fn(
-    probs: torch.Tensor, labels: list[str], *, accept: str | None, options: Options, batch: bool
+    probs: torch.Tensor,
+    labels: list[str],
+    *,
+    accept: str | None,
+    options: Options,
+    batch: bool,
+    thresholds: tuple[float, ...] | None = None,
 ) -> tuple[bytes, str]:
     """Probabilities → the answer. "predictions": one object for one image, a list of them for
     a JSON batch. "vectors": `[[p0, ..., pN-1], ...]`, one row per image in label order, always a
     list of lists (what `np.argmax(np.asarray(json.loads(body)), 1)` reads). With
-    `Accept: application/jsonlines`: one line per image instead (its object, or its row)."""
+    `Accept: application/jsonlines`: one line per image instead (its object, or its row).
+    With `options.min_confidence`, an image whose best class is below its threshold says so:
+    `"label": null, "confident": false` beside its top-k, or index N of its vector."""
     check_accept(accept)
     if options.format == "vectors":
-        rows: list = [[round(float(p), 6) for p in row] for row in probs.tolist()]
+        rows: list = [vector(row, options, thresholds) for row in probs]
     else:
-        rows = [prediction(row, labels, options) for row in probs]
+        rows = [prediction(row, labels, options, thresholds) for row in probs]
     media = answer_type(accept)
     if media == JSONLINES_TYPE:
         return b"".join(json.dumps(row).encode() + b"\n" for row in rows), media

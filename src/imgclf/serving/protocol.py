@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import http
 import json
+import re
 from dataclasses import dataclass
 
 MB = 1024 * 1024
@@ -40,6 +41,10 @@ DEFAULT_TOPK = 5
 # list of class probabilities per image, in label order, `[[p0, ..., pN-1]]`).
 FORMATS = ("predictions", "vectors")
 DEFAULT_FORMAT = "predictions"
+
+# min_confidence=auto: each class's own threshold, chosen on the validation split (best F1; the
+# artifact's model_config.json "thresholds"), as Rekognition's "assumed threshold".
+AUTO_CONFIDENCE = "auto"
 
 JSON_TYPE = "application/json"
 JSONLINES_TYPE = "application/jsonlines"  # one JSON line per image (batch transform's output)
@@ -215,3 +220,23 @@ def answer_format(value: str) -> str:
             f"use format={' or format='.join(FORMATS)}",
         )
     return value
+
+
+_PROBABILITY = re.compile(r"(?:0(?:\.[0-9]{1,9})?|1(?:\.0{1,9})?|\.[0-9]{1,9})")
+
+
+def min_confidence(value: str) -> float | str | None:
+    """A `min_confidence=` value, checked: a probability from 0 to 1, `auto` (each class's own
+    threshold), or `off` / 0 (None: every image gets its best label, as without it)."""
+    value = value.strip().strip('"').lower()
+    if value == AUTO_CONFIDENCE:
+        return AUTO_CONFIDENCE
+    if value in ("off", "none", ""):
+        return None
+    if not _PROBABILITY.fullmatch(value):
+        raise RequestError(
+            400,
+            f"min_confidence={shown(value)} is not a probability",
+            "use min_confidence=0.8 (0 to 1) or min_confidence=auto (each class's threshold)",
+        )
+    return float(value) or None

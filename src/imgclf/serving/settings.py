@@ -24,6 +24,7 @@ from sagemaker_inference import parameters as sagemaker
 from imgclf.contract import (
     CPU_RUNTIME_ENV,
     DEFAULT_BASE_DIR,
+    MIN_CONFIDENCE_ENV,
     RESPONSE_FORMAT_ENV,
     SERVE_ASYNC_ENV,
     SERVE_BATCH_DELAY_ENV,
@@ -40,7 +41,15 @@ from imgclf.contract import (
     SERVE_RECOVER_ENV,
     SERVE_SUBMIT_DIRECTORY_ENV,
 )
-from imgclf.serving.protocol import DEFAULT_FORMAT, FORMATS, MAX_PAYLOAD_MB, MB, Limits
+from imgclf.serving.protocol import (
+    DEFAULT_FORMAT,
+    FORMATS,
+    MAX_PAYLOAD_MB,
+    MB,
+    Limits,
+    RequestError,
+    min_confidence,
+)
 from imgclf.util import cpu_count, parse_bool
 
 HANDLER = "imgclf.serving.handler_service"  # the MMS service module serve registers
@@ -86,6 +95,8 @@ class Settings:
     recover_after_s: float = 20.0  # no worker ready this long: restart MMS
     max_restarts: int = 3  # restarts in a row that do not bring a worker back: exit 1
     response_format: str = DEFAULT_FORMAT  # the default answer format
+    # the default min_confidence (a probability, "auto", or None: off); a request's own wins
+    min_confidence: float | str | None = None
     batch_size: int = 8  # requests per handler call (one forward pass)
     max_batch_delay_ms: int = 1  # wait for more after the first
     batch: bool = False  # a batch transform's container (SAGEMAKER_BATCH): see read_settings
@@ -175,6 +186,14 @@ def read_settings(environ) -> Settings:
     if fmt not in FORMATS:
         raise SettingsError(f"{RESPONSE_FORMAT_ENV}={fmt!r}: use one of {', '.join(FORMATS)}")
     values["response_format"] = fmt
+    if environ.get(MIN_CONFIDENCE_ENV):
+        try:
+            values["min_confidence"] = min_confidence(environ[MIN_CONFIDENCE_ENV])
+        except RequestError:
+            raise SettingsError(
+                f"{MIN_CONFIDENCE_ENV}={environ[MIN_CONFIDENCE_ENV]!r}: use a probability from "
+                "0 to 1, auto (each class's threshold from the validation split) or off"
+            ) from None
     for name, variable in (
         ("bind_host", SERVE_BIND_HOST_ENV),
         ("handler", SERVE_HANDLER_ENV),
