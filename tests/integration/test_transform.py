@@ -166,3 +166,42 @@ def test_json_lines_of_vectors_are_read_with_the_models_labels(model, home, sour
         assert len(vector) == len(labels)
         best = int(np.argmax(vector))
         assert (row["index"], row["label"]) == (str(best), labels[best])
+
+
+def test_ctrl_c_stops_the_server_keeps_every_answer_and_the_rerun_sends_the_rest(
+    model, source, home, tmp_path
+):
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from tests.conftest import LAUNCH, ROOT
+
+    out = tmp_path / "out"
+    env = {**os.environ, "IMGCLF_HOME": str(home), "PYTHONUNBUFFERED": "1"}
+    args = ["transform", "--model", str(model), "--input", str(source), "--output", str(out)]
+    proc = subprocess.Popen(
+        [*LAUNCH, *args, "--concurrency", "1"],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 300
+    while len(list(out.rglob("*.out"))) < 5 and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stdout + stderr
+    assert "Traceback" not in stderr
+    done = len(list(out.rglob("*.out")))
+    files = [p for p in source.rglob("*") if p.is_file() and not p.name.startswith(".")]
+    assert 5 <= done < len(files)
+    assert not list(out.rglob("*.tmp"))  # no half-written answer
+    assert "no local endpoints" in run_launch("endpoints", home=home).stdout  # server stopped
+    rerun = transform(home, model, source, out)
+    assert f"  {len(files) - done} to send" in rerun.stdout, rerun.stdout
+    assert len(table(out)) == len(files)
