@@ -705,8 +705,19 @@ def test_transform_uploads_creates_the_job_downloads_answers_and_resumes(
     args += ["--input", str(source), "--output", out_uri, "--instance-count", "2"]
     args += ["--instance-type", "ml.c5.xlarge", "--max-payload-mb", "12"]
 
+    logs = aws.client("logs")
+    group, stream = "/aws/sagemaker/TransformJobs", "tx-1/i-0abc123-1700000000"
+    logs.create_log_group(logGroupName=group)
+    logs.create_log_stream(logGroupName=group, logStreamName=stream)
+    logs.put_log_events(
+        logGroupName=group,
+        logStreamName=stream,
+        logEvents=[{"timestamp": int(time.time() * 1000), "message": "serve: endpoint ready"}],
+    )
     first = launch(aws, home, *args, "--job-name", "tx-1")
     assert first.returncode == 1, first.stdout + first.stderr  # the job wrote nothing (moto)
+    assert "transform job tx-1: Completed" in first.stdout
+    assert "[i-0abc123] serve: endpoint ready" in first.stdout  # its CloudWatch log
     assert f"{len(files)} files uploaded" in first.stdout
     [created] = aws.requests("SageMaker.CreateTransformJob")
     body = created["json"]
