@@ -139,6 +139,19 @@ class TransformResult:
     waited: bool = True  # False: a SageMaker job created and not followed (--no-wait)
     details: tuple[str, ...] = ()
 
+    @classmethod
+    def of(cls, name: str, summary: Any, outputs: str, details: list[str]) -> TransformResult:
+        """From predictions.csv's counts (imgclf.transform.Summary)."""
+        return cls(
+            name,
+            summary.images,
+            summary.classified,
+            summary.failed,
+            predictions=str(summary.predictions),
+            outputs=outputs,
+            details=tuple(details),
+        )
+
     def line(self) -> str:
         return (
             f"{self.images} images: {self.classified} classified, {self.failed} failed "

@@ -226,15 +226,7 @@ class LocalTarget:
                 f"the server's start and stop took {rest:.1f} s more)"
             )
         summary = batch.write_predictions(items, out, errors=errors, labels=labels)
-        return TransformResult(
-            name,
-            summary.images,
-            summary.classified,
-            summary.failed,
-            predictions=str(summary.predictions),
-            outputs=str(out),
-            details=tuple(details),
-        )
+        return TransformResult.of(name, summary, str(out), details)
 
     def _send(
         self, name: str, request: TransformRequest, todo: list[batch.Item], out: Path

@@ -183,15 +183,7 @@ def run_transform(
     got = download_outputs(c, out, items, local)
     details.append(f"{got} answers downloaded to {local}")
     summary = batch.write_predictions(items, local, errors=errors, labels=labels)
-    return TransformResult(
-        name,
-        summary.images,
-        summary.classified,
-        summary.failed,
-        predictions=str(summary.predictions),
-        outputs=f"{local} (from {out.uri})",
-        details=tuple(details),
-    )
+    return TransformResult.of(name, summary, f"{local} (from {out.uri})", details)
 
 
 def _run_job(
