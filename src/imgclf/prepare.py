@@ -21,7 +21,7 @@ from PIL import Image
 
 from imgclf.contract import resolve_splits
 from imgclf.data import list_split, try_open_image
-from imgclf.errors import DataError
+from imgclf.errors import DataError, UserError
 from imgclf.util import atomic_write, cpu_count, write_json
 
 MANIFEST = "prepared.json"
@@ -84,6 +84,18 @@ def _build(source: Path, target: Path, short_side: int, fmt: str) -> str | None:
     _, pil_format, options = FORMATS[fmt]
     atomic_write(target, lambda handle: image.save(handle, format=pil_format, **options))
     return None
+
+
+def prepared_copy(home: Path, source: Path, short_side: int, fmt: str) -> Path:
+    """`train --prepare`: the prepared copy of `source` kept under <home>/prepared, built or
+    brought up to date first (only the files that changed are decoded again)."""
+    if not source.is_dir():
+        raise UserError(f"--data {source} is not a directory")
+    result = prepare_dataset(
+        source, cache_dir(home, source, short_side, fmt), short_side=short_side, fmt=fmt
+    )
+    print(result.summary(), flush=True)
+    return result.root
 
 
 def prepare_dataset(

@@ -17,6 +17,35 @@ from imgclf.transform import ACCEPT_TYPES
 
 
 TARGETS = ["local", "sagemaker"]
+# What `open_target` reads, for the verbs that do not declare all of it (one place, so that
+# it reads attributes instead of probing for them).
+TARGET_DEFAULTS = {
+    "target": "local",
+    "home": None,
+    "region": None,
+    "role": None,
+    "bucket": None,
+    "image": None,
+    "instance_type": None,
+    "instance_count": 1,
+    "no_wait": False,
+    "sagemaker_debugger": False,
+    "spot": False,
+    "max_runtime_hours": 24.0,
+}
+
+
+def _home_parent() -> argparse.ArgumentParser:
+    """--home, shared by every verb that keeps or reads local files."""
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument(
+        "--home",
+        help="where imgclf keeps its jobs, endpoints and caches (default .imgclf, or $IMGCLF_HOME)",
+    )
+    return parent
+
+
+HOME = _home_parent()
 
 
 def _add_target(parser, *, image: bool = False, resources: bool = False, wait: bool = False):
@@ -58,7 +87,9 @@ def _data_parsers(sub) -> None:
     )
     check.set_defaults(func=cmd_data_check)
     prep = data_sub.add_parser(
-        "prepare", help="decode and resize every image once into a fast-loading copy"
+        "prepare",
+        parents=[HOME],
+        help="decode and resize every image once into a fast-loading copy",
     )
     prep.add_argument("dir", help="a folder holding train/ valid/ [test/]")
     prep.add_argument("--size", type=int, default=256, help="short side in pixels (256)")
@@ -72,13 +103,13 @@ def _data_parsers(sub) -> None:
         help="raw: RGB (binary PPM), nothing to decode when read (default); jpeg: quality 95, "
         "~5x smaller, for uploading as a SageMaker channel",
     )
-    prep.add_argument("--home", help="where imgclf keeps its files (default .imgclf)")
     prep.set_defaults(func=cmd_data_prepare)
 
 
 def _train_parser(sub) -> None:
     train = sub.add_parser(
         "train",
+        parents=[HOME],
         help="run a training job",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="hyperparameters (--hp key=value):\n" + describe(),
@@ -133,12 +164,13 @@ def _train_parser(sub) -> None:
     train.add_argument("--max-runtime-hours", type=float, default=24, help="sagemaker stop limit")
     train.add_argument("--nproc", type=int, default=1, help="processes under torchrun (local)")
     train.add_argument("--docker", metavar="IMAGE", help="run the training image under Docker")
-    train.add_argument("--home", help="where local jobs live (default .imgclf, or $IMGCLF_HOME)")
     train.set_defaults(func=commands.cmd_train)
 
 
 def _tune_parser(sub) -> None:
-    tune = sub.add_parser("tune", help="hyperparameter tuning (local: Optuna, trials are jobs)")
+    tune = sub.add_parser(
+        "tune", parents=[HOME], help="hyperparameter tuning (local: Optuna, trials are jobs)"
+    )
     tune.add_argument("--data", help="folder with train/ valid/ [test/]")
     tune.add_argument("--space", help="tuning.yaml: search space and objective")
     tune.add_argument("--max-trials", type=int, help="overrides max_trials of the space")
@@ -164,7 +196,6 @@ def _tune_parser(sub) -> None:
         metavar="K",
         help="afterwards, run the K best trials as full fine-tunes; best.json names the best",
     )
-    tune.add_argument("--home", help="where local jobs live (default .imgclf)")
     tune.add_argument("--job-name", help="tuning job name (sagemaker, <= 32 characters)")
     _add_target(tune, image=True, resources=True, wait=True)
     tune.add_argument("--max-runtime-hours", type=float, default=24, help="per training job")
@@ -172,7 +203,9 @@ def _tune_parser(sub) -> None:
 
 
 def _deploy_parser(sub) -> None:
-    deploy = sub.add_parser("deploy", help="start an endpoint for a model (local: MMS process)")
+    deploy = sub.add_parser(
+        "deploy", parents=[HOME], help="start an endpoint for a model (local: MMS process)"
+    )
     deploy.add_argument(
         "--model",
         required=True,
@@ -197,7 +230,6 @@ def _deploy_parser(sub) -> None:
         "--serverless-mb", type=int, help="serverless endpoint with this memory (sagemaker)"
     )
     _deploy_production_arguments(deploy)
-    deploy.add_argument("--home", help="where local endpoints live (default .imgclf)")
     deploy.set_defaults(func=commands.cmd_deploy)
 
 
@@ -267,6 +299,7 @@ def _deploy_production_arguments(deploy) -> None:
 def _transform_parser(sub) -> None:
     transform = sub.add_parser(
         "transform",
+        parents=[HOME],
         help="classify every image of a folder or S3 prefix (batch transform)",
         description="Every file under --input is sent to the serving program in batch mode, one "
         "request each; its answer goes to OUTPUT/<path>.out (SageMaker's naming) and one row "
@@ -307,24 +340,23 @@ def _transform_parser(sub) -> None:
         "--docker", metavar="IMAGE", help="run the serving image under Docker (local)"
     )
     transform.add_argument("--job-name", help="transform job name (default transform-<time>)")
-    transform.add_argument("--home", help="where local endpoints live (default .imgclf)")
     _add_target(transform, image=True, resources=True, wait=True)
     transform.set_defaults(func=commands.cmd_transform)
 
 
 def _endpoint_parsers(sub) -> None:
-    endpoints = sub.add_parser("endpoints", help="list endpoints")
-    endpoints.add_argument("--home", help="where local endpoints live (default .imgclf)")
+    endpoints = sub.add_parser("endpoints", parents=[HOME], help="list endpoints")
     _add_target(endpoints)
     endpoints.set_defaults(func=commands.cmd_endpoints)
 
-    delete = sub.add_parser("delete", help="stop an endpoint and remove it")
+    delete = sub.add_parser("delete", parents=[HOME], help="stop an endpoint and remove it")
     delete.add_argument("name")
-    delete.add_argument("--home", help="where local endpoints live (default .imgclf)")
     _add_target(delete)
     delete.set_defaults(func=commands.cmd_delete)
 
-    invoke = sub.add_parser("invoke", help="send images to an endpoint, print top-k labels")
+    invoke = sub.add_parser(
+        "invoke", parents=[HOME], help="send images to an endpoint, print top-k labels"
+    )
     invoke.add_argument("images", nargs="+", metavar="IMAGE")
     invoke.add_argument("--endpoint", help="endpoint name (default: the one running)")
     invoke.add_argument("--topk", type=int, default=3)
@@ -345,19 +377,18 @@ def _endpoint_parsers(sub) -> None:
         "--no-wait", action="store_true", help="with --async: print where each answer will be"
     )
     invoke.add_argument("--bucket", help="with --async: where inputs go (sagemaker-REGION-ACCOUNT)")
-    invoke.add_argument("--home", help="where local endpoints live (default .imgclf)")
     _add_target(invoke)
     invoke.set_defaults(func=commands.cmd_invoke)
-    debug = sub.add_parser("debug", help="run the debugging rules over a job's tensors")
+    debug = sub.add_parser(
+        "debug", parents=[HOME], help="run the debugging rules over a job's tensors"
+    )
     debug.add_argument("job", help="a local job dir or name (sagemaker: a training job name)")
-    debug.add_argument("--home", help="where local jobs live (default .imgclf)")
     _add_target(debug)
     debug.set_defaults(func=commands.cmd_debug)
 
-    rep = sub.add_parser("report", help="write a job's report.html")
+    rep = sub.add_parser("report", parents=[HOME], help="write a job's report.html")
     rep.add_argument("job", help="a local job dir or name (sagemaker: a training job name)")
     rep.add_argument("--out", help="where to write it (default: the job's output/data/)")
-    rep.add_argument("--home", help="where local jobs live (default .imgclf)")
     _add_target(rep)
     rep.set_defaults(func=commands.cmd_report)
 
@@ -365,6 +396,7 @@ def _endpoint_parsers(sub) -> None:
 def _evaluate_parser(sub) -> None:
     ev = sub.add_parser(
         "evaluate",
+        parents=[HOME],
         help="a model's metrics, predictions and report on any ImageFolder split, no training",
     )
     ev.add_argument(
@@ -374,7 +406,6 @@ def _evaluate_parser(sub) -> None:
     ev.add_argument("--split", default="test", help="the split folder to evaluate (test)")
     ev.add_argument("--out", help="where to write (default: .imgclf/evaluations/<model>-<split>)")
     ev.add_argument("--batch-size", type=int, default=64, help="images per forward pass (64)")
-    ev.add_argument("--home", help="where local jobs live (default .imgclf)")
     ev.set_defaults(func=commands.cmd_evaluate)
 
 
@@ -384,6 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fine-tune torchvision classifiers through the SageMaker container "
         "contract, locally (default) or on SageMaker.",
     )
+    parser.set_defaults(**TARGET_DEFAULTS)
     sub = parser.add_subparsers(dest="command", required=True)
 
     _data_parsers(sub)

@@ -12,7 +12,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from imgclf.cli.common import home, print_table
-from imgclf.cli.data import prepared_data
 from imgclf.config import (
     canonical_key,
     parse_assignments,
@@ -32,12 +31,12 @@ from imgclf.targets.base import (
     TuningResult,
 )
 from imgclf.transform import ACCEPT_TYPES, check_payload_mb, content_type
-from imgclf.util import parse_bool
 
 
 def open_target(args) -> Target:
-    """--target local (default) or sagemaker, with what the command line says about it."""
-    if getattr(args, "target", "local") != "sagemaker":
+    """--target local (default) or sagemaker, with what the command line says about it (the
+    parser gives every verb cli.TARGET_DEFAULTS for what it does not declare)."""
+    if args.target != "sagemaker":
         from imgclf.targets.local import LocalTarget
 
         return LocalTarget(home(args))
@@ -47,15 +46,15 @@ def open_target(args) -> Target:
     return SageMakerTarget(
         AwsOptions(
             region=args.region,
-            role=getattr(args, "role", None) or os.environ.get(SAGEMAKER_ROLE_ENV),
-            bucket=getattr(args, "bucket", None),
-            instance_type=getattr(args, "instance_type", None),
-            instance_count=getattr(args, "instance_count", None) or 1,
-            image=getattr(args, "image", None),
-            wait=not getattr(args, "no_wait", False),
-            sagemaker_debugger=getattr(args, "sagemaker_debugger", False),
-            spot=getattr(args, "spot", False),
-            max_runtime_s=int(getattr(args, "max_runtime_hours", 24) * 3600),
+            role=args.role or os.environ.get(SAGEMAKER_ROLE_ENV),
+            bucket=args.bucket,
+            instance_type=args.instance_type,
+            instance_count=args.instance_count,
+            image=args.image,
+            wait=not args.no_wait,
+            sagemaker_debugger=args.sagemaker_debugger,
+            spot=args.spot,
+            max_runtime_s=int(args.max_runtime_hours * 3600),
             poll_s=float(os.environ.get("IMGCLF_POLL_SECONDS", "30")),
             home=home(args),
         )
@@ -110,14 +109,15 @@ def _read_hp_file(path: str) -> dict[str, str]:
 def cmd_train(args) -> int:
     hps = _hyperparameters(args)
     target = open_target(args)
-    data = str(prepared_data(args))
-    if (
-        parse_bool(hps.get("features_cache", "false"))
-        and target.name == "local"
-        and not (args.docker or "features_dir" in hps)
-    ):
-        hps["features_dir"] = str((home(args) / "features").resolve())  # shared by local jobs
-    request = TrainRequest(data, hps, args.job_name, nproc=args.nproc, docker=args.docker)
+    request = TrainRequest(
+        str(args.data),
+        hps,
+        args.job_name,
+        nproc=args.nproc,
+        docker=args.docker,
+        prepare=args.prepare,
+        prepare_format=args.prepare_format,
+    )
     result = target.train(request)
     print_job(result, target)
     return 0 if result.ok else result.code or 1

@@ -10,7 +10,7 @@ def home(args) -> Path:
     """--home, else $IMGCLF_HOME, else .imgclf: where local jobs, endpoints and caches live."""
     from imgclf.targets.local import default_home
 
-    return Path(args.home).resolve() if getattr(args, "home", None) else default_home()
+    return Path(args.home).resolve() if args.home else default_home()
 
 
 def print_table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> None:

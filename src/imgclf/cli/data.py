@@ -85,21 +85,3 @@ def cmd_data_prepare(args) -> int:
         print(f"  skipped {path}: {why}")
     print(f"  train on it: python launch.py train --data {out} ...")
     return 0
-
-
-def prepared_data(args) -> Path:
-    """--prepare: the prepared copy of --data (built or brought up to date first)."""
-    source = Path(args.data)
-    if not args.prepare or str(source).startswith("s3://"):
-        return source
-    from imgclf.prepare import cache_dir, prepare_dataset  # torch and torchvision: only if used
-
-    if not source.is_dir():
-        raise UserError(f"--data {source} is not a directory")
-    # Raw RGB reads fastest; a copy that is uploaded to S3 is better small (JPEG).
-    fmt = args.prepare_format or ("jpeg" if args.target == "sagemaker" else "raw")
-    result = prepare_dataset(
-        source, cache_dir(home(args), source, args.prepare, fmt), short_side=args.prepare, fmt=fmt
-    )
-    print(result.summary(), flush=True)
-    return result.root

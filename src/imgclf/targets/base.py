@@ -20,6 +20,8 @@ class TrainRequest:
     job_name: str | None = None  # None: a new UTC-stamped name
     nproc: int = 1  # processes under torchrun (local)
     docker: str | None = None  # run this training image under Docker (local)
+    prepare: int | None = None  # train on a prepared copy of `data` with this short side
+    prepare_format: str | None = None  # raw or jpeg (None: the target's choice)
 
 
 @dataclass(frozen=True)

@@ -58,11 +58,21 @@ class LocalTarget:
         name = check_name("job", request.job_name or new_job_name())
         if request.docker:
             docker.require_docker()
+        data = Path(request.data)
+        if request.prepare:  # raw RGB: nothing to decode when read
+            from imgclf.prepare import prepared_copy
+
+            data = prepared_copy(self.home, data, request.prepare, request.prepare_format or "raw")
+        hps = dict(request.hyperparameters)
+        if parse_bool(hps.get("features_cache", "false")) and not (
+            request.docker or "features_dir" in hps
+        ):
+            hps["features_dir"] = str((self.home / "features").resolve())  # shared by jobs
         job = jobs.prepare_job(
             self.home,
             name,
-            data_dir=Path(request.data),
-            hyperparameters=request.hyperparameters,
+            data_dir=data,
+            hyperparameters=hps,
             nproc=request.nproc,
             link_data=not request.docker,
         )

@@ -36,10 +36,16 @@ class SageMakerTarget:
         if request.docker:
             raise UserError("--docker runs the image locally; drop --target sagemaker or --docker")
         name = check_name("training job", request.job_name or new_job_name())
+        data = request.data
+        if request.prepare and not data.startswith("s3://"):  # JPEG: small to upload
+            from imgclf.prepare import prepared_copy
+
+            fmt = request.prepare_format or "jpeg"
+            data = str(prepared_copy(self.options.home, Path(data), request.prepare, fmt))
         sent = sm.start_training(
             self.c,
             self.options,
-            data=request.data,
+            data=data,
             hyperparameters=request.hyperparameters,
             job_name=name,
         )
