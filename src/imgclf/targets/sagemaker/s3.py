@@ -58,12 +58,17 @@ def upload_tree(
     s3, local_dir: Path, bucket: str, prefix: str, *, progress: bool = True
 ) -> UploadResult:
     """Upload every file under `local_dir` to s3://bucket/prefix/, skipping files already there
-    with the same size and ETag (a re-run of an unchanged dataset sends nothing)."""
+    with the same size and ETag (a re-run of an unchanged dataset sends nothing), and hidden
+    ones."""
     from boto3.s3.transfer import TransferConfig
     from tqdm import tqdm
 
     prefix = prefix.strip("/")
-    files = sorted(p for p in local_dir.rglob("*") if p.is_file() and not p.name.startswith("."))
+    files = sorted(  # hidden files and folders (.DS_Store, .git) are left out
+        p
+        for p in local_dir.rglob("*")
+        if p.is_file() and not any(x.startswith(".") for x in p.relative_to(local_dir).parts)
+    )
     if not files:
         raise UserError(f"{local_dir} holds no files to upload")
     existing: dict[str, tuple[int, str]] = {}
