@@ -99,7 +99,15 @@ def scan_folder(root: Path) -> list[Item]:
             path = Path(dirpath) / name
             if name.startswith(".") or not path.is_file():
                 continue
-            items.append(Item(path.relative_to(root).as_posix(), path.stat().st_size, path))
+            rel = path.relative_to(root).as_posix()
+            try:
+                rel.encode("utf-8")
+            except UnicodeEncodeError:
+                raise UserError(
+                    f"{path!r}: the file name is not UTF-8 (S3 keys and predictions.csv need "
+                    "it); rename it"
+                ) from None
+            items.append(Item(rel, path.stat().st_size, path))
     if not items:
         raise UserError(f"--input {root} holds no files")
     return sorted(items, key=lambda item: item.rel)  # S3's key order
@@ -214,8 +222,11 @@ class Sender:
             self.close()
         return response.status, payload
 
-    def send(self, body: bytes, ctype: str) -> tuple[int, bytes]:
-        """(status, body) of the last try; (0, reason) when no answer came at all."""
+    def send(
+        self, body: bytes, ctype: str, stop: threading.Event | None = None
+    ) -> tuple[int, bytes]:
+        """(status, body) of the last try; (0, reason) when no answer came at all. No retry
+        once `stop` is set."""
         last: tuple[int, bytes] = (0, b"")
         for attempt in range(RETRIES + 1):
             try:
@@ -223,7 +234,7 @@ class Sender:
             except (OSError, http.client.HTTPException) as exc:
                 self.close()
                 last = (0, f"no answer ({exc.__class__.__name__}: {exc})".encode())
-            if 0 < last[0] < 500:
+            if 0 < last[0] < 500 or attempt == RETRIES or (stop and stop.is_set()):
                 return last
             time.sleep(min(2.0, 0.2 * 2**attempt))
         return last
@@ -266,7 +277,7 @@ def send_all(
             body = item.path.read_bytes()
         except OSError as exc:
             return Outcome(item.rel, f"cannot be read: {exc.strerror or exc}")
-        status, answer = sender.send(body, content_type(item.rel))
+        status, answer = sender.send(body, content_type(item.rel), stop)
         if status != 200:
             text = answer.decode(errors="replace") if status == 0 else _error_text(status, answer)
             return Outcome(item.rel, text)
@@ -306,9 +317,10 @@ def send_all(
                         break
                 bar.update(1)
         except KeyboardInterrupt:
-            stop.set()
+            stop.set()  # what is in flight may finish (and be written) within a few seconds
+            deadline = time.monotonic() + 5
             for t in threads:
-                t.join(timeout=5)
+                t.join(timeout=max(0.0, deadline - time.monotonic()))
             raise
     for t in threads:
         t.join()
@@ -321,27 +333,37 @@ def send_all(
 def parse_answer(body: bytes, labels: list[str] | None) -> tuple[str, str, str, str]:
     """(label, index, probability, error) of one image's answer, in any format the endpoint
     writes: predictions (an object), vectors ([[p0, ...]]), either as JSON or one JSON line, and
-    the batch placeholder of an image that could not be classified."""
+    the batch placeholder of an image that could not be classified. An answer below the
+    endpoint's min_confidence gives an empty label beside its best class's index and
+    probability. Anything else (an `.out` from S3 is not trusted) is a row with a reason."""
     text = body.decode("utf-8", errors="replace").strip()
     try:
-        doc = json.loads(text.splitlines()[0] if text.startswith("{") and "\n" in text else text)
+        doc = json.loads(text.splitlines()[0] if "\n" in text else text)
     except (ValueError, IndexError):
         return "", "", "", "the answer is not JSON"
-    if isinstance(doc, list) and len(doc) == 1:
+    if isinstance(doc, list) and len(doc) == 1 and isinstance(doc[0], list | dict):
         doc = doc[0]
     if isinstance(doc, dict):
         found = doc.get("predictions")
-        if found:
-            top = found[0]
-            return str(top["label"]), str(top["index"]), str(top["probability"]), ""
+        top = found[0] if isinstance(found, list) and found else None
+        if isinstance(top, dict) and _is_number(top.get("probability")):
+            label = "" if doc.get("confident") is False else str(top.get("label", ""))
+            return label, str(top.get("index", "")), str(top["probability"]), ""
         if doc.get("error"):
-            why = doc.get("message") or doc["error"]
-            return "", "", "", f"{doc['status']}: {why}" if doc.get("status") else str(why)
-    if isinstance(doc, list) and doc and all(isinstance(p, int | float) for p in doc):
+            why = str(doc.get("message") or doc["error"])[:500]
+            return "", "", "", f"{doc['status']}: {why}" if doc.get("status") else why
+    if isinstance(doc, list) and doc and all(_is_number(p) for p in doc):
+        unsure = False
+        if labels and len(doc) == len(labels) + 1:  # min_confidence's flag at index N
+            unsure, doc = doc[-1] >= 0.5, doc[:-1]
         index = max(range(len(doc)), key=doc.__getitem__)
-        label = labels[index] if labels and index < len(labels) else ""
+        label = labels[index] if labels and index < len(labels) and not unsure else ""
         return label, str(index), str(doc[index]), ""
     return "", "", "", "the answer holds no prediction"
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)

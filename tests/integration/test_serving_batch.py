@@ -43,7 +43,7 @@ def test_execution_parameters_say_what_the_container_takes(endpoint):
     with urllib.request.urlopen(f"{endpoint['url']}/execution-parameters", timeout=10) as r:
         doc = json.loads(r.read())
     assert doc == {
-        "MaxConcurrentTransforms": 8,
+        "MaxConcurrentTransforms": 5,  # 1 worker x batch 8, capped: 5 x 20 MB is SageMaker's 100
         "BatchStrategy": "SINGLE_RECORD",
         "MaxPayloadInMB": 20,
     }

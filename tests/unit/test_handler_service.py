@@ -234,3 +234,18 @@ def test_in_a_batch_transform_an_unreadable_image_gets_a_placeholder_not_a_4xx(
     assert good_status == 200
     lines = good.decode().splitlines()
     assert len(lines) == 1 and json.loads(lines[0])["predictions"][0]["label"] in "abc"
+
+
+def test_in_a_batch_transform_a_failure_of_ours_stays_a_5xx_so_sagemaker_retries_it(
+    tmp_path, monkeypatch
+):
+    """The placeholder is for images that cannot be classified; a 5xx (here: no model loaded)
+    written as a placeholder would be a `.out` that a resumed transform never sends again."""
+    monkeypatch.setenv("SAGEMAKER_BATCH", "true")
+    svc = HandlerService()
+    svc.initialize(
+        Context("model", str(random_model(tmp_path / "m", ["1.a", "2.b"])), {}, 1, None, "1.1")
+    )
+    svc.loaded = None
+    [(status, _, body)] = call(svc, [(_png(), {"Content-Type": "image/png"})])
+    assert status == 503 and "predictions" not in json.loads(body)

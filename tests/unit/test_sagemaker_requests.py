@@ -395,7 +395,7 @@ def test_transform_job_request_passes_validation(manifest):
         output_s3="s3://b/out/",
         manifest=manifest,
         max_payload_mb=20,
-        max_concurrent=8,
+        max_concurrent=5,
         accept="application/jsonlines",
         environment={"IMGCLF_RESPONSE_FORMAT": "vectors"},
         instance_count=3,
@@ -410,3 +410,13 @@ def test_transform_job_request_passes_validation(manifest):
         {"prefix": "s3://b/in/"},
         "a/x.jpg",
     ]
+
+
+def test_transform_concurrency_times_payload_over_100_mb_is_refused_before_sending():
+    from imgclf.targets.sagemaker.requests import transform_job_request
+
+    with pytest.raises(UserError, match="over the 100 MB SageMaker allows"):
+        transform_job_request(
+            job_name="t", model_name="t", input_s3="s3://b/i/", output_s3="s3://b/o/",
+            max_payload_mb=20, max_concurrent=8,
+        )  # fmt: skip

@@ -89,10 +89,12 @@ def test_a_batch_transform_takes_its_payload_limit_and_minutes_per_request():
     assert batch.timeout_s == 600 and batch.limits.body_timeout_s == 600
     assert batch.limits.linger_bytes > batch.limits.max_body_bytes
     assert batch.execution_parameters() == {
-        "MaxConcurrentTransforms": 2 * batch.batch_size,
+        "MaxConcurrentTransforms": 5,  # not 2 x 8: SageMaker takes at most 100 MB in flight
         "BatchStrategy": "SINGLE_RECORD",
         "MaxPayloadInMB": 20,
     }
+    six = read_settings({"SAGEMAKER_BATCH": "true", "SAGEMAKER_MODEL_SERVER_WORKERS": "1"})
+    assert six.execution_parameters()["MaxConcurrentTransforms"] == six.batch_size
     timed = read_settings({"SAGEMAKER_BATCH": "1", "SAGEMAKER_MODEL_SERVER_TIMEOUT": "1800"})
     assert timed.timeout_s == 1800 and timed.max_payload_mb == 6
     with pytest.raises(SettingsError, match="SAGEMAKER_MAX_PAYLOAD_IN_MB='101'.*100 MB"):

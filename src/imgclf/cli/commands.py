@@ -340,6 +340,8 @@ def _error_line(status: int, answer: dict) -> str:
 
 
 def cmd_transform(args) -> int:
+    if args.concurrency is not None and args.concurrency < 1:
+        raise UserError(f"--concurrency {args.concurrency}: give 1 or more requests in flight")
     target = open_target(args)
     request = TransformRequest(
         args.model,

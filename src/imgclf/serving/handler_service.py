@@ -98,7 +98,13 @@ class HandlerService:
         else:
             results = [_read_request(self, idx, request, context) for idx, request in jobs]
         for idx, result in enumerate(results):
-            if isinstance(result, protocol.RequestError) and self.settings.batch:
+            # A batch transform's placeholder is for an image that cannot be classified (a
+            # 4xx); a failure of ours (5xx) stays one, so SageMaker retries it.
+            if (
+                isinstance(result, protocol.RequestError)
+                and self.settings.batch
+                and (result.status < 500)
+            ):
                 answers[idx] = placeholder(result)
             elif isinstance(result, protocol.RequestError):
                 answers[idx] = result.body()

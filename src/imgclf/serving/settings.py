@@ -120,8 +120,10 @@ class Settings:
     def execution_parameters(self) -> dict:
         """GET /execution-parameters (SageMaker's batch transform asks before it sends): as
         many requests at once as the workers take in their batches, one image a record."""
+        # SageMaker refuses MaxConcurrentTransforms x MaxPayloadInMB over 100 (MB in flight).
+        in_flight = max(1, MAX_PAYLOAD_MB // self.max_payload_mb)
         return {
-            "MaxConcurrentTransforms": self.worker_count * self.batch_size,
+            "MaxConcurrentTransforms": min(self.worker_count * self.batch_size, in_flight),
             "BatchStrategy": "SINGLE_RECORD",
             "MaxPayloadInMB": self.max_payload_mb,
         }
