@@ -205,3 +205,36 @@ def test_ctrl_c_stops_the_server_keeps_every_answer_and_the_rerun_sends_the_rest
     rerun = transform(home, model, source, out)
     assert f"  {len(files) - done} to send" in rerun.stdout, rerun.stdout
     assert len(table(out)) == len(files)
+
+
+def test_ctrl_c_while_the_server_starts_leaves_nothing_running(model, source, home, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from imgclf.processes import group_alive
+    from tests.conftest import LAUNCH, ROOT
+
+    env = {**os.environ, "IMGCLF_HOME": str(home)}
+    args = ["transform", "--model", str(model), "--input", str(source), "--output"]
+    proc = subprocess.Popen(
+        [*LAUNCH, *args, str(tmp_path / "out"), "--job-name", "tx-startup"],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    record = home / "endpoints" / "tx-startup" / "endpoint.json"
+    deadline = time.monotonic() + 120
+    while not record.is_file() and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.02)
+    pid = json.loads(record.read_text())["pid"]  # serve, starting: its model not loaded yet
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stdout + stderr
+    assert not record.parent.exists()
+    assert not group_alive(pid)  # serve and MMS stopped
+    assert not list((tmp_path / "out").rglob("*.out"))

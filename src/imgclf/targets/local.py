@@ -244,17 +244,23 @@ class LocalTarget:
         """Start the server in batch mode, send `todo`, stop it (also on Ctrl-C); the reason
         for each file that got no answer, and the seconds the sending took."""
         settings = {SERVE_BATCH_ENV: "true", SERVE_MAX_PAYLOAD_ENV: str(request.max_payload_mb)}
-        info = self.deploy(
-            DeployRequest(
-                request.model,
-                name,
-                port=free_port(),
-                response_format=request.response_format,
-                docker=request.docker,
-            ),
-            environment=settings,
-        )
-        try:
+        if docker.has_container_endpoint(self.home, name) or os.path.lexists(
+            endpoints.endpoint_folder(self.home, name)
+        ):
+            raise UserError(
+                f"an endpoint named {name} exists; pick another --job-name for the transform"
+            )
+        try:  # from here on, whatever runs under `name` is this transform's server
+            info = self.deploy(
+                DeployRequest(
+                    request.model,
+                    name,
+                    port=free_port(),
+                    response_format=request.response_format,
+                    docker=request.docker,
+                ),
+                environment=settings,
+            )
             assert info.url is not None
             params = batch.execution_parameters(info.url)
             concurrency = request.concurrency or params["MaxConcurrentTransforms"]
@@ -273,9 +279,17 @@ class LocalTarget:
                 max_payload_mb=request.max_payload_mb,
             )
             sending = time.perf_counter() - started
-        finally:
-            self.delete(name)
+        finally:  # also while it starts: a Ctrl-C there leaves nothing running
+            self._stop_server(name, in_docker=bool(request.docker))
         return {o.rel: o.error for o in outcomes if o.error}, sending
+
+    def _stop_server(self, name: str, *, in_docker: bool) -> None:
+        """Stop and remove the transform's own server (the kind it started, if it got that
+        far)."""
+        if in_docker and docker.has_container_endpoint(self.home, name):
+            docker.delete_container_endpoint(self.home, name)
+        elif not in_docker and os.path.lexists(endpoints.endpoint_folder(self.home, name)):
+            endpoints.delete_endpoint(self.home, name)
 
     def endpoints(self) -> list[EndpointInfo]:
         found = [_process_info(e) for e in endpoints.list_endpoints(self.home)]
