@@ -116,14 +116,38 @@ def scan_folder(root: Path) -> list[Item]:
 def check_folders(input_dir: Path, output_dir: Path) -> None:
     """The output may not be inside the input (its .out files would become inputs), nor the
     input inside the output."""
-    if output_dir.exists() and not output_dir.is_dir():
-        raise UserError(f"--output {output_dir} is a file; give a folder (made if missing)")
+    check_output_folder(output_dir)
     a, b = input_dir.resolve(), output_dir.resolve()
     if a == b or a in b.parents or b in a.parents:
         raise UserError(
             f"--output {output_dir} and --input {input_dir} overlap; write the outputs to a "
             "folder outside the input"
         )
+
+
+def check_output_folder(output_dir: Path) -> None:
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UserError(f"--output {output_dir} is a file; give a folder (made if missing)")
+
+
+def answer_keys(keys: Iterable[str], rels: Iterable[str]) -> dict[str, str]:
+    """{input path: its answer's key} from the keys under an output prefix (relative to it).
+    SageMaker names an answer `<path relative to the input prefix>.out`; a key with more
+    folders in front of that path (how its documentation's example reads) is matched by its
+    longest such suffix, so either naming is found."""
+    wanted = set(rels)
+    found: dict[str, str] = {}
+    for key in keys:
+        if not key.endswith(OUT_SUFFIX):
+            continue
+        parts = key[: -len(OUT_SUFFIX)].split("/")
+        for start in range(len(parts)):
+            rel = "/".join(parts[start:])
+            if rel in wanted:
+                if start == 0 or rel not in found:
+                    found[rel] = key
+                break
+    return found
 
 
 def out_path(output_dir: Path, rel: str) -> Path:

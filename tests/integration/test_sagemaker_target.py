@@ -703,8 +703,7 @@ def test_transform_uploads_creates_the_job_downloads_answers_and_resumes(
     out_uri = f"s3://{BUCKET}/transform-out/"
     args = ["transform", "--target", "sagemaker", "--model", str(model), "--role", ROLE]
     args += ["--input", str(source), "--output", out_uri, "--instance-count", "2"]
-    args += ["--instance-type", "ml.c5.xlarge", "--max-payload-mb", "12"]
-
+    args += ["--instance-type", "ml.c5.xlarge", "--max-payload-mb", "12", "--job-name", "tx-1"]
     logs = aws.client("logs")
     group, stream = "/aws/sagemaker/TransformJobs", "tx-1/i-0abc123-1700000000"
     logs.create_log_group(logGroupName=group)
@@ -714,21 +713,39 @@ def test_transform_uploads_creates_the_job_downloads_answers_and_resumes(
         logStreamName=stream,
         logEvents=[{"timestamp": int(time.time() * 1000), "message": "serve: endpoint ready"}],
     )
-    first = launch(aws, home, *args, "--job-name", "tx-1")
+
+    first = launch(aws, home, *args)
     assert first.returncode == 1, first.stdout + first.stderr  # the job wrote nothing (moto)
+    assert f"{len(files)} files uploaded" in first.stdout
     assert "transform job tx-1: Completed" in first.stdout
     assert "[i-0abc123] serve: endpoint ready" in first.stdout  # its CloudWatch log
-    assert f"{len(files)} files uploaded" in first.stdout
+    s3 = aws.client("s3")
+
+    def sent(request):
+        """The job's body, and the files its manifest lists (relative to its prefix)."""
+        body = request["json"]
+        source_s3 = body["TransformInput"]["DataSource"]["S3DataSource"]
+        assert source_s3["S3DataType"] == "ManifestFile"  # exactly these files
+        bucket, key = source_s3["S3Uri"][5:].split("/", 1)
+        manifest = json.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+        return body, manifest[0]["prefix"], manifest[1:]
+
     [created] = aws.requests("SageMaker.CreateTransformJob")
-    body = created["json"]
-    prefix = f"s3://{BUCKET}/imgclf/transform-input/photos/"
-    assert body["TransformInput"] == {
-        "DataSource": {"S3DataSource": {"S3DataType": "S3Prefix", "S3Uri": prefix}},
-        "ContentType": "application/x-image",
-        "CompressionType": "None",
-        "SplitType": "None",
+    body, prefix, listed = sent(created)
+    assert prefix.startswith(f"s3://{BUCKET}/imgclf/transform-input/photos-")
+    assert listed == files
+    uploaded = {
+        o["Key"]
+        for o in s3.list_objects_v2(Bucket=BUCKET, Prefix=prefix[len(f"s3://{BUCKET}/") :])[
+            "Contents"
+        ]
     }
+    assert len(uploaded) == len(files)
+    assert body["TransformInput"]["ContentType"] == "application/x-image"
+    assert body["TransformInput"]["SplitType"] == "None"
     assert body["BatchStrategy"] == "SingleRecord" and body["MaxPayloadInMB"] == 12
+    assert "MaxConcurrentTransforms" not in body  # SageMaker asks the container
+    assert body["Environment"] == {"SAGEMAKER_BATCH": "true", "SAGEMAKER_MAX_PAYLOAD_IN_MB": "12"}
     assert body["TransformResources"] == {"InstanceType": "ml.c5.xlarge", "InstanceCount": 2}
     assert body["TransformOutput"]["S3OutputPath"] == out_uri
     assert body["ModelClientConfig"] == {
@@ -743,28 +760,51 @@ def test_transform_uploads_creates_the_job_downloads_answers_and_resumes(
     local = home / "sagemaker" / "transform" / BUCKET / "transform-out"
     assert "no answer: transform job tx-1 Completed" in (local / "predictions.csv").read_text()
 
-    # What the serving container answers for the first three files, as SageMaker stores it.
-    s3 = aws.client("s3")
+    # What the serving container answers for three files, as SageMaker stores them: two named
+    # as the input's relative path, one with a folder in front (its documentation's example).
     answered = files[:3]
-    for n, rel in enumerate(answered):
+    keys = [f"transform-out/{answered[0]}.out", f"transform-out/{answered[1]}.out"]
+    keys.append(f"transform-out/photos/{answered[2]}.out")
+    for n, key in enumerate(keys):
         answer = {"predictions": [{"label": f"l{n}", "index": n, "probability": 0.5}]}
-        s3.put_object(Bucket=BUCKET, Key=f"transform-out/{rel}.out", Body=json.dumps(answer))
+        s3.put_object(Bucket=BUCKET, Key=key, Body=json.dumps(answer))
     aws.recording.write_text("")
-    second = launch(aws, home, *args, "--job-name", "tx-2")
+    second = launch(aws, home, *args)  # the same command
     assert "0 files uploaded" in second.stdout  # the input is already there
     [created] = aws.requests("SageMaker.CreateTransformJob")
-    source_s3 = created["json"]["TransformInput"]["DataSource"]["S3DataSource"]
-    assert source_s3["S3DataType"] == "ManifestFile"  # only the files still without an answer
-    bucket, key = source_s3["S3Uri"][5:].split("/", 1)
-    manifest = json.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
-    assert manifest == [{"prefix": prefix}, *files[3:]]
+    assert created["json"]["TransformJobName"] == "tx-1-2"  # a job name is used once
+    _, _, listed = sent(created)
+    assert listed == files[3:]  # only the files still without an answer
     with (local / "predictions.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert [r["file"] for r in rows] == files
     assert [r["label"] for r in rows[:3]] == ["l0", "l1", "l2"]
-    assert all(r["error"].startswith("no answer: transform job tx-2") for r in rows[3:])
+    assert all(r["error"].startswith("no answer: transform job tx-1-2") for r in rows[3:])
     assert sorted(p.relative_to(local).as_posix() for p in local.rglob("*.out")) == [
         f + ".out" for f in answered
     ]
     last = second.stdout.strip().splitlines()[-1]
     assert last.startswith(f"{len(files)} images: 3 classified, {len(files) - 3} failed")
+
+
+def test_transform_refuses_an_output_inside_its_input_before_uploading(aws, tmp_path):
+    home = tmp_path / "home"
+    remember_images(home)
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.png").write_bytes(b"x")
+    args = ["transform", "--target", "sagemaker", "--model", "job", "--role", ROLE]
+    inside = launch(
+        aws, home, *args, "--input", str(tmp_path / "in"), "--output", str(tmp_path / "in" / "out")
+    )
+    assert inside.returncode == 2 and "overlap" in inside.stderr
+    s3_overlap = launch(
+        aws, home, *args, "--input", f"s3://{BUCKET}/in/", "--output", f"s3://{BUCKET}/in/out/"
+    )
+    assert s3_overlap.returncode == 2 and "overlap" in s3_overlap.stderr
+    too_much = launch(
+        aws, home, *args, "--input", str(tmp_path / "in"), "--output", str(tmp_path / "o"),
+        "--concurrency", "8", "--max-payload-mb", "20",
+    )  # fmt: skip
+    assert too_much.returncode == 2 and "100 MB" in too_much.stderr
+    assert not aws.requests("SageMaker.CreateModel")
+    assert not [r for r in aws.requests() if r["method"] == "PUT" and "/in/" in r["url"]]

@@ -112,12 +112,15 @@ class Flaky(http.server.BaseHTTPRequestHandler):
 
     fail = 0
     seen: list[bytes] = []
+    lock = threading.Lock()
 
     def do_POST(self):  # noqa: N802 - http.server's name
         body = self.rfile.read(int(self.headers["Content-Length"]))
-        type(self).seen.append(body)
-        if type(self).fail > 0:
-            type(self).fail -= 1
+        with type(self).lock:
+            type(self).seen.append(body)
+            failing = type(self).fail > 0
+            type(self).fail -= failing
+        if failing:
             self.send_response(503)
             self.send_header("Content-Length", "2")
             self.end_headers()
@@ -171,3 +174,17 @@ def test_an_answer_that_stays_an_error_is_reported_and_writes_no_out(tmp_path, f
     assert outcome.error.startswith("503")
     assert len(Flaky.seen) == 1 + batch.RETRIES
     assert not (tmp_path / "out" / "a.png.out").exists()
+
+
+def test_answers_are_found_under_either_naming_and_nothing_else_is_taken():
+    keys = [
+        "a/1.jpg.out",  # the input's relative path
+        "photos/a/2.jpg.out",  # a folder in front of it
+        "b/3.jpg.out.tmp",
+        "predictions.csv",
+        "other/9.jpg.out",
+    ]
+    found = batch.answer_keys(keys, ["a/1.jpg", "a/2.jpg", "b/3.jpg", "c/4.jpg"])
+    assert found == {"a/1.jpg": "a/1.jpg.out", "a/2.jpg": "photos/a/2.jpg.out"}
+    exact = batch.answer_keys(["x/a/1.jpg.out", "a/1.jpg.out"], ["a/1.jpg"])
+    assert exact == {"a/1.jpg": "a/1.jpg.out"}  # the exact name wins

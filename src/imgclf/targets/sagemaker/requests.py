@@ -505,6 +505,16 @@ DEFAULT_TRANSFORM_INSTANCE = "ml.g5.xlarge"
 TRANSFORM_MB_IN_FLIGHT = 100  # MaxConcurrentTransforms x MaxPayloadInMB, at most
 
 
+def check_in_flight(max_concurrent: int | None, max_payload_mb: int) -> None:
+    """SageMaker refuses MaxConcurrentTransforms x MaxPayloadInMB over 100."""
+    if max_concurrent and max_concurrent * max_payload_mb > TRANSFORM_MB_IN_FLIGHT:
+        raise UserError(
+            f"--concurrency {max_concurrent} x --max-payload-mb {max_payload_mb} is over the "
+            f"{TRANSFORM_MB_IN_FLIGHT} MB SageMaker allows in flight per instance; lower one "
+            "(or leave --concurrency out: the container says what it takes)"
+        )
+
+
 def transform_job_request(
     *,
     job_name: str,
@@ -530,12 +540,7 @@ def transform_job_request(
     setting them."""
     from imgclf.contract import SERVE_BATCH_ENV, SERVE_MAX_PAYLOAD_ENV
 
-    if max_concurrent and max_concurrent * max_payload_mb > TRANSFORM_MB_IN_FLIGHT:
-        raise UserError(
-            f"--concurrency {max_concurrent} x --max-payload-mb {max_payload_mb} is over the "
-            f"{TRANSFORM_MB_IN_FLIGHT} MB SageMaker allows in flight per instance; lower one "
-            "(or leave --concurrency out: the container says what it takes)"
-        )
+    check_in_flight(max_concurrent, max_payload_mb)
     request: dict[str, Any] = {
         "TransformJobName": job_name,
         "ModelName": model_name,

@@ -30,6 +30,7 @@ from imgclf.targets.sagemaker.aws import (
 from imgclf.targets.sagemaker.follow import LOG_GROUP_TRANSFORM, wait_for_transform
 from imgclf.targets.sagemaker.requests import (
     DEFAULT_TRANSFORM_INSTANCE,
+    check_in_flight,
     model_request,
     transform_job_request,
     transform_manifest,
@@ -74,10 +75,11 @@ class Place:
         return found
 
 
-def input_items(c: Clients, source: str, bucket: str) -> tuple[Place, list[batch.Item]]:
-    """The input prefix and its files: an s3:// prefix as it is, a local folder uploaded to
-    s3://BUCKET/imgclf/transform-input/<folder name>/ (files already there unchanged are not
-    sent again)."""
+def input_items(c: Clients, source: str, bucket: str) -> tuple[Place, list[batch.Item], bool]:
+    """The input prefix, its files, and whether they came from a local folder: an s3:// prefix
+    as it is; a folder uploaded to s3://BUCKET/imgclf/transform-input/<name>-<hash of its
+    path>/ (files already there unchanged are not sent again). A folder's job always lists its
+    files in a manifest: the prefix may hold files since deleted here."""
     if source.startswith("s3://"):
         place = Place.of(source)
         items = [
@@ -86,13 +88,40 @@ def input_items(c: Clients, source: str, bucket: str) -> tuple[Place, list[batch
         ]
         if not items:
             raise UserError(f"--input {source} holds no objects")
-        return place, items
+        return place, items, False
     folder = Path(source)
     items = batch.scan_folder(folder)
-    place = Place(bucket, f"imgclf/transform-input/{folder.resolve().name}")
+    place = Place(bucket, f"imgclf/transform-input/{_path_tag(folder)}")
     sent = upload_tree(c.s3, folder, bucket, place.prefix)
     print(f"input at {place.uri}: {sent.uploaded} files uploaded, {sent.skipped} unchanged")
-    return place, items
+    return place, items, True
+
+
+def _path_tag(folder: Path) -> str:
+    """<folder name>-<8 hex of its absolute path>: two folders of one name stay apart."""
+    local = folder.resolve()
+    return f"{local.name}-{hashlib.sha256(str(local).encode()).hexdigest()[:8]}"
+
+
+def check_places(source: str, output: str) -> None:
+    """Before anything is uploaded: an output folder that is a file, or an output that
+    overlaps the input (its answers would become inputs of the next run)."""
+    if "://" not in output:
+        if "://" not in source:
+            batch.check_folders(Path(source), Path(output))
+        batch.check_output_folder(Path(output))
+        return
+    out = Place.of(output)
+    if out.prefix:
+        batch.check_rel(out.prefix, "--output")
+    if source.startswith("s3://"):
+        into = Place.of(source)
+        a, b = f"{into.prefix}/", f"{out.prefix}/"
+        if into.bucket == out.bucket and (a.startswith(b) or b.startswith(a)):
+            raise UserError(
+                f"--output {output} and --input {source} overlap; write the answers under a "
+                "prefix outside the input"
+            )
 
 
 def output_places(output: str, bucket: str, home: Path) -> tuple[Place, Path]:
@@ -103,9 +132,7 @@ def output_places(output: str, bucket: str, home: Path) -> tuple[Place, Path]:
     if output.startswith("s3://"):
         place = Place.of(output)
         return place, home / "sagemaker" / "transform" / place.bucket / (place.prefix or "_")
-    local = Path(output).resolve()
-    tag = hashlib.sha256(str(local).encode()).hexdigest()[:8]
-    return Place(bucket, f"imgclf/transform-output/{local.name}-{tag}"), local
+    return Place(bucket, f"imgclf/transform-output/{_path_tag(Path(output))}"), Path(output)
 
 
 def _model_labels(c: Clients, options: AwsOptions, model: str, name: str) -> list[str]:
@@ -122,68 +149,143 @@ def _model_labels(c: Clients, options: AwsOptions, model: str, name: str) -> lis
             return batch.model_labels(named)
 
 
-def download_outputs(c: Clients, place: Place, items: list[batch.Item], dest: Path) -> int:
-    """Each item's `.out` under the output prefix into `dest` (those already there are kept);
-    how many were downloaded."""
-    have = place.objects(c.s3)
-    count = 0
-    for item in items:
-        name = item.rel + batch.OUT_SUFFIX
-        target = batch.out_path(dest, item.rel)
-        if name not in have or target.is_file():
+def download_outputs(
+    c: Clients, place: Place, answers: dict[str, str], dest: Path
+) -> tuple[int, dict[str, str]]:
+    """Each answer (input path -> its key under the output prefix) into `dest` as
+    `<path>.out`, those already there kept: how many were downloaded, and the reason for each
+    that could not be."""
+    count, errors = 0, {}
+    for rel, key in sorted(answers.items()):
+        target = batch.out_path(dest, rel)
+        if target.is_file():
             continue
         plain_dir(target.parent, "output folder")
-        uri = f"s3://{place.bucket}/{place.key(name)}"
-        with downloaded(c.s3, uri, max_bytes=MAX_OUT_BYTES, folder=target.parent) as part:
-            os.replace(part, target)
+        uri = f"s3://{place.bucket}/{place.key(key)}"
+        try:
+            with downloaded(c.s3, uri, max_bytes=MAX_OUT_BYTES, folder=target.parent) as part:
+                os.replace(part, target)
+        except UserError as exc:  # one answer too large (or gone): its row says so
+            errors[rel] = f"its answer {uri} was not downloaded: {exc}"
+            continue
         count += 1
-    return count
+    return count, errors
+
+
+def running_job(c: Clients, out: Place) -> str | None:
+    """A transform job still writing under this output prefix (a --no-wait run's, or one left
+    running after Ctrl-C): a rerun follows it instead of sending the same files again."""
+    with aws_errors():
+        pages = c.sagemaker.get_paginator("list_transform_jobs").paginate(StatusEquals="InProgress")
+        for page in pages:
+            for job in page.get("TransformJobSummaries", []):
+                name = job["TransformJobName"]
+                desc = c.sagemaker.describe_transform_job(TransformJobName=name)
+                path = desc.get("TransformOutput", {}).get("S3OutputPath", "")
+                if Place.of(path) == out:
+                    return name
+    return None
+
+
+def free_name(c: Clients, name: str) -> str:
+    """`name`, or `name-2`, `name-3`, ... when a job of that name exists (a job name is
+    unique in a region for good: a rerun of the same command needs another)."""
+    from botocore.exceptions import ClientError
+
+    for n in range(1, 100):
+        candidate = name if n == 1 else f"{name[: 63 - len(str(n)) - 1]}-{n}"
+        try:
+            c.sagemaker.describe_transform_job(TransformJobName=candidate)
+        except ClientError:
+            return candidate
+    raise UserError(f"transform jobs {name} to {name}-99 exist; pass another --job-name")
+
+
+def _drop_model(c: Clients, name: str) -> None:
+    """The model made for job `name`, removed once the job has ended (or is stopping)."""
+    from botocore.exceptions import ClientError
+
+    try:
+        status = c.sagemaker.describe_transform_job(TransformJobName=name)["TransformJobStatus"]
+        if status == "InProgress":
+            print(
+                f"model {name} is left for the running job; after it ends: "
+                f"aws sagemaker delete-model --model-name {name}"
+            )
+            return
+        c.sagemaker.delete_model(ModelName=name)
+    except ClientError:
+        pass  # already gone
 
 
 def run_transform(
     c: Clients, options: AwsOptions, request: TransformRequest, name: str
 ) -> TransformResult:
+    check_places(request.input, request.output)
+    check_in_flight(request.concurrency, request.max_payload_mb)
     image, role = resolve_image(options, "serve"), resolve_role(options)
     bucket = default_bucket(c, options)
-    source, items = input_items(c, request.input, bucket)
     out, local = output_places(request.output, bucket, options.home)
+    details = [f"outputs at {out.uri}"]
+    running = running_job(c, out)
+    if running:  # nothing is uploaded or sent again: follow it, then download
+        print(f"transform job {running} is still writing to {out.uri}: following it")
+        if not options.wait:
+            return _not_waited(running, out, details)
+        _ended(wait_for_transform(c, running, poll_s=options.poll_s), details)
+        _drop_model(c, running)  # then what it left without an answer is sent below
+    source, items, listed = input_items(c, request.input, bucket)
     plain_dir(local, "output folder")
-    answered = {rel.removesuffix(batch.OUT_SUFFIX) for rel in out.objects(c.s3)}
+    answers = batch.answer_keys(out.objects(c.s3), (i.rel for i in items))
     big = {
         i.rel: batch.too_big_reason(i, request.max_payload_mb)
         for i in batch.oversized(items, request.max_payload_mb)
     }
-    todo = [i for i in items if i.rel not in answered and i.rel not in big]
-    labels = None
-    details = [f"outputs at {out.uri}"]
+    todo = [i for i in items if i.rel not in answers and i.rel not in big]
     errors = dict(big)
     if todo:
         from imgclf.targets.sagemaker import resolve_model_s3
 
+        name = free_name(c, name)
         model_s3 = resolve_model_s3(c, options, request.model, name)
-        desc = _run_job(c, options, request, name, image, role, model_s3, source, out, todo, items)
-        if desc is None:
-            follow = (
-                f"  follow: aws sagemaker describe-transform-job --transform-job-name {name}; "
-                "then run the same command again to download the answers"
-            )
-            return TransformResult(
-                name, len(items), 0, 0, "", out.uri, waited=False, details=(*details, follow)
-            )
-        status = desc["TransformJobStatus"]
-        why = desc.get("FailureReason") or f"see CloudWatch {LOG_GROUP_TRANSFORM} {name}/"
-        missing = f"no answer: transform job {name} {status} ({why})"
-        errors.update({i.rel: missing for i in todo})  # for those that have no .out after all
-        if status != "Completed":
-            details.append(f"transform job {name} {status}: {why}")
+        manifest = listed or len(todo) != len(items)
+        job = _run_job(
+            c, options, request, name, (image, role, model_s3), source, out, todo, manifest
+        )
+        if job is None:
+            return _not_waited(name, out, details)
+        errors.update({i.rel: _ended(job, details) for i in todo})  # if no .out after all
     else:
         details.append(f"every file already has its answer in {out.uri}; no job created")
-    if request.response_format == "vectors":
-        labels = _model_labels(c, options, request.model, name)
-    got = download_outputs(c, out, items, local)
+    labels = (
+        _model_labels(c, options, request.model, name)
+        if request.response_format == "vectors"
+        else None
+    )
+    answers = batch.answer_keys(out.objects(c.s3), (i.rel for i in items))
+    got, failed = download_outputs(c, out, answers, local)
+    errors.update(failed)
     details.append(f"{got} answers downloaded to {local}")
     summary = batch.write_predictions(items, local, errors=errors, labels=labels)
     return TransformResult.of(name, summary, f"{local} (from {out.uri})", details)
+
+
+def _ended(desc: dict, details: list[str]) -> str:
+    """A followed job's end, said in `details` when it did not complete; the reason a file it
+    was sent has no answer."""
+    name, status = desc["TransformJobName"], desc["TransformJobStatus"]
+    why = desc.get("FailureReason") or f"see CloudWatch {LOG_GROUP_TRANSFORM} {name}/"
+    if status != "Completed":
+        details.append(f"transform job {name} {status}: {why}")
+    return f"no answer: transform job {name} {status} ({why})"
+
+
+def _not_waited(name: str, out: Place, details: list[str]) -> TransformResult:
+    follow = (
+        f"  follow: aws sagemaker describe-transform-job --transform-job-name {name}; the same "
+        "command again follows it, then downloads the answers and writes predictions.csv"
+    )
+    return TransformResult(name, 0, 0, 0, "", out.uri, waited=False, details=(*details, follow))
 
 
 def _run_job(
@@ -191,17 +293,17 @@ def _run_job(
     options: AwsOptions,
     request: TransformRequest,
     name: str,
-    image: str,
-    role: str,
-    model_s3: str,
+    made_of: tuple[str, str, str],
     source: Place,
     out: Place,
     todo: list[batch.Item],
-    items: list[batch.Item],
+    manifest: bool,
 ) -> dict | None:
-    """Create the job's model and the job (a manifest of `todo` when it is not every item),
-    follow it, then delete the model; None when not waiting (the model is left for the job)."""
-    input_s3, manifest = source.uri, len(todo) != len(items)
+    """Create the job's model (image, role, model data) and the job over `source` (or a
+    manifest of `todo`), follow it, then delete the model; None when not waiting (the model is
+    left for the job)."""
+    image, role, model_s3 = made_of
+    input_s3 = source.uri
     if manifest:
         key = f"imgclf/transform-manifests/{name}.manifest"
         body = transform_manifest(source.uri, [i.rel for i in todo]).encode()
@@ -236,13 +338,13 @@ def _run_job(
         raise
     resources = job["TransformResources"]
     print(
-        f"transform job {name} created: {len(todo)} of {len(items)} files, "
+        f"transform job {name} created: {len(todo)} files, "
         f"{resources['InstanceCount']} x {resources['InstanceType']}, image {image}",
         flush=True,
     )
     if not options.wait:
         return None
-    desc = wait_for_transform(c, name, poll_s=options.poll_s)
-    with aws_errors():  # the job has ended: its model is no longer needed
-        c.sagemaker.delete_model(ModelName=name)
-    return desc
+    try:
+        return wait_for_transform(c, name, poll_s=options.poll_s)
+    finally:  # ended, or Ctrl-C (stopped, or left running: then the model stays)
+        _drop_model(c, name)
