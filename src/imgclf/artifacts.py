@@ -15,7 +15,7 @@ import torch
 
 from imgclf import __version__
 from imgclf.config import ARCHITECTURES
-from imgclf.data import Preprocess
+from imgclf.data.transforms import Preprocess
 from imgclf.errors import UserError, reason
 from imgclf.util import atomic_write, write_json  # noqa: F401 - write_json: re-exported
 

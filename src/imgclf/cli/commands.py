@@ -265,7 +265,7 @@ def cmd_delete(args) -> int:
 
 
 def cmd_invoke(args) -> int:
-    from imgclf.data import label_name
+    from imgclf.data.scan import label_name
 
     target = open_target(args)
     endpoint = target.pick_endpoint(args.endpoint)
