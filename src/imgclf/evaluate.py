@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from imgclf import archives, artifacts, engine, models, scores
+from imgclf.contract import EVALUATION_FILE, METRICS_FILE
 from imgclf.data.device import DeviceNormalize
 from imgclf.data.loaders import (
     ImageListDataset,
@@ -24,7 +25,7 @@ from imgclf.data.loaders import (
 from imgclf.data.scan import SplitScan, scan_dataset
 from imgclf.data.transforms import eval_transform
 from imgclf.errors import UserError
-from imgclf.util import atomic_write
+from imgclf.util import atomic_write, write_json
 
 log = logging.getLogger("imgclf.evaluate")
 
@@ -133,9 +134,9 @@ def _write(out: Path, split: str, art, scan: SplitScan, result: engine.EvalResul
         "calibration": {"temperature": art.temperature},
     }
     out.mkdir(parents=True, exist_ok=True)
-    artifacts.write_json(out / artifacts.METRICS_FILE, metrics)
-    artifacts.write_json(
-        out / "evaluation.json",
+    write_json(out / METRICS_FILE, metrics)
+    write_json(
+        out / EVALUATION_FILE,
         {
             "labels": labels,
             "reliability": {split: outputs["reliability"]},

@@ -46,8 +46,9 @@ from imgclf.debugging.hook import DebugHook, create_hook
 from imgclf.debugging.hook import read_settings as read_debug_settings
 from imgclf.debugging.profiling import PROFILER_DIR, Profiler
 from imgclf.errors import ConfigError, DataError, TrainingStopped, UserError
+from imgclf.job_outputs import JobOutputs
 from imgclf.prepare import stored_short_side
-from imgclf.util import atomic_write
+from imgclf.util import atomic_write, write_json
 
 log = logging.getLogger("imgclf.train")
 
@@ -204,8 +205,7 @@ def scan_data(contract: TrainingContract, cfg: TrainConfig, runtime: Runtime) ->
         raise result
     bad = result.bad
     if runtime.is_main:
-        out = contract.layout.output_data_dir
-        artifacts.write_json(out / "skipped_images.json", [b.to_dict() for b in bad])
+        write_json(contract.layout.skipped_images_file, [b.to_dict() for b in bad])
         for b in bad:
             log.warning("skipped unreadable image %s/%s: %s", b.split, b.path, b.reason)
         for name, scan in result.splits.items():
@@ -731,7 +731,7 @@ class TrainingRun:
         self.debug.close()
         if runtime.is_main:
             self._write_outputs(summary, labels)
-            _rules_and_report(self.layout, self.cfg, self.debug, summary, self.scan, runtime)
+            _rules_and_report(self.layout, self.debug, runtime)
         return summary
 
     def _calibrate(self, labels: list[str]) -> scores.Calibration:
@@ -764,11 +764,10 @@ class TrainingRun:
             config=model_config,
             metrics=summary,
         )
-        out = layout.output_data_dir
-        artifacts.write_json(out / "history.json", self.state.history)
-        artifacts.write_json(out / "config.json", cfg.to_dict())
-        artifacts.write_json(
-            out / "evaluation.json",
+        write_json(layout.history_file, self.state.history)
+        write_json(layout.run_config_file, cfg.to_dict())
+        write_json(
+            layout.evaluation_file,
             {
                 "labels": labels,
                 **summary,
@@ -793,27 +792,18 @@ def run(contract: TrainingContract, cfg: TrainConfig, runtime: Runtime, stop: St
     return TrainingRun(contract, cfg, runtime, stop).setup().resume().fit().finish()
 
 
-def _rules_and_report(
-    layout, cfg: TrainConfig, debug: DebugHook, summary: dict, scan, runtime: Runtime
-) -> None:
+def _rules_and_report(layout, debug: DebugHook, runtime: Runtime) -> None:
     """After training (main process): the rules over the recorded tensors, their verdicts in
     the log and output/data/rules.json, then output/data/report.html."""
     from imgclf import report
 
     if debug.active:
-        context = {
-            # ImageNet weights are not an initialisation to judge; a weights_path file is.
-            "pretrained": cfg.pretrained and not cfg.weights_path,
-            "train_counts": scan.splits["train"].counts(),
-            "labels": [label_name(c) for c in scan.classes],
-            "per_class_accuracy": summary.get("per_class_accuracy"),
-        }
+        # What the job just wrote (config.json, evaluation.json), as `launch.py debug` reads it
+        context = JobOutputs(layout).rules_context()
         verdicts = rules.run_rules(debug.settings.out_dir, context)
         for verdict in verdicts:
             (log.warning if verdict.status == "fired" else log.info)("%s", verdict.line())
-        artifacts.write_json(
-            layout.output_data_dir / rules.RULES_FILE, rules.verdicts_to_json(verdicts)
-        )
+        write_json(layout.rules_file, rules.verdicts_to_json(verdicts))
     if not runtime.write_report:
         log.info("report: not written now (launch.py report %s writes it)", layout.base)
         return
