@@ -146,13 +146,6 @@ def test_resolve_rejects_unknown_or_missing_runtimes_with_the_fix():
         runtime.resolve("onnxruntime", torch.device("cpu"), onnxruntime_available=False)
 
 
-def test_an_unknown_runtime_fails_the_endpoints_preflight(digits_model):
-    from imgclf.serving import serve
-
-    with pytest.raises(UserError, match="'tensorrt' is unknown"):
-        serve.preflight(digits_model, cpu_runtime="tensorrt")
-
-
 class _Unexportable(torch.nn.Module):
     """A network the ONNX exporter cannot translate (no ONNX operator for eigh)."""
 
