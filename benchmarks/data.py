@@ -32,7 +32,17 @@ from machine import describe
 from PIL import Image, ImageEnhance
 from torchvision import datasets, transforms
 
-from imgclf import data, models
+from imgclf import models
+from imgclf.data.device import DeviceAugment, DeviceNormalize, train_input
+from imgclf.data.loaders import (
+    EpochSampler,
+    ImageListDataset,
+    default_workers,
+    make_loader,
+    shutdown_loaders,
+)
+from imgclf.data.scan import list_split
+from imgclf.data.transforms import Preprocess
 from imgclf.prepare import prepare_dataset, stored_short_side
 
 
@@ -91,11 +101,11 @@ def naive_loader(root: Path):
 PRE = models.get_architecture("resnet50").preprocess(224)
 
 
-def our_train_input(root: Path, pre: data.Preprocess, device_augment: bool):
-    """`data.train_input` as `train` calls it over `root`: (workers' transform, draft size, the
+def our_train_input(root: Path, pre: Preprocess, device_augment: bool):
+    """`train_input` as `train` calls it over `root`: (workers' transform, draft size, the
     device's step on each batch). device_augment: workers cut squares at the stored short side;
     DeviceAugment crops on the device."""
-    return data.train_input(
+    return train_input(
         pre,
         hflip=True,
         min_crop_scale=0.25,
@@ -109,19 +119,17 @@ def our_loader(
     workers: int,
     *,
     device_augment: bool = False,
-    pre: data.Preprocess = PRE,
+    pre: Preprocess = PRE,
     batch: int = 32,
     pin_memory: bool = False,
 ):
     """Our training loader over `root`/train, as `train` builds it (end_to_end.py uses it too)."""
-    _, files, _ = data.list_split("train", root / "train")
+    _, files, _ = list_split("train", root / "train")
     samples = [(str(p), t) for p, t in files]
     transform, draft, _ = our_train_input(root, pre, device_augment)
-    dataset = data.ImageListDataset(samples, transform, draft=draft, seed=0)
-    sampler = data.EpochSampler(len(dataset), seed=0)
-    return data.make_loader(
-        dataset, sampler, batch_size=batch, workers=workers, pin_memory=pin_memory
-    )
+    dataset = ImageListDataset(samples, transform, draft=draft, seed=0)
+    sampler = EpochSampler(len(dataset), seed=0)
+    return make_loader(dataset, sampler, batch_size=batch, workers=workers, pin_memory=pin_memory)
 
 
 def main() -> None:
@@ -130,7 +138,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3, help="epochs of ours after the first")
     args = parser.parse_args()
     torch.set_num_threads(1)  # decode and augment only: keep the comparison on the loaders
-    workers = data.default_workers()
+    workers = default_workers()
     rows = []
     with tempfile.TemporaryDirectory(prefix="imgclf-bench-data-") as tmp:
         root = Path(tmp) / "photos"
@@ -141,7 +149,7 @@ def main() -> None:
         rows.append(("naive ImageFolder, full decode, workers=0", seconds, n))
         naive = seconds
 
-        normalize = data.DeviceNormalize.of(PRE)
+        normalize = DeviceNormalize.of(PRE)
         seconds, n = epoch_seconds(our_loader(root, workers), normalize)
         rows.append((f"ours on the originals (draft decode, workers={workers})", seconds, n))
 
@@ -162,12 +170,12 @@ def main() -> None:
                 epoch_seconds(loader)  # start the workers, warm the page cache
                 later = [epoch_seconds(loader)[0] for _ in range(args.epochs)]
                 rows.append(("ours raw + device augment: the workers' share", np.mean(later), n))
-                augment = data.DeviceAugment(PRE, hflip=True, min_crop_scale=0.25)
+                augment = DeviceAugment(PRE, hflip=True, min_crop_scale=0.25)
                 later = [epoch_seconds(loader, augment)[0] for _ in range(args.epochs)]
                 rows.append(("ours raw + device augment, the crops on this CPU", np.mean(later), n))
             files = [p for p in prepared.root.rglob("*") if p.is_file() and p.suffix != ".json"]
             sizes[fmt] = sum(p.stat().st_size for p in files) / 1e6
-            data.shutdown_loaders()
+            shutdown_loaders()
     print(
         f"\nmachine: {describe()}; {args.images} JPEGs 1600x1200 q90 ({size_mb:.0f} MB), "
         f"prepared copies: jpeg {sizes['jpeg']:.0f} MB, raw {sizes['raw']:.0f} MB"

@@ -27,7 +27,8 @@ from machine import describe
 from torch import nn
 from torchvision import datasets, transforms
 
-from imgclf import data, engine, models
+from imgclf import engine, models
+from imgclf.data.loaders import default_workers, shutdown_loaders
 from imgclf.prepare import prepare_dataset
 from imgclf.train import resolve_amp, use_device_augment
 
@@ -109,7 +110,7 @@ def ours(
         result = engine.train_one_epoch(model, loader, nn.CrossEntropyLoss(), optimizer, **common)
         _sync(device)
         seconds = time.perf_counter() - start
-    data.shutdown_loaders()
+    shutdown_loaders()
     return seconds, result.data_seconds, result.images
 
 
@@ -146,7 +147,7 @@ def main() -> None:
             ),
         ]
         for workers in args.workers:
-            count = data.default_workers() if workers is None else workers
+            count = default_workers() if workers is None else workers
             for augment in args.device_augment:
                 on = use_device_augment(augment, device)
                 rows.append(

@@ -256,6 +256,54 @@ def run_launch(
     )
 
 
+def imported_by(*argv: str, env: dict[str, str] | None = None, timeout: float = 300):
+    """`python -X importtime ARGV` in a fresh interpreter: (the finished process, the names of
+    every module it imported, dotted names included)."""
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", *argv],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
+    imported = {
+        line.rsplit("|", 1)[1].strip()
+        for line in proc.stderr.splitlines()
+        if line.startswith("import time:") and line.count("|") == 2
+    }
+    return proc, imported
+
+
+def launch_imports(*args: str, home: Path) -> tuple[subprocess.CompletedProcess, set[str]]:
+    """`launch.py ARGS` run as run_launch runs it, with the modules it imported (imported_by)."""
+    return imported_by(str(ROOT / "launch.py"), *args, env={**os.environ, "IMGCLF_HOME": str(home)})
+
+
+def finished_study(out: Path) -> Path:
+    """A tuning dir as the local tuner leaves it: space.json and a SQLite study of two trials."""
+    import optuna
+
+    from imgclf.tuning.study import STUDY_NAME, default_storage, study_storage
+
+    out.mkdir(parents=True)
+    (out / "space.json").write_text(json.dumps({"metric": "valid_loss", "direction": "minimize"}))
+    study = optuna.create_study(
+        study_name=STUDY_NAME, storage=study_storage(default_storage(out)), direction="minimize"
+    )
+    lr = optuna.distributions.FloatDistribution(1e-4, 1.0, log=True)
+    for value, rate in ((0.4, 0.01), (0.3, 0.003)):
+        study.add_trial(
+            optuna.trial.create_trial(
+                params={"lr": rate},
+                distributions={"lr": lr},
+                value=value,
+                intermediate_values={1: value + 0.1, 2: value},
+            )
+        )
+    return out
+
+
 def hp_args(hps: dict[str, str]) -> list[str]:
     return ["--hp", *(f"{k}={v}" for k, v in hps.items())]
 

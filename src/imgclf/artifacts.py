@@ -15,15 +15,12 @@ import torch
 
 from imgclf import __version__
 from imgclf.config import ARCHITECTURES
-from imgclf.data import Preprocess
+from imgclf.contract import CHECKPOINT_FILE, LABELS_FILE, METRICS_FILE, MODEL_FILE
+from imgclf.contract import MODEL_CONFIG_FILE as CONFIG_FILE
+from imgclf.data.transforms import Preprocess
 from imgclf.errors import UserError, reason
-from imgclf.util import atomic_write, write_json  # noqa: F401 - write_json: re-exported
+from imgclf.util import atomic_write, write_json
 
-MODEL_FILE = "model.pt"
-LABELS_FILE = "labels.json"
-CONFIG_FILE = "model_config.json"
-METRICS_FILE = "metrics.json"
-CHECKPOINT_FILE = "checkpoint.pt"
 ARTIFACT_FORMAT = 1
 # Readable by any user: SageMaker tars model/ with its modes, and whoever serves the unpacked
 # model.tar.gz (any uid) must read it. mkstemp alone would leave 0600.

@@ -6,6 +6,7 @@ plain otherwise); `parse_hyperparameters` turns such a mapping into one frozen `
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import json
 import re
@@ -42,8 +43,16 @@ def _hp(
     choices: tuple[str, ...] | None = None,
     minimum: float | None = None,
     maximum: float | None = None,
+    items: bool = False,
 ) -> Any:
-    meta = {"help": help, "choices": choices, "minimum": minimum, "maximum": maximum}
+    """`items`: a list of names, held as comma-separated text (a list is accepted too)."""
+    meta = {
+        "help": help,
+        "choices": choices,
+        "minimum": minimum,
+        "maximum": maximum,
+        "items": items,
+    }
     return field(default=default, metadata=meta)
 
 
@@ -138,6 +147,7 @@ class TrainConfig:
         "ExplodingTensor",
         "comma-separated rules whose verdict stops the job (e.g. ExplodingTensor,Overfit; "
         "empty: none)",
+        items=True,
     )
     profile: bool = _hp(
         False, "profile: torch.profiler window, data-wait vs compute per step, system usage"
@@ -275,6 +285,34 @@ def _decode(raw: Any) -> Any:
         return raw
 
 
+def _unset(name: str, raw: Any) -> bool:
+    """A value that means "not given": JSON null, or the text "None" that SDK v2 makes of
+    Python's None (str(None)); the hyperparameter keeps its default. Not where "none" is one
+    of the field's own choices (scheduler=none)."""
+    value = _decode(raw)
+    if isinstance(value, str) and value.strip() == "None":
+        return "none" not in (FIELDS[name].metadata["choices"] or ())
+    return value is None
+
+
+def _items_text(name: str, raw: Any, value: Any) -> str:
+    """A list-valued hyperparameter as its comma-separated text, from text (`"a,b"`), a JSON
+    list (`["a", "b"]`) or a Python list as SDK v2 sends one (str(list): `"['a', 'b']"`)."""
+    if isinstance(value, str) and value.strip().startswith("["):
+        try:
+            value = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            pass  # refused below, as a list that could not be read
+    if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+        return ",".join(v.strip() for v in value)
+    if isinstance(value, str) and not value.strip().startswith("["):
+        return value.strip()
+    raise ConfigError(
+        f"hyperparameter {name}={raw!r} is not valid: give names separated by commas "
+        f'(ExplodingTensor,Overfit) or a list of names (["ExplodingTensor", "Overfit"])'
+    )
+
+
 def _coerce(name: str, raw: Any) -> Any:
     f = FIELDS[name]
     meta = f.metadata
@@ -305,6 +343,8 @@ def _coerce(name: str, raw: Any) -> Any:
             out = float(value)
             if out != out or out in (float("inf"), float("-inf")):
                 raise ValueError
+        elif meta["items"]:
+            out = _items_text(name, raw, value)
         else:
             out = str(value).strip()
             if meta["choices"] is not None:
@@ -351,10 +391,13 @@ def debug_stop_rules(value: str) -> frozenset[str]:
 def parse_hyperparameters(raw: Mapping[str, Any]) -> TrainConfig:
     """Validate a mapping of (usually string) hyperparameters into a frozen TrainConfig.
 
-    Unknown keys are an error naming the valid ones; SageMaker's own `sagemaker_*` keys and
+    Each value may come as plain text, JSON (the launcher, SDK v3) or Python's str() of it (SDK
+    v2: "False", "['a', 'b']", "None"); null and None leave the default. Unknown keys are an
+    error naming the valid ones; SageMaker's own `sagemaker_*` keys and
     `_tuning_objective_metric` are checked (PLATFORM_KEYS) and left to sagemaker-training.
     """
     values: dict[str, Any] = {}
+    seen: set[str] = set()
     for key, value in raw.items():
         if is_platform_key(key):
             check_platform_key(key, value)
@@ -365,9 +408,11 @@ def parse_hyperparameters(raw: Mapping[str, Any]) -> TrainConfig:
                 f"unknown hyperparameter {key!r}; valid hyperparameters are: "
                 + ", ".join(sorted(FIELDS))
             )
-        if name in values:
+        if name in seen:
             raise ConfigError(f"hyperparameter {name} is given twice (as {key!r} and another)")
-        values[name] = _coerce(name, value)
+        seen.add(name)
+        if not _unset(name, value):
+            values[name] = _coerce(name, value)
     config = TrainConfig(**values)
     debug_stop_rules(config.debug_stop_on)
     if config.freeze and not (config.pretrained or config.weights_path):

@@ -112,6 +112,25 @@ def check_name(kind: str, value: str, *, max_length: int = NAME_MAX_LENGTH) -> s
     return value
 
 
+# ---------------------------------------------------------------- job outputs
+# What a training job leaves behind, one vocabulary for the program that writes it and every
+# reader (report, debug, the tuner, the targets; none of them needs torch for it). `Layout`
+# gives each file's path in a job directory.
+# The model artifact, model/ (SageMaker tars it into model.tar.gz; `serve` loads it):
+MODEL_FILE = "model.pt"  # the state_dict
+LABELS_FILE = "labels.json"  # {"0": label, ...}
+MODEL_CONFIG_FILE = "model_config.json"  # architecture, classes, preprocessing, calibration
+METRICS_FILE = "metrics.json"  # the job's summary (test metrics); also `evaluate`'s
+CHECKPOINT_FILE = "checkpoint.pt"  # in checkpoints/: what a resumed job starts from
+# output/data/:
+HISTORY_FILE = "history.json"  # one row per epoch
+RUN_CONFIG_FILE = "config.json"  # the resolved hyperparameters the job ran with
+EVALUATION_FILE = "evaluation.json"  # labels, per-class figures, reliability, train counts
+RULES_FILE = "rules.json"  # the debugging rules' verdicts
+DEBUG_STATUS_FILE = "debug.json"  # whether smdebug tensors were recorded, and where
+SKIPPED_IMAGES_FILE = "skipped_images.json"  # images the scan found unreadable
+REPORT_FILE = "report.html"
+
 CHANNEL_NAMES = ("train", "valid", "test")
 COMBINED_CHANNEL = "training"
 
@@ -155,6 +174,40 @@ class Layout:
     @property
     def code_dir(self) -> Path:
         return self.base / "code"
+
+    # -- what the job leaves behind (see the job outputs' names above)
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.model_dir / METRICS_FILE
+
+    @property
+    def history_file(self) -> Path:
+        return self.output_data_dir / HISTORY_FILE
+
+    @property
+    def run_config_file(self) -> Path:
+        return self.output_data_dir / RUN_CONFIG_FILE
+
+    @property
+    def evaluation_file(self) -> Path:
+        return self.output_data_dir / EVALUATION_FILE
+
+    @property
+    def rules_file(self) -> Path:
+        return self.output_data_dir / RULES_FILE
+
+    @property
+    def debug_status_file(self) -> Path:
+        return self.output_data_dir / DEBUG_STATUS_FILE
+
+    @property
+    def skipped_images_file(self) -> Path:
+        return self.output_data_dir / SKIPPED_IMAGES_FILE
+
+    @property
+    def report_file(self) -> Path:
+        return self.output_data_dir / REPORT_FILE
 
 
 @dataclass(frozen=True)

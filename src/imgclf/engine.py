@@ -60,7 +60,7 @@ def _to_device(images, targets, device, channels_last, normalize=None):
     images = images.to(device, non_blocking=True)
     if images.dtype == torch.uint8:
         if normalize is None:
-            raise TypeError("uint8 batches need a `normalize` (data.DeviceNormalize)")
+            raise TypeError("uint8 batches need a `normalize` (data.device.DeviceNormalize)")
         images = normalize(images)
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)

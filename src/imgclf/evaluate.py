@@ -12,9 +12,20 @@ from pathlib import Path
 
 import torch
 
-from imgclf import archives, artifacts, data, engine, models, scores
+from imgclf import archives, artifacts, engine, models, scores
+from imgclf.contract import EVALUATION_FILE, METRICS_FILE
+from imgclf.data.device import DeviceNormalize
+from imgclf.data.loaders import (
+    ImageListDataset,
+    ShardSampler,
+    default_workers,
+    make_loader,
+    shutdown_loaders,
+)
+from imgclf.data.scan import SplitScan, scan_dataset
+from imgclf.data.transforms import eval_transform
 from imgclf.errors import UserError
-from imgclf.util import atomic_write
+from imgclf.util import atomic_write, write_json
 
 log = logging.getLogger("imgclf.evaluate")
 
@@ -68,7 +79,7 @@ def evaluate_model(
     with tempfile.TemporaryDirectory(prefix="imgclf-evaluate-") as scratch:
         network, art = load_network(model_folder(model, Path(scratch)), device)
     folders = class_folders(art)
-    scan = data.scan_dataset({split: root}).splits[split]
+    scan = scan_dataset({split: root}).splits[split]
     unknown = [c for c in scan.classes if c not in folders]
     if unknown:
         raise UserError(
@@ -81,14 +92,12 @@ def evaluate_model(
     if not samples:
         raise UserError(f"{root} holds no readable images")
     pre = art.preprocess
-    dataset = data.ImageListDataset(
-        samples, data.eval_transform(pre, normalize=False), draft=pre.resize_size
-    )
-    loader = data.make_loader(
+    dataset = ImageListDataset(samples, eval_transform(pre, normalize=False), draft=pre.resize_size)
+    loader = make_loader(
         dataset,
-        data.ShardSampler(len(dataset)),
+        ShardSampler(len(dataset)),
         batch_size=batch_size,
-        workers=data.default_workers() if workers is None else workers,
+        workers=default_workers() if workers is None else workers,
         pin_memory=device.type == "cuda",
     )
     try:
@@ -98,17 +107,17 @@ def evaluate_model(
             num_classes=len(art.labels),
             device=device,
             channels_last=bool(art.config.get("channels_last")),
-            normalize=data.DeviceNormalize.of(pre),
+            normalize=DeviceNormalize.of(pre),
             keep_outputs=True,
         )
     finally:
-        data.shutdown_loaders()
+        shutdown_loaders()
     metrics = _write(out, split, art, scan, result)
     log.info("evaluation written to %s", out)
     return metrics
 
 
-def _write(out: Path, split: str, art, scan: data.SplitScan, result: engine.EvalResult) -> dict:
+def _write(out: Path, split: str, art, scan: SplitScan, result: engine.EvalResult) -> dict:
     from imgclf import report
 
     labels = art.labels
@@ -125,9 +134,9 @@ def _write(out: Path, split: str, art, scan: data.SplitScan, result: engine.Eval
         "calibration": {"temperature": art.temperature},
     }
     out.mkdir(parents=True, exist_ok=True)
-    artifacts.write_json(out / artifacts.METRICS_FILE, metrics)
-    artifacts.write_json(
-        out / "evaluation.json",
+    write_json(out / METRICS_FILE, metrics)
+    write_json(
+        out / EVALUATION_FILE,
         {
             "labels": labels,
             "reliability": {split: outputs["reliability"]},

@@ -28,7 +28,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from imgclf import data, engine, models
+from imgclf import engine, models
+from imgclf.data.device import DeviceNormalize
+from imgclf.data.scan import DatasetScan
+from imgclf.data.transforms import Preprocess
 from imgclf.util import atomic_write, open_lock, write_json
 
 log = logging.getLogger("imgclf.features")
@@ -86,9 +89,7 @@ def _tensor_digest(h, tensor: torch.Tensor) -> None:
     h.update(flat.view(torch.uint8).numpy().tobytes())
 
 
-def cache_key(
-    model: nn.Module, arch_name: str, pre: data.Preprocess, scan: data.DatasetScan
-) -> str:
+def cache_key(model: nn.Module, arch_name: str, pre: Preprocess, scan: DatasetScan) -> str:
     """A digest of the backbone's state, the preprocessing and the dataset's files."""
     head = models.get_architecture(arch_name).head
     h = hashlib.blake2b(digest_size=16)
@@ -165,8 +166,8 @@ def load_or_compute(
     root: Path,
     model: nn.Module,
     arch_name: str,
-    pre: data.Preprocess,
-    scan: data.DatasetScan,
+    pre: Preprocess,
+    scan: DatasetScan,
     make_loader,
     *,
     device: torch.device,
@@ -187,7 +188,7 @@ def load_or_compute(
             return CachedFeatures(splits, key, folder, reused=True, seconds=0.0)
         start = time.perf_counter()
         folder.mkdir(parents=True, exist_ok=True)
-        normalize = data.DeviceNormalize.of(pre)
+        normalize = DeviceNormalize.of(pre)
         splits = {}
         for name in names:
             splits[name] = embed(

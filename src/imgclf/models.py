@@ -14,7 +14,7 @@ from torch import nn
 from torchvision import models as tvm
 
 from imgclf.config import ARCHITECTURES
-from imgclf.data import Preprocess
+from imgclf.data.transforms import Preprocess
 from imgclf.errors import ConfigError, UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -20,7 +20,8 @@ from pathlib import Path
 from PIL import Image
 
 from imgclf.contract import resolve_splits
-from imgclf.data import list_split, try_open_image
+from imgclf.data.decode import try_open_image
+from imgclf.data.scan import list_split
 from imgclf.errors import DataError, UserError
 from imgclf.util import atomic_write, cpu_count, write_json
 

@@ -18,19 +18,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from imgclf import scores
+from imgclf.contract import EVALUATION_FILE, METRICS_FILE, REPORT_FILE
+from imgclf.job_outputs import JobOutputs, read_json
 
-REPORT_FILE = "report.html"
 MAX_HEATMAP_CLASSES = 40
 MAX_SCORE_ROWS = 30  # classes listed in the precision / recall / F1 table, worst F1 first
 GALLERY_SIZE = 12  # the most confident mistakes shown
 THUMBNAIL_PX = 96
-
-
-def _load(path: Path, default=None):
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return default
 
 
 def _png(fig) -> str:
@@ -278,16 +272,15 @@ th{background:#f3f3f3}.fired td:nth-child(2){font-weight:bold}.note{color:#666}
 
 
 def build_report(job_dir: Path) -> str:
-    data_dir = job_dir / "output" / "data"
-    history = _load(data_dir / "history.json", [])
-    metrics = _load(job_dir / "model" / "metrics.json", {})
-    evaluation = _load(data_dir / "evaluation.json", {})
+    outputs = JobOutputs.of(job_dir)
+    data_dir = outputs.layout.output_data_dir
+    history, metrics, evaluation = outputs.history(), outputs.metrics(), outputs.evaluation()
     parts = [
         f"<h1>Training report: {html.escape(job_dir.name)}</h1>",
-        _summary_section(metrics, _load(data_dir / "config.json", {}), history),
-        *_curves_section(job_dir, history, _load(data_dir / "debug.json")),
+        _summary_section(metrics, outputs.run_config(), history),
+        *_curves_section(job_dir, history, outputs.debug_status()),
         *evaluation_sections(metrics, evaluation, data_dir, "test"),
-        _rules_section(_load(data_dir / "rules.json")),
+        _rules_section(outputs.rules()),
         *_time_section(history, evaluation.get("device", "cpu")),
         *_profile_sections(data_dir),
     ]
@@ -515,7 +508,7 @@ def _profile_sections(data_dir: Path) -> list[str]:
             "<section id='system'><h2>Utilisation</h2>"
             f"{_img(fig_system(samples), 'utilisation timeline')}</section>"
         )
-    ops = _load(profiler_dir / "top_ops.json")
+    ops = read_json(profiler_dir / "top_ops.json")
     if ops:
         rows = [
             [o["name"], o["calls"], f"{o['self_cpu_ms']:.1f}", f"{o['self_device_ms']:.1f}"]
@@ -539,7 +532,7 @@ def write_report(job_dir: Path, out: Path | None = None) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
-    out = out or job_dir / "output" / "data" / REPORT_FILE
+    out = out or JobOutputs.of(job_dir).layout.report_file
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(build_report(job_dir))
     return out
@@ -552,7 +545,7 @@ def write_evaluation_report(out_dir: Path, split: str, title: str) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
-    metrics = _load(out_dir / "metrics.json", {})
+    metrics = read_json(out_dir / METRICS_FILE, {})
     rows = [
         [key, f"{metrics[key]:.4f}"]
         for key in (f"{split}_loss", f"{split}_acc", f"{split}_top5", f"{split}_ece")
@@ -564,7 +557,7 @@ def write_evaluation_report(out_dir: Path, split: str, title: str) -> Path:
         [
             f"<h1>{html.escape(title)}</h1>",
             f"<section id='summary'><h2>Summary</h2>{_table(['', ''], rows)}</section>",
-            *evaluation_sections(metrics, _load(out_dir / "evaluation.json", {}), out_dir, split),
+            *evaluation_sections(metrics, read_json(out_dir / EVALUATION_FILE, {}), out_dir, split),
         ],
     )
     out = out_dir / REPORT_FILE

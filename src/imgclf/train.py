@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from imgclf import artifacts, data, engine, features, metrics, models, scores
+from imgclf import artifacts, engine, features, metrics, models, scores
 from imgclf.config import TrainConfig, debug_stop_rules, parse_hyperparameters
 from imgclf.contract import (
     NO_REPORT_ENV,
@@ -29,13 +29,26 @@ from imgclf.contract import (
     read_training_contract,
     write_failure,
 )
+from imgclf.data.device import DeviceAugment, DeviceNormalize, train_input
+from imgclf.data.loaders import (
+    EpochSampler,
+    ImageListDataset,
+    ShardSampler,
+    class_weights,
+    default_workers,
+    make_loader,
+    shutdown_loaders,
+)
+from imgclf.data.scan import DatasetScan, SplitScan, label_name, scan_dataset
+from imgclf.data.transforms import Preprocess, eval_transform
 from imgclf.debugging import rules
 from imgclf.debugging.hook import DebugHook, create_hook
 from imgclf.debugging.hook import read_settings as read_debug_settings
 from imgclf.debugging.profiling import PROFILER_DIR, Profiler
 from imgclf.errors import ConfigError, DataError, TrainingStopped, UserError
+from imgclf.job_outputs import JobOutputs
 from imgclf.prepare import stored_short_side
-from imgclf.util import atomic_write
+from imgclf.util import atomic_write, write_json
 
 log = logging.getLogger("imgclf.train")
 
@@ -141,7 +154,7 @@ def _sum(runtime: Runtime):
     return reduce
 
 
-def _relative_files(split: data.SplitScan) -> list[str]:
+def _relative_files(split: SplitScan) -> list[str]:
     """The split's images as paths under its root (`003.two/12.png`), in sample order."""
     root = Path(split.root)
     out = []
@@ -177,12 +190,12 @@ def _broadcast(runtime: Runtime, value: Any) -> Any:
 # ---------------------------------------------------------------- pieces
 
 
-def scan_data(contract: TrainingContract, cfg: TrainConfig, runtime: Runtime) -> data.DatasetScan:
+def scan_data(contract: TrainingContract, cfg: TrainConfig, runtime: Runtime) -> DatasetScan:
     """Rank 0 checks every image once; too many unreadable ones fail the job with the list."""
     result: Any = None
     if runtime.is_main:
         try:
-            result = data.scan_dataset(
+            result = scan_dataset(
                 contract.splits, cache_dir=runtime.scan_cache, max_cost=cfg.max_image_pixels
             )
         except UserError as exc:
@@ -192,8 +205,7 @@ def scan_data(contract: TrainingContract, cfg: TrainConfig, runtime: Runtime) ->
         raise result
     bad = result.bad
     if runtime.is_main:
-        out = contract.layout.output_data_dir
-        artifacts.write_json(out / "skipped_images.json", [b.to_dict() for b in bad])
+        write_json(contract.layout.skipped_images_file, [b.to_dict() for b in bad])
         for b in bad:
             log.warning("skipped unreadable image %s/%s: %s", b.split, b.path, b.reason)
         for name, scan in result.splits.items():
@@ -217,48 +229,46 @@ def scan_data(contract: TrainingContract, cfg: TrainConfig, runtime: Runtime) ->
 def _workers(cfg: TrainConfig, runtime: Runtime) -> int:
     if cfg.workers >= 0:
         return cfg.workers
-    return data.default_workers(runtime.local_world_size)
+    return default_workers(runtime.local_world_size)
 
 
 def build_loaders(
-    scan: data.DatasetScan,
+    scan: DatasetScan,
     cfg: TrainConfig,
-    pre: data.Preprocess,
+    pre: Preprocess,
     runtime: Runtime,
     train_input: tuple[Any, int],
 ) -> dict[str, Any]:
     """Loaders of uint8 batches; the training split's workers apply `train_input` (transform,
-    JPEG draft size) from `data.train_input`."""
+    JPEG draft size) from `data.device.train_input`."""
     workers = _workers(cfg, runtime)
     pin = runtime.device.type == "cuda"
     loaders = {}
     for name, split in scan.splits.items():
         if name == "train":
             transform, draft = train_input
-            dataset = data.ImageListDataset(
+            dataset = ImageListDataset(
                 split.samples, transform, draft=draft, seed=cfg.seed, max_cost=cfg.max_image_pixels
             )
-            sampler = data.EpochSampler(
+            sampler = EpochSampler(
                 len(dataset), seed=cfg.seed, rank=runtime.rank, world_size=runtime.world_size
             )
         else:
-            dataset = data.ImageListDataset(
+            dataset = ImageListDataset(
                 split.samples,
-                data.eval_transform(pre, normalize=False),
+                eval_transform(pre, normalize=False),
                 draft=pre.resize_size,
                 max_cost=cfg.max_image_pixels,
             )
-            sampler = data.ShardSampler(
-                len(dataset), rank=runtime.rank, world_size=runtime.world_size
-            )
-        loaders[name] = data.make_loader(
+            sampler = ShardSampler(len(dataset), rank=runtime.rank, world_size=runtime.world_size)
+        loaders[name] = make_loader(
             dataset, sampler, batch_size=cfg.batch_size, workers=workers, pin_memory=pin
         )
     return loaders
 
 
 def build_feature_loaders(
-    layout, scan: data.DatasetScan, cfg: TrainConfig, pre: data.Preprocess, model, runtime
+    layout, scan: DatasetScan, cfg: TrainConfig, pre: Preprocess, model, runtime
 ) -> tuple[dict[str, Any], features.CachedFeatures]:
     """features_cache: every split embedded once by the frozen backbone (or read back from the
     cache), then batches of embeddings in the same sampler order images would have."""
@@ -271,15 +281,15 @@ def build_feature_loaders(
 
     def image_loader(name: str):
         split = scan.splits[name]
-        dataset = data.ImageListDataset(
+        dataset = ImageListDataset(
             split.samples,
-            data.eval_transform(pre, normalize=False),
+            eval_transform(pre, normalize=False),
             draft=pre.resize_size,
             max_cost=cfg.max_image_pixels,
         )
-        return data.make_loader(
+        return make_loader(
             dataset,
-            data.ShardSampler(len(dataset)),
+            ShardSampler(len(dataset)),
             batch_size=cfg.batch_size,
             workers=workers,
             pin_memory=runtime.device.type == "cuda",
@@ -297,7 +307,7 @@ def build_feature_loaders(
         amp_dtype=runtime.amp_dtype,
         channels_last=cfg.channels_last,
     )
-    data.shutdown_loaders()  # the image loaders are done: no idle workers while the head trains
+    shutdown_loaders()  # the image loaders are done: no idle workers while the head trains
     if cached.reused:
         log.info("features: reused %s", cached.path)
     else:
@@ -305,7 +315,7 @@ def build_feature_loaders(
     loaders: dict[str, Any] = {}
     for name, split in cached.splits.items():
         n = split.targets.numel()
-        sampler = data.EpochSampler(n, seed=cfg.seed) if name == "train" else data.ShardSampler(n)
+        sampler = EpochSampler(n, seed=cfg.seed) if name == "train" else ShardSampler(n)
         loaders[name] = features.FeatureBatches(split, sampler, batch_size=cfg.batch_size)
     return loaders, cached
 
@@ -427,7 +437,7 @@ class TrainingRun:
         self._setup_data()
         weight = None
         if cfg.class_weights:
-            weight = data.class_weights(self.scan.splits["train"].counts()).to(runtime.device)
+            weight = class_weights(self.scan.splits["train"].counts()).to(runtime.device)
         self.criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
         self.eval_criterion = nn.CrossEntropyLoss()  # plain mean loss, a module smdebug sees
         self.optimizer = build_optimizer(cfg, self.model)
@@ -453,8 +463,8 @@ class TrainingRun:
 
     def _setup_data(self) -> None:
         cfg, runtime, pre = self.cfg, self.runtime, self.pre
-        self.normalize = data.DeviceNormalize.of(pre)  # the loaders hand over uint8 batches
-        self.train_prepare: data.DeviceNormalize | data.DeviceAugment = self.normalize
+        self.normalize = DeviceNormalize.of(pre)  # the loaders hand over uint8 batches
+        self.train_prepare: DeviceNormalize | DeviceAugment = self.normalize
         self.trainable: nn.Module = self.model  # what the loop runs: the model, or its head
         self.batch_channels_last = cfg.channels_last
         self.cached = None
@@ -466,7 +476,7 @@ class TrainingRun:
             self.batch_channels_last = False  # batches of embeddings, not images
             return
         on_device = use_device_augment(cfg.device_augment, runtime.device)
-        transform, draft, self.train_prepare = data.train_input(
+        transform, draft, self.train_prepare = train_input(
             pre,
             hflip=cfg.hflip,
             min_crop_scale=cfg.min_crop_scale,
@@ -617,7 +627,7 @@ class TrainingRun:
     def _train_epoch(self, net: nn.Module, epoch: int) -> None:
         cfg, runtime, train_loader = self.cfg, self.runtime, self.loaders["train"]
         train_loader.sampler.set_epoch(epoch)
-        if isinstance(self.train_prepare, data.DeviceAugment):
+        if isinstance(self.train_prepare, DeviceAugment):
             self.train_prepare.set_epoch(epoch)
         torch.manual_seed(cfg.seed * 1_000_003 + epoch)  # dropout etc.: the same on resume
         self.progress.start(epoch, cfg.epochs, len(train_loader))
@@ -685,7 +695,7 @@ class TrainingRun:
         }
         if self.cached is not None:
             summary["features"] = self.cached.info()
-        labels = [data.label_name(c) for c in self.classes]
+        labels = [label_name(c) for c in self.classes]
         self.debug.predict_mode()  # these passes land apart from validation (PREDICT)
         self.calibration = self._calibrate(labels)
         summary["calibration"] = self.calibration.summary(labels)
@@ -721,7 +731,7 @@ class TrainingRun:
         self.debug.close()
         if runtime.is_main:
             self._write_outputs(summary, labels)
-            _rules_and_report(self.layout, self.cfg, self.debug, summary, self.scan, runtime)
+            _rules_and_report(self.layout, self.debug, runtime)
         return summary
 
     def _calibrate(self, labels: list[str]) -> scores.Calibration:
@@ -754,11 +764,10 @@ class TrainingRun:
             config=model_config,
             metrics=summary,
         )
-        out = layout.output_data_dir
-        artifacts.write_json(out / "history.json", self.state.history)
-        artifacts.write_json(out / "config.json", cfg.to_dict())
-        artifacts.write_json(
-            out / "evaluation.json",
+        write_json(layout.history_file, self.state.history)
+        write_json(layout.run_config_file, cfg.to_dict())
+        write_json(
+            layout.evaluation_file,
             {
                 "labels": labels,
                 **summary,
@@ -783,27 +792,18 @@ def run(contract: TrainingContract, cfg: TrainConfig, runtime: Runtime, stop: St
     return TrainingRun(contract, cfg, runtime, stop).setup().resume().fit().finish()
 
 
-def _rules_and_report(
-    layout, cfg: TrainConfig, debug: DebugHook, summary: dict, scan, runtime: Runtime
-) -> None:
+def _rules_and_report(layout, debug: DebugHook, runtime: Runtime) -> None:
     """After training (main process): the rules over the recorded tensors, their verdicts in
     the log and output/data/rules.json, then output/data/report.html."""
     from imgclf import report
 
     if debug.active:
-        context = {
-            # ImageNet weights are not an initialisation to judge; a weights_path file is.
-            "pretrained": cfg.pretrained and not cfg.weights_path,
-            "train_counts": scan.splits["train"].counts(),
-            "labels": [data.label_name(c) for c in scan.classes],
-            "per_class_accuracy": summary.get("per_class_accuracy"),
-        }
+        # What the job just wrote (config.json, evaluation.json), as `launch.py debug` reads it
+        context = JobOutputs(layout).rules_context()
         verdicts = rules.run_rules(debug.settings.out_dir, context)
         for verdict in verdicts:
             (log.warning if verdict.status == "fired" else log.info)("%s", verdict.line())
-        artifacts.write_json(
-            layout.output_data_dir / rules.RULES_FILE, rules.verdicts_to_json(verdicts)
-        )
+        write_json(layout.rules_file, rules.verdicts_to_json(verdicts))
     if not runtime.write_report:
         log.info("report: not written now (launch.py report %s writes it)", layout.base)
         return
@@ -841,7 +841,7 @@ def main(environ=None) -> int:
     except Exception as exc:
         return _report_failure(exc, contract, rank, stopped=stop())
     finally:
-        data.shutdown_loaders()
+        shutdown_loaders()
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
 

@@ -208,3 +208,31 @@ def test_a_failed_job_under_torchrun_exits_non_zero(tmp_path, tiny_digits):
     assert proc.returncode != 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "Reporting training SUCCESS" not in proc.stdout + proc.stderr
     assert (base / "output" / "failure").read_text().startswith("ClientError:")
+
+
+def test_each_sdks_spelling_of_a_hyperparameter_configures_the_same_job(tmp_path, tiny_digits):
+    """What reaches hyperparameters.json: SDK v2 sends str(value) ("False", "['a', 'b']",
+    "None"), v3's ModelTrainer JSON ("false", "null"), the launcher json.dumps of its text
+    ("\\"false\\""). The three falses of booleans that default to true all train as false; a
+    list and None arrive as the SDK sends them and are read as meant."""
+    hyperparameters = {
+        **TINY_HPS,
+        "pretrained": json.dumps("false"),  # the launcher
+        "hflip": str(False),  # SDK v2
+        "channels_last": json.dumps(False),  # SDK v3
+        "debug_stop_on": str(["ExplodingTensor", "Overfit"]),  # SDK v2, a list
+        "weights_path": str(None),  # SDK v2, None
+        "features_dir": json.dumps(None),  # SDK v3, None
+    }
+    base = make_sagemaker_job(
+        tmp_path / "ml",
+        hyperparameters=hyperparameters,
+        channels={"training": tiny_digits},
+        json_encode=False,
+    )
+    proc = run_train_entry(base)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    config = json.loads((base / "output" / "data" / "config.json").read_text())
+    assert (config["pretrained"], config["hflip"], config["channels_last"]) == (False,) * 3
+    assert config["debug_stop_on"] == "ExplodingTensor,Overfit"
+    assert (config["weights_path"], config["features_dir"]) == ("", "")

@@ -20,7 +20,7 @@ from PIL import Image
 
 from imgclf.serving import inference
 from imgclf.util import free_port
-from tests.conftest import FAST_HPS, hp_args, run_launch
+from tests.conftest import FAST_HPS, hp_args, launch_imports, run_launch
 from tests.integration.serving_client import deploy, ping_status, post
 
 
@@ -208,12 +208,17 @@ def test_launcher_lists_and_invokes_the_endpoint(endpoint, home, tiny_digits):
     record = json.loads((home / "endpoints" / "ep" / "endpoint.json").read_text())
     state = json.loads((home / "endpoints" / "ep" / "state.json").read_text())
     assert state == {"state": "ready", "reason": "", "pid": record["pid"]}
-    listed = run_launch("endpoints", home=home)
+    # The light verbs answer a live endpoint without importing torch.
+    listed, imported = launch_imports("endpoints", home=home)
+    assert "torch" not in imported, "launch.py endpoints imports torch"
     row = next(line for line in listed.stdout.splitlines() if line.startswith("ep "))
     assert row.split()[3] == "healthy", listed.stdout
     image = sorted((tiny_digits / "test" / "003.two").glob("*.png"))[0]
-    proc = run_launch("invoke", "--endpoint", "ep", "--topk", "2", str(image), home=home)
+    proc, imported = launch_imports(
+        "invoke", "--endpoint", "ep", "--topk", "2", str(image), home=home
+    )
     assert proc.returncode == 0, proc.stderr
+    assert "torch" not in imported, "launch.py invoke imports torch"
     assert "(folder: two)" in proc.stdout and "probability" in proc.stdout
 
     # The same images one by one and as one JSON batch (one forward pass) print the same.

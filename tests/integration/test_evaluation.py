@@ -11,7 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from imgclf import data, engine, scores
+from imgclf import engine, scores
+from imgclf.data.device import DeviceNormalize
+from imgclf.data.loaders import ImageListDataset, ShardSampler, make_loader
+from imgclf.data.scan import label_name, scan_dataset
+from imgclf.data.transforms import eval_transform
 from imgclf.evaluate import load_network
 from tests.conftest import FAST_HPS, hp_args, run_launch
 
@@ -51,7 +55,7 @@ def test_the_job_scores_each_class_and_lists_every_test_image(job, tiny_digits):
         p.relative_to(tiny_digits / "test").as_posix() for p in test_images
     ]
     assert np.mean([r["correct"] == "1" for r in rows]) == pytest.approx(metrics["test_acc"])
-    assert all(r["true_label"] == data.label_name(r["file"].split("/")[0]) for r in rows)
+    assert all(r["true_label"] == label_name(r["file"].split("/")[0]) for r in rows)
 
 
 def test_evaluate_reproduces_the_jobs_test_metrics(job, tiny_digits, tmp_path):
@@ -99,13 +103,13 @@ def test_calibration_lowers_the_validation_ece_of_an_overconfident_model(job, ti
     with torch.no_grad():  # the same answers, five times as sure of them
         network.fc.weight.mul_(5)
         network.fc.bias.mul_(5)
-    split = data.scan_dataset({"valid": tiny_digits / "valid"}).splits["valid"]
+    split = scan_dataset({"valid": tiny_digits / "valid"}).splits["valid"]
     pre = art.preprocess
-    loader = data.make_loader(
-        data.ImageListDataset(
-            split.samples, data.eval_transform(pre, normalize=False), draft=pre.resize_size
+    loader = make_loader(
+        ImageListDataset(
+            split.samples, eval_transform(pre, normalize=False), draft=pre.resize_size
         ),
-        data.ShardSampler(len(split.samples)),
+        ShardSampler(len(split.samples)),
         batch_size=64,
         workers=0,
         pin_memory=False,
@@ -115,7 +119,7 @@ def test_calibration_lowers_the_validation_ece_of_an_overconfident_model(job, ti
         loader,
         num_classes=10,
         device=torch.device("cpu"),
-        normalize=data.DeviceNormalize.of(pre),
+        normalize=DeviceNormalize.of(pre),
         keep_outputs=True,
     )
     calibration = scores.calibrate(result.logits.numpy(), result.targets.numpy(), art.labels)

@@ -6,7 +6,9 @@ import shutil
 
 import torch
 
-from imgclf import artifacts, data
+from imgclf import artifacts
+from imgclf.data.decode import open_image
+from imgclf.data.scan import scan_split
 from imgclf.serving.inference import model_fn, predict_fn
 from tests.conftest import FAST_HPS, hp_args, run_launch
 
@@ -44,8 +46,8 @@ def test_features_are_computed_once_and_the_saved_model_serves_what_was_measured
     # The artifact is backbone + trained head: served on the test images through the
     # endpoint's own preprocessing, it scores exactly what the job measured on the features.
     loaded = model_fn(tmp_path / "jobs" / "second" / "model", torch.device("cpu"))
-    scan = data.scan_split("test", tiny_digits / "test")
-    images = [data.open_image(path) for path, _ in scan.samples]
+    scan = scan_split("test", tiny_digits / "test")
+    images = [open_image(path) for path, _ in scan.samples]
     predicted = predict_fn(images, loaded).argmax(dim=1)
     targets = torch.tensor([t for _, t in scan.samples])
     correct = int((predicted == targets).sum())

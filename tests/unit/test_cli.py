@@ -3,12 +3,38 @@ import sys
 
 import pytest
 
-from tests.conftest import run_launch
+from tests.conftest import finished_study, imported_by, launch_imports, run_launch
 
 
 def test_the_launcher_starts_without_importing_torch():
     code = "import sys, imgclf.cli; sys.exit(1 if 'torch' in sys.modules else 0)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_the_light_verbs_import_no_torch(tmp_path):
+    """The verbs that only read records, send images or print tables answer without paying
+    for torch (seconds of imports); a live endpoint's `invoke` and `endpoints` are checked in
+    tests/integration/test_endpoint.py."""
+    tuning = finished_study(tmp_path / "tuning")
+    image = tmp_path / "dog.jpg"
+    image.write_bytes(b"not sent")
+    verbs = {
+        "--help": (["--help"], 0),
+        "endpoints": (["endpoints"], 0),
+        "delete": (["delete", "nothing-here"], 2),  # no such endpoint: one line
+        "invoke": (["invoke", "--endpoint", "nothing-here", str(image)], 2),
+        "tune --status": (["tune", "--status", str(tuning)], 0),
+    }
+    for verb, (args, code) in verbs.items():
+        proc, imported = launch_imports(*args, home=tmp_path)
+        assert proc.returncode == code, (verb, proc.stdout, proc.stderr[-2000:])
+        assert "Traceback" not in proc.stderr, (verb, proc.stderr[-2000:])
+        assert "torch" not in imported, f"launch.py {verb} imports torch"
+        if verb == "tune --status":
+            assert "0.30000" in proc.stdout and "lr=0.003" in proc.stdout, proc.stdout
+    # The check sees torch when it is imported (the model artifact's module needs it).
+    _, imported = imported_by("-c", "import imgclf.artifacts")
+    assert "torch" in imported
 
 
 def test_help_lists_the_hyperparameters(tmp_path):

@@ -187,3 +187,73 @@ def test_debug_stop_on_is_checked_when_the_config_is_parsed():
         ConfigError, match=r"unknown rules \['Overfitt'\].*known: LossNotDecreasing"
     ):
         parse_hyperparameters({"debug_stop_on": "Overfitt"})
+
+
+# ---------------------------------------------------------------- what each SDK sends
+# The SageMaker Python SDK 2.x sends str(value) ("False", "['a', 'b']", "None"); 3.x's
+# ModelTrainer JSON-encodes ("false", "null"); the launcher json.dumps every value ("\"false\"").
+# Each spelling of one value must configure the same job.
+
+
+def _sdk_v2(value) -> str:
+    return str(value)
+
+
+def _sdk_v3(value) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _launcher(value) -> str:
+    return json.dumps(value if isinstance(value, str) else _to_text(value))
+
+
+def _to_text(value) -> str:
+    return "true" if value is True else "false" if value is False else str(value)
+
+
+@pytest.mark.parametrize("encode", [_sdk_v2, _sdk_v3, _launcher])
+def test_every_boolean_reads_the_same_from_each_sdk(encode):
+    assert encode(False) in ("False", "false", '"false"')
+    booleans = [n for n, f in FIELDS.items() if isinstance(f.default, bool) and n != "pretrained"]
+    for value in (False, True):
+        raw = {name: encode(value) for name in booleans}
+        cfg = parse_hyperparameters({**raw, "pretrained": encode(True)})  # freeze needs weights
+        assert all(getattr(cfg, name) is value for name in booleans), (raw, cfg)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "['ExplodingTensor', 'Overfit']",  # SDK v2: str(["ExplodingTensor", "Overfit"])
+        '["ExplodingTensor", "Overfit"]',  # SDK v3: json.dumps of the list
+        "ExplodingTensor,Overfit",
+        json.dumps("ExplodingTensor,Overfit"),  # the launcher
+    ],
+)
+def test_a_list_valued_hyperparameter_reads_from_a_list_or_text(raw):
+    assert parse_hyperparameters({"debug_stop_on": raw}).debug_stop_on == "ExplodingTensor,Overfit"
+
+
+@pytest.mark.parametrize("raw", ["[]", "", json.dumps([])])
+def test_an_empty_list_stops_on_no_rule(raw):
+    assert parse_hyperparameters({"debug_stop_on": raw}).debug_stop_on == ""
+
+
+@pytest.mark.parametrize("raw", ["[ExplodingTensor", "['ExplodingTensor', 3]", "[1, 2]"])
+def test_a_list_that_cannot_be_read_is_refused_saying_how_to_give_one(raw):
+    with pytest.raises(ConfigError) as exc:
+        parse_hyperparameters({"debug_stop_on": raw})
+    message = str(exc.value)
+    assert message.startswith(f"hyperparameter debug_stop_on={raw!r} is not valid")
+    assert "ExplodingTensor,Overfit" in message and "unknown rules" not in message
+
+
+@pytest.mark.parametrize("raw", ["None", "null", json.dumps(None), json.dumps("None")])
+def test_none_from_an_sdk_leaves_the_default_not_a_file_named_none(raw):
+    cfg = parse_hyperparameters({"weights_path": raw, "features_dir": raw, "lr": raw})
+    assert (cfg.weights_path, cfg.features_dir, cfg.lr) == ("", "", TrainConfig().lr)
+
+
+def test_none_is_still_a_choice_where_the_field_has_one():
+    assert parse_hyperparameters({"scheduler": "None"}).scheduler == "none"
+    assert parse_hyperparameters({"scheduler": "null"}).scheduler == "cosine"  # unset

@@ -5,8 +5,17 @@ import pytest
 import torch
 from PIL import Image
 
-from imgclf import data
 from imgclf.contract import resolve_splits
+from imgclf.data import scan as scan_module
+from imgclf.data.decode import MAX_DECODE_COST, ImageTooCostly, decode_cost, open_image
+from imgclf.data.device import DeviceNormalize
+from imgclf.data.loaders import (
+    EpochSampler,
+    ImageListDataset,
+    class_weights,
+)
+from imgclf.data.scan import image_problem, label_name, list_split, scan_dataset, scan_split
+from imgclf.data.transforms import Preprocess, eval_transform, train_transform
 from imgclf.errors import DataError
 from tests.conftest import write_odd_images
 
@@ -20,10 +29,10 @@ def odd_folder(tmp_path):
 def test_every_usable_mode_becomes_rgb_and_bad_files_are_named(odd_folder):
     folder, made = odd_folder
     for name, kind in made.items():
-        problem = data.image_problem(folder / name)
+        problem = image_problem(folder / name)
         if kind == "ok":
             assert problem is None, (name, problem)
-            image = data.open_image(folder / name)
+            image = open_image(folder / name)
             assert image.mode == "RGB"
         elif kind == "bad":
             assert problem, name
@@ -31,25 +40,25 @@ def test_every_usable_mode_becomes_rgb_and_bad_files_are_named(odd_folder):
 
 def test_exif_rotation_is_applied(odd_folder):
     folder, _ = odd_folder
-    assert data.open_image(folder / "plain.jpg").size == (30, 40)
-    assert data.open_image(folder / "rotated.jpg").size == (40, 30)
+    assert open_image(folder / "plain.jpg").size == (30, 40)
+    assert open_image(folder / "rotated.jpg").size == (40, 30)
 
 
 def test_sixteen_bit_keeps_its_range(tmp_path):
     ramp = np.linspace(0, 65535, 64, dtype=np.uint16).reshape(8, 8)
     Image.fromarray(ramp).save(tmp_path / "d.png")
-    rgb = np.asarray(data.open_image(tmp_path / "d.png"))
+    rgb = np.asarray(open_image(tmp_path / "d.png"))
     assert rgb.min() == 0 and rgb.max() == 255
 
 
 def test_transparency_is_composited_on_white(tmp_path):
     Image.new("RGBA", (4, 4), (0, 0, 0, 0)).save(tmp_path / "clear.png")
-    assert np.asarray(data.open_image(tmp_path / "clear.png")).min() == 255
+    assert np.asarray(open_image(tmp_path / "clear.png")).min() == 255
 
 
 def test_scan_skips_exactly_the_unreadable_files(odd_dataset):
     root, bad = odd_dataset
-    scan = data.scan_dataset(resolve_splits({"training": root}))
+    scan = scan_dataset(resolve_splits({"training": root}))
     assert {f"{b.split}/{b.path}" for b in scan.bad} == bad
     assert scan.classes == ("001.cats", "002.dogs")
     assert scan.splits["train"].counts() == [6 + 7, 6]
@@ -65,7 +74,7 @@ def test_class_sets_that_differ_are_named(tiny_digits, tmp_path):
     (root / "test" / "011.extra").mkdir()
     Image.new("L", (8, 8)).save(root / "test" / "011.extra" / "a.png")
     with pytest.raises(DataError) as err:
-        data.scan_dataset(resolve_splits({"training": root}))
+        scan_dataset(resolve_splits({"training": root}))
     assert "valid lacks 003.two" in str(err.value)
     assert "test has 011.extra" in str(err.value)
 
@@ -76,7 +85,7 @@ def test_wrong_layout_errors_say_what_is_expected(tmp_path):
         resolve_splits({"training": tmp_path})
     (tmp_path / "valid").mkdir()
     with pytest.raises(DataError, match="no class folders"):
-        data.scan_dataset(resolve_splits({"training": tmp_path}))
+        scan_dataset(resolve_splits({"training": tmp_path}))
 
 
 def test_separate_channels_or_one_training_channel(tiny_digits):
@@ -86,18 +95,18 @@ def test_separate_channels_or_one_training_channel(tiny_digits):
 
 
 def test_label_names():
-    assert data.label_name("001.Affenpinscher") == "Affenpinscher"
-    assert data.label_name("002.Afghan_hound") == "Afghan hound"
-    assert data.label_name("cats") == "cats"
+    assert label_name("001.Affenpinscher") == "Affenpinscher"
+    assert label_name("002.Afghan_hound") == "Afghan hound"
+    assert label_name("cats") == "cats"
 
 
 def test_class_weights_are_balanced():
-    w = data.class_weights([10, 30])
+    w = class_weights([10, 30])
     assert torch.allclose(w, torch.tensor([2.0, 2 / 3]))
 
 
 def test_epoch_sampler_is_a_fixed_permutation_per_epoch_and_shards_evenly():
-    a = data.EpochSampler(10, seed=3)
+    a = EpochSampler(10, seed=3)
     a.set_epoch(2)
     first = list(a)
     a.set_epoch(2)
@@ -106,7 +115,7 @@ def test_epoch_sampler_is_a_fixed_permutation_per_epoch_and_shards_evenly():
     assert [i for i, _ in a] != [i for i, _ in first]
     shards = []
     for rank in range(3):
-        s = data.EpochSampler(10, seed=3, rank=rank, world_size=3)
+        s = EpochSampler(10, seed=3, rank=rank, world_size=3)
         s.set_epoch(2)
         shards.append([i for i, _ in s])
     assert all(len(s) == 4 for s in shards)
@@ -114,10 +123,10 @@ def test_epoch_sampler_is_a_fixed_permutation_per_epoch_and_shards_evenly():
 
 
 def test_augmentation_depends_only_on_seed_epoch_and_index(tiny_digits):
-    samples = data.scan_split("train", tiny_digits / "train").samples
-    pre = data.Preprocess(32, 36, (0.5,) * 3, (0.5,) * 3)
-    ds = data.ImageListDataset(
-        samples, data.train_transform(pre, hflip=True, min_crop_scale=0.2), draft=None, seed=7
+    samples = scan_split("train", tiny_digits / "train").samples
+    pre = Preprocess(32, 36, (0.5,) * 3, (0.5,) * 3)
+    ds = ImageListDataset(
+        samples, train_transform(pre, hflip=True, min_crop_scale=0.2), draft=None, seed=7
     )
     x1, _ = ds[(5, 1)]
     ds[(6, 1)]
@@ -128,8 +137,8 @@ def test_augmentation_depends_only_on_seed_epoch_and_index(tiny_digits):
 
 def test_eval_transform_shape_and_normalisation(tmp_path):
     Image.new("RGB", (50, 40), (255, 255, 255)).save(tmp_path / "w.png")
-    pre = data.Preprocess(24, 28, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
-    x = data.eval_transform(pre)(data.open_image(Path(tmp_path / "w.png")))
+    pre = Preprocess(24, 28, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    x = eval_transform(pre)(open_image(Path(tmp_path / "w.png")))
     assert x.shape == (3, 24, 24)
     assert torch.allclose(x, torch.full_like(x, 2.0))
 
@@ -137,15 +146,15 @@ def test_eval_transform_shape_and_normalisation(tmp_path):
 def test_uint8_batches_normalised_on_the_device_equal_the_float_transforms(tiny_digits):
     """Training ships uint8 crops and normalises after the copy: the model must see the same
     numbers the float pipeline (and the endpoint) produce."""
-    samples = data.scan_split("train", tiny_digits / "train").samples[:6]
-    pre = data.Preprocess(32, 36, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-    normalize = data.DeviceNormalize.of(pre)
+    samples = scan_split("train", tiny_digits / "train").samples[:6]
+    pre = Preprocess(32, 36, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    normalize = DeviceNormalize.of(pre)
     for make in (
-        lambda n: data.eval_transform(pre, normalize=n),
-        lambda n: data.train_transform(pre, hflip=True, min_crop_scale=0.2, normalize=n),
+        lambda n: eval_transform(pre, normalize=n),
+        lambda n: train_transform(pre, hflip=True, min_crop_scale=0.2, normalize=n),
     ):
-        as_float = data.ImageListDataset(samples, make(True), draft=None, seed=3)
-        as_uint8 = data.ImageListDataset(samples, make(False), draft=None, seed=3)
+        as_float = ImageListDataset(samples, make(True), draft=None, seed=3)
+        as_uint8 = ImageListDataset(samples, make(False), draft=None, seed=3)
         for i in range(len(samples)):
             x, target = as_float[(i, 2)]
             u, target_u = as_uint8[(i, 2)]
@@ -165,9 +174,9 @@ def test_a_process_with_live_loader_workers_still_exits(tmp_path):
 
     script = (
         "import torch\n"
-        "from imgclf import data\n"
+        "from imgclf.data.loaders import ShardSampler, make_loader\n"
         "ds = torch.utils.data.TensorDataset(torch.arange(64.0))\n"
-        "loader = data.make_loader(ds, data.ShardSampler(64), batch_size=8, workers=2,"
+        "loader = make_loader(ds, ShardSampler(64), batch_size=8, workers=2,"
         " pin_memory=False)\n"
         "assert sum(b[0].numel() for b in loader) == 64\n"
         "print('done', flush=True)\n"
@@ -187,26 +196,26 @@ def test_scan_verdicts_are_kept_so_the_next_job_decodes_only_changed_files(
     splits = resolve_splits({"training": root})
     cache = tmp_path / "scans"
     decoded = []
-    real_problem = data.image_problem
+    real_problem = image_problem
     monkeypatch.setattr(
-        data, "image_problem", lambda p, **kw: decoded.append(p) or real_problem(p, **kw)
+        scan_module, "image_problem", lambda p, **kw: decoded.append(p) or real_problem(p, **kw)
     )
 
-    first = data.scan_dataset(splits, cache_dir=cache)
+    first = scan_dataset(splits, cache_dir=cache)
     total = sum(len(s.samples) for s in first.splits.values())
     assert len(decoded) == total == 200 and len(list(cache.glob("*.json"))) == 3
 
     decoded.clear()
-    again = data.scan_dataset(splits, cache_dir=cache)
+    again = scan_dataset(splits, cache_dir=cache)
     assert decoded == [] and again.splits["train"].samples == first.splits["train"].samples
 
     broken = sorted((root / "train").rglob("*.png"))[3]
     broken.write_bytes(b"\x89PNG\r\n\x1a\n truncated")  # new size: checked again, found bad
-    third = data.scan_dataset(splits, cache_dir=cache)
+    third = scan_dataset(splits, cache_dir=cache)
     assert decoded == [broken]
     assert [b.path for b in third.bad] == [str(broken.relative_to(root / "train"))]
     decoded.clear()
-    assert [b.path for b in data.scan_dataset(splits, cache_dir=cache).bad] == [
+    assert [b.path for b in scan_dataset(splits, cache_dir=cache).bad] == [
         str(broken.relative_to(root / "train"))
     ] and decoded == []  # a bad verdict is remembered too
 
@@ -221,7 +230,7 @@ def test_a_symbolic_link_loop_is_read_once_and_named(tmp_path):
     (root / "002.b" / "sub").mkdir()
     Image.new("RGB", (8, 8), "blue").save(root / "002.b" / "sub" / "y.png")
     (root / "002.b" / "sub" / "up").symlink_to("..")  # back to its own class folder
-    classes, files, ignored = data.list_split("train", root)
+    classes, files, ignored = list_split("train", root)
     assert classes == ("001.a", "002.b")
     assert sorted((p.relative_to(root).as_posix(), t) for p, t in files) == [
         ("001.a/x.png", 0),
@@ -237,13 +246,13 @@ def test_a_symbolic_link_loop_is_read_once_and_named(tmp_path):
 
 
 def test_decode_cost_weights_deep_and_alpha_modes():
-    assert data.decode_cost("RGB", 30, 20) == 600
-    assert data.decode_cost("L", 30, 20) == 600
-    assert data.decode_cost("RGBA", 30, 20) == data.decode_cost("CMYK", 30, 20) == 1200
+    assert decode_cost("RGB", 30, 20) == 600
+    assert decode_cost("L", 30, 20) == 600
+    assert decode_cost("RGBA", 30, 20) == decode_cost("CMYK", 30, 20) == 1200
     for mode in ("I;16", "I;16B", "I", "F"):
-        assert data.decode_cost(mode, 30, 20) == 1800, mode
+        assert decode_cost(mode, 30, 20) == 1800, mode
     # a 16-bit PNG at Pillow's limit (the ~4.9 GB decode) is over the default bound
-    assert data.decode_cost("I;16", 10_000, 17_895) > data.MAX_DECODE_COST
+    assert decode_cost("I;16", 10_000, 17_895) > MAX_DECODE_COST
 
 
 def _deep_images(folder: Path) -> None:
@@ -259,16 +268,16 @@ def _deep_images(folder: Path) -> None:
 
 def test_an_image_over_the_bound_is_refused_from_its_header(tmp_path):
     _deep_images(tmp_path)
-    with pytest.raises(data.ImageTooCostly, match=r"20x20 I;16 pixels cost 1200 .* counts 3x"):
-        data.open_image(tmp_path / "deep16.png", max_cost=1000)
-    with pytest.raises(data.ImageTooCostly, match="20x20 F pixels cost 1200"):
-        data.open_image(tmp_path / "float.tif", max_cost=1000)
-    assert data.open_image(tmp_path / "plain.png", max_cost=1000).size == (20, 20)
-    assert data.open_image(tmp_path / "deep16.png", max_cost=1200).mode == "RGB"
-    assert data.image_problem(tmp_path / "deep16.png", max_cost=1000).startswith(
+    with pytest.raises(ImageTooCostly, match=r"20x20 I;16 pixels cost 1200 .* counts 3x"):
+        open_image(tmp_path / "deep16.png", max_cost=1000)
+    with pytest.raises(ImageTooCostly, match="20x20 F pixels cost 1200"):
+        open_image(tmp_path / "float.tif", max_cost=1000)
+    assert open_image(tmp_path / "plain.png", max_cost=1000).size == (20, 20)
+    assert open_image(tmp_path / "deep16.png", max_cost=1200).mode == "RGB"
+    assert image_problem(tmp_path / "deep16.png", max_cost=1000).startswith(
         "too costly to decode: 20x20 I;16 pixels"
     )
-    assert data.image_problem(tmp_path / "deep16.png") is None  # the default bound
+    assert image_problem(tmp_path / "deep16.png") is None  # the default bound
 
 
 def test_the_scan_lists_over_bound_images_as_bad_and_remembers_the_bound(tmp_path):
@@ -279,7 +288,7 @@ def test_the_scan_lists_over_bound_images_as_bad_and_remembers_the_bound(tmp_pat
     splits = resolve_splits({"training": tmp_path})
     cache = tmp_path / "scans"
 
-    scan = data.scan_dataset(splits, cache_dir=cache, max_cost=1000)
+    scan = scan_dataset(splits, cache_dir=cache, max_cost=1000)
     bad = {b.path: b.reason for b in scan.bad}
     assert set(bad) == {"001.a/deep16.png", "001.a/float.tif"}
     assert all(
@@ -287,8 +296,8 @@ def test_the_scan_lists_over_bound_images_as_bad_and_remembers_the_bound(tmp_pat
     )
     assert scan.splits["train"].counts() == [2, 1]
     # verdicts found under another bound are not taken for this one
-    assert data.scan_dataset(splits, cache_dir=cache, max_cost=1200).bad == []
-    assert len(data.scan_dataset(splits, cache_dir=cache, max_cost=1000).bad) == 2
+    assert scan_dataset(splits, cache_dir=cache, max_cost=1200).bad == []
+    assert len(scan_dataset(splits, cache_dir=cache, max_cost=1000).bad) == 2
 
 
 def _folder(path: Path) -> Path:
@@ -299,7 +308,7 @@ def _folder(path: Path) -> Path:
 def test_training_reads_no_image_over_the_bound(tmp_path):
     _deep_images(tmp_path)
     samples = [(str(tmp_path / "plain.png"), 0), (str(tmp_path / "deep16.png"), 1)]
-    dataset = data.ImageListDataset(samples, lambda image: image.size, draft=None, max_cost=1000)
+    dataset = ImageListDataset(samples, lambda image: image.size, draft=None, max_cost=1000)
     assert dataset[0] == ((20, 20), 0)
     with pytest.raises(DataError, match=r"deep16.png could not be read .* over the bound of 1000"):
         dataset[1]

@@ -1,11 +1,15 @@
 import torch
 
-from imgclf import data, features, models
+from imgclf import features, models
+from imgclf.data.device import DeviceNormalize
+from imgclf.data.loaders import EpochSampler
+from imgclf.data.scan import scan_dataset
+from imgclf.data.transforms import Preprocess
 
 
 def test_feature_batches_follow_the_epoch_sampler_and_cover_every_sample():
     split = features.SplitFeatures(torch.arange(10.0)[:, None].repeat(1, 3), torch.arange(10))
-    sampler = data.EpochSampler(10, seed=4)
+    sampler = EpochSampler(10, seed=4)
     batches = features.FeatureBatches(split, sampler, batch_size=4)
     assert len(batches) == 3
     sampler.set_epoch(1)
@@ -36,8 +40,8 @@ def test_backbone_only_returns_the_heads_input_and_puts_the_head_back():
 
 
 def test_cache_key_follows_the_backbone_not_the_head(tiny_digits):
-    scan = data.scan_dataset({"train": tiny_digits / "train", "valid": tiny_digits / "valid"})
-    pre = data.Preprocess(32, 36, (0.5,) * 3, (0.5,) * 3)
+    scan = scan_dataset({"train": tiny_digits / "train", "valid": tiny_digits / "valid"})
+    pre = Preprocess(32, 36, (0.5,) * 3, (0.5,) * 3)
     torch.manual_seed(0)
     model = models.build_model("resnet18", 10)
     key = features.cache_key(model, "resnet18", pre, scan)
@@ -47,7 +51,7 @@ def test_cache_key_follows_the_backbone_not_the_head(tiny_digits):
     with torch.no_grad():
         model.layer1[0].conv1.weight.mul_(0.5)  # other backbone weights: other embeddings
     assert features.cache_key(model, "resnet18", pre, scan) != key
-    other = data.Preprocess(32, 40, (0.5,) * 3, (0.5,) * 3)
+    other = Preprocess(32, 40, (0.5,) * 3, (0.5,) * 3)
     assert features.cache_key(model, "resnet18", other, scan) != key
 
 
@@ -60,7 +64,7 @@ def test_embed_runs_the_backbone_in_eval_mode_and_restores_train_mode():
         "resnet18",
         loader,
         device=torch.device("cpu"),
-        normalize=data.DeviceNormalize((0.5,) * 3, (0.5,) * 3),
+        normalize=DeviceNormalize((0.5,) * 3, (0.5,) * 3),
         amp_dtype=None,
         channels_last=False,
     )
@@ -71,7 +75,7 @@ def test_embed_runs_the_backbone_in_eval_mode_and_restores_train_mode():
         "resnet18",
         loader,
         device=torch.device("cpu"),
-        normalize=data.DeviceNormalize((0.5,) * 3, (0.5,) * 3),
+        normalize=DeviceNormalize((0.5,) * 3, (0.5,) * 3),
         amp_dtype=None,
         channels_last=False,
     )

@@ -8,7 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from imgclf import data
+from imgclf.data.loaders import ImageListDataset
+from imgclf.data.transforms import eval_transform
 from imgclf.serving import inference, runtime
 from tests.conftest import jpeg_bytes, png_bytes, random_model
 
@@ -28,17 +29,17 @@ def test_serving_preprocessing_is_trainings_eval_preprocessing(tmp_path, loaded)
     payload = jpeg_bytes(3, size=(300, 200))
     (tmp_path / "x.jpg").write_bytes(payload)
     pre = loaded.preprocess
-    train_side = data.ImageListDataset(
-        [(str(tmp_path / "x.jpg"), 0)], data.eval_transform(pre), draft=pre.resize_size
+    train_side = ImageListDataset(
+        [(str(tmp_path / "x.jpg"), 0)], eval_transform(pre), draft=pre.resize_size
     )[0][0]
     serve_side = loaded.transform(
         inference.input_fn(payload, "image/jpeg", draft=pre.resize_size)[0]
     )
     # The handler builds the uint8 crop; the model normalises it (folded into the network).
     assert serve_side.dtype == torch.uint8
-    unnormalised = data.ImageListDataset(
+    unnormalised = ImageListDataset(
         [(str(tmp_path / "x.jpg"), 0)],
-        data.eval_transform(pre, normalize=False),
+        eval_transform(pre, normalize=False),
         draft=pre.resize_size,
     )[0][0]
     assert torch.equal(unnormalised, serve_side)

@@ -38,7 +38,9 @@ LAYERS = {
         ],
         2,
     ),
-    **dict.fromkeys(["config", "contract", "util", "errors", "processes", "archives"], 1),
+    **dict.fromkeys(
+        ["config", "contract", "util", "errors", "processes", "archives", "job_outputs"], 1
+    ),
 }
 
 

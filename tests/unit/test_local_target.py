@@ -1,155 +1,57 @@
+"""The local target's verbs (imgclf.targets.local.LocalTarget) that do not need an endpoint:
+a job run over a job dir and its results read back, job dirs by name or path, the tuning
+table, and what a local endpoint refuses. Endpoints: tests/integration/test_endpoint.py."""
+
 import json
-import os
 
 import pytest
 
-from imgclf import jobs
-from imgclf.contract import TRAIN_IMAGE_ENV, read_training_contract
 from imgclf.errors import UserError
-from imgclf.targets import docker
-from tests.conftest import run_launch
+from imgclf.targets.base import TrainRequest
+from imgclf.targets.local import LocalTarget
+from tests.conftest import FAST_HPS, finished_study
+
+TINY = {**FAST_HPS, "epochs": "1", "image_size": "16", "workers": "0"}
 
 
-def test_job_dir_is_shaped_like_opt_ml_and_read_back_by_the_contract(tmp_path, tiny_digits):
-    job = jobs.prepare_job(
-        tmp_path, "j1", data_dir=tiny_digits, hyperparameters={"epochs": "2"}, nproc=2
-    )
-    base = job.layout.base
-    hps = json.loads((base / "input/config/hyperparameters.json").read_text())
-    assert hps["epochs"] == "2" and hps["sagemaker_torch_distributed_enabled"] == "true"
-    env = jobs.job_environment(job, {"PATH": "/bin", "AWS_SECRET_ACCESS_KEY": "x"})
-    assert "AWS_SECRET_ACCESS_KEY" not in env
-    assert env["SAGEMAKER_BASE_DIR"] == str(base)
-    assert all(env[k] == v for k, v in TRAIN_IMAGE_ENV.items())
-    contract = read_training_contract(env)
-    assert contract.hosts == ("algo-1",)
-    assert contract.splits["train"].resolve() == (tiny_digits / "train").resolve()
+def test_a_job_that_trains_returns_its_model_metrics_and_report(tmp_path, tiny_digits):
+    target = LocalTarget(tmp_path)
+    result = target.train(TrainRequest(str(tiny_digits), TINY, job_name="tiny"))
+    assert result.ok, result.failure
+    job = tmp_path / "jobs" / "tiny"
+    assert result.model == str(job / "model") and result.log == str(job / "train.log")
+    assert result.metrics == json.loads((job / "model" / "metrics.json").read_text())
+    assert result.metrics["test_images"] == 40
+    assert result.report == str(job / "output" / "data" / "report.html")
+    assert target.job_dir("tiny") == job and target.job_dir(str(job)) == job
 
 
-def test_rerunning_a_job_keeps_checkpoints_and_clears_old_outputs(tmp_path, tiny_digits):
-    job = jobs.prepare_job(tmp_path, "j", data_dir=tiny_digits, hyperparameters={})
-    (job.layout.checkpoint_dir / "checkpoint.pt").write_bytes(b"x")
-    job.layout.failure_file.write_text("old failure")
-    job = jobs.prepare_job(tmp_path, "j", data_dir=tiny_digits, hyperparameters={})
-    assert (job.layout.checkpoint_dir / "checkpoint.pt").exists()
-    assert not job.layout.failure_file.exists()
+def test_a_job_that_fails_returns_the_reason_it_wrote(tmp_path, tiny_digits):
+    empty = tmp_path / "empty"
+    (empty / "train").mkdir(parents=True)
+    (empty / "valid").mkdir()
+    result = LocalTarget(tmp_path).train(TrainRequest(str(empty), TINY, job_name="broken"))
+    assert not result.ok and result.code != 0
+    assert "no class folders" in result.failure
+    assert result.log == str(tmp_path / "jobs" / "broken" / "train.log")
 
 
-def test_docker_command_mounts_the_job_and_data_as_sagemaker_does(tmp_path, tiny_digits):
-    job = jobs.prepare_job(tmp_path, "j", data_dir=tiny_digits, hyperparameters={}, link_data=False)
-    cmd = docker.docker_command(job, "acct.dkr.ecr/imgclf-train:abc", gpus=True)
-    assert cmd[:2] == ["docker", "run"] and cmd[-2:] == ["acct.dkr.ecr/imgclf-train:abc", "train"]
-    assert f"{job.layout.base}:/opt/ml" in cmd
-    assert f"{tiny_digits.resolve()}:/opt/ml/input/data/training:ro" in cmd
-    assert "--gpus" in cmd
-    pairs = list(zip(cmd, cmd[1:]))
-    assert ("--network", "none") in pairs  # training needs no network
-    assert ("--add-host", "algo-1:127.0.0.1") in pairs  # sagemaker-training waits for algo-1
+def test_an_unknown_job_is_named_with_where_local_jobs_live(tmp_path):
+    with pytest.raises(UserError, match="nothing is neither a job dir nor a local job name"):
+        LocalTarget(tmp_path).job_dir("nothing")
+    with pytest.raises(UserError, match="job name"):
+        LocalTarget(tmp_path).job_dir("../elsewhere")
 
 
-def test_serving_container_is_bound_to_loopback_with_the_model_read_only(tmp_path):
-    endpoint = docker.ContainerEndpoint("e", 8123, "imgclf-serve:abc", tmp_path, "m")
-    cmd = docker.serve_container_command(endpoint, tmp_path / "model", workers=2, gpus=False)
-    assert cmd[-2:] == ["imgclf-serve:abc", "serve"] and "--user" not in cmd
-    pairs = list(zip(cmd, cmd[1:]))
-    assert ("--network", "host") in pairs
-    assert ("-v", f"{tmp_path / 'model'}:/opt/ml/model:ro") in pairs
-    assert ("-e", "IMGCLF_BIND_HOST=127.0.0.1") in pairs
-    assert ("-e", "SAGEMAKER_BIND_TO_PORT=8123") in pairs
-    assert not any(v.startswith("IMGCLF_RESPONSE_FORMAT=") for v in cmd)  # the image's default
+def test_the_tuning_table_of_a_tuning_dir(tmp_path):
+    status = LocalTarget(tmp_path).tuning_status(finished_study(tmp_path / "tuning"))
+    assert status.ok and "valid_loss" in status.header
+    assert [row[0] for row in status.rows] == ["1", "0"]  # best first: 0.3, then 0.4
+    assert all(row[1] == "COMPLETE" for row in status.rows)
 
 
-def test_serving_container_gets_the_deploys_response_format(tmp_path):
-    """`deploy --docker --response-format vectors` reaches serve inside the container, as the
-    process endpoint's environment and a SageMaker model's Environment carry it."""
-    endpoint = docker.ContainerEndpoint("e", 8123, "imgclf-serve:abc", tmp_path, "m")
-    cmd = docker.serve_container_command(
-        endpoint, tmp_path / "model", gpus=False, response_format="vectors"
-    )
-    pairs = list(zip(cmd, cmd[1:]))
-    assert ("-e", "IMGCLF_RESPONSE_FORMAT=vectors") in pairs
-    assert cmd.index("IMGCLF_RESPONSE_FORMAT=vectors") < cmd.index("imgclf-serve:abc")
-
-
-def test_docker_without_an_engine_is_a_clear_error(tmp_path, tiny_digits):
-    env = {**os.environ, "DOCKER_HOST": f"unix://{tmp_path}/no-engine.sock"}  # even if one runs
-    proc = run_launch(
-        "train", "--data", str(tiny_digits), "--docker", "img", home=tmp_path, env=env
-    )
-    assert proc.returncode == 2
-    assert "docker" in proc.stderr.lower() and "drop --docker" in proc.stderr
-
-
-def test_a_second_job_with_a_running_jobs_name_is_refused_at_once(tmp_path, tiny_digits):
-    """Another launcher holds jobs/<name>.lock: the second is refused before it touches the
-    directory, naming the running job; a new name runs."""
-    import subprocess
-    import sys
-    import time
-
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import sys, time; from pathlib import Path; from imgclf import jobs; "
-            f"jobs.lock_job(Path({str(tmp_path / 'jobs')!r}), 'busy'); print('held', flush=True); "
-            "time.sleep(60)",
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert holder.stdout.readline().strip() == "held"
-        (tmp_path / "jobs" / "busy" / "model").mkdir(parents=True)
-        (tmp_path / "jobs" / "busy" / "model" / "model.pt").write_bytes(b"theirs")
-        proc = run_launch("train", "--data", str(tiny_digits), "--job-name", "busy", home=tmp_path)
-        assert proc.returncode == 2, proc.stderr
-        assert "job busy is already running" in proc.stderr
-        assert f"launcher pid {holder.pid}" in proc.stderr and "Traceback" not in proc.stderr
-        assert (tmp_path / "jobs" / "busy" / "model" / "model.pt").read_bytes() == b"theirs"
-    finally:
-        holder.kill()
-        holder.wait()
-    time.sleep(0.1)
-    job = jobs.prepare_job(tmp_path, "busy", data_dir=tiny_digits, hyperparameters={})
-    assert job.layout.base == tmp_path / "jobs" / "busy"
-
-
-def _added_back(cmd: list[str]) -> list[str]:
-    return [value for flag, value in zip(cmd, cmd[1:]) if flag == "--cap-add"]
-
-
-def test_local_containers_drop_every_capability_and_cannot_gain_any(tmp_path, tiny_digits):
-    """Still root, as SageMaker runs images; training gets back only DAC_OVERRIDE (root writes
-    into the job dir, owned by the host user), serving nothing."""
-    job = jobs.prepare_job(tmp_path, "j", data_dir=tiny_digits, hyperparameters={}, link_data=False)
-    endpoint = docker.ContainerEndpoint("e", 8123, "imgclf-serve:abc", tmp_path, "m")
-    train = docker.docker_command(job, "imgclf-train:abc", gpus=True)
-    serve = docker.serve_container_command(endpoint, tmp_path / "model", gpus=False)
-    for cmd, added in ((train, ["DAC_OVERRIDE"]), (serve, [])):
-        image = cmd.index(cmd[-2])
-        pairs = list(zip(cmd[:image], cmd[1:image]))
-        assert ("--cap-drop", "ALL") in pairs
-        assert ("--security-opt", "no-new-privileges") in pairs
-        assert _added_back(cmd) == added
-        assert "--privileged" not in cmd and "--user" not in cmd
-
-
-def test_a_job_folder_or_lock_placed_as_a_link_is_not_followed(tmp_path, tiny_digits):
-    """A pre-placed link at jobs/<name> would have the job delete the target's model/ and
-    output/; one at locks/<name>.lock would have the lock truncate the file it points at."""
-    project = tmp_path / "project"
-    (project / "model").mkdir(parents=True)
-    (project / "model" / "model.pt").write_bytes(b"the user's weights")
-    (project / "poetry.lock").write_text("pinned\n")
-    home = tmp_path / "home"
-    (home / "jobs").mkdir(parents=True)
-    (home / "jobs" / "j").symlink_to(project, target_is_directory=True)
-    with pytest.raises(UserError, match="job folder .*jobs/j is a symbolic link"):
-        jobs.prepare_job(home, "j", data_dir=tiny_digits, hyperparameters={})
-    assert (project / "model" / "model.pt").read_bytes() == b"the user's weights"
-    (home / "locks").mkdir(exist_ok=True)  # the first call made it
-    (home / "locks" / "k.lock").symlink_to(project / "poetry.lock")
-    with pytest.raises(UserError, match="k.lock is a symbolic link"):
-        jobs.prepare_job(home, "k", data_dir=tiny_digits, hyperparameters={})
-    assert (project / "poetry.lock").read_text() == "pinned\n"
+def test_a_local_endpoint_refuses_an_asynchronous_request(tmp_path):
+    with pytest.raises(UserError, match="drop --async"):
+        LocalTarget(tmp_path).invoke_async(
+            None, b"", content_type="image/jpeg", custom_attributes=""
+        )

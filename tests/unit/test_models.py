@@ -4,6 +4,7 @@ import torch
 from imgclf import models
 from imgclf.config import ARCHITECTURES
 from imgclf.errors import ConfigError, UserError
+from imgclf.util import free_port
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
@@ -23,7 +24,15 @@ def test_unknown_architecture_lists_the_supported_ones():
 
 
 def test_missing_pretrained_weights_fail_in_one_line_with_the_fix(tmp_path, monkeypatch):
+    """An empty torch cache and no way out, on any machine: the download goes through a proxy
+    on a loopback port nothing listens on (urllib honours https_proxy), so it is refused at
+    once whether or not this machine reaches download.pytorch.org."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-cache"))
+    closed = f"http://127.0.0.1:{free_port()}"
+    for name in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
+        monkeypatch.setenv(name, closed)
+    for name in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
     with pytest.raises(UserError) as err:
         models.build_model("resnet18", 3, pretrained=True)
     message = str(err.value)

@@ -18,8 +18,9 @@ from imgclf.config import (
     parse_hyperparameters,
     refuse_platform_key,
 )
-from imgclf.contract import SAGEMAKER_ROLE_ENV
+from imgclf.contract import METRICS_FILE, REPORT_FILE, SAGEMAKER_ROLE_ENV
 from imgclf.errors import UserError
+from imgclf.job_outputs import JobOutputs
 from imgclf.targets.base import (
     DeployRequest,
     EndpointInfo,
@@ -31,6 +32,7 @@ from imgclf.targets.base import (
     TuningResult,
 )
 from imgclf.transform import ACCEPT_TYPES, check_payload_mb, content_type
+from imgclf.util import write_json
 
 
 def open_target(args) -> Target:
@@ -265,7 +267,7 @@ def cmd_delete(args) -> int:
 
 
 def cmd_invoke(args) -> int:
-    from imgclf.data import label_name
+    from imgclf.data.scan import label_name
 
     target = open_target(args)
     endpoint = target.pick_endpoint(args.endpoint)
@@ -372,25 +374,13 @@ def cmd_debug(args) -> int:
     from imgclf.debugging.hook import find_tensor_dir
 
     job = open_target(args).job_dir(args.job)
-    data = job / "output" / "data"
-    evaluation = _read_json(data / "evaluation.json")
-    config = _read_json(data / "config.json")
-    context = {
-        "pretrained": config.get("pretrained", False) and not config.get("weights_path"),
-        "train_counts": evaluation.get("train_counts"),
-        "labels": evaluation.get("labels"),
-        "per_class_accuracy": evaluation.get("per_class_accuracy"),
-    }
-    verdicts = rules.run_rules(find_tensor_dir(job) or job / "output" / "tensors", context)
+    outputs = JobOutputs.of(job)
+    tensors = find_tensor_dir(job) or outputs.layout.output_dir / "tensors"
+    verdicts = rules.run_rules(tensors, outputs.rules_context())
     for verdict in verdicts:
         print(verdict.line())
-    data.mkdir(parents=True, exist_ok=True)
-    (data / rules.RULES_FILE).write_text(json.dumps(rules.verdicts_to_json(verdicts), indent=2))
+    write_json(outputs.layout.rules_file, rules.verdicts_to_json(verdicts))
     return 1 if any(v.status == "fired" for v in verdicts) else 0
-
-
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text() or "{}") if path.exists() else {}
 
 
 def cmd_evaluate(args) -> int:
@@ -411,9 +401,9 @@ def cmd_evaluate(args) -> int:
         f"macro F1 {metrics['macro_avg']['f1']:.3f}, ECE {metrics[f'{split}_ece']:.4f} on "
         f"{metrics[f'{split}_images']} images"
     )
-    print(f"  metrics:     {out / 'metrics.json'}")
+    print(f"  metrics:     {out / METRICS_FILE}")
     print(f"  predictions: {out / (split + '_predictions.csv')}")
-    print(f"  report:      {out / 'report.html'}")
+    print(f"  report:      {out / REPORT_FILE}")
     return 0
 
 

@@ -34,7 +34,7 @@ def _split_dirs(root: Path) -> dict[str, Path]:
 
 def cmd_data_check(args) -> int:
     from imgclf.config import parse_hyperparameters
-    from imgclf.data import scan_dataset
+    from imgclf.data.scan import scan_dataset
 
     root = Path(args.dir)
     if not root.is_dir():

@@ -16,13 +16,12 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from imgclf.artifacts import write_json
-from imgclf.contract import DEBUG_COLLECTIONS, DEFAULT_BASE_DIR, Layout
+from imgclf.contract import DEBUG_COLLECTIONS, DEBUG_STATUS_FILE, DEFAULT_BASE_DIR, Layout
+from imgclf.util import write_json
 
 log = logging.getLogger("imgclf.debug")
 
 CONFIG_FILE = "debughookconfig.json"
-STATUS_FILE = "debug.json"
 # Collections and how often (steps) each is saved when the config does not say.
 DEFAULT_COLLECTIONS = DEBUG_COLLECTIONS
 # Normalisation-layer outputs (what the next ReLU sees) in the first steps: the weight
@@ -56,7 +55,7 @@ def find_tensor_dir(job_dir: Path) -> Path | None:
     layout = Layout(job_dir)
     candidates = []
     try:
-        out_dir = json.loads((layout.output_data_dir / STATUS_FILE).read_text()).get("out_dir")
+        out_dir = json.loads(layout.debug_status_file.read_text()).get("out_dir")
         if out_dir:
             candidates.append(Path(out_dir))
     except (OSError, ValueError):
@@ -138,7 +137,7 @@ def create_hook(
     except Exception as exc:  # any import failure: train without tensors, say so
         reason = f"smdebug could not be imported ({type(exc).__name__}: {exc})"
         log.warning("%s; training runs without recording tensors", reason)
-        write_json(status_dir / STATUS_FILE, {"tensors": False, "reason": reason})
+        write_json(status_dir / DEBUG_STATUS_FILE, {"tensors": False, "reason": reason})
         return DebugHook(reason=reason)
     settings.out_dir.parent.mkdir(parents=True, exist_ok=True)
     names = [*settings.collections, ACTIVATIONS]
@@ -164,7 +163,7 @@ def create_hook(
     for module in loss_modules:
         hook.register_loss(module)
     write_json(
-        status_dir / STATUS_FILE,
+        status_dir / DEBUG_STATUS_FILE,
         {
             "tensors": True,
             "out_dir": str(settings.out_dir),

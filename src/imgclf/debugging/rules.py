@@ -20,7 +20,6 @@ from imgclf.errors import UserError
 
 log = logging.getLogger("imgclf.rules")
 
-RULES_FILE = "rules.json"
 
 # SageMaker built-in rule defaults (rule_parameters of smdebug_rulesconfig).
 LOSS_NOT_DECREASING = {"num_steps": 20, "diff_percent": 0.1, "patience": 2}

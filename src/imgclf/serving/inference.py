@@ -20,7 +20,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from imgclf import artifacts, data, models
+from imgclf import artifacts, models
+from imgclf.data.decode import PIXEL_WEIGHT, open_image
+from imgclf.data.transforms import Preprocess, eval_transform
 from imgclf.errors import UserError
 from imgclf.serving import runtime
 from imgclf.serving.protocol import (
@@ -52,7 +54,7 @@ log = logging.getLogger("imgclf.serving")
 class LoadedModel:
     model: torch.nn.Module  # the eager network (what `forward` was built from and checked on)
     labels: list[str]
-    preprocess: data.Preprocess
+    preprocess: Preprocess
     transform: object  # image → uint8 CHW crop (training's eval transform, before Normalize)
     device: torch.device
     forward: runtime.Forward  # uint8 batch → logits (normalises inside), on the chosen runtime
@@ -102,7 +104,7 @@ def model_fn(
         image_size=pre.image_size,
         normalize=(pre.mean, pre.std),
     )
-    transform = data.eval_transform(pre, normalize=False)
+    transform = eval_transform(pre, normalize=False)
     thresholds = tuple(art.thresholds) if art.thresholds is not None else None
     return LoadedModel(
         model, art.labels, pre, transform, device, forward, art.temperature, thresholds
@@ -117,11 +119,11 @@ class ImageSize:
     width: int
     height: int
     resized_pixels: int
-    weight: int = 1  # data.PIXEL_WEIGHT of its mode: what a pixel costs to decode to RGB
+    weight: int = 1  # PIXEL_WEIGHT of its mode: what a pixel costs to decode to RGB
 
     @property
     def pixels(self) -> int:
-        """Decoded pixels, weighted by what their mode costs (data.PIXEL_WEIGHT)."""
+        """Decoded pixels, weighted by what their mode costs (PIXEL_WEIGHT)."""
         return self.width * self.height * self.weight
 
 
@@ -156,7 +158,7 @@ def probe_image(payload: bytes, *, draft: int | None, where: str = "body") -> Im
         ) from None
     if width < 1 or height < 1:
         raise RequestError(400, f"the image in the {where} has no pixels", "send a real image")
-    weight = data.PIXEL_WEIGHT.get(mode, 1)
+    weight = PIXEL_WEIGHT.get(mode, 1)
     size = ImageSize(width, height, resized_pixels(width, height, draft), weight)
     if size.pixels > MAX_PIXELS:
         shown = f"{mode} image of {width}x{height} pixels"
@@ -213,7 +215,7 @@ def decode_image(payload: bytes, *, draft: int | None, where: str = "body") -> I
 
 def _decode(payload: bytes, *, draft: int | None, where: str) -> Image.Image:
     try:
-        return data.open_image(io.BytesIO(payload), draft=draft)
+        return open_image(io.BytesIO(payload), draft=draft)
     except MemoryError:
         raise
     except Exception as exc:  # truncated, corrupt, or a decoder's own failure: the bytes' fault

@@ -28,7 +28,7 @@ MAX_BODY_BYTES = 6 * MB  # SageMaker's real-time request limit
 MAX_IMAGES = 64  # per JSON request
 # Decoded pixels per request, all images together (after the JPEG draft): 40 Mpx is one
 # 40 Mpx photo, or 64 phone photos drafted to 1/8 scale. Refused before anything is decoded;
-# modes that cost more to decode count more (data.PIXEL_WEIGHT).
+# modes that cost more to decode count more (data.decode.PIXEL_WEIGHT).
 MAX_PIXELS = 40_000_000
 # What the eval transform's resize (short side to resize_size) may produce: per image, the
 # pixels of a 16:1 strip; per request, those of 64 images at 4:1. A 65535x1 PNG would resize to

@@ -21,6 +21,7 @@ from imgclf.contract import (
     check_name,
 )
 from imgclf.errors import UserError
+from imgclf.job_outputs import JobOutputs
 from imgclf.targets import docker, endpoints
 from imgclf.targets.base import (
     BestTrial,
@@ -87,16 +88,16 @@ class LocalTarget:
         if code != 0 or failure:
             why = f"exit {code}: {failure or 'see ' + log}"
             return JobResult(name, ok=False, code=code or 1, failure=why, log=log)
-        metrics_file = job.layout.model_dir / "metrics.json"
-        report = job.layout.output_data_dir / "report.html"
+        outputs = JobOutputs(job.layout)
+        report = outputs.report()
         return JobResult(
             name,
             ok=True,
             model=str(job.layout.model_dir),
             outputs=str(job.layout.output_data_dir),
-            report=str(report) if report.exists() else None,
+            report=str(report) if report else None,
             log=log,
-            metrics=json.loads(metrics_file.read_text()) if metrics_file.exists() else {},
+            metrics=outputs.metrics(),
         )
 
     def job_dir(self, job: str) -> Path:

@@ -23,7 +23,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 from imgclf import jobs, processes
-from imgclf.artifacts import write_json
 from imgclf.config import FIELDS
 from imgclf.contract import NO_REPORT_ENV
 from imgclf.errors import UserError
@@ -34,7 +33,7 @@ from imgclf.tuning.results import write_best
 from imgclf.tuning.space import TuningSpace, metric_direction, trial_hyperparameters
 from imgclf.tuning.study import default_storage, finished_count, open_study, recover_interrupted
 from imgclf.tuning.worker_pool import WorkerPool, runs_in_worker
-from imgclf.util import atomic_write, cpu_count, mask_secrets
+from imgclf.util import atomic_write, cpu_count, mask_secrets, write_json
 
 LOCK_FILE = "tuner.pid"
 

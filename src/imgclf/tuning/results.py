@@ -8,12 +8,13 @@ import math
 from pathlib import Path
 
 from imgclf import jobs
-from imgclf.artifacts import write_json
 from imgclf.contract import BEST_FILE
 from imgclf.errors import UserError
+from imgclf.job_outputs import JobOutputs
 from imgclf.tuning.monitor import trial_table
 from imgclf.tuning.space import TuningSpace, trial_hyperparameters
 from imgclf.tuning.study import STUDY_NAME, default_storage, study_storage
+from imgclf.util import write_json
 
 REFINED_FILE = "refined.json"
 
@@ -63,7 +64,8 @@ def refine(space: TuningSpace, *, data_dir: Path, out_dir: Path, count: int) -> 
         hps["features_cache"] = "false"
         hps.pop("features_dir", None)
         name = f"refine-{trial.number:03d}"
-        history_file = out_dir / "jobs" / name / "output" / "data" / "history.json"
+        outputs = JobOutputs.of(out_dir / "jobs" / name)
+        history_file = outputs.layout.history_file
         if not history_file.exists():
             job = jobs.prepare_job(out_dir, name, data_dir=data_dir, hyperparameters=hps)
             print(f"refining trial {trial.number} as a full fine-tune ({job.layout.base})")
@@ -72,7 +74,7 @@ def refine(space: TuningSpace, *, data_dir: Path, out_dir: Path, count: int) -> 
                 reason = jobs.read_failure(job) or f"exit {code}, see {job.log_file}"
                 print(f"refine of trial {trial.number} failed: {reason.strip()[:500]}")
                 continue
-        history = json.loads(history_file.read_text())
+        history = outputs.history()
         values = [row[space.metric] for row in history if math.isfinite(row[space.metric])]
         if not values:
             continue

@@ -1,17 +1,19 @@
 """A long-lived trial worker: runs cached-feature trials one after another in one process.
 
 A trial on cached features trains a linear head for a second or so; as a process of its own it
-would pay ~5.5 s of imports (torch, torchvision) each time. The tuner starts one worker per
-parallel slot for the whole tuning job instead, and hands it trials: each one is the training
+would pay ~5.5 s of imports (torch, torchvision) each time. The tuner's worker pool
+(`imgclf.tuning.worker_pool`) starts a worker when a trial finds none idle, so at most one per
+parallel slot, and keeps it for the whole tuning job, handing it trials: each one is the training
 program's `main` over the trial's job dir, with the job's environment, exactly what the program
-runs as in a `train` process. Full fine-tunes never come here: they stay `train` processes over
-a job dir, as SageMaker runs them.
+runs as in a `train` process. Every other trial (full fine-tunes, the refine runs, trials whose
+hyperparameters do not parse) stays a `train` process over a job dir, as SageMaker runs them.
 
-Protocol (`python -m imgclf.tuning.worker`): after the imports the worker prints READY; then
-for each line on stdin (a JSON object {"env": {...}}, the job's environment) it runs that job,
-its output on stdout, and ends it with a line `DONE <exit code>`. SIGTERM stops the running
-trial as it stops a job (the last epoch's checkpoint is kept, output/failure says why). EOF on
-stdin ends the worker.
+Protocol (`python -m imgclf.tuning.worker`, stderr joined to stdout): after the imports the
+worker prints the line READY; then for each line on stdin (a JSON object {"env": {...}}, the
+job's environment) it runs that job, whose output the tuner copies to the trial's train.log,
+and ends it with the line `DONE <exit code>` (READY and DONE are the constants below). SIGTERM
+stops the running trial as it stops a job (the last epoch's checkpoint is kept, output/failure
+says why) and the worker waits for the next line. EOF on stdin ends the worker.
 """
 
 from __future__ import annotations

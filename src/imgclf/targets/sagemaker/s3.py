@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from imgclf import archives
+from imgclf.contract import MODEL_FILE, Layout
 from imgclf.errors import UserError
 from imgclf.targets.sagemaker.aws import Clients, aws_errors
 from imgclf.util import plain_dir
@@ -108,8 +109,8 @@ def upload_tree(
 
 def pack_model(model_dir: Path) -> bytes:
     """model.tar.gz of a local model dir (the layout SageMaker unpacks into /opt/ml/model)."""
-    if not (model_dir / "model.pt").is_file():
-        raise UserError(f"{model_dir} is not a model dir (no model.pt); pass a job's model/")
+    if not (model_dir / MODEL_FILE).is_file():
+        raise UserError(f"{model_dir} is not a model dir (no {MODEL_FILE}); pass a job's model/")
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as tar:
         for path in sorted(model_dir.iterdir()):
@@ -171,6 +172,7 @@ def download_job_output(c: Clients, job_name: str, dest: Path) -> Path:
     if not model_uri:
         raise UserError(f"training job {job_name} has no output yet ({desc['TrainingJobStatus']})")
     output_uri = model_uri.rsplit("/", 1)[0] + "/output.tar.gz"
-    for uri, folder in ((model_uri, dest / "model"), (output_uri, dest / "output" / "data")):
+    layout = Layout(dest)  # laid out as a local job dir: JobOutputs reads both alike
+    for uri, folder in ((model_uri, layout.model_dir), (output_uri, layout.output_data_dir)):
         download_archive(c.s3, uri, folder)
     return dest

@@ -1,9 +1,21 @@
-"""`serve` keeps its state in the file the launcher names, so `deploy` waits on serve's word."""
+"""The `serve` entry (imgclf.serving.serve): its preflight refuses what cannot be served before
+any port is opened, and it keeps its state in the file the launcher names, so `deploy` waits on
+serve's word."""
 
 import json
 
+import pytest
+
 from imgclf.contract import SERVE_PORT_ENV, SERVE_STATE_FILE_ENV
+from imgclf.errors import UserError
 from imgclf.serving import serve
+from tests.conftest import random_model
+
+
+def test_an_unknown_runtime_fails_the_endpoints_preflight(tmp_path):
+    model = random_model(tmp_path / "model", ["001.cat", "002.dog"])
+    with pytest.raises(UserError, match="'tensorrt' is unknown"):
+        serve.preflight(model, cpu_runtime="tensorrt")
 
 
 def test_serve_records_why_it_cannot_start(tmp_path):
