@@ -444,6 +444,7 @@ class TrainingRun:
         self.scheduler = build_scheduler(cfg, self.optimizer, len(self.loaders["train"]))
         self.scaler = torch.amp.GradScaler("cuda") if runtime.amp_dtype == torch.float16 else None
         self.best_weights = self._weights()
+        self.best_valid: engine.EvalResult | None = None  # its validation answers, this run
         self._setup_hooks()
         return self
 
@@ -655,7 +656,7 @@ class TrainingRun:
         finally:
             self.progress.close()
         self.debug.eval_mode()
-        valid = self.evaluate("valid")
+        valid = self.evaluate("valid", keep_outputs=True)  # the best epoch's: calibration's
         row = {
             "epoch": epoch,
             "train_loss": result.loss,
@@ -668,6 +669,7 @@ class TrainingRun:
         }
         if self.state.record(epoch, {**row, "data_wait_s": result.data_seconds}, valid.loss):
             self.best_weights = self._weights()
+            self.best_valid = valid
         if runtime.is_main:
             print(metrics.format_epoch_line(row), flush=True)
             self.save_checkpoint()
@@ -736,8 +738,14 @@ class TrainingRun:
 
     def _calibrate(self, labels: list[str]) -> scores.Calibration:
         """The temperature and the per-class thresholds, fitted on the validation split's
-        answers of the weights being saved."""
-        valid = self.evaluate("valid", keep_outputs=True)
+        answers of the weights being saved: those of the best epoch's own validation pass (no
+        second pass, so the debugging hook records each split once), or, when that epoch ran
+        before a resume, a validation pass of the restored weights (recorded as EVAL)."""
+        valid = self.best_valid
+        if valid is None:
+            self.debug.eval_mode()
+            valid = self.evaluate("valid", keep_outputs=True)
+            self.debug.predict_mode()
         calibration = scores.calibrate(valid.logits.numpy(), valid.targets.numpy(), labels)
         if self.runtime.is_main:
             log.info(
