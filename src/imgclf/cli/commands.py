@@ -117,7 +117,14 @@ def cmd_train(args) -> int:
         and not (args.docker or "features_dir" in hps)
     ):
         hps["features_dir"] = str((home(args) / "features").resolve())  # shared by local jobs
-    request = TrainRequest(data, hps, args.job_name, nproc=args.nproc, docker=args.docker)
+    request = TrainRequest(
+        data,
+        hps,
+        args.job_name,
+        nproc=args.nproc,
+        docker=args.docker,
+        init_from=args.init_from,
+    )
     result = target.train(request)
     print_job(result, target)
     return 0 if result.ok else result.code or 1
@@ -181,6 +188,7 @@ def cmd_tune(args) -> int:
             storage=args.storage,
             refine=args.refine,
             job_name=args.job_name,
+            init_from=args.init_from,
         )
     )
     print_tuning(result, args.data, target)

@@ -20,6 +20,9 @@ class TrainRequest:
     job_name: str | None = None  # None: a new UTC-stamped name
     nproc: int = 1  # processes under torchrun (local)
     docker: str | None = None  # run this training image under Docker (local)
+    # The model the job starts from (its `model` channel): a job name, a model dir, a
+    # model.tar.gz or s3://… (SageMaker). None: ImageNet's weights (or none), as the config says.
+    init_from: str | None = None
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,7 @@ class TuneRequest:
     storage: str | None = None  # Optuna storage URL (local)
     refine: int = 0  # full fine-tunes of the K best trials afterwards (local)
     job_name: str | None = None
+    init_from: str | None = None  # what TrainRequest.init_from takes: every trial starts there
 
 
 @dataclass(frozen=True)
