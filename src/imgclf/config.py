@@ -63,6 +63,11 @@ class TrainConfig:
     arch: str = _hp("resnet50", "torchvision architecture", choices=ARCHITECTURES)
     pretrained: bool = _hp(True, "start from ImageNet weights (torch cache or weights_path)")
     weights_path: str = _hp("", "file with pretrained weights (a state_dict) to start from")
+    init_drop_classes: bool = _hp(
+        False,
+        "with --init-from (the model channel): allow the data to lack some of the model's "
+        "classes, whose head rows are then dropped (refused otherwise)",
+    )
     freeze: bool = _hp(False, "freeze the backbone and train only the new head")
     features_cache: bool = _hp(
         False,

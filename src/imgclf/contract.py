@@ -133,6 +133,11 @@ REPORT_FILE = "report.html"
 
 CHANNEL_NAMES = ("train", "valid", "test")
 COMBINED_CHANNEL = "training"
+# Incremental training (`train --init-from`): the model a job starts from, in a channel named
+# as SageMaker's built-in algorithms name it, with their content type. It holds a model dir
+# (a local job) or the model.tar.gz SageMaker downloads into it.
+MODEL_CHANNEL = "model"
+MODEL_CHANNEL_CONTENT_TYPE = "application/x-sagemaker-model"
 
 FAILURE_LIMIT = 1024
 
@@ -225,6 +230,11 @@ class TrainingContract:
     def splits(self) -> dict[str, Path]:
         """`train`/`valid`/`test` directories, from separate channels or one `training` channel."""
         return resolve_splits(self.channels)
+
+    @property
+    def init_model(self) -> Path | None:
+        """The `model` channel (the model this job starts from), or None."""
+        return self.channels.get(MODEL_CHANNEL)
 
 
 def _read_json(path: Path, default):

@@ -71,8 +71,10 @@ class JobOutputs:
         and `launch.py debug` both pass this)."""
         config, evaluation = self.run_config(), self.evaluation()
         return {
-            # ImageNet weights are not an initialisation to judge; a weights_path file is.
-            "pretrained": bool(config.get("pretrained", False) and not config.get("weights_path")),
+            # ImageNet weights (or a trained model's: --init-from) are not an initialisation to
+            # judge; a weights_path file is.
+            "pretrained": bool(config.get("pretrained", False) and not config.get("weights_path"))
+            or "init_from" in self.metrics(),
             "train_counts": evaluation.get("train_counts"),
             "labels": evaluation.get("labels"),
             "per_class_accuracy": evaluation.get("per_class_accuracy"),

@@ -6,6 +6,7 @@ tuner both run their jobs through this module; it imports neither."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -19,12 +20,15 @@ from pathlib import Path
 from imgclf.contract import (
     BASE_DIR_ENV,
     COMBINED_CHANNEL,
+    MODEL_CHANNEL,
+    MODEL_CHANNEL_CONTENT_TYPE,
     PROCESSES_PER_HOST_KEY,
     SCAN_CACHE_ENV,
     TORCH_DISTRIBUTED_KEY,
     TRAIN_IMAGE_ENV,
     Layout,
     check_name,
+    name_pattern,
 )
 from imgclf.errors import UserError
 from imgclf.util import new_job_name, open_lock, plain_dir, write_json  # noqa: F401 - re-exported
@@ -39,6 +43,7 @@ class LocalJob:
     layout: Layout
     data_dir: Path
     lock: object = None  # the open, flock'ed locks/<name>.lock (see lock_job)
+    init_model: Path | None = None  # what the `model` channel holds (`train --init-from`)
 
     @property
     def log_file(self) -> Path:
@@ -53,17 +58,26 @@ def prepare_job(
     hyperparameters: dict[str, str],
     nproc: int = 1,
     link_data: bool = True,
+    init_model: Path | None = None,
 ) -> LocalJob:
     """Lay out jobs/<name>/ as SageMaker lays out /opt/ml. A job dir that exists keeps its
     checkpoints/ (so the job resumes) and gets fresh config, model/ and output/. The name is
     checked first (a name such as `../..` would make the job dir the user's project), and no
-    folder of the job may be a symbolic link."""
+    folder of the job may be a symbolic link. `init_model` (a model dir or model.tar.gz, from
+    `init_model_path`) becomes the `model` channel, as SageMaker's incremental training has it."""
     check_name("job", name)
     data_dir = Path(data_dir).resolve()
     if not data_dir.is_dir():
         raise UserError(f"--data {data_dir} is not a directory")
     lock = lock_job(home / "jobs", name)
     layout = Layout(plain_dir(plain_dir(home / "jobs", "jobs folder") / name, "job folder"))
+    if init_model is not None:
+        init_model = Path(init_model).resolve()
+        if init_model == layout.base.resolve() or layout.base.resolve() in init_model.parents:
+            raise UserError(
+                f"--init-from {init_model} is in job {name}'s own folder, which this run "
+                "replaces: give the new job another --job-name"
+            )
     plain_dir(layout.checkpoint_dir, "checkpoint folder")
     for stale in (layout.base / "input", layout.model_dir, layout.output_dir, layout.code_dir):
         if stale.is_symlink() or stale.is_file():
@@ -87,22 +101,60 @@ def prepare_job(
         layout.config_dir / "resourceconfig.json",
         {"current_host": HOST, "hosts": [HOST], "network_interface_name": "lo"},
     )
-    _write(
-        layout.config_dir / "inputdataconfig.json",
-        {
-            COMBINED_CHANNEL: {
-                "TrainingInputMode": "File",
-                "S3DistributionType": "FullyReplicated",
-                "RecordWrapperType": "None",
-            }
-        },
-    )
+    channels = {
+        COMBINED_CHANNEL: {
+            "TrainingInputMode": "File",
+            "S3DistributionType": "FullyReplicated",
+            "RecordWrapperType": "None",
+        }
+    }
+    if init_model is not None:
+        channels[MODEL_CHANNEL] = {
+            **channels[COMBINED_CHANNEL],
+            "ContentType": MODEL_CHANNEL_CONTENT_TYPE,
+        }
+    _write(layout.config_dir / "inputdataconfig.json", channels)
     channel = layout.data_dir / COMBINED_CHANNEL
     if link_data:
         channel.symlink_to(data_dir, target_is_directory=True)
     else:
         channel.mkdir()
-    return LocalJob(name, layout, data_dir, lock)
+    if init_model is not None:
+        _lay_model_channel(layout.data_dir / MODEL_CHANNEL, init_model, link=link_data)
+    return LocalJob(name, layout, data_dir, lock, init_model)
+
+
+def init_model_path(home: Path, value: str) -> Path:
+    """`--init-from` on the local target: a model dir, a model.tar.gz or a local job's name
+    (its model/), as a path; s3:// is refused in one line (nothing here talks to AWS)."""
+    if "://" in value:
+        raise UserError(
+            f"--init-from {value}: the local target reads a model dir, a model.tar.gz or a local "
+            "job's name; for s3:// add --target sagemaker (or copy it here first: aws s3 cp)"
+        )
+    path = Path(value)
+    if path.exists():
+        return path.resolve()
+    named = home / "jobs" / value / "model"
+    if re.fullmatch(name_pattern()[1:-1], value) and (named / "model.pt").is_file():
+        return named.resolve()
+    raise UserError(
+        f"--init-from {value} is neither a model dir, a model.tar.gz nor the name of a local "
+        f"job with a model (see {home / 'jobs'})"
+    )
+
+
+def _lay_model_channel(channel: Path, source: Path, *, link: bool) -> None:
+    """The `model` channel: a link to the model dir, or a folder holding a link to the archive
+    (SageMaker downloads model.tar.gz into the channel's folder); under Docker an empty folder
+    that the container mounts the model over (targets.docker)."""
+    if not link:
+        channel.mkdir()
+    elif source.is_dir():
+        channel.symlink_to(source, target_is_directory=True)
+    else:
+        channel.mkdir()
+        (channel / source.name).symlink_to(source)
 
 
 def lock_job(jobs_dir: Path, name: str):

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from imgclf import artifacts, engine, features, metrics, models, scores
+from imgclf import artifacts, engine, features, incremental, metrics, models, scores
 from imgclf.config import TrainConfig, debug_stop_rules, parse_hyperparameters
 from imgclf.contract import (
     NO_REPORT_ENV,
@@ -451,16 +451,38 @@ class TrainingRun:
     def _setup_model(self) -> None:
         cfg = self.cfg
         self.pre = models.get_architecture(cfg.arch).preprocess(cfg.image_size)
+        start = self._start_model()
         self.model = models.build_model(
             cfg.arch,
             len(self.classes),
-            pretrained=cfg.pretrained,
+            pretrained=cfg.pretrained and start is None,  # --init-from: not ImageNet's weights
             weights_path=cfg.weights_path,
             freeze=cfg.freeze or cfg.features_cache,
         )
+        self.init_from: dict | None = None
+        if start is not None:
+            plan = incremental.plan_head(
+                start, list(self.classes), arch=cfg.arch, allow_dropped=cfg.init_drop_classes
+            )
+            incremental.start_network(self.model, start, plan, arch=cfg.arch)
+            self.init_from = incremental.record(start, plan)
+            if self.runtime.is_main:
+                log.info("%s", incremental.describe(start, plan))
         self.model.to(self.runtime.device)
         if cfg.channels_last:
             self.model.to(memory_format=torch.channels_last)
+
+    def _start_model(self) -> incremental.StartModel | None:
+        """The model in the `model` channel (`train --init-from`), checked, or None."""
+        channel = self.contract.init_model
+        if channel is None:
+            return None
+        if self.cfg.weights_path:
+            raise UserError(
+                "weights_path and --init-from (the model channel) both name the weights to "
+                "start from: drop one"
+            )
+        return incremental.load_start_model(channel)
 
     def _setup_data(self) -> None:
         cfg, runtime, pre = self.cfg, self.runtime, self.pre
@@ -697,6 +719,8 @@ class TrainingRun:
         }
         if self.cached is not None:
             summary["features"] = self.cached.info()
+        if self.init_from is not None:
+            summary["init_from"] = self.init_from
         labels = [label_name(c) for c in self.classes]
         self.debug.predict_mode()  # these passes land apart from validation (PREDICT)
         self.calibration = self._calibrate(labels)
@@ -763,7 +787,9 @@ class TrainingRun:
             "classes": list(self.classes),
             "preprocess": self.pre.to_dict(),
             "channels_last": cfg.channels_last,
+            "training_job": self.contract.job_name,
             **self.calibration.model_config(),
+            **({"init_from": self.init_from} if self.init_from is not None else {}),
         }
         artifacts.save_artifact(
             layout.model_dir,

@@ -236,3 +236,64 @@ def test_each_sdks_spelling_of_a_hyperparameter_configures_the_same_job(tmp_path
     assert (config["pretrained"], config["hflip"], config["channels_last"]) == (False,) * 3
     assert config["debug_stop_on"] == "ExplodingTensor,Overfit"
     assert (config["weights_path"], config["features_dir"]) == ("", "")
+
+
+# ---------------------------------------------------------------- incremental training
+
+
+def _model_channel(folder, model_dir):
+    """What SageMaker puts in /opt/ml/input/data/model for a model channel: the model.tar.gz
+    as the S3 object is, not unpacked."""
+    import tarfile
+
+    folder.mkdir(parents=True)
+    with tarfile.open(folder / "model.tar.gz", "w:gz") as tar:
+        for path in sorted(model_dir.iterdir()):
+            tar.add(path, arcname=path.name)
+    return folder
+
+
+def test_the_model_channel_is_where_training_starts_from(tmp_path, tiny_digits):
+    """A grown class set: the entry reads /opt/ml/input/data/model, keeps the eight old
+    classes' head rows, adds two and says so in the artifact."""
+    import hashlib
+
+    from tests.conftest import random_model
+
+    folders = sorted(p.name for p in (tiny_digits / "train").iterdir())
+    start = random_model(tmp_path / "start", folders[:8])
+    base = make_sagemaker_job(
+        tmp_path / "ml",
+        hyperparameters=TINY_HPS,
+        channels={"training": tiny_digits, "model": _model_channel(tmp_path / "ch", start)},
+    )
+    proc = run_train_entry(base)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "init-from: resnet18 model" in proc.stdout
+    assert "8 classes keep their head rows, 2 new (eight, nine)" in proc.stdout
+    config = json.loads((base / "model" / "model_config.json").read_text())
+    started = config["init_from"]
+    digest = hashlib.sha256((start / "model.pt").read_bytes()).hexdigest()
+    assert started["model_sha256"] == digest
+    assert started["classes"] == folders[:8] and started["added"] == ["eight", "nine"]
+    assert started["dropped"] == [] and config["classes"] == folders
+    metrics = json.loads((base / "model" / "metrics.json").read_text())
+    assert metrics["init_from"] == started
+
+
+def test_a_model_of_another_architecture_fails_the_job_in_one_line(tmp_path, tiny_digits):
+    from tests.conftest import random_model
+
+    folders = sorted(p.name for p in (tiny_digits / "train").iterdir())
+    start = random_model(tmp_path / "start", folders)
+    base = make_sagemaker_job(
+        tmp_path / "ml",
+        hyperparameters={**TINY_HPS, "arch": "resnet34"},
+        channels={"training": tiny_digits, "model": _model_channel(tmp_path / "ch", start)},
+    )
+    proc = run_train_entry(base)
+    assert proc.returncode != 0
+    failure = (base / "output" / "failure").read_text().strip()
+    assert failure.startswith("ClientError: --init-from model is resnet18 but this job trains ")
+    assert "--hp arch=resnet18" in failure and "\n" not in failure
+    assert not (base / "model" / "model.pt").exists()

@@ -193,6 +193,61 @@ def test_tune_sends_the_space_and_writes_best_json(aws, tmp_path, tiny_digits):
     assert "best:" in proc.stdout
 
 
+def _model_channel(body: dict) -> dict:
+    (channel,) = [c for c in body["InputDataConfig"] if c["ChannelName"] == "model"]
+    assert channel["ContentType"] == "application/x-sagemaker-model"
+    return channel["DataSource"]["S3DataSource"]
+
+
+def test_init_from_sends_the_model_channel_for_a_job_a_local_model_and_every_trial(
+    aws, tmp_path, tiny_digits
+):
+    """`--init-from` a training job (its model.tar.gz), a local model dir (packed and
+    uploaded) or s3://… (as given), in CreateTrainingJob and in the tuning job's definition."""
+    import io
+    import tarfile
+
+    from tests.conftest import ROOT, random_model
+
+    home = tmp_path / "home"
+    remember_images(home)
+    args = ["train", "--target", "sagemaker", "--data", str(tiny_digits), "--role", ROLE]
+    ok(launch(aws, home, *args, "--job-name", "old-job"))
+    old = aws.client("sagemaker").describe_training_job(TrainingJobName="old-job")
+    aws.recording.write_text("")
+    proc = ok(launch(aws, home, *args, "--job-name", "new-job", "--init-from", "old-job"))
+    (create,) = aws.requests("SageMaker.CreateTrainingJob")
+    source = _model_channel(create["json"])
+    assert source["S3Uri"] == old["ModelArtifacts"]["S3ModelArtifacts"]
+    assert f"starts from {source['S3Uri']} (channel model)" in proc.stdout
+    desc = aws.client("sagemaker").describe_training_job(TrainingJobName="new-job")
+    assert [c["ChannelName"] for c in desc["InputDataConfig"]] == ["training", "model"]
+
+    model_dir = random_model(tmp_path / "mine" / "model", ["001.zero", "002.one"])
+    aws.recording.write_text("")
+    ok(launch(aws, home, *args, "--job-name", "from-dir", "--init-from", str(model_dir)))
+    (create,) = aws.requests("SageMaker.CreateTrainingJob")
+    key = "imgclf/init-models/from-dir/model.tar.gz"
+    assert _model_channel(create["json"])["S3Uri"] == f"s3://{BUCKET}/{key}"
+    body = aws.client("s3").get_object(Bucket=BUCKET, Key=key)["Body"].read()
+    with tarfile.open(fileobj=io.BytesIO(body)) as tar:
+        assert {"model.pt", "labels.json", "model_config.json"} <= set(tar.getnames())
+
+    aws.recording.write_text("")
+    uri = f"s3://{BUCKET}/{key}"
+    ok(
+        launch(
+            aws,
+            home,
+            *["tune", "--target", "sagemaker", "--data", str(tiny_digits), "--role", ROLE],
+            *["--space", str(ROOT / "tuning.yaml"), "--job-name", "tune-init", "--no-wait"],
+            *["--hp", "arch=resnet18", "--init-from", uri],
+        )
+    )
+    (create,) = aws.requests("SageMaker.CreateHyperParameterTuningJob")
+    assert _model_channel(create["json"]["TrainingJobDefinition"])["S3Uri"] == uri
+
+
 def test_deploy_invoke_list_and_delete_an_endpoint(aws, tmp_path, tiny_digits):
     home = tmp_path / "home"
     remember_images(home)

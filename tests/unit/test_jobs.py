@@ -8,7 +8,8 @@ import pytest
 from imgclf import jobs
 from imgclf.contract import TRAIN_IMAGE_ENV, read_training_contract
 from imgclf.errors import UserError
-from tests.conftest import run_launch
+from imgclf.targets import docker
+from tests.conftest import random_model, run_launch
 
 
 def test_job_dir_is_shaped_like_opt_ml_and_read_back_by_the_contract(tmp_path, tiny_digits):
@@ -89,3 +90,55 @@ def test_a_job_folder_or_lock_placed_as_a_link_is_not_followed(tmp_path, tiny_di
     with pytest.raises(UserError, match="k.lock is a symbolic link"):
         jobs.prepare_job(home, "k", data_dir=tiny_digits, hyperparameters={})
     assert (project / "poetry.lock").read_text() == "pinned\n"
+
+
+def test_init_from_lays_out_the_model_channel_as_sagemaker_does(tmp_path, tiny_digits):
+    """`train --init-from`: a model dir is the channel; a model.tar.gz lies in the channel's
+    folder (where SageMaker downloads it); under Docker each is mounted there read-only."""
+    model_dir = random_model(tmp_path / "old" / "model", ["001.zero", "002.one"])
+    archive = tmp_path / "old" / "model.tar.gz"
+    archive.write_bytes(b"not read here")
+    job = jobs.prepare_job(
+        tmp_path, "j", data_dir=tiny_digits, hyperparameters={}, init_model=model_dir
+    )
+    config = json.loads((job.layout.config_dir / "inputdataconfig.json").read_text())
+    assert config["model"]["ContentType"] == "application/x-sagemaker-model"
+    assert (job.layout.data_dir / "model" / "model.pt").is_file()
+    contract = read_training_contract(jobs.job_environment(job))
+    assert contract.init_model == job.layout.data_dir / "model"
+    assert set(contract.splits) == {"train", "valid", "test"}  # the model is no split
+    job = jobs.prepare_job(
+        tmp_path, "j", data_dir=tiny_digits, hyperparameters={}, init_model=archive
+    )
+    assert (job.layout.data_dir / "model" / "model.tar.gz").read_bytes() == b"not read here"
+    for source, inside in (
+        (model_dir, "/opt/ml/input/data/model"),
+        (archive, "/opt/ml/input/data/model/model.tar.gz"),
+    ):
+        job = jobs.prepare_job(
+            tmp_path,
+            "j",
+            data_dir=tiny_digits,
+            hyperparameters={},
+            link_data=False,
+            init_model=source,
+        )
+        cmd = docker.docker_command(job, "imgclf-train:abc", gpus=False)
+        assert ("-v", f"{source.resolve()}:{inside}:ro") in list(zip(cmd, cmd[1:]))
+
+
+def test_init_from_a_local_job_name_and_what_is_refused(tmp_path, tiny_digits):
+    random_model(tmp_path / "jobs" / "old" / "model", ["001.zero", "002.one"])
+    assert jobs.init_model_path(tmp_path, "old") == (tmp_path / "jobs" / "old" / "model").resolve()
+    with pytest.raises(UserError, match="for s3:// add --target sagemaker"):
+        jobs.init_model_path(tmp_path, "s3://b/model.tar.gz")
+    with pytest.raises(UserError, match="neither a model dir, a model.tar.gz nor the name"):
+        jobs.init_model_path(tmp_path, "nothing-here")
+    with pytest.raises(UserError, match="another --job-name"):  # its model/ is replaced
+        jobs.prepare_job(
+            tmp_path,
+            "old",
+            data_dir=tiny_digits,
+            hyperparameters={},
+            init_model=jobs.init_model_path(tmp_path, "old"),
+        )

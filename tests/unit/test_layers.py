@@ -35,6 +35,7 @@ LAYERS = {
             "sample",
             "metrics",
             "scores",
+            "incremental",
         ],
         2,
     ),

@@ -70,6 +70,47 @@ def test_training_request_passes_botocores_validation(extra):
         assert "DebugHookConfig" not in request and "ProfilerConfig" not in request
 
 
+def test_init_from_is_a_model_channel_in_the_job_and_in_every_tuning_trial():
+    """As SageMaker's built-in algorithms take a model for incremental training: a channel
+    named `model`, content type application/x-sagemaker-model, the tar downloaded whole."""
+    from imgclf.tuning.space import load_space
+    from tests.unit.test_space import ROOT_SPACE
+
+    model_s3 = "s3://b/imgclf/jobs/old-job/output/model.tar.gz"
+    request = training(model_s3=model_s3)
+    validate("CreateTrainingJob", request)
+    training_channel, model = request["InputDataConfig"]
+    assert training_channel["ChannelName"] == "training"
+    assert model == {
+        "ChannelName": "model",
+        "DataSource": {
+            "S3DataSource": {
+                "S3DataType": "S3Prefix",
+                "S3Uri": model_s3,
+                "S3DataDistributionType": "FullyReplicated",
+            }
+        },
+        "ContentType": "application/x-sagemaker-model",
+        "CompressionType": "None",
+        "InputMode": "File",
+    }
+    assert [c["ChannelName"] for c in training()["InputDataConfig"]] == ["training"]
+    space = load_space(ROOT_SPACE, fixed={"arch": "resnet18"})
+    definition = sm.training_definition(
+        image=IMAGE,
+        role_arn=ROLE,
+        hyperparameters=dict(space.static),
+        train_s3="s3://b/d/",
+        output_s3="s3://b/o",
+        model_s3=model_s3,
+    )
+    tuning = tuning_job_request(space, job_name="t", training_definition=definition)
+    validate("CreateHyperParameterTuningJob", tuning)
+    assert tuning["TrainingJobDefinition"]["InputDataConfig"][1] == model
+    with pytest.raises(UserError, match="s3://BUCKET/KEY"):
+        rq.model_channel("old-job")
+
+
 def test_debugger_in_a_region_without_rule_images_is_a_clear_error():
     with pytest.raises(UserError, match="not published in mars-1"):
         training(region="mars-1", sagemaker_debugger=True)

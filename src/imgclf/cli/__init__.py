@@ -67,6 +67,17 @@ def _add_target(parser, *, image: bool = False, resources: bool = False, wait: b
         aws.add_argument("--no-wait", action="store_true", help="return once it is created")
 
 
+def _add_init_from(parser, *, every_trial: bool = False) -> None:
+    parser.add_argument(
+        "--init-from",
+        metavar="JOB|MODEL_DIR|model.tar.gz|s3://...",
+        help=("every trial starts" if every_trial else "start")
+        + " from this model's weights instead of ImageNet's (its `model` channel): a job "
+        "name, a model dir, a model.tar.gz (sagemaker also: s3://...); same arch, new classes "
+        "get fresh head rows, a class the data lacks needs --hp init_drop_classes=true",
+    )
+
+
 def _data_parsers(sub) -> None:
     data = sub.add_parser("data", help="sample datasets and dataset checks")
     data_sub = data.add_subparsers(dest="data_command", required=True)
@@ -122,6 +133,7 @@ def _train_parser(sub) -> None:
     train.add_argument(
         "--job-name", help="job name; an existing local job resumes from its checkpoint"
     )
+    _add_init_from(train)
     _add_target(train, image=True, resources=True, wait=True)
     train.add_argument(
         "--sagemaker-debugger",
@@ -182,6 +194,7 @@ def _tune_parser(sub) -> None:
         "--hp", nargs="*", action="extend", metavar="KEY=VALUE", help="fixed for every trial"
     )
     tune.add_argument("--storage", help="Optuna storage URL (default: SQLite in the tuning dir)")
+    _add_init_from(tune, every_trial=True)
     tune.add_argument("--status", metavar="DIR", help="print the trial table of a tuning dir")
     tune.add_argument(
         "--features-cache",

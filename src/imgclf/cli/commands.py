@@ -119,6 +119,7 @@ def cmd_train(args) -> int:
         docker=args.docker,
         prepare=args.prepare,
         prepare_format=args.prepare_format,
+        init_from=args.init_from,
     )
     result = target.train(request)
     print_job(result, target)
@@ -183,6 +184,7 @@ def cmd_tune(args) -> int:
             storage=args.storage,
             refine=args.refine,
             job_name=args.job_name,
+            init_from=args.init_from,
         )
     )
     print_tuning(result, args.data, target)

@@ -22,6 +22,9 @@ class TrainRequest:
     docker: str | None = None  # run this training image under Docker (local)
     prepare: int | None = None  # train on a prepared copy of `data` with this short side
     prepare_format: str | None = None  # raw or jpeg (None: the target's choice)
+    # The model the job starts from (its `model` channel): a job name, a model dir, a
+    # model.tar.gz or s3://… (SageMaker). None: ImageNet's weights (or none), as the config says.
+    init_from: str | None = None
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,7 @@ class TuneRequest:
     storage: str | None = None  # Optuna storage URL (local)
     refine: int = 0  # full fine-tunes of the K best trials afterwards (local)
     job_name: str | None = None
+    init_from: str | None = None  # what TrainRequest.init_from takes: every trial starts there
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from imgclf.contract import (
     COMBINED_CHANNEL,
+    MODEL_CHANNEL,
     RESPONSE_FORMAT_ENV,
     SERVE_BIND_HOST_ENV,
     SERVE_PORT_ENV,
@@ -78,6 +79,10 @@ def docker_command(job: LocalJob, image: str, *, gpus: bool | None = None) -> li
         "-e",
         f"TRAINING_JOB_NAME={job.name}",
     ]
+    if job.init_model is not None:  # `train --init-from`: the model channel, read-only
+        channel = f"/opt/ml/input/data/{MODEL_CHANNEL}"
+        inside = channel if job.init_model.is_dir() else f"{channel}/{job.init_model.name}"
+        command += ["-v", f"{job.init_model}:{inside}:ro"]
     if gpus:
         command += ["--gpus", "all"]
     return command + [image, "train"]

@@ -69,6 +69,9 @@ class LocalTarget:
             request.docker or "features_dir" in hps
         ):
             hps["features_dir"] = str((self.home / "features").resolve())  # shared by jobs
+        init_model = None
+        if request.init_from:
+            init_model = jobs.init_model_path(self.home, request.init_from)
         job = jobs.prepare_job(
             self.home,
             name,
@@ -76,6 +79,7 @@ class LocalTarget:
             hyperparameters=hps,
             nproc=request.nproc,
             link_data=not request.docker,
+            init_model=init_model,
         )
         print(f"job {name}: {job.layout.base}", flush=True)
         if request.docker:
@@ -118,6 +122,9 @@ class LocalTarget:
         if request.refine and request.storage:
             raise UserError("--refine works with the default storage (SQLite in the tuning dir)")
         out = request.out or self.home / "tuning" / new_job_name("tune")
+        init_model = None
+        if request.init_from:  # every trial (and refined one) starts from this model
+            init_model = jobs.init_model_path(self.home, request.init_from)
         space = request.space
         if parse_bool(space.static.get("features_cache", "false")):  # one cache for all trials
             static = {"features_dir": str((out / "features").resolve()), **space.static}
@@ -129,12 +136,20 @@ class LocalTarget:
         )
         print(f"  (stopped? run the same command with --out {out} to resume)", flush=True)
         best = tuner.run_tuning(
-            space, data_dir=Path(request.data), out_dir=out, storage=request.storage
+            space,
+            data_dir=Path(request.data),
+            out_dir=out,
+            storage=request.storage,
+            init_model=init_model,
         )
         refined: tuple[dict, ...] = ()
         if request.refine:
             best = results.refine(
-                space, data_dir=Path(request.data), out_dir=out, count=request.refine
+                space,
+                data_dir=Path(request.data),
+                out_dir=out,
+                count=request.refine,
+                init_model=init_model,
             )
             refined = tuple(json.loads((out / results.REFINED_FILE).read_text()))
         status = self.tuning_status(out, request.storage)

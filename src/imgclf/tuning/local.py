@@ -63,8 +63,10 @@ def run_tuning(
     storage: str | None = None,
     max_trials: int | None = None,
     parallel: int | None = None,
+    init_model: Path | None = None,
 ) -> dict:
-    """Run (or resume) the study until it holds `max_trials` finished trials; write best.json."""
+    """Run (or resume) the study until it holds `max_trials` finished trials; write best.json.
+    With `init_model` (`tune --init-from`) every trial starts from that model."""
     out_dir.mkdir(parents=True, exist_ok=True)
     _claim(out_dir)
     storage = storage or default_storage(out_dir)
@@ -87,7 +89,9 @@ def run_tuning(
             f"resuming the study in {mask_secrets(storage)}: {done} trials finished"
             + (f", {recovered} interrupted trials queued again" if recovered else "")
         )
-    tuner = _Tuner(space, study, data_dir=data_dir, out_dir=out_dir, parallel=parallel)
+    tuner = _Tuner(
+        space, study, data_dir=data_dir, out_dir=out_dir, parallel=parallel, init_model=init_model
+    )
     previous = signal.signal(signal.SIGTERM, tuner.on_sigterm)
     tuner.announce_early_stopping()
     try:
@@ -108,10 +112,18 @@ class _Tuner:
     the trials running now and how to stop each, and the SIGTERM that stops them all."""
 
     def __init__(
-        self, space: TuningSpace, study, *, data_dir: Path, out_dir: Path, parallel: int
+        self,
+        space: TuningSpace,
+        study,
+        *,
+        data_dir: Path,
+        out_dir: Path,
+        parallel: int,
+        init_model: Path | None = None,
     ) -> None:
         self.space, self.study = space, study
         self.data_dir, self.out_dir, self.parallel = data_dir, out_dir, parallel
+        self.init_model = init_model
         self.monitor = Monitor(space.metric)
         self.running: dict[int, Callable[[], None]] = {}  # trial number -> how to stop it
         self.workers = WorkerPool()
@@ -160,7 +172,11 @@ class _Tuner:
         params = {name: suggest(trial, name, dist) for name, dist in self.distributions.items()}
         hps = trial_hyperparameters(self.space, params)
         job = jobs.prepare_job(
-            self.out_dir, f"trial-{trial.number:03d}", data_dir=self.data_dir, hyperparameters=hps
+            self.out_dir,
+            f"trial-{trial.number:03d}",
+            data_dir=self.data_dir,
+            hyperparameters=hps,
+            init_model=self.init_model,
         )
         trial.set_user_attr("job_dir", str(job.layout.base))
         self.monitor.update(trial.number, params=params, state="RUNNING")

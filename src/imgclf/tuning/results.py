@@ -45,11 +45,18 @@ def _write_report(job_dir: Path) -> None:
         print(f"best trial's report: {path}")
 
 
-def refine(space: TuningSpace, *, data_dir: Path, out_dir: Path, count: int) -> dict:
+def refine(
+    space: TuningSpace,
+    *,
+    data_dir: Path,
+    out_dir: Path,
+    count: int,
+    init_model: Path | None = None,
+) -> dict:
     """The `count` best trials again as full fine-tunes (features_cache off, the rest as the
     trial had it), one after another; best.json then names the best full fine-tune. Used after
     a study on cached features: cheap trials rank, the full runs decide. Runs already finished
-    are not repeated on resume."""
+    are not repeated on resume. `init_model`: the model every trial started from."""
     import optuna
 
     study = optuna.load_study(
@@ -67,7 +74,9 @@ def refine(space: TuningSpace, *, data_dir: Path, out_dir: Path, count: int) -> 
         outputs = JobOutputs.of(out_dir / "jobs" / name)
         history_file = outputs.layout.history_file
         if not history_file.exists():
-            job = jobs.prepare_job(out_dir, name, data_dir=data_dir, hyperparameters=hps)
+            job = jobs.prepare_job(
+                out_dir, name, data_dir=data_dir, hyperparameters=hps, init_model=init_model
+            )
             print(f"refining trial {trial.number} as a full fine-tune ({job.layout.base})")
             code = jobs.run_job(job, jobs.train_command(), jobs.job_environment(job), echo=False)
             if code != 0 or not history_file.exists():

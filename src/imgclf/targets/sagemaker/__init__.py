@@ -126,10 +126,13 @@ def start_training(
     data: str | Path,
     hyperparameters: dict[str, str],
     job_name: str,
+    init_from: str | None = None,
 ) -> dict:
-    """Upload the data (unless it is already an s3:// URI) and create the training job."""
+    """Upload the data (unless it is already an s3:// URI) and create the training job; with
+    `init_from` (`init_model_s3`) the job starts from that model (its `model` channel)."""
     region = c.require_region()
     image, role, bucket, train_s3 = _job_inputs(c, options, data)
+    model_s3 = init_model_s3(c, options, init_from, job_name) if init_from else None
     request = training_job_request(
         job_name=job_name,
         image=image,
@@ -145,17 +148,33 @@ def start_training(
         volume_gb=options.volume_gb,
         spot=options.spot,
         sagemaker_debugger=options.sagemaker_debugger,
+        model_s3=model_s3,
     )
     with aws_errors():
         c.sagemaker.create_training_job(**request)
     return request
 
 
+def init_model_s3(c: Clients, options: AwsOptions, init_from: str, job_name: str) -> str:
+    """`--init-from` as the S3 URI of a model.tar.gz: s3://… as given, a training job's
+    model, or a local model dir or model.tar.gz uploaded to imgclf/init-models/JOB/."""
+    return resolve_model_s3(c, options, init_from, job_name, folder="imgclf/init-models")
+
+
 # ---------------------------------------------------------------- tuning
 
 
-def start_tuning(c: Clients, options: AwsOptions, space, *, data: str | Path, job_name: str):
+def start_tuning(
+    c: Clients,
+    options: AwsOptions,
+    space,
+    *,
+    data: str | Path,
+    job_name: str,
+    init_from: str | None = None,
+):
     image, role, bucket, train_s3 = _job_inputs(c, options, data)
+    model_s3 = init_model_s3(c, options, init_from, job_name) if init_from else None
     definition = training_definition(
         image=image,
         role_arn=role,
@@ -166,6 +185,7 @@ def start_tuning(c: Clients, options: AwsOptions, space, *, data: str | Path, jo
         instance_count=options.instance_count,
         max_runtime_s=options.max_runtime_s,
         volume_gb=options.volume_gb,
+        model_s3=model_s3,  # every trial starts from the same model
     )
     request = tuning_job_request(space, job_name=job_name, training_definition=definition)
     with aws_errors():
@@ -239,15 +259,18 @@ def best_from_tuning(desc: dict) -> dict:
 # ---------------------------------------------------------------- endpoints
 
 
-def resolve_model_s3(c: Clients, options: AwsOptions, model: str, name: str) -> str:
-    """--model: s3://…/model.tar.gz, a SageMaker training job name, or a local model dir / tar."""
+def resolve_model_s3(
+    c: Clients, options: AwsOptions, model: str, name: str, *, folder: str = "imgclf/models"
+) -> str:
+    """--model: s3://…/model.tar.gz, a SageMaker training job name, or a local model dir / tar
+    (uploaded to FOLDER/NAME/model.tar.gz)."""
     if model.startswith("s3://"):
         return model
     path = Path(model)
     if path.exists():
         body = path.read_bytes() if path.is_file() else pack_model(path)
         bucket = default_bucket(c, options)
-        key = f"imgclf/models/{name}/model.tar.gz"
+        key = f"{folder}/{name}/model.tar.gz"
         with aws_errors():
             c.s3.put_object(Bucket=bucket, Key=key, Body=body)
         return f"s3://{bucket}/{key}"

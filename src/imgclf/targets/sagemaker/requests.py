@@ -111,11 +111,13 @@ def training_definition(
     instance_count: int = 1,
     max_runtime_s: int = 24 * 3600,
     volume_gb: int = 50,
+    model_s3: str | None = None,
 ) -> dict:
     """What a training job is, whether it runs alone (CreateTrainingJob) or as a tuning trial
     (CreateHyperParameterTuningJob's TrainingJobDefinition): image, role, data, output,
     instances, limits, network isolation and the hyperparameters, encoded. Built once here so
-    the two requests cannot drift apart."""
+    the two requests cannot drift apart. `model_s3` (`--init-from`): the model.tar.gz the job
+    starts from, as a `model` channel (`model_channel`)."""
     from imgclf.contract import COMBINED_CHANNEL, TORCH_DISTRIBUTED_KEY
 
     hps = dict(hyperparameters)
@@ -141,7 +143,8 @@ def training_definition(
                     }
                 },
                 "InputMode": "File",
-            }
+            },
+            *([model_channel(model_s3)] if model_s3 else []),
         ],
         "OutputDataConfig": {"S3OutputPath": output_s3},
         "ResourceConfig": {
@@ -152,6 +155,29 @@ def training_definition(
         "StoppingCondition": {"MaxRuntimeInSeconds": max_runtime_s},
         # Weights are baked into the image at build time: the job needs no network.
         "EnableNetworkIsolation": True,
+    }
+
+
+def model_channel(model_s3: str) -> dict:
+    """The `model` channel of incremental training, as SageMaker's built-in algorithms take it:
+    the model.tar.gz, downloaded whole (File mode, every instance) into
+    /opt/ml/input/data/model/, where the training program unpacks and checks it."""
+    from imgclf.contract import MODEL_CHANNEL, MODEL_CHANNEL_CONTENT_TYPE
+
+    if not model_s3.startswith("s3://") or len(model_s3) <= len("s3://"):
+        raise UserError(f"--init-from {model_s3!r}: give s3://BUCKET/KEY of a model.tar.gz")
+    return {
+        "ChannelName": MODEL_CHANNEL,
+        "DataSource": {
+            "S3DataSource": {
+                "S3DataType": "S3Prefix",
+                "S3Uri": model_s3,
+                "S3DataDistributionType": "FullyReplicated",
+            }
+        },
+        "ContentType": MODEL_CHANNEL_CONTENT_TYPE,
+        "CompressionType": "None",
+        "InputMode": "File",
     }
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from imgclf.contract import BEST_FILE, TUNING_NAME_MAX_LENGTH, check_name
+from imgclf.contract import BEST_FILE, MODEL_CHANNEL, TUNING_NAME_MAX_LENGTH, check_name
 from imgclf.errors import UserError
 from imgclf.targets import sagemaker as sm
 from imgclf.targets.base import (
@@ -23,6 +23,15 @@ from imgclf.util import new_job_name, plain_dir, write_json
 
 CONSOLE = "https://console.aws.amazon.com/sagemaker/home#/jobs/"
 TRIAL_HEADER = ("training job", "status")  # then the metric, then the hyperparameters
+
+
+def _starts_from(channels: list[dict]) -> list[str]:
+    """`  starts from s3://…` where the request has a `model` channel (`--init-from`)."""
+    return [
+        f"  starts from {ch['DataSource']['S3DataSource']['S3Uri']} (channel {ch['ChannelName']})"
+        for ch in channels
+        if ch["ChannelName"] == MODEL_CHANNEL
+    ]
 
 
 class SageMakerTarget:
@@ -48,11 +57,13 @@ class SageMakerTarget:
             data=data,
             hyperparameters=request.hyperparameters,
             job_name=name,
+            init_from=request.init_from,
         )
         resources = sent["ResourceConfig"]
         details = (
             f"training job {name} created: {resources['InstanceCount']} x "
             f"{resources['InstanceType']}, image {sent['AlgorithmSpecification']['TrainingImage']}",
+            *_starts_from(sent["InputDataConfig"]),
             f"  console: {CONSOLE}{name}",
         )
         if not self.options.wait:
@@ -89,10 +100,19 @@ class SageMakerTarget:
             request.job_name or new_job_name("tune")[:TUNING_NAME_MAX_LENGTH],
             max_length=TUNING_NAME_MAX_LENGTH,
         )
-        sm.start_tuning(self.c, self.options, space, data=request.data, job_name=name)
+        sent = sm.start_tuning(
+            self.c,
+            self.options,
+            space,
+            data=request.data,
+            job_name=name,
+            init_from=request.init_from,
+        )
         print(
             f"tuning job {name} created: {space.max_trials} trials, {space.parallel_trials} at "
             f"once, {space.strategy}, {space.direction} {space.metric}",
+            *_starts_from(sent["TrainingJobDefinition"]["InputDataConfig"]),
+            sep="\n",
             flush=True,
         )
         if not self.options.wait:
