@@ -35,14 +35,17 @@ _INTERNAL = protocol.error_body(
 )
 
 
-def mark_loaded(folder: str | None) -> None:
+def mark_loaded(folder: str | None, model: str = "") -> None:
     """Tell serve this worker can answer now: a file named by our pid, holding our start time
-    (processes.process_start), in `folder`. MMS's own READY comes before the model is loaded."""
+    (processes.process_start) and the name MMS registered our model under (two models are
+    registered while serve swaps one for the other), in `folder`. MMS's own READY comes before
+    the model is loaded."""
     if not folder:
         return
     pid = os.getpid()
+    mark = (processes.process_start(pid) or "") + (f"\n{model}" if model else "")
     try:
-        util.atomic_write(Path(folder) / str(pid), processes.process_start(pid) or "")
+        util.atomic_write(Path(folder) / str(pid), mark)
     except OSError as exc:
         # Unmarked, this worker would never count as ready: fail its load instead, so that
         # MMS starts another and serve's restart rules apply.
@@ -81,7 +84,7 @@ class HandlerService:
             # softmax, top-k) is tiny, and idle OpenMP threads spinning would take CPU from it.
             torch.set_num_threads(1)
         log.info("model loaded from %s on %s (%s)", model_dir, device, self.loaded.forward.runtime)
-        mark_loaded(os.environ.get(WORKER_LOADED_DIR_ENV))
+        mark_loaded(os.environ.get(WORKER_LOADED_DIR_ENV), context.model_name)
 
     def handle(self, data, context):
         if data is None:

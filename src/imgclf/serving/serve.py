@@ -37,7 +37,7 @@ from pathlib import Path
 from imgclf.contract import SERVE_STATE_FILE_ENV
 from imgclf.processes import lead_own_group
 from imgclf.serving import front
-from imgclf.serving.mms import ModelServer
+from imgclf.serving.mms import MODEL_NAME, ModelServer
 from imgclf.serving.settings import Settings, SettingsError, read_settings
 from imgclf.util import write_json
 
@@ -66,6 +66,50 @@ def preflight(model_dir: Path, *, cpu_runtime: str = "auto") -> None:
         loaded.preprocess,
         loaded.num_classes,
     )
+
+
+# `preflight` in a child process (a swap's new model): its reason on stdout's last line.
+PREFLIGHT_CHILD = (
+    "import sys; from imgclf.serving.serve import preflight_child; "
+    "sys.exit(preflight_child(sys.argv[1], sys.argv[2]))"
+)
+
+
+def preflight_child(model_dir: str, cpu_runtime: str) -> int:
+    """PREFLIGHT_CHILD's body: 0, or 1 with the reason as the last line on stdout."""
+    try:
+        preflight(Path(model_dir), cpu_runtime=cpu_runtime)
+    except Exception as exc:
+        print(reason(exc), flush=True)
+        return 1
+    return 0
+
+
+def preflight_in_child(
+    model_dir: Path, *, cpu_runtime: str, environ: dict[str, str], timeout_s: float
+) -> None:
+    """`preflight` of a model swapped into a running endpoint, in a child process: its load and
+    ONNX export hold the GIL for seconds (the front would stall) and a model that crashes its
+    loader must not take serve with it. RuntimeError with the reason in one line."""
+    env = {k: v for k, v in environ.items() if not k.startswith("AWS_")}
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", PREFLIGHT_CHILD, str(model_dir), cpu_runtime],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,  # the reason; its warnings go to serve's log
+            text=True,
+            errors="replace",
+            timeout=timeout_s,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"its check did not finish in {timeout_s:.0f} s") from None
+    if proc.returncode < 0:
+        raise RuntimeError(f"its check was killed by signal {-proc.returncode} (out of memory?)")
+    if proc.returncode:
+        lines = [x for x in proc.stdout.splitlines() if x.strip()]
+        raise RuntimeError(lines[-1][:500] if lines else f"its check exited {proc.returncode}")
 
 
 WATCHDOG = """
@@ -166,18 +210,29 @@ class Supervisor:
 
 class StateFile:
     """`serve`'s state for whoever started it (the launcher's `deploy` waits on it): JSON at
-    contract.SERVE_STATE_FILE_ENV, replaced atomically at each change; nothing when unset."""
+    contract.SERVE_STATE_FILE_ENV, replaced atomically at each change; nothing when unset.
+    {"state", "reason", "pid"}, and where models can be swapped in (Swap) "swap_signal":
+    "SIGHUP" and, after the first, "swap": {"id", "state": loading|done|failed, "reason"}."""
 
     def __init__(self, path: str | None) -> None:
         self.path = Path(path) if path else None
+        self.extra: dict = {}
+        self._last = ("starting", "")
 
     def set(self, state: str, reason: str = "") -> None:
+        self._last = (state, reason)
         if self.path is None:
             return
+        doc = {"state": state, "reason": reason, "pid": os.getpid(), **self.extra}
         try:
-            write_json(self.path, {"state": state, "reason": reason, "pid": os.getpid()})
+            write_json(self.path, doc)
         except OSError as exc:  # the launcher then times out and names the log
             log.warning("cannot write the state file %s: %s", self.path, exc.strerror)
+
+    def update(self, **extra) -> None:
+        """Add to (or replace in) the document, and write it again."""
+        self.extra.update(extra)
+        self.set(*self._last)
 
     def failed(self, message: str, *args) -> int:
         """Log the reason and record it: the exit code 1."""
@@ -186,11 +241,86 @@ class StateFile:
         return 1
 
 
-async def _serve(settings: Settings, server: ModelServer, state: StateFile) -> int:
+class Swap:
+    """A new model for the running endpoint, on SIGHUP (the launcher's `deploy` to a running
+    local endpoint), with the public port open all along: the model staged at
+    `settings.next_model_dir` is copied into the private store beside the served one and
+    preflighted (in a child process) as at start, registered in the same multi-model-server
+    under its own name, and once as many workers as serve runs have loaded it, new requests go
+    to it; the old model is unregistered when MMS holds none of its requests (at most a
+    request's timeout later). A new model that fails any step is removed and the old one
+    serves on. Progress and the reason of a failure go to the state file's "swap"."""
+
+    def __init__(
+        self, settings: Settings, server: ModelServer, state: StateFile, environ: dict[str, str]
+    ) -> None:
+        self.settings, self.server, self.state, self.environ = settings, server, state, environ
+        self.count = 0
+        self.task: asyncio.Task | None = None
+        self.accepting = False  # the endpoint is ready, not stopping
+
+    def requested(self) -> None:
+        """The SIGHUP handler."""
+        if self.settings.next_model_dir is None:
+            log.warning("SIGHUP ignored: this endpoint swaps no models (no next model folder)")
+        elif not self.accepting:
+            log.warning("SIGHUP ignored: the endpoint is not serving (starting or stopping)")
+        elif self.task is not None and not self.task.done():
+            log.warning("SIGHUP ignored: a model swap is under way")
+        else:
+            self.count += 1
+            self.task = asyncio.ensure_future(self.run(self.count))
+
+    async def run(self, n: int) -> None:
+        source = self.settings.next_model_dir
+        assert source is not None
+        name = f"{MODEL_NAME}-{n}"
+        self.state.update(swap={"id": n, "state": "loading", "reason": ""})
+        log.info("model swap %d: loading %s beside the served model", n, source)
+        started = time.monotonic()
+        try:
+            copy = await asyncio.to_thread(self.server.stage, source, name)
+            await asyncio.to_thread(
+                preflight_in_child,
+                copy,
+                cpu_runtime=self.settings.cpu_runtime,
+                environ=self.environ,
+                timeout_s=self.settings.startup_timeout_s,
+            )
+            await self.server.add_model(name, self.settings.startup_timeout_s)
+        except Exception as exc:
+            why = reason(exc).replace(str(self.server.workdir / "store" / name), str(source))
+            log.error("model swap %d failed, the old model serves on: %s", n, why)
+            await self.server.remove_model(name, 0)
+            self.state.update(swap={"id": n, "state": "failed", "reason": why})
+            return
+        old = self.server.switch(name)
+        log.info(
+            "model swap %d: the new model answers (loaded in %.1f s); draining the old one",
+            n,
+            time.monotonic() - started,
+        )
+        drained = await self.server.remove_model(old, self.settings.timeout_s + 5)
+        log.info("model swap %d: done, the old model %s", n, "drained" if drained else "cut off")
+        self.state.update(swap={"id": n, "state": "done", "reason": ""})
+
+    async def cancel(self) -> None:
+        self.accepting = False
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self.task
+
+
+async def _serve(
+    settings: Settings, server: ModelServer, state: StateFile, environ: dict[str, str]
+) -> int:
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
+    swap = Swap(settings, server, state, environ)
+    loop.add_signal_handler(signal.SIGHUP, swap.requested)
     supervisor = Supervisor(settings, server)
     watchdog = start_watchdog()
     server.keep = (watchdog.pid,)
@@ -222,8 +352,12 @@ async def _serve(settings: Settings, server: ModelServer, state: StateFile) -> i
                 settings.port,
                 settings.worker_count,
             )
+            if settings.next_model_dir is not None:
+                state.extra["swap_signal"] = "SIGHUP"  # the launcher may signal from now on
+            swap.accepting = True
             state.set("ready")
             code = await supervisor.watch(stopping)
+        await swap.cancel()
         if code:
             state.set("failed", "multi-model-server kept failing; replace this endpoint")
         else:
@@ -278,7 +412,7 @@ def main(environ=None) -> int:
             return state.failed("cannot serve the model at %s: %s", settings.model_dir, why)
         lead_own_group()
         raise_fd_limit()
-        code = asyncio.run(_serve(settings, server, state))
+        code = asyncio.run(_serve(settings, server, state, environ))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     if code == 0:
