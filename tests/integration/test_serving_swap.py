@@ -130,6 +130,8 @@ def test_a_new_model_that_cannot_load_leaves_the_old_one_serving(endpoint, home,
     assert "\n" not in error and "Traceback" not in error, error
     assert error.startswith(f"error: endpoint swap still serves {serving}; the new model "), error
     assert str(bad) in error
+    why = "model.pt cannot be loaded" if damage == "corrupt weights" else "does not fit resnet18"
+    assert why in error, error  # the worker's own reason, from its mark
     assert top_label(url) == before
     record = endpoints.read_endpoint(home, "swap")
     assert record.model == serving and endpoints.models_served(record) == serving

@@ -179,6 +179,21 @@ def loaded_workers(folder: Path | None, workers: list[int], model: str | None = 
     return loaded
 
 
+def load_failure(folder: Path | None, model: str) -> str | None:
+    """Why a worker could not load `model`, from the marks handler_service.mark_failed leaves
+    in `folder` (None: no worker failed to)."""
+    if folder is None:
+        return None
+    for mark in sorted(folder.glob("*.failed")):
+        try:
+            name, _, why = mark.read_text().partition("\n")
+        except OSError:
+            continue
+        if name == model:
+            return why or "a worker could not load it"
+    return None
+
+
 # ---------------------------------------------------------------- MMS's answers
 
 
@@ -516,6 +531,9 @@ class ModelServer:
             count, _, _ = await self._count(name)
             if count >= self.settings.worker_count:
                 return
+            failed = load_failure(self._loaded_dir, name)
+            if failed:
+                raise RuntimeError(failed)
             await asyncio.sleep(0.25)
         raise RuntimeError(f"its workers did not load it within {timeout_s:.0f} s")
 

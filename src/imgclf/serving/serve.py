@@ -50,15 +50,10 @@ def preflight(model_dir: Path, *, cpu_runtime: str = "auto") -> None:
     """Load the model and predict once on a blank image, in this process, before MMS starts:
     a broken artifact (or an unknown runtime) fails the endpoint's creation instead of
     answering 500s."""
-    from PIL import Image
-
     from imgclf.serving import inference
 
     loaded = inference.model_fn(model_dir, cpu_runtime=cpu_runtime)
-    size = loaded.preprocess.resize_size
-    probs = inference.predict_fn([Image.new("RGB", (size, size))], loaded)
-    if probs.shape != (1, loaded.num_classes) or not bool(probs.isfinite().all()):
-        raise RuntimeError(f"the model's output is {tuple(probs.shape)} or not finite")
+    inference.check_prediction(loaded)
     log.info(
         "model at %s loads and predicts on %s: %s, %d classes",
         model_dir,
@@ -66,50 +61,6 @@ def preflight(model_dir: Path, *, cpu_runtime: str = "auto") -> None:
         loaded.preprocess,
         loaded.num_classes,
     )
-
-
-# `preflight` in a child process (a swap's new model): its reason on stdout's last line.
-PREFLIGHT_CHILD = (
-    "import sys; from imgclf.serving.serve import preflight_child; "
-    "sys.exit(preflight_child(sys.argv[1], sys.argv[2]))"
-)
-
-
-def preflight_child(model_dir: str, cpu_runtime: str) -> int:
-    """PREFLIGHT_CHILD's body: 0, or 1 with the reason as the last line on stdout."""
-    try:
-        preflight(Path(model_dir), cpu_runtime=cpu_runtime)
-    except Exception as exc:
-        print(reason(exc), flush=True)
-        return 1
-    return 0
-
-
-def preflight_in_child(
-    model_dir: Path, *, cpu_runtime: str, environ: dict[str, str], timeout_s: float
-) -> None:
-    """`preflight` of a model swapped into a running endpoint, in a child process: its load and
-    ONNX export hold the GIL for seconds (the front would stall) and a model that crashes its
-    loader must not take serve with it. RuntimeError with the reason in one line."""
-    env = {k: v for k, v in environ.items() if not k.startswith("AWS_")}
-    try:
-        proc = subprocess.run(
-            [sys.executable, "-c", PREFLIGHT_CHILD, str(model_dir), cpu_runtime],
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,  # the reason; its warnings go to serve's log
-            text=True,
-            errors="replace",
-            timeout=timeout_s,
-            check=False,
-        )
-    except subprocess.TimeoutExpired:
-        raise RuntimeError(f"its check did not finish in {timeout_s:.0f} s") from None
-    if proc.returncode < 0:
-        raise RuntimeError(f"its check was killed by signal {-proc.returncode} (out of memory?)")
-    if proc.returncode:
-        lines = [x for x in proc.stdout.splitlines() if x.strip()]
-        raise RuntimeError(lines[-1][:500] if lines else f"its check exited {proc.returncode}")
 
 
 WATCHDOG = """
@@ -244,17 +195,18 @@ class StateFile:
 class Swap:
     """A new model for the running endpoint, on SIGHUP (the launcher's `deploy` to a running
     local endpoint), with the public port open all along: the model staged at
-    `settings.next_model_dir` is copied into the private store beside the served one and
-    preflighted (in a child process) as at start, registered in the same multi-model-server
-    under its own name, and once as many workers as serve runs have loaded it, new requests go
-    to it; the old model is unregistered when MMS holds none of its requests (at most a
-    request's timeout later). A new model that fails any step is removed and the old one
-    serves on. Progress and the reason of a failure go to the state file's "swap"."""
+    `settings.next_model_dir` is copied into the private store beside the served one (the
+    checks of `private_store`, as at start), registered in the same multi-model-server under
+    its own name, and once as many workers as serve runs have loaded it (each load is the
+    preflight's: weights, network, runtime with its ONNX parity probe, one prediction), new
+    requests go to it; the old model is unregistered when MMS holds none of its requests (at
+    most a request's timeout later). A worker that cannot load the new model says why in its
+    mark (mms.load_failure): it is removed and the old one serves on. Progress and the reason
+    of a failure go to the state file's "swap". (A separate preflight, as at start, would load
+    and export the model once more: 19 s more for a ResNet-50 on 2 CPUs, benchmarks/swap.py.)"""
 
-    def __init__(
-        self, settings: Settings, server: ModelServer, state: StateFile, environ: dict[str, str]
-    ) -> None:
-        self.settings, self.server, self.state, self.environ = settings, server, state, environ
+    def __init__(self, settings: Settings, server: ModelServer, state: StateFile) -> None:
+        self.settings, self.server, self.state = settings, server, state
         self.count = 0
         self.task: asyncio.Task | None = None
         self.accepting = False  # the endpoint is ready, not stopping
@@ -279,14 +231,7 @@ class Swap:
         log.info("model swap %d: loading %s beside the served model", n, source)
         started = time.monotonic()
         try:
-            copy = await asyncio.to_thread(self.server.stage, source, name)
-            await asyncio.to_thread(
-                preflight_in_child,
-                copy,
-                cpu_runtime=self.settings.cpu_runtime,
-                environ=self.environ,
-                timeout_s=self.settings.startup_timeout_s,
-            )
+            await asyncio.to_thread(self.server.stage, source, name)
             await self.server.add_model(name, self.settings.startup_timeout_s)
         except Exception as exc:
             why = reason(exc).replace(str(self.server.workdir / "store" / name), str(source))
@@ -312,14 +257,12 @@ class Swap:
                 await self.task
 
 
-async def _serve(
-    settings: Settings, server: ModelServer, state: StateFile, environ: dict[str, str]
-) -> int:
+async def _serve(settings: Settings, server: ModelServer, state: StateFile) -> int:
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
-    swap = Swap(settings, server, state, environ)
+    swap = Swap(settings, server, state)
     loop.add_signal_handler(signal.SIGHUP, swap.requested)
     supervisor = Supervisor(settings, server)
     watchdog = start_watchdog()
@@ -412,7 +355,7 @@ def main(environ=None) -> int:
             return state.failed("cannot serve the model at %s: %s", settings.model_dir, why)
         lead_own_group()
         raise_fd_limit()
-        code = asyncio.run(_serve(settings, server, state, environ))
+        code = asyncio.run(_serve(settings, server, state))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     if code == 0:

@@ -1,0 +1,133 @@
+"""What a model swap on a running local endpoint costs, two ways: a second model registered in
+the running multi-model-server (what `serve` does, serving.serve.Swap) vs a second MMS started
+beside the first (what ARCHITECTURE.md first sketched).
+
+Run: .venv/bin/python benchmarks/swap.py [--arch resnet50] [--classes 133] [--workers 1]
+Prints, for random-weight models of `--arch`: the first start (MMS and its workers), what a
+separate preflight of the new model would add (the swap makes none: the worker's load is that
+check, see serving.serve.Swap), then the seconds until the new model's workers have loaded it and
+the memory the endpoint's processes hold meanwhile (PSS summed over serve's process group, so
+shared pages count once), for each way. Both ways run under this process, which plays serve
+(the same ModelServer code); nothing else of the machine is measured, so a quiet machine gives
+the fairest numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import torch
+from machine import describe
+
+from imgclf import artifacts, models
+from imgclf.processes import group_members, lead_own_group
+from imgclf.serving import serve
+from imgclf.serving.mms import ModelServer
+from imgclf.serving.settings import read_settings
+
+
+def make_model(path: Path, arch: str, classes: int, seed: int) -> Path:
+    torch.manual_seed(seed)
+    names = [f"{i:03d}.class{i}" for i in range(classes)]
+    artifacts.save_artifact(
+        path,
+        state_dict=models.build_model(arch, classes).state_dict(),
+        labels=[n.split(".", 1)[1] for n in names],
+        config={
+            "arch": arch,
+            "classes": names,
+            "preprocess": models.get_architecture(arch).preprocess(224).to_dict(),
+        },
+    )
+    return path
+
+
+def group_pss_mb() -> float:
+    """PSS of every process in our group (this one included), in MB."""
+    total = 0
+    for pid in group_members(os.getpgid(0)):
+        try:
+            total += psutil.Process(pid).memory_full_info().pss
+        except (psutil.Error, OSError):
+            pass
+    return total / 2**20
+
+
+async def run(args, work: Path) -> list[tuple[str, str]]:
+    old = make_model(work / "old", args.arch, args.classes, 0)
+    new = make_model(work / "new", args.arch, args.classes, 1)
+    environ = {
+        **os.environ,
+        "IMGCLF_MODEL_DIR": str(old),
+        "SAGEMAKER_MODEL_SERVER_WORKERS": str(args.workers),
+    }
+    settings = read_settings(environ)
+    rows = []
+    first = ModelServer(settings, environ, work / "first")
+    (work / "first").mkdir()
+    first.prepare(old)
+    started = time.perf_counter()
+    await first.start(settings.startup_timeout_s)
+    rows.append(
+        ("first start: MMS and its workers loaded", f"{time.perf_counter() - started:.1f} s")
+    )
+    await asyncio.sleep(2)
+    base = group_pss_mb()
+    rows.append(("  memory of the group, one model", f"{base:.0f} MB"))
+    try:
+        copy = first.stage(new, "model-2")
+        started = time.perf_counter()
+        serve.preflight(copy, cpu_runtime=settings.cpu_runtime)
+        took = time.perf_counter() - started
+        rows.append(("a separate preflight, as at start (not done)", f"{took:.1f} s"))
+
+        started = time.perf_counter()
+        await first.add_model("model-2", settings.startup_timeout_s)
+        took = time.perf_counter() - started
+        await asyncio.sleep(2)
+        both = group_pss_mb()
+        rows.append(("A: second model in the same MMS, loaded", f"{took:.1f} s"))
+        rows.append(("  memory added while both are loaded", f"{both - base:+.0f} MB"))
+        await first.remove_model("model-2", 0)
+        await asyncio.sleep(3)
+        rows.append(("  memory after one is removed", f"{group_pss_mb() - base:+.0f} MB"))
+
+        second = ModelServer(settings, environ, work / "second")
+        (work / "second").mkdir()
+        second.prepare(new)
+        second.keep = ()
+        base = group_pss_mb()
+        started = time.perf_counter()
+        await second.start(settings.startup_timeout_s)
+        took = time.perf_counter() - started
+        await asyncio.sleep(2)
+        rows.append(("B: a second MMS, its workers loaded", f"{took:.1f} s"))
+        rows.append(("  memory added while both run", f"{group_pss_mb() - base:+.0f} MB"))
+    finally:
+        await first.stop()  # every process of the group but this one: both MMS
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default="resnet50")
+    parser.add_argument("--classes", type=int, default=133)
+    parser.add_argument("--workers", type=int, default=1)
+    args = parser.parse_args()
+    lead_own_group()
+    with tempfile.TemporaryDirectory(prefix="imgclf-swap-") as tmp:
+        rows = asyncio.run(run(args, Path(tmp)))
+    print(f"{args.arch}, {args.classes} classes, {args.workers} worker(s); {describe()}")
+    width = max(len(r[0]) for r in rows)
+    for label, value in rows:
+        print(f"{label:<{width}}  {value}")
+
+
+if __name__ == "__main__":
+    main()
