@@ -483,6 +483,9 @@ class ModelServer:
             ok, _ = await self.probe(max_age=0)
             if ok and self.ready_count >= self.settings.worker_count:
                 break
+            failed = load_failure(self._loaded_dir, self.model)
+            if failed:  # MMS would retry it, with backoff, for ever
+                raise RuntimeError(f"a worker could not load the model: {failed}")
             await asyncio.sleep(0.25)
         else:
             raise RuntimeError("the model's workers did not start in time")
