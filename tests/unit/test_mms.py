@@ -258,3 +258,15 @@ def test_a_swapped_in_model_has_its_own_name_folder_and_marks(tmp_path):
     assert mms.loaded_workers(tmp_path, [me], "model-2") == [me]
     assert mms.loaded_workers(tmp_path, [me], mms.MODEL_NAME) == []
     assert mms.loaded_workers(tmp_path, [me]) == [me]  # any model's
+
+
+def test_a_worker_that_cannot_load_its_model_leaves_the_reason_for_serve(tmp_path):
+    """MMS retries a failed load with backoff for ever and logs it in Java's words: serve reads
+    the worker's own reason, for that model only, and stops waiting."""
+    handler_service.mark_failed(str(tmp_path), "model-3", ValueError("model.pt: bad\nmore"))
+    assert mms.load_failure(tmp_path, "model-3") == "model.pt: bad"
+    assert mms.load_failure(tmp_path, mms.MODEL_NAME) is None
+    assert mms.load_failure(None, "model-3") is None
+    handler_service.mark_failed(str(tmp_path), "model-4", MemoryError())
+    assert mms.load_failure(tmp_path, "model-4") == "MemoryError"
+    handler_service.mark_failed(None, "model-4", MemoryError())  # unset: nothing to write
