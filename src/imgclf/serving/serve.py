@@ -51,9 +51,10 @@ def preflight(model_dir: Path, *, cpu_runtime: str = "auto") -> None:
     a broken artifact (or an unknown runtime) fails the endpoint's creation instead of
     answering 500s. With `auto` the network runs on eager PyTorch here: the ONNX export and
     its parity probe are made once, by each worker (a failed one falls back to PyTorch there,
-    as it would here), instead of once more in this process (about 2.5 s of a ResNet-50's cold
-    start on 2 CPUs, benchmarks/startup.py). An explicit `onnxruntime` is exported here too, so
-    a model that cannot run on it fails the start with the reason."""
+    as it would here), instead of once more in this process (imports and preflight went from
+    11.6 s to 4.8 s for a ResNet-50 on 2 busy CPUs, benchmarks/startup.py). An explicit
+    `onnxruntime` is exported here too, so a model that cannot run on it fails the start with
+    the reason."""
     from imgclf.serving import inference, runtime
 
     # The choice is checked (an unknown one, or onnxruntime not installed) before any load.
@@ -219,7 +220,7 @@ class Swap:
     most a request's timeout later). A worker that cannot load the new model says why in its
     mark (mms.load_failure): it is removed and the old one serves on. Progress and the reason
     of a failure go to the state file's "swap". (A separate preflight, as at start, would load
-    and export the model once more: 19 s more for a ResNet-50 on 2 CPUs, benchmarks/swap.py.)"""
+    and export the model once more: 2.5 to 19 s for a ResNet-50 on 2 CPUs, benchmarks/swap.py.)"""
 
     def __init__(self, settings: Settings, server: ModelServer, state: StateFile) -> None:
         self.settings, self.server, self.state = settings, server, state
