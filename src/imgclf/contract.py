@@ -48,6 +48,9 @@ SERVE_SUBMIT_DIRECTORY_ENV = "SAGEMAKER_SUBMIT_DIRECTORY"
 # Written by the launcher into an asynchronous endpoint's model: async limits (serving.settings).
 SERVE_ASYNC_ENV = "IMGCLF_ASYNC"
 SERVE_MODEL_DIR_ENV = "IMGCLF_MODEL_DIR"
+# Where the launcher stages a model for a running local endpoint before it sends `serve`
+# SIGHUP (serve.Swap); unset (a container): `serve` swaps nothing and ignores SIGHUP.
+SERVE_NEXT_MODEL_DIR_ENV = "IMGCLF_NEXT_MODEL_DIR"
 SERVE_BIND_HOST_ENV = "IMGCLF_BIND_HOST"  # 0.0.0.0 in a container; 127.0.0.1 locally
 SERVE_HANDLER_ENV = "IMGCLF_MMS_HANDLER"  # another MMS service module (A/B benchmarks)
 SERVE_DRAIN_ENV = "IMGCLF_DRAIN_SECONDS"

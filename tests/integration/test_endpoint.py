@@ -207,7 +207,8 @@ def test_launcher_lists_and_invokes_the_endpoint(endpoint, home, tiny_digits):
     # deploy returned on serve's own word: the state file it keeps says ready, with its pid
     record = json.loads((home / "endpoints" / "ep" / "endpoint.json").read_text())
     state = json.loads((home / "endpoints" / "ep" / "state.json").read_text())
-    assert state == {"state": "ready", "reason": "", "pid": record["pid"]}
+    # ... and that it takes a new model on SIGHUP (`deploy` to its name: test_serving_swap.py)
+    assert state == {"state": "ready", "reason": "", "pid": record["pid"], "swap_signal": "SIGHUP"}
     # The light verbs answer a live endpoint without importing torch.
     listed, imported = launch_imports("endpoints", home=home)
     assert "torch" not in imported, "launch.py endpoints imports torch"

@@ -121,3 +121,47 @@ def test_an_endpoint_folder_placed_as_a_link_is_neither_followed_nor_deleted(tmp
     assert proc.returncode == 2 and "symbolic link" in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     assert listed.returncode == 0 and "symbolic link" in listed.stderr
+
+
+@pytest.mark.parametrize(
+    ("state", "said"),
+    [
+        ({"state": "ready", "pid": 1}, "started by an imgclf that cannot swap models"),
+        ({"state": "starting", "swap_signal": "SIGHUP"}, "its serve is starting"),
+    ],
+    ids=["older-serve", "not-ready"],
+)
+def test_a_swap_is_never_signalled_to_a_serve_that_did_not_offer_one(
+    tmp_path, sleeper, state, said
+):
+    """SIGHUP's default action ends a process: `deploy` to a running endpoint signals only a
+    serve that wrote, when ready, that it takes a new model on SIGHUP."""
+    home = tmp_path / "home"
+    start, boot = process_start(sleeper.pid), boot_id()
+    folder = write_record(home, "ep", pid=sleeper.pid, start=start, boot=boot)
+    (folder / "state.json").write_text(json.dumps(state))
+    proc = run_launch("deploy", "--model", str(tmp_path), "--name", "ep", home=home)
+    assert still_running(sleeper), "deploy signalled a serve that cannot swap"
+    assert proc.returncode == 2 and said in proc.stderr, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "delete ep" in proc.stderr
+    assert json.loads((folder / "endpoint.json").read_text()).get("next_model") is None
+
+
+@pytest.mark.parametrize(
+    ("swap", "shown"),
+    [
+        ({"id": 2, "state": "loading"}, "old -> new (swapping)"),
+        ({"id": 2, "state": "done"}, "new"),  # finished after the deploy stopped waiting
+        ({"id": 2, "state": "failed", "reason": "x"}, "old"),
+        (None, "old"),
+    ],
+)
+def test_endpoints_shows_both_models_while_a_swap_is_under_way(tmp_path, swap, shown):
+    from imgclf.targets import endpoints
+
+    home = tmp_path / "home"
+    folder = write_record(home, "ep", model="old", next_model="new")
+    (folder / "state.json").write_text(json.dumps({"state": "ready", "swap": swap}))
+    assert endpoints.models_served(endpoints.read_endpoint(home, "ep")) == shown
+    write_record(home, "other", model="old")
+    assert endpoints.models_served(endpoints.read_endpoint(home, "other")) == "old"

@@ -238,3 +238,35 @@ def test_the_process_group_is_read_when_used(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "True", out.stderr
+
+
+def test_a_swapped_in_model_has_its_own_name_folder_and_marks(tmp_path):
+    """While serve swaps models two are registered in one MMS: each has its own folder in the
+    store, its own predictions path, and its workers' marks name it, so the one still loading
+    is never counted as ready by the other's marks."""
+    settings = read_settings({"IMGCLF_MODEL_DIR": str(tmp_path / "model")})
+    query = parse_qs(urlsplit(mms.registration_path(settings, "model-2")).query)
+    assert query["url"] == ["model-2"] and query["model_name"] == ["model-2"]
+    assert mms.predict_path("model-2") == "/predictions/model-2"
+    assert mms.predict_path(mms.MODEL_NAME) == mms.PREDICT_PATH
+    model = tmp_path / "artifact"
+    model.mkdir()
+    (model / "labels.json").write_text("[]")
+    assert mms.private_store(model, tmp_path / "store", "model-2") == tmp_path / "store/model-2"
+    handler_service.mark_loaded(str(tmp_path), "model-2")
+    me = os.getpid()
+    assert mms.loaded_workers(tmp_path, [me], "model-2") == [me]
+    assert mms.loaded_workers(tmp_path, [me], mms.MODEL_NAME) == []
+    assert mms.loaded_workers(tmp_path, [me]) == [me]  # any model's
+
+
+def test_a_worker_that_cannot_load_its_model_leaves_the_reason_for_serve(tmp_path):
+    """MMS retries a failed load with backoff for ever and logs it in Java's words: serve reads
+    the worker's own reason, for that model only, and stops waiting."""
+    handler_service.mark_failed(str(tmp_path), "model-3", ValueError("model.pt: bad\nmore"))
+    assert mms.load_failure(tmp_path, "model-3") == "model.pt: bad"
+    assert mms.load_failure(tmp_path, mms.MODEL_NAME) is None
+    assert mms.load_failure(None, "model-3") is None
+    handler_service.mark_failed(str(tmp_path), "model-4", MemoryError())
+    assert mms.load_failure(tmp_path, "model-4") == "MemoryError"
+    handler_service.mark_failed(None, "model-4", MemoryError())  # unset: nothing to write

@@ -35,19 +35,34 @@ _INTERNAL = protocol.error_body(
 )
 
 
-def mark_loaded(folder: str | None) -> None:
+def mark_loaded(folder: str | None, model: str = "") -> None:
     """Tell serve this worker can answer now: a file named by our pid, holding our start time
-    (processes.process_start), in `folder`. MMS's own READY comes before the model is loaded."""
+    (processes.process_start) and the name MMS registered our model under (two models are
+    registered while serve swaps one for the other), in `folder`. MMS's own READY comes before
+    the model is loaded."""
     if not folder:
         return
     pid = os.getpid()
+    mark = (processes.process_start(pid) or "") + (f"\n{model}" if model else "")
     try:
-        util.atomic_write(Path(folder) / str(pid), processes.process_start(pid) or "")
+        util.atomic_write(Path(folder) / str(pid), mark)
     except OSError as exc:
         # Unmarked, this worker would never count as ready: fail its load instead, so that
         # MMS starts another and serve's restart rules apply.
         log.error("cannot mark this worker loaded in %s: %s", folder, exc.strerror)
         raise RuntimeError(f"cannot mark this worker loaded: {exc.strerror}") from None
+
+
+def mark_failed(folder: str | None, model: str, exc: BaseException) -> None:
+    """Tell serve why this worker could not load `model` (serve stops waiting for it and says
+    so): `<pid>.failed` in `folder`, the model's name, then the reason in one line."""
+    if not folder:
+        return
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    try:
+        util.atomic_write(Path(folder) / f"{os.getpid()}.failed", f"{model}\n{text[:500]}")
+    except OSError as err:
+        log.error("cannot leave the load's failure in %s: %s", folder, err.strerror)
 
 
 class HandlerService:
@@ -59,6 +74,13 @@ class HandlerService:
         self._pool: ThreadPoolExecutor | None = None  # decodes a batch's requests side by side
 
     def initialize(self, context) -> None:
+        try:
+            self._initialize(context)
+        except Exception as exc:
+            mark_failed(os.environ.get(WORKER_LOADED_DIR_ENV), context.model_name, exc)
+            raise
+
+    def _initialize(self, context) -> None:
         self.settings = read_settings(os.environ)
         workers = int(os.environ.get(MMS_WORKERS_ENV, "1"))
         threads = inference.torch_threads(workers)
@@ -80,8 +102,9 @@ class HandlerService:
             # ONNX Runtime has its own threads; what is left for torch (stacking crops,
             # softmax, top-k) is tiny, and idle OpenMP threads spinning would take CPU from it.
             torch.set_num_threads(1)
+        inference.check_prediction(self.loaded)  # as serve's preflight does
         log.info("model loaded from %s on %s (%s)", model_dir, device, self.loaded.forward.runtime)
-        mark_loaded(os.environ.get(WORKER_LOADED_DIR_ENV))
+        mark_loaded(os.environ.get(WORKER_LOADED_DIR_ENV), context.model_name)
 
     def handle(self, data, context):
         if data is None:

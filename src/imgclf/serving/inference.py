@@ -354,6 +354,15 @@ def predict_fn(images: list[Image.Image], loaded: LoadedModel) -> torch.Tensor:
     return predict_batch(prepare(images, loaded), loaded)
 
 
+def check_prediction(loaded: LoadedModel) -> None:
+    """Predict once on a blank image: RuntimeError when the answer is not one finite row of
+    the model's classes (what `serve` checks before it serves a model, at start or in a swap)."""
+    size = loaded.preprocess.resize_size
+    probs = predict_fn([Image.new("RGB", (size, size))], loaded)
+    if probs.shape != (1, loaded.num_classes) or not bool(probs.isfinite().all()):
+        raise RuntimeError(f"the model's output is {tuple(probs.shape)} or not finite")
+
+
 def confident(
     probs: torch.Tensor, options: Options, thresholds: tuple[float, ...] | None
 ) -> tuple[bool, float]:

@@ -96,14 +96,19 @@ def config_properties(settings: Settings, *, run_dir: Path, model_store: Path) -
     return "".join(f"{k}={v}\n" for k, v in props.items())
 
 
-def registration_path(settings: Settings) -> str:
+def predict_path(name: str) -> str:
+    """Where a registered model answers (MMS's /invocations is its start-up model's only)."""
+    return f"/predictions/{name}"
+
+
+def registration_path(settings: Settings, name: str = MODEL_NAME) -> str:
     """The management API call that loads the model: our handler named explicitly (a manifest
     could name another), with batching (a start-up model gets batch size 1). The response
     timeout is the config file's seconds key (the API's is in minutes); not synchronous:
     the supervisor polls the workers."""
     query = {
-        "url": MODEL_NAME,
-        "model_name": MODEL_NAME,
+        "url": name,  # the folder of that name in the private model store
+        "model_name": name,
         "handler": settings.handler,
         "runtime": "python",  # the worker's own interpreter (a manifest could name another)
         "batch_size": settings.batch_size,
@@ -114,12 +119,13 @@ def registration_path(settings: Settings) -> str:
     return "/models?" + urllib.parse.urlencode(query)
 
 
-def private_store(model_dir: Path, root: Path) -> Path:
+def private_store(model_dir: Path, root: Path, name: str = MODEL_NAME) -> Path:
     """A model store for MMS holding a copy of the artifact's own files and nothing else (a
     model folder can hold a Python package, a MAR-INF manifest, links: none of it reaches MMS).
-    Returns the folder the model was copied to (`root/model`). Only regular files are copied,
-    never through a symbolic link; a missing file is left for the artifact's loader to name."""
-    target = root / MODEL_NAME
+    Returns the folder the model was copied to (`root/name`: a swapped-in model is a second
+    folder beside the first). Only regular files are copied, never through a symbolic link; a
+    missing file is left for the artifact's loader to name."""
+    target = root / name
     target.mkdir(parents=True, mode=0o700)
     for name in ARTIFACT_FILES:
         try:
@@ -155,9 +161,10 @@ def ready_workers(doc) -> int:
     return sum(1 for w in doc.get("workers", []) if w.get("status") == "READY")
 
 
-def loaded_workers(folder: Path | None, workers: list[int]) -> list[int]:
+def loaded_workers(folder: Path | None, workers: list[int], model: str | None = None) -> list[int]:
     """The worker processes that marked themselves loaded in `folder` (handler_service.
-    mark_loaded): a file named by the pid, holding the start time of that very process."""
+    mark_loaded): a file named by the pid, holding the start time of that very process and,
+    on its second line, the name of the model it loaded (`model`: only that one's workers)."""
     if folder is None:
         return []
     loaded = []
@@ -166,9 +173,25 @@ def loaded_workers(folder: Path | None, workers: list[int]) -> list[int]:
             mark = (folder / str(pid)).read_text()
         except OSError:
             continue
-        if mark and mark == process_start(pid):
+        start, _, name = mark.partition("\n")
+        if start and start == process_start(pid) and (model is None or name == model):
             loaded.append(pid)
     return loaded
+
+
+def load_failure(folder: Path | None, model: str) -> str | None:
+    """Why a worker could not load `model`, from the marks handler_service.mark_failed leaves
+    in `folder` (None: no worker failed to)."""
+    if folder is None:
+        return None
+    for mark in sorted(folder.glob("*.failed")):
+        try:
+            name, _, why = mark.read_text().partition("\n")
+        except OSError:
+            continue
+        if name == model:
+            return why or "a worker could not load it"
+    return None
 
 
 # ---------------------------------------------------------------- MMS's answers
@@ -368,6 +391,8 @@ class ModelServer:
         self.restarting = True
         self.runs = 0
         self.store: Path | None = None  # the private model store (set by `prepare`)
+        self.model = MODEL_NAME  # the registered model that requests go to
+        self.in_flight: dict[str, int] = {}  # requests MMS holds now, by model
         self._management: Path | None = None
         self._inference: Path | None = None
         self._loaded_dir: Path | None = None
@@ -387,7 +412,15 @@ class ModelServer:
         """Copy the artifact into the private model store; returns the copy's folder (what is
         preflighted and what MMS serves)."""
         self.store = self.workdir / "store"
-        return private_store(model_dir, self.store)
+        return private_store(model_dir, self.store, self.model)
+
+    def stage(self, model_dir: Path, name: str) -> Path:
+        """Copy another artifact into the private store beside the served one, as `prepare`
+        does (a folder of that name left by an earlier failed swap is replaced)."""
+        if self.store is None:
+            raise RuntimeError("prepare() the model store first")
+        shutil.rmtree(self.store / name, ignore_errors=True)
+        return private_store(model_dir, self.store, name)
 
     def _command(self, config: Path) -> list[str]:
         return [
@@ -443,13 +476,16 @@ class ModelServer:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"multi-model-server exited with {self.proc.returncode}")
             if not registered:
-                registered = await self._register()
+                registered = await self._register(self.model)
                 if not registered:
                     await asyncio.sleep(0.25)
                     continue
             ok, _ = await self.probe(max_age=0)
             if ok and self.ready_count >= self.settings.worker_count:
                 break
+            failed = load_failure(self._loaded_dir, self.model)
+            if failed:  # MMS would retry it, with backoff, for ever
+                raise RuntimeError(f"a worker could not load the model: {failed}")
             await asyncio.sleep(0.25)
         else:
             raise RuntimeError("the model's workers did not start in time")
@@ -460,24 +496,74 @@ class ModelServer:
         self.upstream.retarget(self._inference)
         self.restarting = False
 
-    async def _register(self) -> bool:
-        """Register the model; False while the management API is not up yet."""
+    async def _register(self, name: str) -> bool:
+        """Register the model `name` of the store; False while the management API is not up."""
         try:
             status, body = await management(
-                self._management, registration_path(self.settings), 10.0, method="POST"
+                self._management, registration_path(self.settings, name), 10.0, method="POST"
             )
         except (OSError, TimeoutError, ValueError, IndexError, EOFError):
             return False
         if status not in (200, 202, 409):  # 409: registered already (an answer lost)
             raise RuntimeError(f"multi-model-server refused the model ({status}): {body[:300]!r}")
         log.info(
-            "model registered in multi-model-server: handler %s, batch size %d, "
+            "model %s registered in multi-model-server: handler %s, batch size %d, "
             "max batch delay %d ms",
+            name,
             self.settings.handler,
             self.settings.batch_size,
             self.settings.max_batch_delay_ms,
         )
         return True
+
+    # -- a second model beside the first (serve.Swap)
+
+    async def add_model(self, name: str, timeout_s: float) -> None:
+        """Register `name` (staged in the store) beside the served model and return once its
+        workers have loaded it, as `start` does; RuntimeError when they do not in time or the
+        model server restarts meanwhile (it then serves the old model only)."""
+        runs = self.runs
+        if self._loaded_dir is None and self.settings.handler != HANDLER:
+            raise RuntimeError("only imgclf's handler can swap models")
+        if not await self._register(name):
+            raise RuntimeError("the model server does not answer")
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.runs != runs or self.exited():
+                raise RuntimeError("the model server restarted while the new model was loading")
+            count, _, _ = await self._count(name)
+            if count >= self.settings.worker_count:
+                return
+            failed = load_failure(self._loaded_dir, name)
+            if failed:
+                raise RuntimeError(failed)
+            await asyncio.sleep(0.25)
+        raise RuntimeError(f"its workers did not load it within {timeout_s:.0f} s")
+
+    def switch(self, name: str) -> str:
+        """Send every new request to model `name`; returns the one they went to before."""
+        old, self.model = self.model, name
+        self._forget_probe()
+        return old
+
+    async def remove_model(self, name: str, drain_s: float) -> bool:
+        """Unregister `name` once MMS holds none of its requests (waiting up to `drain_s`),
+        and remove its copy from the store. True when it was drained first."""
+        deadline = time.monotonic() + drain_s
+        while self.in_flight.get(name) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        drained = not self.in_flight.get(name)
+        try:
+            status, body = await management(
+                self._management, f"/models/{name}", 30.0, method="DELETE"
+            )
+            if status not in (200, 202, 404):
+                log.warning("multi-model-server kept model %s (%d): %r", name, status, body[:200])
+        except (OSError, TimeoutError, ValueError, IndexError, EOFError) as exc:
+            log.warning("cannot unregister model %s: %s", name, exc)
+        if self.store is not None and name != self.model:
+            shutil.rmtree(self.store / name, ignore_errors=True)
+        return drained
 
     def exited(self) -> bool:
         return self.proc is None or self.proc.poll() is not None
@@ -528,8 +614,16 @@ class ModelServer:
         return await asyncio.shield(self._probe_task)
 
     async def _query(self) -> tuple[bool, str]:
+        count, connected, why = await self._count(self.model)
+        self.ready_count, self.connected_count = count, connected
+        result = (count > 0, why)
+        self._probe = (time.monotonic(), *result)
+        return result
+
+    async def _count(self, name: str) -> tuple[int, int, str]:
+        """Model `name`'s workers: (loaded, connected, why none can answer)."""
         try:
-            status, body = await management(self._management, f"/models/{MODEL_NAME}")
+            status, body = await management(self._management, f"/models/{name}")
             count = ready_workers(json.loads(body)) if status == 200 else 0
             why = "" if count else "no worker has the model loaded"
         except (OSError, TimeoutError, ValueError, IndexError, TypeError, EOFError):
@@ -539,18 +633,15 @@ class ModelServer:
         backends, workers = self._processes()
         self.backend_seen = bool(backends)
         # MMS also calls a worker READY from the moment it connects, before its model is
-        # loaded: only a worker that marked itself loaded can answer now.
+        # loaded: only a worker that marked itself loaded (with this model) can answer now.
         connected = min(count, len(workers))
         if connected and self._loaded_dir is not None:
-            count = min(connected, len(loaded_workers(self._loaded_dir, workers)))
+            count = min(connected, len(loaded_workers(self._loaded_dir, workers, name)))
             why = "" if count else "the model is still loading"
         elif count:
             count = connected
             why = "" if count else "no worker process is alive"
-        self.ready_count, self.connected_count = count, connected
-        result = (count > 0, why)
-        self._probe = (time.monotonic(), *result)
-        return result
+        return count, connected, why
 
     def _processes(self) -> tuple[list[int], list[int]]:
         """(backend processes: children of Java; workers: other model_service_worker ones)."""
@@ -641,11 +732,17 @@ class ModelServer:
                 no_worker = False
                 async with self.upstream.slots:
                     while True:  # MMS restarting: wait for it, within the request's deadline
+                        # The model is read here, at the send: a swap's old model is removed
+                        # once no request it was given is left (remove_model).
+                        name = self.model
+                        self.in_flight[name] = self.in_flight.get(name, 0) + 1
                         try:
-                            return await self.upstream.post(PREDICT_PATH, headers, body)
+                            return await self.upstream.post(predict_path(name), headers, body)
                         except (ConnectionRefusedError, FileNotFoundError):
                             no_worker = True
                             await asyncio.sleep(0.2)
+                        finally:
+                            self.in_flight[name] -= 1
         except TimeoutError:
             if no_worker:
                 raise NoWorkerInTime from None

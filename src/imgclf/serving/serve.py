@@ -37,7 +37,7 @@ from pathlib import Path
 from imgclf.contract import SERVE_STATE_FILE_ENV
 from imgclf.processes import lead_own_group
 from imgclf.serving import front
-from imgclf.serving.mms import ModelServer
+from imgclf.serving.mms import MODEL_NAME, ModelServer
 from imgclf.serving.settings import Settings, SettingsError, read_settings
 from imgclf.util import write_json
 
@@ -49,16 +49,22 @@ BACKEND_GRACE_S = 3.0  # MMS's worker parent gone this long: restart MMS
 def preflight(model_dir: Path, *, cpu_runtime: str = "auto") -> None:
     """Load the model and predict once on a blank image, in this process, before MMS starts:
     a broken artifact (or an unknown runtime) fails the endpoint's creation instead of
-    answering 500s."""
-    from PIL import Image
+    answering 500s. With `auto` the network runs on eager PyTorch here: the ONNX export and
+    its parity probe are made once, by each worker (a failed one falls back to PyTorch there,
+    as it would here), instead of once more in this process (imports and preflight went from
+    11.6 s to 4.8 s for a ResNet-50 on 2 busy CPUs, benchmarks/startup.py). An explicit
+    `onnxruntime` is exported here too, so a model that cannot run on it fails the start with
+    the reason."""
+    from imgclf.serving import inference, runtime
 
-    from imgclf.serving import inference
-
+    # The choice is checked (an unknown one, or onnxruntime not installed) before any load.
+    chosen = runtime.resolve(
+        cpu_runtime, torch_device(), onnxruntime_available=runtime.onnxruntime_installed()
+    )
+    if cpu_runtime == runtime.AUTO and chosen == runtime.ONNXRUNTIME:
+        cpu_runtime = runtime.TORCH
     loaded = inference.model_fn(model_dir, cpu_runtime=cpu_runtime)
-    size = loaded.preprocess.resize_size
-    probs = inference.predict_fn([Image.new("RGB", (size, size))], loaded)
-    if probs.shape != (1, loaded.num_classes) or not bool(probs.isfinite().all()):
-        raise RuntimeError(f"the model's output is {tuple(probs.shape)} or not finite")
+    inference.check_prediction(loaded)
     log.info(
         "model at %s loads and predicts on %s: %s, %d classes",
         model_dir,
@@ -66,6 +72,12 @@ def preflight(model_dir: Path, *, cpu_runtime: str = "auto") -> None:
         loaded.preprocess,
         loaded.num_classes,
     )
+
+
+def torch_device():
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 WATCHDOG = """
@@ -166,18 +178,29 @@ class Supervisor:
 
 class StateFile:
     """`serve`'s state for whoever started it (the launcher's `deploy` waits on it): JSON at
-    contract.SERVE_STATE_FILE_ENV, replaced atomically at each change; nothing when unset."""
+    contract.SERVE_STATE_FILE_ENV, replaced atomically at each change; nothing when unset.
+    {"state", "reason", "pid"}, and where models can be swapped in (Swap) "swap_signal":
+    "SIGHUP" and, after the first, "swap": {"id", "state": loading|done|failed, "reason"}."""
 
     def __init__(self, path: str | None) -> None:
         self.path = Path(path) if path else None
+        self.extra: dict = {}
+        self._last = ("starting", "")
 
     def set(self, state: str, reason: str = "") -> None:
+        self._last = (state, reason)
         if self.path is None:
             return
+        doc = {"state": state, "reason": reason, "pid": os.getpid(), **self.extra}
         try:
-            write_json(self.path, {"state": state, "reason": reason, "pid": os.getpid()})
+            write_json(self.path, doc)
         except OSError as exc:  # the launcher then times out and names the log
             log.warning("cannot write the state file %s: %s", self.path, exc.strerror)
+
+    def update(self, **extra) -> None:
+        """Add to (or replace in) the document, and write it again."""
+        self.extra.update(extra)
+        self.set(*self._last)
 
     def failed(self, message: str, *args) -> int:
         """Log the reason and record it: the exit code 1."""
@@ -186,11 +209,78 @@ class StateFile:
         return 1
 
 
+class Swap:
+    """A new model for the running endpoint, on SIGHUP (the launcher's `deploy` to a running
+    local endpoint), with the public port open all along: the model staged at
+    `settings.next_model_dir` is copied into the private store beside the served one (the
+    checks of `private_store`, as at start), registered in the same multi-model-server under
+    its own name, and once as many workers as serve runs have loaded it (each load is the
+    preflight's: weights, network, runtime with its ONNX parity probe, one prediction), new
+    requests go to it; the old model is unregistered when MMS holds none of its requests (at
+    most a request's timeout later). A worker that cannot load the new model says why in its
+    mark (mms.load_failure): it is removed and the old one serves on. Progress and the reason
+    of a failure go to the state file's "swap". (A separate preflight, as at start, would load
+    and export the model once more: 2.5 to 19 s for a ResNet-50 on 2 CPUs, benchmarks/swap.py.)"""
+
+    def __init__(self, settings: Settings, server: ModelServer, state: StateFile) -> None:
+        self.settings, self.server, self.state = settings, server, state
+        self.count = 0
+        self.task: asyncio.Task | None = None
+        self.accepting = False  # the endpoint is ready, not stopping
+
+    def requested(self) -> None:
+        """The SIGHUP handler."""
+        if self.settings.next_model_dir is None:
+            log.warning("SIGHUP ignored: this endpoint swaps no models (no next model folder)")
+        elif not self.accepting:
+            log.warning("SIGHUP ignored: the endpoint is not serving (starting or stopping)")
+        elif self.task is not None and not self.task.done():
+            log.warning("SIGHUP ignored: a model swap is under way")
+        else:
+            self.count += 1
+            self.task = asyncio.ensure_future(self.run(self.count))
+
+    async def run(self, n: int) -> None:
+        source = self.settings.next_model_dir
+        assert source is not None
+        name = f"{MODEL_NAME}-{n}"
+        self.state.update(swap={"id": n, "state": "loading", "reason": ""})
+        log.info("model swap %d: loading %s beside the served model", n, source)
+        started = time.monotonic()
+        try:
+            await asyncio.to_thread(self.server.stage, source, name)
+            await self.server.add_model(name, self.settings.startup_timeout_s)
+        except Exception as exc:
+            why = reason(exc).replace(str(self.server.workdir / "store" / name), str(source))
+            log.error("model swap %d failed, the old model serves on: %s", n, why)
+            await self.server.remove_model(name, 0)
+            self.state.update(swap={"id": n, "state": "failed", "reason": why})
+            return
+        old = self.server.switch(name)
+        log.info(
+            "model swap %d: the new model answers (loaded in %.1f s); draining the old one",
+            n,
+            time.monotonic() - started,
+        )
+        drained = await self.server.remove_model(old, self.settings.timeout_s + 5)
+        log.info("model swap %d: done, the old model %s", n, "drained" if drained else "cut off")
+        self.state.update(swap={"id": n, "state": "done", "reason": ""})
+
+    async def cancel(self) -> None:
+        self.accepting = False
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self.task
+
+
 async def _serve(settings: Settings, server: ModelServer, state: StateFile) -> int:
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
+    swap = Swap(settings, server, state)
+    loop.add_signal_handler(signal.SIGHUP, swap.requested)
     supervisor = Supervisor(settings, server)
     watchdog = start_watchdog()
     server.keep = (watchdog.pid,)
@@ -222,8 +312,12 @@ async def _serve(settings: Settings, server: ModelServer, state: StateFile) -> i
                 settings.port,
                 settings.worker_count,
             )
+            if settings.next_model_dir is not None:
+                state.extra["swap_signal"] = "SIGHUP"  # the launcher may signal from now on
+            swap.accepting = True
             state.set("ready")
             code = await supervisor.watch(stopping)
+        await swap.cancel()
         if code:
             state.set("failed", "multi-model-server kept failing; replace this endpoint")
         else:
@@ -270,6 +364,7 @@ def main(environ=None) -> int:
         server = ModelServer(settings, environ, workdir)
         try:
             # MMS and the preflight see the same private copy of the artifact's own files.
+            log.info("preflight of the model at %s", settings.model_dir)
             model_dir = settings.model_dir
             model_dir = server.prepare(model_dir)
             preflight(model_dir, cpu_runtime=settings.cpu_runtime)

@@ -38,6 +38,7 @@ from imgclf.contract import (
     SERVE_IDLE_TIMEOUT_ENV,
     SERVE_MAX_CONNECTIONS_ENV,
     SERVE_MODEL_DIR_ENV,
+    SERVE_NEXT_MODEL_DIR_ENV,
     SERVE_RECOVER_ENV,
     SERVE_SUBMIT_DIRECTORY_ENV,
 )
@@ -85,6 +86,7 @@ class Settings:
     """What `serve` runs with. `workers` None: `default_workers()`."""
 
     model_dir: Path = Path(DEFAULT_BASE_DIR) / "model"
+    next_model_dir: Path | None = None  # a model to swap in on SIGHUP (None: no swaps)
     bind_host: str = "0.0.0.0"  # noqa: S104 - the container's port; the launcher sets 127.0.0.1
     port: int = 8080
     workers: int | None = None
@@ -179,6 +181,8 @@ def read_settings(environ) -> Settings:
     refuse_user_code(environ)
     base = Path(environ.get(sagemaker.BASE_PATH_ENV) or DEFAULT_BASE_DIR)
     values: dict = {"model_dir": Path(environ.get(SERVE_MODEL_DIR_ENV) or base / "model")}
+    if environ.get(SERVE_NEXT_MODEL_DIR_ENV):
+        values["next_model_dir"] = Path(environ[SERVE_NEXT_MODEL_DIR_ENV])
     limits: dict = {}
     for name, variable, kind in _NUMBERS:
         raw = environ.get(variable)

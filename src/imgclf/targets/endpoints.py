@@ -27,6 +27,7 @@ from imgclf.contract import (
     BASE_DIR_ENV,
     RESPONSE_FORMAT_ENV,
     SERVE_BIND_HOST_ENV,
+    SERVE_NEXT_MODEL_DIR_ENV,
     SERVE_PORT_ENV,
     SERVE_STATE_FILE_ENV,
     SERVE_WORKERS_ENV,
@@ -45,6 +46,8 @@ from imgclf.util import plain_dir, write_json
 
 READY_TIMEOUT_SECONDS = 300
 STATE_FILE = "state.json"  # what `serve` writes where SERVE_STATE_FILE_ENV says
+NEXT_MODEL = "model-next"  # where `deploy` stages a model for a running serve (swap_model)
+SWAP_LOCK = "swap.lock"  # held (flock) by the `deploy` that swaps the model
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,7 @@ class Endpoint:
     model: str
     start: str | None = None  # `serve`'s start time (processes.process_start) ...
     boot: str | None = None  # ... in this boot (processes.boot_id): with the pid, one process
+    next_model: str | None = None  # the model a `deploy` is swapping in (swap_model)
 
     @property
     def url(self) -> str:
@@ -136,6 +140,7 @@ def read_endpoint(home: Path, name: str) -> Endpoint | None:
         doc["model"],
         _optional_text(doc, "start"),
         _optional_text(doc, "boot"),
+        _optional_text(doc, "next_model"),
     )
 
 
@@ -293,7 +298,7 @@ def deploy(
         raise UserError(f"port {port} is in use; pick another with --port")
     base = endpoint_folder(home, name)
     plain_dir(_endpoints_dir(home), "endpoints folder")
-    base.mkdir()
+    base.mkdir(mode=0o700)  # the staged model and the state file: ours alone
     try:
         unpack_model(Path(model), base / "model")
     except BaseException:
@@ -306,6 +311,7 @@ def deploy(
             SERVE_PORT_ENV: str(port),
             SERVE_BIND_HOST_ENV: "127.0.0.1",
             SERVE_STATE_FILE_ENV: str(base / STATE_FILE),
+            SERVE_NEXT_MODEL_DIR_ENV: str(base / NEXT_MODEL),
             "PYTHONUNBUFFERED": "1",
         }
     )
@@ -361,6 +367,129 @@ def _clear_old(home: Path, name: str) -> None:
         )
     stop_endpoint(existing)  # its orphans, if any; nothing that is not ours
     shutil.rmtree(existing.base, ignore_errors=True)
+
+
+def swap_model(
+    home: Path, endpoint: Endpoint, model: Path, *, timeout: float = READY_TIMEOUT_SECONDS
+) -> Endpoint:
+    """A new model for a running endpoint, its port open all along (serving.serve.Swap does the
+    work): the model is staged at <folder>/model-next as `deploy` lays out the first one,
+    `serve` is sent SIGHUP, and its state file says when the new model answers and the old one
+    is gone, or why the new one was refused; then the old one serves on and this raises a
+    UserError with the reason. The channel is private: a signal only serve's own user can send,
+    and a folder inside the endpoint's own (mode 0700)."""
+    name, base = endpoint.name, endpoint.base
+    new = str(Path(model).resolve())
+    with _swap_lock(base, name):
+        state = read_state(base)
+        if state.get("swap_signal") != "SIGHUP" or state.get("state") != "ready":
+            raise UserError(
+                f"endpoint {name} cannot take a new model while it runs ({_swap_refusal(state)}); "
+                f"`launch.py delete {name}` and deploy again, or pick another --name"
+            )
+        next_dir = base / NEXT_MODEL
+        _remove(next_dir)  # left by a deploy that was interrupted
+        unpack_model(Path(model), next_dir)
+        write_json(_record(home, name), {**endpoint.to_dict(), "next_model": new})
+        failed = "the endpoint stopped first"
+        try:
+            if serve_running(endpoint):
+                os.kill(endpoint.pid, signal.SIGHUP)
+                failed = _wait_swap(endpoint, _swap_id(state), timeout)
+        except BaseException:
+            _remove(next_dir)
+            write_json(_record(home, name), endpoint.to_dict())
+            raise
+        if failed is not None:
+            _remove(next_dir)
+            if not failed.startswith("it did not finish"):  # then serve is still at it
+                write_json(_record(home, name), endpoint.to_dict())
+            raise UserError(
+                f"endpoint {name} still serves {endpoint.model}; the new model {new} was not "
+                f"swapped in: {failed.replace(str(next_dir), new)}"
+            )
+        # The folder holds the model it serves, as after `deploy`.
+        old = base / "model-old"
+        _remove(old)
+        os.rename(base / "model", old)
+        os.rename(next_dir, base / "model")
+        _remove(old)
+        swapped = dataclasses.replace(endpoint, model=new, next_model=None)
+        write_json(_record(home, name), swapped.to_dict())
+    return swapped
+
+
+@contextlib.contextmanager
+def _swap_lock(base: Path, name: str):
+    """One swapping `deploy` per endpoint (flock: released when that deploy dies)."""
+    import fcntl
+
+    fd = os.open(base / SWAP_LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(
+                f"another deploy is swapping the model of endpoint {name}; wait for it"
+            ) from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def _swap_refusal(state: dict) -> str:
+    if state.get("state") != "ready":
+        return f"its serve is {state.get('state') or 'not reporting its state'}"
+    if state.get("swap_signal") != "SIGHUP":
+        return "its serve was started by an imgclf that cannot swap models"
+    return "a model swap is under way"
+
+
+def _swap(state: dict) -> dict:
+    swap = state.get("swap")
+    return swap if isinstance(swap, dict) and isinstance(swap.get("id"), int) else {}
+
+
+def _swap_id(state: dict) -> int:
+    return _swap(state).get("id", 0)
+
+
+def _wait_swap(endpoint: Endpoint, before: int, timeout: float) -> str | None:
+    """None once serve says swap `before + 1` is done; else why it is not."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = read_state(endpoint.base)
+        swap = _swap(state)
+        if swap.get("id", 0) > before and swap.get("state") == "done":
+            return None
+        if swap.get("id", 0) > before and swap.get("state") == "failed":
+            return str(swap.get("reason") or "serve gave no reason; see its log")
+        if not serve_running(endpoint) or state.get("state") != "ready":
+            return f"the endpoint stopped during the swap ({state.get('state') or 'gone'})"
+        time.sleep(0.3)
+    return (
+        f"it did not finish within {timeout:.0f} s (serve goes on with it: `launch.py "
+        f"endpoints` shows when it is done); see {endpoint.log_file}"
+    )
+
+
+def _remove(path: Path) -> None:
+    """A file or link (never what it points at), or a folder and what it holds."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path)
+
+
+def models_served(endpoint: Endpoint) -> str:
+    """The model the endpoint serves; during a swap both, as `endpoints` shows them."""
+    if not endpoint.next_model:
+        return endpoint.model
+    swap = _swap(read_state(endpoint.base))
+    if swap.get("state") == "loading":
+        return f"{endpoint.model} -> {endpoint.next_model} (swapping)"
+    # A deploy that stopped waiting: serve finished after it.
+    return endpoint.next_model if swap.get("state") == "done" else endpoint.model
 
 
 def read_state(base: Path) -> dict:

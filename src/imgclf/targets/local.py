@@ -181,6 +181,9 @@ class LocalTarget:
                 f"{', '.join(sagemaker_only)}: SageMaker endpoint settings; add --target sagemaker "
                 "or drop them"
             )
+        swapped = self._swap(request)
+        if swapped is not None:
+            return swapped
         print(f"starting endpoint {request.name} on 127.0.0.1:{request.port} ...", flush=True)
         if request.docker:
             docker.require_docker()
@@ -205,6 +208,33 @@ class LocalTarget:
             environment=environment,
         )
         return _process_info(endpoint, "healthy")
+
+    def _swap(self, request: DeployRequest) -> EndpointInfo | None:
+        """`deploy` to the name of a running endpoint: its model is swapped with the port open
+        (a process endpoint), or refused saying why (a container); None for a new endpoint."""
+        name = request.name
+        process = endpoints.load_endpoint(self.home, name)
+        if process is not None and endpoints.serve_running(process):
+            if request.docker:
+                raise UserError(
+                    f"endpoint {name} runs as a process, not a container: deploy without "
+                    "--docker to swap its model, or pick another --name"
+                )
+            print(
+                f"swapping the model of endpoint {name} on 127.0.0.1:{process.port} (the port "
+                "stays open; its workers and settings are kept) ...",
+                flush=True,
+            )
+            return _process_info(endpoints.swap_model(self.home, process, Path(request.model)))
+        container = docker.load_container_endpoint(self.home, name)
+        if container is not None and docker.container_running(container.container):
+            raise UserError(
+                f"endpoint {name} runs in a container, whose model is a read-only mount fixed "
+                "when it started: it cannot be swapped in place. Deploy the new model under "
+                f"another --name and move the clients, or `launch.py delete {name}` and deploy "
+                "again (the port closes meanwhile)"
+            )
+        return None
 
     # ------------------------------------------------------------ batch transform
 
@@ -363,7 +393,7 @@ def _process_info(endpoint: endpoints.Endpoint, state: str | None = None) -> End
     return EndpointInfo(
         endpoint.name,
         state=endpoints.endpoint_state(endpoint) if state is None else state,
-        model=endpoint.model,
+        model=endpoints.models_served(endpoint),
         runs_as=f"pid={endpoint.pid}",
         url=endpoint.url,
         log=str(endpoint.log_file),
