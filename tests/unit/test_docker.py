@@ -1,5 +1,6 @@
 """The `--docker` runs of the local target (imgclf.targets.docker): the `docker run` command
-lines for a training job and a serving container, as SageMaker runs the images."""
+lines for a training job and a serving container, as SageMaker runs the images. (The container
+runner that uses them: tests/unit/test_local_target.py; the images run: tests/docker/.)"""
 
 import os
 
@@ -20,28 +21,61 @@ def test_docker_command_mounts_the_job_and_data_as_sagemaker_does(tmp_path, tiny
     assert ("--add-host", "algo-1:127.0.0.1") in pairs  # sagemaker-training waits for algo-1
 
 
+def serve_command(tmp_path, **kw) -> list[str]:
+    return docker.serve_container_command(
+        container="imgclf-endpoint-e",
+        image="imgclf-serve:abc",
+        port=8123,
+        model_dir=tmp_path / "model",
+        state_dir=tmp_path / "state",
+        state_file="state.json",
+        gpus=False,
+        **kw,
+    )
+
+
 def test_serving_container_is_bound_to_loopback_with_the_model_read_only(tmp_path):
-    endpoint = docker.ContainerEndpoint("e", 8123, "imgclf-serve:abc", tmp_path, "m")
-    cmd = docker.serve_container_command(endpoint, tmp_path / "model", workers=2, gpus=False)
+    cmd = serve_command(tmp_path)
     assert cmd[-2:] == ["imgclf-serve:abc", "serve"] and "--user" not in cmd
     pairs = list(zip(cmd, cmd[1:]))
-    assert ("--network", "host") in pairs
+    assert ("--network", "host") in pairs and ("--name", "imgclf-endpoint-e") in pairs
     assert ("-v", f"{tmp_path / 'model'}:/opt/ml/model:ro") in pairs
     assert ("-e", "IMGCLF_BIND_HOST=127.0.0.1") in pairs
     assert ("-e", "SAGEMAKER_BIND_TO_PORT=8123") in pairs
     assert not any(v.startswith("IMGCLF_RESPONSE_FORMAT=") for v in cmd)  # the image's default
+    assert "--gpus" not in cmd
 
 
-def test_serving_container_gets_the_deploys_response_format(tmp_path):
-    """`deploy --docker --response-format vectors` reaches serve inside the container, as the
-    process endpoint's environment and a SageMaker model's Environment carry it."""
-    endpoint = docker.ContainerEndpoint("e", 8123, "imgclf-serve:abc", tmp_path, "m")
-    cmd = docker.serve_container_command(
-        endpoint, tmp_path / "model", gpus=False, response_format="vectors"
-    )
+def test_serving_container_writes_its_state_file_to_its_own_folder_only(tmp_path):
+    """serve's state file is how `deploy` knows a container is ready or why it failed: one
+    writable mount, the endpoint's state folder, and the variable naming the file in it."""
+    cmd = serve_command(tmp_path)
+    mounts = [value for flag, value in zip(cmd, cmd[1:]) if flag == "-v"]
+    assert mounts == [f"{tmp_path / 'model'}:/opt/ml/model:ro", f"{tmp_path / 'state'}:/run/imgclf"]
     pairs = list(zip(cmd, cmd[1:]))
-    assert ("-e", "IMGCLF_RESPONSE_FORMAT=vectors") in pairs
+    assert ("-e", "IMGCLF_STATE_FILE=/run/imgclf/state.json") in pairs
+    assert not any(v.startswith("IMGCLF_NEXT_MODEL_DIR=") for v in cmd)  # swaps nothing
+
+
+def test_serving_container_gets_the_deploys_settings_but_keeps_its_port_and_loopback(tmp_path):
+    """`deploy --docker --response-format vectors` (and a transform's batch settings) reach
+    serve inside the container, as a SageMaker model's Environment carries them; none of them
+    moves it off 127.0.0.1 or its port."""
+    settings = {
+        "IMGCLF_RESPONSE_FORMAT": "vectors",
+        "IMGCLF_BIND_HOST": "0.0.0.0",
+        "SAGEMAKER_BIND_TO_PORT": "80",
+    }
+    cmd = serve_command(tmp_path, environment=settings)
+    values = [value for flag, value in zip(cmd, cmd[1:]) if flag == "-e"]
+    assert "IMGCLF_RESPONSE_FORMAT=vectors" in values
     assert cmd.index("IMGCLF_RESPONSE_FORMAT=vectors") < cmd.index("imgclf-serve:abc")
+    assert [v for v in values if v.startswith("IMGCLF_BIND_HOST=")][-1] == (
+        "IMGCLF_BIND_HOST=127.0.0.1"
+    )
+    assert [v for v in values if v.startswith("SAGEMAKER_BIND_TO_PORT=")] == [
+        "SAGEMAKER_BIND_TO_PORT=8123"
+    ]
 
 
 def test_docker_without_an_engine_is_a_clear_error(tmp_path, tiny_digits):
@@ -61,9 +95,8 @@ def test_local_containers_drop_every_capability_and_cannot_gain_any(tmp_path, ti
     """Still root, as SageMaker runs images; training gets back only DAC_OVERRIDE (root writes
     into the job dir, owned by the host user), serving nothing."""
     job = jobs.prepare_job(tmp_path, "j", data_dir=tiny_digits, hyperparameters={}, link_data=False)
-    endpoint = docker.ContainerEndpoint("e", 8123, "imgclf-serve:abc", tmp_path, "m")
     train = docker.docker_command(job, "imgclf-train:abc", gpus=True)
-    serve = docker.serve_container_command(endpoint, tmp_path / "model", gpus=False)
+    serve = serve_command(tmp_path)
     for cmd, added in ((train, ["DAC_OVERRIDE"]), (serve, [])):
         image = cmd.index(cmd[-2])
         pairs = list(zip(cmd[:image], cmd[1:image]))

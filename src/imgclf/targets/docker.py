@@ -1,41 +1,22 @@
-"""Everything the local target runs under Docker: a training job as `docker run` of the training
-image over its job dir, and endpoints as the serving image (`deploy --docker IMAGE`), both as
-SageMaker runs them."""
+"""Everything the local target runs under Docker, as SageMaker runs the images: a training job as
+`docker run` of the training image over its job dir, and the command lines of a serving container
+(`deploy --docker IMAGE`; targets.runners.ContainerRunner runs them)."""
 
 from __future__ import annotations
 
-import dataclasses
-import os
 import shutil
 import subprocess
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from imgclf.contract import (
     COMBINED_CHANNEL,
     MODEL_CHANNEL,
-    RESPONSE_FORMAT_ENV,
     SERVE_BIND_HOST_ENV,
     SERVE_PORT_ENV,
-    SERVE_WORKERS_ENV,
-    check_name,
+    SERVE_STATE_FILE_ENV,
 )
 from imgclf.errors import UserError
 from imgclf.jobs import HOST, LocalJob
-from imgclf.targets.endpoints import (
-    READY_TIMEOUT_SECONDS,
-    BadRecord,
-    drop_unreadable,
-    load_endpoint,
-    ping,
-    port_free,
-    read_record,
-    record_names,
-    unpack_model,
-    warn,
-)
-from imgclf.util import plain_dir, write_json
 
 # Every local container drops all capabilities and cannot gain any (setuid binaries, file
 # capabilities), while still running as root as SageMaker runs images. What a command adds
@@ -108,225 +89,95 @@ def require_docker() -> None:
         )
 
 
-# ---------------------------------------------------------------- endpoints
+# ---------------------------------------------------------------- serving containers
 
-CONTAINER_PREFIX = "imgclf-endpoint-"
-
-
-@dataclass(frozen=True)
-class ContainerEndpoint:
-    """A local endpoint run by the serving image (`deploy --docker IMAGE`): host network, bound
-    to 127.0.0.1, the model read-only at /opt/ml/model, as root as SageMaker runs it."""
-
-    name: str
-    port: int
-    image: str
-    base: Path
-    model: str
-
-    @property
-    def container(self) -> str:
-        return CONTAINER_PREFIX + self.name
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def to_dict(self) -> dict:
-        return {**dataclasses.asdict(self), "base": str(self.base)}
-
-
-def _containers_dir(home: Path) -> Path:
-    return home / "endpoints-docker"
-
-
-def read_container_endpoint(home: Path, name: str) -> ContainerEndpoint | None:
-    """The container endpoint's record; None when there is none; BadRecord when unusable."""
-    folder = _containers_dir(home) / check_name("endpoint", name)
-    doc = read_record(
-        folder, "container.json", {"name": str, "port": int, "image": str, "model": str}
-    )
-    if doc is None:
-        return None
-    return ContainerEndpoint(name, doc["port"], doc["image"], folder, doc["model"])
-
-
-def load_container_endpoint(home: Path, name: str) -> ContainerEndpoint | None:
-    """The container endpoint's record, or None (with a warning naming an unusable file)."""
-    try:
-        return read_container_endpoint(home, name)
-    except BadRecord as exc:
-        warn(f"skipping endpoint {name}: {exc}")
-        return None
-
-
-def list_container_endpoints(home: Path) -> list[ContainerEndpoint]:
-    found = (load_container_endpoint(home, n) for n in record_names(_containers_dir(home)))
-    return [e for e in found if e is not None]
-
-
-def container_running(container: str) -> bool:
-    probe = subprocess.run(
-        ["docker", "inspect", "--format", "{{.State.Running}}", container],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    return probe.returncode == 0 and probe.stdout.strip() == "true"
+CONTAINER_PREFIX = "imgclf-endpoint-"  # then the endpoint's name
+# Where a serving container writes serve's state file: a bind mount of a folder of its own,
+# the only host folder the container may write to.
+STATE_MOUNT = "/run/imgclf"
 
 
 def serve_container_command(
-    endpoint: ContainerEndpoint,
-    model_dir: Path,
     *,
-    workers: int | None = None,
-    gpus: bool | None = None,
-    response_format: str | None = None,
+    container: str,
+    image: str,
+    port: int,
+    model_dir: Path,
+    state_dir: Path,
+    state_file: str,
     environment: dict[str, str] | None = None,
+    gpus: bool | None = None,
 ) -> list[str]:
     """`docker run` of the serving image as SageMaker runs it (`serve`, the model at
-    /opt/ml/model, no --user), on the host's network and bound to 127.0.0.1 only."""
+    /opt/ml/model, no --user), on the host's network and bound to 127.0.0.1 only; serve writes
+    its state to STATE_MOUNT/`state_file`, which is `state_dir` on the host. `environment`: more
+    of the serving contract's settings (as a SageMaker model's or transform job's Environment
+    sets them); the port and the loopback address come last, so nothing overrides them."""
     gpus = _has_gpus() if gpus is None else gpus
     command = [
         "docker",
         "run",
         "--detach",
         "--name",
-        endpoint.container,
+        container,
         "--network",
         "host",
         # Nothing added back: serve reads the model (files readable by any user), binds an
-        # unprivileged port and writes only inside the container.
+        # unprivileged port and writes only its state folder (open to it: see ContainerRunner).
         *CONFINED,
         "-v",
         f"{model_dir}:/opt/ml/model:ro",
-        "-e",
-        f"{SERVE_PORT_ENV}={endpoint.port}",
-        "-e",
-        f"{SERVE_BIND_HOST_ENV}=127.0.0.1",
+        "-v",
+        f"{state_dir}:{STATE_MOUNT}",
     ]
-    if workers:
-        command += ["-e", f"{SERVE_WORKERS_ENV}={workers}"]
-    if response_format:  # the answers' default shape, as a SageMaker model's Environment sets it
-        command += ["-e", f"{RESPONSE_FORMAT_ENV}={response_format}"]
-    for key, value in (environment or {}).items():  # as a transform job's Environment sets them
+    settings = {
+        **(environment or {}),
+        SERVE_STATE_FILE_ENV: f"{STATE_MOUNT}/{state_file}",
+        SERVE_PORT_ENV: str(port),
+        SERVE_BIND_HOST_ENV: "127.0.0.1",
+    }
+    for key, value in settings.items():
         command += ["-e", f"{key}={value}"]
     if gpus:
         command += ["--gpus", "all"]
-    return command + [endpoint.image, "serve"]
+    return command + [image, "serve"]
 
 
-def container_logs(container: str, tail: int = 200) -> str:
-    proc = subprocess.run(
-        ["docker", "logs", "--tail", str(tail), container],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    return proc.stdout + proc.stderr
-
-
-def _remove_container(container: str, grace: float = 60.0) -> None:
-    """SIGTERM (the server drains), SIGKILL after `grace`, then remove the container."""
-    for command in (
-        ["docker", "stop", "--time", str(int(grace)), container],
-        ["docker", "rm", "--force", container],
-    ):
-        subprocess.run(command, capture_output=True, timeout=grace + 60)
-
-
-def deploy_container(
-    home: Path,
-    model: Path,
-    *,
-    name: str,
-    port: int,
-    image: str,
-    workers: int | None = None,
-    response_format: str | None = None,
-    environment: dict[str, str] | None = None,
-    timeout: float = READY_TIMEOUT_SECONDS,
-) -> ContainerEndpoint:
-    """Run the serving image over a model dir or model.tar.gz; return once /ping answers 200."""
-    base = _containers_dir(home) / check_name("endpoint", name)
-    if (
-        os.path.lexists(base)
-        or load_container_endpoint(home, name) is not None
-        or load_endpoint(home, name) is not None
-    ):
-        raise UserError(
-            f"endpoint {name} exists; `launch.py delete {name}` first, or pick another --name"
-        )
-    if not port_free(port):
-        raise UserError(f"port {port} is in use; pick another with --port")
-    plain_dir(_containers_dir(home), "endpoints folder")
-    base.mkdir()
-    endpoint = ContainerEndpoint(name, port, image, base, str(Path(model).resolve()))
+def inspect_container(container: str) -> tuple[str, bool] | None:
+    """(id, running) of the container of that name; None when there is none (or no engine
+    answers, or no docker command is installed)."""
     try:
-        source = Path(model).resolve()
-        if source.is_dir():
-            model_dir = source
-        else:
-            unpack_model(source, base / "model")  # model.tar.gz, unpacked as SageMaker does
-            model_dir = base / "model"
-        subprocess.run(["docker", "rm", "--force", endpoint.container], capture_output=True)
-        started = subprocess.run(
-            serve_container_command(
-                endpoint,
-                model_dir,
-                workers=workers,
-                response_format=response_format,
-                environment=environment,
-            ),
+        probe = subprocess.run(
+            ["docker", "inspect", "--format", "{{.Id}} {{.State.Running}}", container],
             capture_output=True,
             text=True,
-            timeout=120,
+            timeout=30,
         )
-        if started.returncode != 0:
-            reason = (started.stderr.strip().splitlines() or ["no reason given"])[-1]
-            raise UserError(f"docker run of {image} failed: {reason}")
-    except BaseException:
-        shutil.rmtree(base, ignore_errors=True)
-        raise
-    write_json(base / "container.json", endpoint.to_dict())
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if ping(port):
-            return endpoint
-        if not container_running(endpoint.container):
-            lines = container_logs(endpoint.container).strip().splitlines()
-            reason = next(
-                (line for line in reversed(lines) if "cannot serve" in line),
-                lines[-1] if lines else "no log",
-            )
-            delete_container_endpoint(home, name)
-            raise UserError(f"endpoint {name} did not start: {reason}")
-        time.sleep(0.5)
-    delete_container_endpoint(home, name)
-    raise UserError(
-        f"endpoint {name} was not ready within {timeout:.0f} s; "
-        f"`docker logs {endpoint.container}` says why"
+    except FileNotFoundError:
+        return None
+    fields = probe.stdout.split()
+    if probe.returncode != 0 or len(fields) != 2:
+        return None
+    return fields[0], fields[1] == "true"
+
+
+def container_logs(container: str) -> str:
+    """What the container printed (stdout and stderr), "" when it cannot be read."""
+    try:
+        proc = subprocess.run(["docker", "logs", container], capture_output=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return (proc.stdout + proc.stderr).decode(errors="replace")
+
+
+def stop_container(container: str, grace: float = 60.0) -> None:
+    """SIGTERM (serve drains), SIGKILL after `grace` (`container`: a name or an id)."""
+    subprocess.run(
+        ["docker", "stop", "--time", str(int(grace)), container],
+        capture_output=True,
+        timeout=grace + 60,
     )
 
 
-def has_container_endpoint(home: Path, name: str) -> bool:
-    """A folder for this name under the container endpoints (its record readable or not)."""
-    return os.path.lexists(_containers_dir(home) / check_name("endpoint", name))
-
-
-def delete_container_endpoint(home: Path, name: str) -> str:
-    """Stop and remove the endpoint's container and its folder; what was done, for the user."""
-    folder = _containers_dir(home) / check_name("endpoint", name)
-    try:
-        endpoint = read_container_endpoint(home, name)
-    except BadRecord as exc:
-        drop_unreadable(folder, name, exc)
-        return (
-            "its record could not be read: folder removed, no container touched (if "
-            f"{CONTAINER_PREFIX}{name} is yours: docker rm --force {CONTAINER_PREFIX}{name})"
-        )
-    if endpoint is None:
-        raise UserError(f"no local container endpoint named {name}")
-    _remove_container(endpoint.container)
-    shutil.rmtree(endpoint.base, ignore_errors=True)
-    return f"stopped (container {endpoint.container} removed)"
+def remove_container(container: str) -> None:
+    subprocess.run(["docker", "rm", "--force", container], capture_output=True, timeout=60)

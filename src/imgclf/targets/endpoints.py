@@ -1,12 +1,8 @@
-"""Local endpoints: the serving image's `serve` entry as a background process group on
-127.0.0.1, one folder each under <home>/endpoints/. `serve` writes its state to
-<folder>/state.json (contract.SERVE_STATE_FILE_ENV): `deploy` waits on that file, not on log
-sentences. Also the HTTP client every local endpoint (process or container) is invoked with.
-
-An endpoint's record (endpoint.json) is read as untrusted input: written atomically, skipped
-with a warning when it cannot be read, its folder derived from the name (never from the
-record), and its pid signalled only while it still names the process `deploy` started (the
-pid with its start time and the boot it was read in)."""
+"""Local endpoints: the serving image's `serve` entry in the background on 127.0.0.1, as a
+process group or as a container (targets.runners), one folder each under <home>/endpoints/ with
+one record (targets.endpoint_record). `serve` writes its state to a file (contract.
+SERVE_STATE_FILE_ENV): `deploy` waits on that file, whichever runs it, not on log sentences.
+Also the HTTP client every local endpoint is invoked with."""
 
 from __future__ import annotations
 
@@ -15,164 +11,38 @@ import dataclasses
 import json
 import os
 import shutil
-import signal
-import subprocess
-import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from imgclf import archives
-from imgclf.contract import (
-    BASE_DIR_ENV,
-    RESPONSE_FORMAT_ENV,
-    SERVE_BIND_HOST_ENV,
-    SERVE_NEXT_MODEL_DIR_ENV,
-    SERVE_PORT_ENV,
-    SERVE_STATE_FILE_ENV,
-    SERVE_WORKERS_ENV,
-    check_name,
-)
+from imgclf.contract import RESPONSE_FORMAT_ENV, SERVE_WORKERS_ENV
 from imgclf.errors import UserError
-from imgclf.processes import (
-    boot_id,
-    group_alive,
-    group_members,
-    process_start,
-    running,
-    same_process,
+from imgclf.targets.docker import CONTAINER_PREFIX
+from imgclf.targets.endpoint_record import (
+    CONTAINER,
+    NEXT_MODEL,
+    PROCESS,
+    RECORD_FILE,
+    BadRecord,
+    Endpoint,
+    endpoint_folder,
+    endpoints_dir,
+    legacy_container_folder,
+    list_endpoints,
+    load_endpoint,
+    read_endpoint,
+    read_state,
+    warn,
 )
+from imgclf.targets.runners import runner_of
 from imgclf.util import plain_dir, write_json
 
 READY_TIMEOUT_SECONDS = 300
-STATE_FILE = "state.json"  # what `serve` writes where SERVE_STATE_FILE_ENV says
-NEXT_MODEL = "model-next"  # where `deploy` stages a model for a running serve (swap_model)
 SWAP_LOCK = "swap.lock"  # held (flock) by the `deploy` that swaps the model
 
 
-@dataclass(frozen=True)
-class Endpoint:
-    """A local endpoint: the serving image's `serve` entry running in the background."""
-
-    name: str
-    port: int
-    pid: int
-    base: Path
-    model: str
-    start: str | None = None  # `serve`'s start time (processes.process_start) ...
-    boot: str | None = None  # ... in this boot (processes.boot_id): with the pid, one process
-    next_model: str | None = None  # the model a `deploy` is swapping in (swap_model)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def log_file(self) -> Path:
-        return self.base / "serve.log"
-
-    def to_dict(self) -> dict:
-        return {**dataclasses.asdict(self), "base": str(self.base)}
-
-
-class BadRecord(UserError):
-    """A launcher record that cannot be used: truncated, not ours, or reached through a link."""
-
-
-def warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr, flush=True)
-
-
-def _endpoints_dir(home: Path) -> Path:
-    return home / "endpoints"
-
-
-def endpoint_folder(home: Path, name: str) -> Path:
-    """<home>/endpoints/<name>, for a valid endpoint name only."""
-    return _endpoints_dir(home) / check_name("endpoint", name)
-
-
 def _record(home: Path, name: str) -> Path:
-    return endpoint_folder(home, name) / "endpoint.json"
-
-
-def read_record(folder: Path, file: str, fields: dict[str, type]) -> dict | None:
-    """The JSON object in folder/file, with each of `fields` of its type (None where the
-    record has no folder; BadRecord, naming the file and why, where it cannot be used)."""
-    path = folder / file
-    if folder.is_symlink() or path.is_symlink():
-        raise BadRecord(f"{path}: a symbolic link, not a record this launcher wrote")
-    if not folder.is_dir():
-        return None
-    try:
-        doc = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise BadRecord(f"{path} is missing") from None
-    except (OSError, ValueError) as exc:
-        raise BadRecord(f"{path} cannot be read ({exc})") from None
-    if not isinstance(doc, dict):
-        raise BadRecord(f"{path} does not hold a JSON object")
-    for key, kind in fields.items():
-        if not isinstance(doc.get(key), kind) or isinstance(doc.get(key), bool):
-            raise BadRecord(f"{path}: {key!r} is missing or not a {kind.__name__}")
-    if doc["name"] != folder.name:
-        raise BadRecord(f"{path} names endpoint {doc['name']!r}, not {folder.name!r}")
-    return doc
-
-
-def _optional_text(doc: dict, key: str) -> str | None:
-    value = doc.get(key)
-    return value if isinstance(value, str) and value else None
-
-
-def read_endpoint(home: Path, name: str) -> Endpoint | None:
-    """The endpoint's record; None when there is no endpoint of that name; BadRecord when
-    its record cannot be used."""
-    folder = endpoint_folder(home, name)
-    doc = read_record(folder, "endpoint.json", {"name": str, "port": int, "pid": int, "model": str})
-    if doc is None:
-        return None
-    return Endpoint(
-        name,
-        doc["port"],
-        doc["pid"],
-        folder,  # where the record is, not what it says: a record cannot point delete elsewhere
-        doc["model"],
-        _optional_text(doc, "start"),
-        _optional_text(doc, "boot"),
-        _optional_text(doc, "next_model"),
-    )
-
-
-def load_endpoint(home: Path, name: str) -> Endpoint | None:
-    """The endpoint's record, or None (with a warning naming the file when it is unusable)."""
-    try:
-        return read_endpoint(home, name)
-    except BadRecord as exc:
-        warn(f"skipping endpoint {name}: {exc}")
-        return None
-
-
-def record_names(root: Path) -> list[str]:
-    """The valid names of the record folders under `root` (others are warned about)."""
-    if not root.is_dir():
-        return []
-    names = []
-    for entry in sorted(root.iterdir()):
-        if entry.is_symlink() or not entry.is_dir():
-            kind = "a symbolic link" if entry.is_symlink() else "a file"
-            warn(f"skipping {entry}: {kind}, not a folder this launcher made")
-            continue
-        try:
-            names.append(check_name("endpoint", entry.name))
-        except UserError as exc:
-            warn(f"skipping {entry}: {exc}")
-    return names
-
-
-def list_endpoints(home: Path) -> list[Endpoint]:
-    found = (load_endpoint(home, n) for n in record_names(_endpoints_dir(home)))
-    return [e for e in found if e is not None]
+    return endpoint_folder(home, name) / RECORD_FILE
 
 
 def port_free(port: int) -> bool:
@@ -222,61 +92,35 @@ def ping_reason(port: int, timeout: float = 2.0) -> tuple[bool, str]:
         return False, f"nothing answers on port {port} ({exc.__class__.__name__})"
 
 
-def _same_boot(endpoint: Endpoint) -> bool:
-    return bool(endpoint.boot) and endpoint.boot == boot_id()
-
-
-def serve_running(endpoint: Endpoint) -> bool:
-    """The `serve` that `deploy` started is running: the pid still names that process."""
-    return (
-        _same_boot(endpoint)
-        and same_process(endpoint.pid, endpoint.start)
-        and running(endpoint.pid)
-    )
-
-
-def _orphans_ours(endpoint: Endpoint) -> bool:
-    """`serve` is gone and its process group lives on (MMS): ours when this is the boot it was
-    started in and every member started after it. (A group id is not given to a new group
-    while the old one has members; only after it emptied and the pid came round again could
-    it name somebody else's group, and then its members would all have started after ours.)"""
-    if not (_same_boot(endpoint) and endpoint.start) or running(endpoint.pid):
-        return False
-    members = group_members(endpoint.pid)
-    starts = [process_start(pid) for pid in members]
-    return bool(members) and all(s is not None and int(s) >= int(endpoint.start) for s in starts)
-
-
-def stale_reason(endpoint: Endpoint) -> str | None:
-    """Why the record names no process we may signal (None when it still does, or when its
-    pid is simply gone)."""
-    if not endpoint.start or not endpoint.boot:
-        return (
-            "its record has no start time, so its pid names no process we may signal; "
-            "delete removes its folder only"
-        )
-    if not _same_boot(endpoint):
-        return "the machine has restarted since it was deployed; delete removes its folder only"
-    if running(endpoint.pid) and not same_process(endpoint.pid, endpoint.start):
-        return (
-            f"pid {endpoint.pid} is another process now, not its serve; delete removes its "
-            "folder only"
-        )
-    return None
-
-
 def endpoint_state(endpoint: Endpoint) -> str:
     """healthy, unhealthy (why), dead, stale (why), or orphaned (serve gone, its processes
     not)."""
-    if serve_running(endpoint):
+    runner = runner_of(endpoint)
+    if runner.alive(endpoint):
         ok, why = ping_reason(endpoint.port)
         return "healthy" if ok else f"unhealthy ({why})"
-    stale = stale_reason(endpoint)
+    stale = runner.stale(endpoint)
     if stale:
         return f"stale ({stale})"
-    if group_alive(endpoint.pid) and _orphans_ours(endpoint):
-        return "orphaned (delete stops it)"
-    return "dead"
+    return runner.leftover(endpoint) or "dead"
+
+
+def running_endpoint(home: Path, name: str) -> Endpoint | None:
+    """The endpoint of that name where what `deploy` started still runs (an unusable record
+    is warned about and counts as none)."""
+    endpoint = load_endpoint(home, name)
+    return endpoint if endpoint is not None and runner_of(endpoint).alive(endpoint) else None
+
+
+def running_endpoints(home: Path) -> list[Endpoint]:
+    return [e for e in list_endpoints(home) if runner_of(e).alive(e)]
+
+
+def name_taken(home: Path, name: str) -> bool:
+    """Anything at the endpoint's folder (or where an older imgclf kept a container's)."""
+    return os.path.lexists(endpoint_folder(home, name)) or os.path.lexists(
+        legacy_container_folder(home, name)
+    )
 
 
 def deploy(
@@ -285,62 +129,41 @@ def deploy(
     *,
     name: str,
     port: int,
+    image: str | None = None,
     workers: int | None = None,
     response_format: str | None = None,
     environment: dict[str, str] | None = None,
     timeout: float = READY_TIMEOUT_SECONDS,
 ) -> Endpoint:
-    """Start `serve` over <home>/endpoints/<name>/model on 127.0.0.1:<port> in the background;
-    return once it reports itself ready in its state file and /ping agrees. `environment`: more
-    of the serving contract's settings (a batch transform's, for one)."""
+    """Start `serve` over <home>/endpoints/<name>/model on 127.0.0.1:<port> in the background
+    (the serving `image` as a container, or a process); return once it reports itself ready in
+    its state file and /ping agrees. `environment`: more of the serving contract's settings (a
+    batch transform's, for one)."""
+    endpoint = Endpoint(
+        name, port, endpoint_folder(home, name), str(Path(model).resolve()), kind=PROCESS
+    )
+    if image:
+        endpoint = dataclasses.replace(endpoint, kind=CONTAINER, image=image)
+    runner = runner_of(endpoint)
+    runner.check()
     _clear_old(home, name)
     if not port_free(port):
         raise UserError(f"port {port} is in use; pick another with --port")
-    base = endpoint_folder(home, name)
-    plain_dir(_endpoints_dir(home), "endpoints folder")
-    base.mkdir(mode=0o700)  # the staged model and the state file: ours alone
-    try:
-        unpack_model(Path(model), base / "model")
-    except BaseException:
-        shutil.rmtree(base, ignore_errors=True)
-        raise
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-    env.update(
-        {
-            BASE_DIR_ENV: str(base),
-            SERVE_PORT_ENV: str(port),
-            SERVE_BIND_HOST_ENV: "127.0.0.1",
-            SERVE_STATE_FILE_ENV: str(base / STATE_FILE),
-            SERVE_NEXT_MODEL_DIR_ENV: str(base / NEXT_MODEL),
-            "PYTHONUNBUFFERED": "1",
-        }
-    )
+    plain_dir(endpoints_dir(home), "endpoints folder")
+    endpoint.base.mkdir(mode=0o700)  # the staged model and the state file: ours alone
+    settings = dict(environment or {})
     if workers:
-        env[SERVE_WORKERS_ENV] = str(workers)
+        settings[SERVE_WORKERS_ENV] = str(workers)
     if response_format:
-        env[RESPONSE_FORMAT_ENV] = response_format
-    env.update(environment or {})
-    serve = Path(sys.executable).parent / "serve"
-    with open(base / "serve.log", "ab") as log:
-        proc = subprocess.Popen(
-            [str(serve)],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-    endpoint = Endpoint(
-        name,
-        port,
-        proc.pid,
-        base,
-        str(Path(model).resolve()),
-        start=process_start(proc.pid),  # the child cannot have been reaped: it is ours to wait
-        boot=boot_id(),
-    )
+        settings[RESPONSE_FORMAT_ENV] = response_format
+    try:
+        unpack_model(Path(model), endpoint.base / "model")
+        endpoint = runner.start(endpoint, settings)
+    except BaseException:
+        shutil.rmtree(endpoint.base, ignore_errors=True)
+        raise
     write_json(_record(home, name), endpoint.to_dict())
-    _wait_ready(endpoint, proc, timeout)
+    _wait_ready(endpoint, timeout)
     return endpoint
 
 
@@ -353,6 +176,11 @@ def _clear_old(home: Path, name: str) -> None:
             f"endpoint {name} cannot be deployed over: {exc}; `launch.py delete {name}` "
             "removes it, or pick another --name"
         ) from None
+    if os.path.lexists(legacy_container_folder(home, name)):
+        raise UserError(
+            f"endpoint {name} exists (a container endpoint recorded by an older imgclf); "
+            f"`launch.py delete {name}` first, or pick another --name"
+        )
     if existing is None:
         if os.path.lexists(endpoint_folder(home, name)):
             raise UserError(
@@ -360,13 +188,20 @@ def _clear_old(home: Path, name: str) -> None:
                 "remove it, or pick another --name"
             )
         return
-    if serve_running(existing):
+    runner = runner_of(existing)
+    if runner.alive(existing):
         raise UserError(
             f"endpoint {name} is already running on port {existing.port}; "
             f"`launch.py delete {name}` first, or pick another --name"
         )
-    stop_endpoint(existing)  # its orphans, if any; nothing that is not ours
+    runner.stop(existing)  # what is left of it, if any; nothing that is not ours
     shutil.rmtree(existing.base, ignore_errors=True)
+
+
+def swap_refusal(endpoint: Endpoint, image: str | None) -> str | None:
+    """Why a `deploy` (of `image`, or as a process) cannot swap the model of this running
+    endpoint; None where `swap_model` may be tried."""
+    return runner_of(endpoint).swap_refusal(endpoint, image)
 
 
 def swap_model(
@@ -381,7 +216,7 @@ def swap_model(
     name, base = endpoint.name, endpoint.base
     new = str(Path(model).resolve())
     with _swap_lock(base, name):
-        state = read_state(base)
+        state = _state(endpoint)
         if state.get("swap_signal") != "SIGHUP" or state.get("state") != "ready":
             raise UserError(
                 f"endpoint {name} cannot take a new model while it runs ({_swap_refusal(state)}); "
@@ -393,8 +228,7 @@ def swap_model(
         write_json(_record(home, name), {**endpoint.to_dict(), "next_model": new})
         failed = "the endpoint stopped first"
         try:
-            if serve_running(endpoint):
-                os.kill(endpoint.pid, signal.SIGHUP)
+            if runner_of(endpoint).send_swap(endpoint):
                 failed = _wait_swap(endpoint, _swap_id(state), timeout)
         except BaseException:
             _remove(next_dir)
@@ -458,13 +292,13 @@ def _wait_swap(endpoint: Endpoint, before: int, timeout: float) -> str | None:
     """None once serve says swap `before + 1` is done; else why it is not."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        state = read_state(endpoint.base)
+        state = _state(endpoint)
         swap = _swap(state)
         if swap.get("id", 0) > before and swap.get("state") == "done":
             return None
         if swap.get("id", 0) > before and swap.get("state") == "failed":
             return str(swap.get("reason") or "serve gave no reason; see its log")
-        if not serve_running(endpoint) or state.get("state") != "ready":
+        if not runner_of(endpoint).alive(endpoint) or state.get("state") != "ready":
             return f"the endpoint stopped during the swap ({state.get('state') or 'gone'})"
         time.sleep(0.3)
     return (
@@ -485,22 +319,16 @@ def models_served(endpoint: Endpoint) -> str:
     """The model the endpoint serves; during a swap both, as `endpoints` shows them."""
     if not endpoint.next_model:
         return endpoint.model
-    swap = _swap(read_state(endpoint.base))
+    swap = _swap(_state(endpoint))
     if swap.get("state") == "loading":
         return f"{endpoint.model} -> {endpoint.next_model} (swapping)"
     # A deploy that stopped waiting: serve finished after it.
     return endpoint.next_model if swap.get("state") == "done" else endpoint.model
 
 
-def read_state(base: Path) -> dict:
-    """What `serve` last wrote to its state file: {"state": starting|ready|failed|stopping|
-    stopped, "reason": …, "pid": …}; {} before it wrote one (or if it is half-written: the file
-    is replaced atomically, so that is never seen)."""
-    try:
-        doc = json.loads((base / STATE_FILE).read_text())
-    except (OSError, ValueError):
-        return {}
-    return doc if isinstance(doc, dict) else {}
+def _state(endpoint: Endpoint) -> dict:
+    """What the endpoint's serve last wrote to its state file (endpoint_record.read_state)."""
+    return read_state(runner_of(endpoint).state_file(endpoint.base))
 
 
 def _last_line(log_file: Path) -> str:
@@ -512,48 +340,27 @@ def _last_line(log_file: Path) -> str:
     return lines[-1][-300:] if lines else "no log"
 
 
-def _wait_ready(endpoint: Endpoint, proc: subprocess.Popen, timeout: float) -> None:
+def _wait_ready(endpoint: Endpoint, timeout: float) -> None:
+    """Until serve's state file says ready and /ping agrees; a serve that failed or exited is
+    stopped, its folder removed, and its reason raised (the one it recorded, else its log's
+    last line)."""
+    runner = runner_of(endpoint)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        exited = proc.poll() is not None
-        state = read_state(endpoint.base)  # after the exit check: a failed serve wrote it first
+        exited = not runner.alive(endpoint)
+        state = _state(endpoint)  # after the exit check: a failed serve wrote it first
         if exited or state.get("state") == "failed":
-            if not exited:  # failed, and stopping: let it finish
-                stop_endpoint(endpoint, grace=10)
+            runner.stop(endpoint, grace=10)  # failed and stopping: let it finish
             reason = state.get("reason") or f"it exited: {_last_line(endpoint.log_file)}"
             shutil.rmtree(endpoint.base, ignore_errors=True)
             raise UserError(f"endpoint {endpoint.name} did not start: {reason}")
         if state.get("state") == "ready" and ping(endpoint.port):
             return
         time.sleep(0.3)
-    stop_endpoint(endpoint)
+    runner.stop(endpoint)
     raise UserError(
         f"endpoint {endpoint.name} was not ready within {timeout:.0f} s; see {endpoint.log_file}"
     )
-
-
-def stop_endpoint(endpoint: Endpoint, grace: float = 60.0) -> bool:
-    """SIGTERM to `serve` alone (it drains requests in flight, then stops MMS), then SIGKILL
-    to its whole process group after `grace`. `serve` leads that group and MMS stays in it,
-    so this stops every process even when `serve` itself has died. Nothing is signalled unless
-    the record still names the processes `deploy` started (see `serve_running`,
-    `_orphans_ours`). True when any was running."""
-    if serve_running(endpoint):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(endpoint.pid, signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline and group_alive(endpoint.pid):
-            time.sleep(0.2)
-    elif not (group_alive(endpoint.pid) and _orphans_ours(endpoint)):
-        return False
-    # The group seen alive since `serve` was ours: its id is not reused while it has members.
-    if group_alive(endpoint.pid):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(endpoint.pid, signal.SIGKILL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and group_alive(endpoint.pid):
-            time.sleep(0.1)
-    return True
 
 
 def drop_unreadable(folder: Path, name: str, exc: BadRecord) -> None:
@@ -566,22 +373,40 @@ def drop_unreadable(folder: Path, name: str, exc: BadRecord) -> None:
 
 
 def delete_endpoint(home: Path, name: str) -> str:
-    """Stop the endpoint's processes (only those `deploy` started) and remove its folder;
-    what was done, for the user."""
+    """Stop what `deploy` started for the endpoint (nothing else) and remove its folder; what
+    was done, for the user."""
     folder = endpoint_folder(home, name)
+    if not os.path.lexists(folder) and os.path.lexists(legacy_container_folder(home, name)):
+        return _delete_legacy_container(home, name)
     try:
         endpoint = read_endpoint(home, name)
     except BadRecord as exc:
         drop_unreadable(folder, name, exc)
-        return "its record could not be read, so nothing was signalled; folder removed"
+        return (
+            "its record could not be read, so nothing was signalled; folder removed (had it "
+            f"run in a container: docker rm --force {CONTAINER_PREFIX}{name})"
+        )
     if endpoint is None:
         known = ", ".join(e.name for e in list_endpoints(home)) or "none"
         raise UserError(f"no local endpoint named {name} (running: {known})")
-    stale = stale_reason(endpoint)
-    was_running = stop_endpoint(endpoint)
+    runner = runner_of(endpoint)
+    stale = runner.stale(endpoint)
+    was_running = runner.stop(endpoint)
     shutil.rmtree(endpoint.base, ignore_errors=True)
     if stale:
         return f"not stopped: {stale}"
+    return "stopped" if was_running else "was not running; removed"
+
+
+def _delete_legacy_container(home: Path, name: str) -> str:
+    """`delete` of a container endpoint recorded by an older imgclf (<home>/endpoints-docker/):
+    its container, by the name derived from the endpoint's, and its folder."""
+    folder = legacy_container_folder(home, name)
+    if folder.is_symlink():
+        raise UserError(f"{folder}: a symbolic link, not a folder this launcher made; remove it")
+    old = Endpoint(name, 0, folder, "", kind=CONTAINER)
+    was_running = runner_of(old).stop(old)
+    shutil.rmtree(folder, ignore_errors=True)
     return "stopped" if was_running else "was not running; removed"
 
 

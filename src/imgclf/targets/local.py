@@ -1,6 +1,7 @@
 """The local target: training jobs (imgclf.jobs) as processes or under Docker, tuning with Optuna
-(imgclf.tuning), endpoints as `serve` process groups (targets.endpoints) or serving containers
-(targets.docker). Everything lives under one home folder (.imgclf, or $IMGCLF_HOME)."""
+(imgclf.tuning), endpoints (targets.endpoints: `serve` as a process group or the serving image as
+a container, one record and one readiness path for both). Everything lives under one home folder
+(.imgclf, or $IMGCLF_HOME)."""
 
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ from imgclf.targets.base import (
     TuneRequest,
     TuningResult,
 )
+from imgclf.targets.runners import runner_of
 from imgclf.util import free_port, new_job_name, parse_bool, plain_dir
 
 TRIAL_HEADER = ("trial", "state", "epochs")  # then the metric, then the hyperparameters
@@ -185,56 +187,34 @@ class LocalTarget:
         if swapped is not None:
             return swapped
         print(f"starting endpoint {request.name} on 127.0.0.1:{request.port} ...", flush=True)
-        if request.docker:
-            docker.require_docker()
-            container = docker.deploy_container(
-                self.home,
-                Path(request.model),
-                name=request.name,
-                port=request.port,
-                image=request.docker,
-                workers=request.workers,
-                response_format=request.response_format,
-                environment=environment,
-            )
-            return _container_info(container, "healthy")
         endpoint = endpoints.deploy(
             self.home,
             Path(request.model),
             name=request.name,
             port=request.port,
+            image=request.docker,
             workers=request.workers,
             response_format=request.response_format,
             environment=environment,
         )
-        return _process_info(endpoint, "healthy")
+        return _endpoint_info(endpoint, "healthy")
 
     def _swap(self, request: DeployRequest) -> EndpointInfo | None:
-        """`deploy` to the name of a running endpoint: its model is swapped with the port open
-        (a process endpoint), or refused saying why (a container); None for a new endpoint."""
-        name = request.name
-        process = endpoints.load_endpoint(self.home, name)
-        if process is not None and endpoints.serve_running(process):
-            if request.docker:
-                raise UserError(
-                    f"endpoint {name} runs as a process, not a container: deploy without "
-                    "--docker to swap its model, or pick another --name"
-                )
-            print(
-                f"swapping the model of endpoint {name} on 127.0.0.1:{process.port} (the port "
-                "stays open; its workers and settings are kept) ...",
-                flush=True,
-            )
-            return _process_info(endpoints.swap_model(self.home, process, Path(request.model)))
-        container = docker.load_container_endpoint(self.home, name)
-        if container is not None and docker.container_running(container.container):
-            raise UserError(
-                f"endpoint {name} runs in a container, whose model is a read-only mount fixed "
-                "when it started: it cannot be swapped in place. Deploy the new model under "
-                f"another --name and move the clients, or `launch.py delete {name}` and deploy "
-                "again (the port closes meanwhile)"
-            )
-        return None
+        """`deploy` to the name of a running endpoint: its model is swapped with the port open,
+        or refused saying why (a container's, or one of the other kind); None for a new
+        endpoint."""
+        running = endpoints.running_endpoint(self.home, request.name)
+        if running is None:
+            return None
+        refusal = endpoints.swap_refusal(running, request.docker)
+        if refusal:
+            raise UserError(refusal)
+        print(
+            f"swapping the model of endpoint {request.name} on 127.0.0.1:{running.port} (the "
+            "port stays open; its workers and settings are kept) ...",
+            flush=True,
+        )
+        return _endpoint_info(endpoints.swap_model(self.home, running, Path(request.model)))
 
     # ------------------------------------------------------------ batch transform
 
@@ -290,9 +270,7 @@ class LocalTarget:
         """Start the server in batch mode, send `todo`, stop it (also on Ctrl-C); the reason
         for each file that got no answer, and the seconds the sending took."""
         settings = {SERVE_BATCH_ENV: "true", SERVE_MAX_PAYLOAD_ENV: str(request.max_payload_mb)}
-        if docker.has_container_endpoint(self.home, name) or os.path.lexists(
-            endpoints.endpoint_folder(self.home, name)
-        ):
+        if endpoints.name_taken(self.home, name):
             raise UserError(
                 f"an endpoint named {name} exists; pick another --job-name for the transform"
             )
@@ -326,51 +304,33 @@ class LocalTarget:
             )
             sending = time.perf_counter() - started
         finally:  # also while it starts: a Ctrl-C there leaves nothing running
-            self._stop_server(name, in_docker=bool(request.docker))
+            self._stop_server(name)
         return {o.rel: o.error for o in outcomes if o.error}, sending
 
-    def _stop_server(self, name: str, *, in_docker: bool) -> None:
-        """Stop and remove the transform's own server (the kind it started, if it got that
-        far)."""
-        if in_docker and docker.has_container_endpoint(self.home, name):
-            docker.delete_container_endpoint(self.home, name)
-        elif not in_docker and os.path.lexists(endpoints.endpoint_folder(self.home, name)):
+    def _stop_server(self, name: str) -> None:
+        """Stop and remove the transform's own server (if it got that far)."""
+        if endpoints.name_taken(self.home, name):
             endpoints.delete_endpoint(self.home, name)
 
     def endpoints(self) -> list[EndpointInfo]:
-        found = [_process_info(e) for e in endpoints.list_endpoints(self.home)]
-        return found + [_container_info(c) for c in docker.list_container_endpoints(self.home)]
+        return [_endpoint_info(e) for e in endpoints.list_endpoints(self.home)]
 
     def delete(self, name: str) -> list[str]:
         check_name("endpoint", name)  # before any path is made of it
-        if docker.has_container_endpoint(self.home, name):
-            return [f"endpoint {name} {docker.delete_container_endpoint(self.home, name)}"]
         return [f"endpoint {name} {endpoints.delete_endpoint(self.home, name)}"]
 
     def pick_endpoint(self, name: str | None) -> EndpointInfo:
         if name:
             check_name("endpoint", name)
-            process = endpoints.load_endpoint(self.home, name)
-            if process is not None:
-                return _process_info(process, "")
-            container = docker.load_container_endpoint(self.home, name)
-            if container is None:
+            endpoint = endpoints.load_endpoint(self.home, name)
+            if endpoint is None:
                 raise UserError(f"no local endpoint named {name}; `launch.py endpoints` lists them")
-            return _container_info(container, "")
-        running = [
-            _process_info(e, "")
-            for e in endpoints.list_endpoints(self.home)
-            if endpoints.serve_running(e)
-        ]
-        running += [
-            _container_info(c, "")
-            for c in docker.list_container_endpoints(self.home)
-            if docker.container_running(c.container)
-        ]
+            return _endpoint_info(endpoint, "")
+        running = endpoints.running_endpoints(self.home)
         if len(running) != 1:
             names = ", ".join(e.name for e in running) or "none running"
             raise UserError(f"name the endpoint with --endpoint ({names})")
-        return running[0]
+        return _endpoint_info(running[0], "")
 
     def invoke(
         self, endpoint: EndpointInfo, body: bytes, *, content_type: str, custom_attributes: str
@@ -389,32 +349,14 @@ class LocalTarget:
         )
 
 
-def _process_info(endpoint: endpoints.Endpoint, state: str | None = None) -> EndpointInfo:
+def _endpoint_info(endpoint: endpoints.Endpoint, state: str | None = None) -> EndpointInfo:
+    runner = runner_of(endpoint)
     return EndpointInfo(
         endpoint.name,
         state=endpoints.endpoint_state(endpoint) if state is None else state,
         model=endpoints.models_served(endpoint),
-        runs_as=f"pid={endpoint.pid}",
+        runs_as=runner.runs_as(endpoint),
         url=endpoint.url,
-        log=str(endpoint.log_file),
+        log=runner.log(endpoint),
         port=endpoint.port,
-    )
-
-
-def _container_info(container: docker.ContainerEndpoint, state: str | None = None) -> EndpointInfo:
-    if state is None:
-        alive = docker.container_running(container.container)
-        state = (
-            "healthy"
-            if alive and endpoints.ping(container.port)
-            else ("starting?" if alive else "dead")
-        )
-    return EndpointInfo(
-        container.name,
-        state=state,
-        model=container.model,
-        runs_as=f"container={container.container}",
-        url=container.url,
-        log=f"docker logs {container.container}",
-        port=container.port,
     )
