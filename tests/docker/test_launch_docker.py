@@ -39,6 +39,13 @@ def test_train_deploy_invoke_and_delete_with_docker(engine, images, tiny_digits,
         assert config["HostConfig"]["NetworkMode"] == "host"
         mounts = {m["Destination"]: m for m in config["Mounts"]}
         assert mounts["/opt/ml/model"]["RW"] is False
+        # serve's state file, the one folder it writes on the host: deploy waited on it
+        assert mounts["/run/imgclf"]["RW"] is True and len(mounts) == 2
+        folder = tmp_path / "endpoints" / "dk"
+        assert mounts["/run/imgclf"]["Source"] == str((folder / "state").resolve())
+        assert json.loads((folder / "state" / "state.json").read_text())["state"] == "ready"
+        record = json.loads((folder / "endpoint.json").read_text())
+        assert record["kind"] == "container" and record["container_id"] == config["Id"]
         assert not config["Config"]["User"]  # root, as SageMaker runs it
 
         listed = run_launch("endpoints", home=tmp_path)
@@ -103,3 +110,24 @@ def test_transform_with_docker_runs_the_serving_image_in_batch_mode(
     assert {r["label"] for r in rows if not r["error"]} <= {c.split(".", 1)[1] for c in classes}
     # the container is gone at the end
     assert engine.docker("inspect", "imgclf-endpoint-dk-transform", check=False).returncode != 0
+
+
+def test_deploy_with_docker_of_a_broken_model_names_serves_reason_and_leaves_nothing(
+    engine, images, tmp_path
+):
+    """The reason comes from the state file serve wrote in the container, as for a process
+    endpoint; the container and the endpoint's folder are removed."""
+    from tests.conftest import random_model
+
+    model = random_model(tmp_path / "model", ["001.cat", "002.dog"])
+    (model / "labels.json").unlink()
+    proc = run_launch(
+        "deploy", "--docker", images.serve, "--model", str(model), "--name", "dkb",
+        "--port", str(free_port()), home=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    error = proc.stderr.strip().splitlines()
+    assert len(error) == 1 and "endpoint dkb did not start: cannot serve the model" in error[0]
+    assert "labels.json" in error[0]
+    assert engine.docker("inspect", "imgclf-endpoint-dkb", check=False).returncode != 0
+    assert not (tmp_path / "endpoints" / "dkb").exists()

@@ -134,7 +134,7 @@ class ProcessRunner:
             bool(pid)
             and _same_boot(endpoint)
             and same_process(pid, endpoint.start)
-            and (running(pid))
+            and running(pid)
         )
 
     def stale(self, endpoint: Endpoint) -> str | None:
@@ -238,7 +238,7 @@ class ContainerRunner:
 
     def start(self, endpoint: Endpoint, settings: dict[str, str]) -> Endpoint:
         assert endpoint.image is not None
-        state_dir = self.state_file(endpoint.base).parent
+        state_dir = self.state_file(endpoint.base).parent.resolve()  # -v takes absolute paths
         state_dir.mkdir()
         # Root in the container has no DAC_OVERRIDE, so only a folder open to others takes its
         # writes: this one, inside the endpoint's folder (0700), which no other user can enter.
