@@ -247,6 +247,15 @@ def run_train_entry(base: Path, timeout: float = 600) -> subprocess.CompletedPro
     )
 
 
+@pytest.fixture
+def sleeper():
+    """A live process that is not an endpoint: leader of its own process group, as serve is."""
+    proc = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
 def run_launch(
     *args: str, home: Path, timeout: float = 900, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess:

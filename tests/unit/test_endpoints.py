@@ -13,15 +13,6 @@ from imgclf.processes import boot_id, process_start
 from tests.conftest import run_launch
 
 
-@pytest.fixture
-def sleeper():
-    """A live process that is not an endpoint: leader of its own process group, as serve is."""
-    proc = subprocess.Popen(["sleep", "60"], start_new_session=True)
-    yield proc
-    proc.kill()
-    proc.wait()
-
-
 def write_record(home: Path, name: str, **fields) -> Path:
     folder = home / "endpoints" / name
     folder.mkdir(parents=True)

@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import stat
-import subprocess
 
 import pytest
 
@@ -68,15 +67,6 @@ def test_a_local_endpoint_refuses_an_asynchronous_request(tmp_path):
 # ------------------------------------------------------------ endpoints
 
 CLASSES = ["001.cat", "002.dog"]
-
-
-@pytest.fixture
-def sleeper():
-    """A live process that is not an endpoint: leader of its own process group, as serve is."""
-    proc = subprocess.Popen(["sleep", "60"], start_new_session=True)
-    yield proc
-    proc.kill()
-    proc.wait()
 
 
 @pytest.fixture
