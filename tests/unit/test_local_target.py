@@ -165,6 +165,11 @@ def test_a_container_endpoint_recorded_by_an_older_imgclf_is_warned_about_and_de
         target.deploy(DeployRequest(str(tmp_path), "dk", port=free_port()))
     assert target.delete("dk") == ["endpoint dk was not running; removed"]
     assert not old.exists()
+    old.mkdir(parents=True)
+    (old / "container.json").write_text('{"name": "dk", "po')  # truncated: not ours to trust
+    [said] = target.delete("dk")
+    assert "could not be read: folder removed, no container touched" in said
+    assert not old.exists()
 
 
 def test_deploy_with_docker_and_no_engine_is_one_clear_error_leaving_nothing(tmp_path, no_engine):

@@ -31,6 +31,7 @@ from imgclf.targets.endpoint_record import (
     list_endpoints,
     load_endpoint,
     read_endpoint,
+    read_record,
     read_state,
     warn,
 )
@@ -402,9 +403,15 @@ def _delete_legacy_container(home: Path, name: str) -> str:
     """`delete` of a container endpoint recorded by an older imgclf (<home>/endpoints-docker/):
     its container, by the name derived from the endpoint's, and its folder."""
     folder = legacy_container_folder(home, name)
-    if folder.is_symlink():
-        raise UserError(f"{folder}: a symbolic link, not a folder this launcher made; remove it")
-    old = Endpoint(name, 0, folder, "", kind=CONTAINER)
+    try:
+        read_record(folder, "container.json", {"name": str, "image": str})
+    except BadRecord as exc:
+        drop_unreadable(folder, name, exc)
+        return (
+            "its record could not be read: folder removed, no container touched (if "
+            f"{CONTAINER_PREFIX}{name} is yours: docker rm --force {CONTAINER_PREFIX}{name})"
+        )
+    old = Endpoint(name, 0, folder, "", kind=CONTAINER)  # no id: its container by name
     was_running = runner_of(old).stop(old)
     shutil.rmtree(folder, ignore_errors=True)
     return "stopped" if was_running else "was not running; removed"
