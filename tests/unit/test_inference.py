@@ -32,9 +32,9 @@ def test_serving_preprocessing_is_trainings_eval_preprocessing(tmp_path, loaded)
     train_side = ImageListDataset(
         [(str(tmp_path / "x.jpg"), 0)], eval_transform(pre), draft=pre.resize_size
     )[0][0]
-    serve_side = loaded.transform(
-        inference.input_fn(payload, "image/jpeg", draft=pre.resize_size)[0]
-    )
+    serve_side = inference.prepare(
+        inference.input_fn(payload, "image/jpeg", draft=pre.resize_size), loaded
+    )[0]
     # The handler builds the uint8 crop; the model normalises it (folded into the network).
     assert serve_side.dtype == torch.uint8
     unnormalised = ImageListDataset(

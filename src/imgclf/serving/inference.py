@@ -17,12 +17,13 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
-from imgclf import artifacts, models
+from imgclf import artifacts
 from imgclf.data.decode import PIXEL_WEIGHT, open_image
-from imgclf.data.transforms import Preprocess, eval_transform
+from imgclf.data.transforms import Preprocess, eval_crop
 from imgclf.errors import UserError
 from imgclf.serving import runtime
 from imgclf.serving.protocol import (
@@ -52,10 +53,12 @@ log = logging.getLogger("imgclf.serving")
 
 @dataclass(frozen=True)
 class LoadedModel:
-    model: torch.nn.Module  # the eager network (what `forward` was built from and checked on)
+    # the eager network (what `forward` was built from and checked on); None when `forward` is
+    # the artifact's own ONNX graph (checked against the eager logits its record holds)
+    model: torch.nn.Module | None
     labels: list[str]
     preprocess: Preprocess
-    transform: object  # image → uint8 CHW crop (training's eval transform, before Normalize)
+    transform: object  # image → uint8 CHW array (training's eval transform, before Normalize)
     device: torch.device
     forward: runtime.Forward  # uint8 batch → logits (normalises inside), on the chosen runtime
     temperature: float = 1.0  # the logits are divided by it (fitted on the validation split)
@@ -82,9 +85,38 @@ def model_fn(
     *,
     cpu_runtime: str = runtime.AUTO,
 ) -> LoadedModel:
-    """Load the artifact (weights_only), build the network it describes and ready it on the
-    runtime `cpu_runtime` resolves to (see imgclf.serving.runtime; GPUs always run torch)."""
-    art = artifacts.load_artifact(Path(model_dir))  # checked whole before anything is built
+    """Load the artifact and ready its network on the runtime `cpu_runtime` resolves to (see
+    imgclf.serving.runtime; GPUs always run torch). On ONNX Runtime, the artifact's own graph
+    when it is current (no network is built, nothing exported: imgclf.graph); otherwise the
+    weights (weights_only) are built into the network it describes and exported here."""
+    model_dir = Path(model_dir)
+    config, labels = artifacts.read_description(model_dir)  # checked before anything is built
+    pre = Preprocess.from_dict(config["preprocess"])
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    transform = eval_crop(pre)
+    thresholds = config.get("thresholds")
+    thresholds = tuple(float(t) for t in thresholds) if thresholds is not None else None
+    temperature = float(config.get("temperature", 1.0))
+    chosen = runtime.resolve(
+        cpu_runtime, device, onnxruntime_available=runtime.onnxruntime_installed()
+    )
+    if chosen == runtime.ONNXRUNTIME:
+        forward, why = runtime.prebuilt_forward(model_dir, config, threads=torch.get_num_threads())
+        if forward is not None:
+            log.info("serving the artifact's own ONNX graph")
+            return LoadedModel(
+                None, labels, pre, transform, device, forward, temperature, thresholds
+            )
+        log.info("exporting the network to ONNX here: %s", why)
+    return _eager(model_dir, device, cpu_runtime, transform)
+
+
+def _eager(model_dir: Path, device: torch.device, cpu_runtime: str, transform) -> LoadedModel:
+    """The network built from model.pt, on `device`, on the runtime `cpu_runtime` resolves to
+    (an ONNX graph exported from it, checked against it)."""
+    from imgclf import models  # torchvision: only where a network is built
+
+    art = artifacts.load_artifact(model_dir)
     arch, pre = art.arch, art.preprocess
     model = models.build_model(arch, len(art.labels))
     try:
@@ -95,7 +127,6 @@ def model_fn(
             f"model artifact {model_dir}: model.pt does not fit {arch} with "
             f"{len(art.labels)} classes ({first})"
         ) from None
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device).eval()
     forward = runtime.build_forward(
         model,
@@ -104,7 +135,6 @@ def model_fn(
         image_size=pre.image_size,
         normalize=(pre.mean, pre.std),
     )
-    transform = eval_transform(pre, normalize=False)
     thresholds = tuple(art.thresholds) if art.thresholds is not None else None
     return LoadedModel(
         model, art.labels, pre, transform, device, forward, art.temperature, thresholds
@@ -336,7 +366,7 @@ def parse_options(
 def prepare(images: list[Image.Image], loaded: LoadedModel) -> torch.Tensor:
     """Images → the model's uint8 input batch [N, 3, size, size] (small: the decoded images
     can be dropped as soon as this returns)."""
-    return torch.stack([loaded.transform(image) for image in images])
+    return torch.from_numpy(np.stack([loaded.transform(image) for image in images]))
 
 
 @torch.inference_mode()

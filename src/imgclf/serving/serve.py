@@ -47,20 +47,41 @@ BACKEND_GRACE_S = 3.0  # MMS's worker parent gone this long: restart MMS
 
 
 def preflight(model_dir: Path, *, cpu_runtime: str = "auto") -> None:
-    """Load the model and predict once on a blank image, in this process, before MMS starts:
-    a broken artifact (or an unknown runtime) fails the endpoint's creation instead of
-    answering 500s. With `auto` the network runs on eager PyTorch here: the ONNX export and
-    its parity probe are made once, by each worker (a failed one falls back to PyTorch there,
-    as it would here), instead of once more in this process (imports and preflight went from
-    11.6 s to 4.8 s for a ResNet-50 on 2 busy CPUs, benchmarks/startup.py). An explicit
-    `onnxruntime` is exported here too, so a model that cannot run on it fails the start with
-    the reason."""
-    from imgclf.serving import inference, runtime
+    """Check the model in this process before MMS starts: a broken artifact (or an unknown
+    runtime) fails the endpoint's creation instead of answering 500s.
+
+    An artifact that carries its ONNX graph, current for its model.pt (imgclf.graph:
+    model_config.json and labels.json checked, the record's hashes those of model.pt and
+    model.onnx, no external data), is checked that far here, without torch: each worker then
+    loads the graph, checks it on the recorded probe on this CPU and predicts once, and a worker
+    that cannot (nor fall back to eager PyTorch) fails the start at once with its reason
+    (ModelServer.start). This is what took a ResNet-50's cold start from 17 s to the figure in
+    benchmarks/README.md (startup.py): no torch import nor load in serve, no export in the
+    worker. Otherwise the network is loaded and predicts once here, as before: on eager PyTorch
+    under `auto` (the worker exports and probes the ONNX graph itself, falling back to PyTorch
+    as it would here), exported under an explicit `onnxruntime`, so a model that cannot run on
+    it fails the start with the reason."""
+    from imgclf import artifacts, graph
+    from imgclf.serving import runtime
 
     # The choice is checked (an unknown one, or onnxruntime not installed) before any load.
-    chosen = runtime.resolve(
-        cpu_runtime, torch_device(), onnxruntime_available=runtime.onnxruntime_installed()
-    )
+    installed = runtime.onnxruntime_installed()
+    runtime.check_choice(cpu_runtime, onnxruntime_available=installed)
+    if cpu_runtime != runtime.TORCH and installed:
+        config, labels = artifacts.read_description(model_dir)
+        found = graph.current_graph(model_dir, config)
+        if not isinstance(found, str):
+            log.info(
+                "model at %s: %d classes, its ONNX graph current for its model.pt (preflight "
+                "done; each worker checks the graph on this CPU)",
+                model_dir,
+                len(labels),
+            )
+            return
+        log.info("preflight on eager PyTorch (%s)", found)
+    from imgclf.serving import inference
+
+    chosen = runtime.resolve(cpu_runtime, torch_device(), onnxruntime_available=installed)
     if cpu_runtime == runtime.AUTO and chosen == runtime.ONNXRUNTIME:
         cpu_runtime = runtime.TORCH
     loaded = inference.model_fn(model_dir, cpu_runtime=cpu_runtime)
