@@ -214,22 +214,40 @@ def _read_bounded(path: Path, limit: int) -> bytes:
     return data
 
 
-def current_graph(model_dir: Path, config: dict[str, Any]) -> tuple[bytes, np.ndarray] | str:
-    """(model.onnx's bytes, the recorded probe logits) when the artifact's graph may be served
-    for model.pt and `config` (model_config.json, checked), else why not, in a few words."""
-    model_dir = Path(model_dir)
+def graph_record_problem(model_dir: Path, config: dict[str, Any]) -> str | None:
+    """Why the artifact's graph record does not describe this model_config.json (or is
+    missing, a link, unreadable), else None: the cheap part of `current_graph`, without
+    hashing (serve's preflight; each worker checks the rest)."""
+    found = _record(Path(model_dir), config)
+    return found if isinstance(found, str) else None
+
+
+def _record(model_dir: Path, config: dict[str, Any]) -> dict[str, Any] | str:
     graph_path, record_path = model_dir / GRAPH_FILE, model_dir / GRAPH_RECORD_FILE
     if not graph_path.exists() and not record_path.exists():
         return "the artifact carries no ONNX graph"
     try:
         record = json.loads(_read_bounded(record_path, MAX_RECORD_BYTES))
-        if not isinstance(record, dict) or record.get("format") != GRAPH_FORMAT:
-            return f"{GRAPH_RECORD_FILE} is not a format {GRAPH_FORMAT} record"
-        if {k: record.get(k) for k in description(config)} != description(config):
-            return f"{GRAPH_RECORD_FILE} describes another model_config.json"
+    except (OSError, ValueError, TypeError) as exc:  # unreadable, a link, not JSON, too big
+        return f"the graph cannot be read ({reason(exc)})"
+    if not isinstance(record, dict) or record.get("format") != GRAPH_FORMAT:
+        return f"{GRAPH_RECORD_FILE} is not a format {GRAPH_FORMAT} record"
+    if {k: record.get(k) for k in description(config)} != description(config):
+        return f"{GRAPH_RECORD_FILE} describes another model_config.json"
+    return record
+
+
+def current_graph(model_dir: Path, config: dict[str, Any]) -> tuple[bytes, np.ndarray] | str:
+    """(model.onnx's bytes, the recorded probe logits) when the artifact's graph may be served
+    for model.pt and `config` (model_config.json, checked), else why not, in a few words."""
+    model_dir = Path(model_dir)
+    record = _record(model_dir, config)
+    if isinstance(record, str):
+        return record
+    try:
         if record.get("model_sha256") != file_sha256(model_dir / MODEL_FILE):
             return f"the graph was made from another {MODEL_FILE}"
-        graph = _read_bounded(graph_path, MAX_GRAPH_BYTES)
+        graph = _read_bounded(model_dir / GRAPH_FILE, MAX_GRAPH_BYTES)
         if record.get("graph_sha256") != hashlib.sha256(graph).hexdigest():
             return f"{GRAPH_FILE} is not the graph its record names"
         probe = record.get("probe") or {}
@@ -239,7 +257,7 @@ def current_graph(model_dir: Path, config: dict[str, Any]) -> tuple[bytes, np.nd
             np.isfinite(logits).all()
         ):
             return f"{GRAPH_RECORD_FILE}'s probe is not {wanted[0]} rows of finite logits"
-    except (OSError, ValueError, TypeError) as exc:  # unreadable, a link, not JSON, too big
+    except (OSError, ValueError, TypeError) as exc:  # unreadable, a link, not numbers, too big
         return f"the graph cannot be read ({reason(exc)})"
     problem = external_data_problem(graph)
     return problem if problem is not None else (graph, logits)

@@ -30,6 +30,17 @@ from imgclf.serving.settings import Settings, read_settings
 
 log = logging.getLogger("imgclf.serving")
 
+
+def _process_age_s() -> float:
+    """Seconds since this process started (psutil's create time; 0 when unknown)."""
+    import psutil
+
+    try:
+        return max(0.0, time.time() - psutil.Process().create_time())
+    except psutil.Error:
+        return 0.0
+
+
 _INTERNAL = protocol.error_body(
     "internal error while predicting", "the endpoint's log has the details"
 )
@@ -81,6 +92,8 @@ class HandlerService:
             raise
 
     def _initialize(self, context) -> None:
+        # Python, MMS's worker and our imports (torch: 1.8 s on 2 CPUs) come before this.
+        started, began = _process_age_s(), time.perf_counter()
         self.settings = read_settings(os.environ)
         workers = int(os.environ.get(MMS_WORKERS_ENV, "1"))
         threads = inference.torch_threads(workers)
@@ -103,7 +116,14 @@ class HandlerService:
             # softmax, top-k) is tiny, and idle OpenMP threads spinning would take CPU from it.
             torch.set_num_threads(1)
         inference.check_prediction(self.loaded)  # as serve's preflight does
-        log.info("model loaded from %s on %s (%s)", model_dir, device, self.loaded.forward.runtime)
+        log.info(
+            "model loaded from %s on %s (%s): worker up %.2f s, model %.2f s",
+            model_dir,
+            device,
+            self.loaded.forward.runtime,
+            started,
+            time.perf_counter() - began,
+        )
         mark_loaded(os.environ.get(WORKER_LOADED_DIR_ENV), context.model_name)
 
     def handle(self, data, context):

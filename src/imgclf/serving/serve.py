@@ -50,17 +50,18 @@ def preflight(model_dir: Path, *, cpu_runtime: str = "auto") -> None:
     """Check the model in this process before MMS starts: a broken artifact (or an unknown
     runtime) fails the endpoint's creation instead of answering 500s.
 
-    An artifact that carries its ONNX graph, current for its model.pt (imgclf.graph:
-    model_config.json and labels.json checked, the record's hashes those of model.pt and
-    model.onnx, no external data), is checked that far here, without torch: each worker then
-    loads the graph, checks it on the recorded probe on this CPU and predicts once, and a worker
-    that cannot (nor fall back to eager PyTorch) fails the start at once with its reason
-    (ModelServer.start). This is what took a ResNet-50's cold start from 17 s to the figure in
-    benchmarks/README.md (startup.py): no torch import nor load in serve, no export in the
-    worker. Otherwise the network is loaded and predicts once here, as before: on eager PyTorch
-    under `auto` (the worker exports and probes the ONNX graph itself, falling back to PyTorch
-    as it would here), exported under an explicit `onnxruntime`, so a model that cannot run on
-    it fails the start with the reason."""
+    An artifact that carries an ONNX graph recorded for its model_config.json (imgclf.graph) is
+    checked here without torch: model_config.json and labels.json, and the graph's record.
+    Each worker then checks the rest (the record's hashes those of model.pt and model.onnx, no
+    external data), loads the graph, checks it on the recorded probe on this CPU and predicts
+    once; with a stale or failing graph it exports its own from model.pt or serves eager
+    PyTorch, as without one; and a worker that cannot load the model at all fails the start at
+    once with its reason (ModelServer.start). This is what took a ResNet-50's cold start from
+    17 s to the figure in benchmarks/README.md (startup.py): no torch import nor load in serve,
+    no export in the worker, each file hashed once. Otherwise the network is loaded and predicts
+    once here, as before: on eager PyTorch under `auto` (the worker exports and probes the ONNX
+    graph itself, falling back to PyTorch as it would here), exported under an explicit
+    `onnxruntime`, so a model that cannot run on it fails the start with the reason."""
     from imgclf import artifacts, graph
     from imgclf.serving import runtime
 
@@ -69,16 +70,16 @@ def preflight(model_dir: Path, *, cpu_runtime: str = "auto") -> None:
     runtime.check_choice(cpu_runtime, onnxruntime_available=installed)
     if cpu_runtime != runtime.TORCH and installed:
         config, labels = artifacts.read_description(model_dir)
-        found = graph.current_graph(model_dir, config)
-        if not isinstance(found, str):
+        problem = graph.graph_record_problem(model_dir, config)
+        if problem is None:
             log.info(
-                "model at %s: %d classes, its ONNX graph current for its model.pt (preflight "
-                "done; each worker checks the graph on this CPU)",
+                "model at %s: %d classes, an ONNX graph recorded for it (preflight done; each "
+                "worker checks the graph against model.pt and on this CPU)",
                 model_dir,
                 len(labels),
             )
             return
-        log.info("preflight on eager PyTorch (%s)", found)
+        log.info("preflight on eager PyTorch (%s)", problem)
     from imgclf.serving import inference
 
     chosen = runtime.resolve(cpu_runtime, torch_device(), onnxruntime_available=installed)
