@@ -247,7 +247,7 @@ def stage_times(model_dir: Path, images: list[bytes], cpu_runtime: str, rounds: 
             t2 = time.perf_counter()
             logits = loaded.forward(batch)
             t3 = time.perf_counter()
-            probs = torch.softmax(logits, dim=1)
+            probs = inference.softmax(logits)
             inference.output_fn(probs, loaded.labels, accept=None, options=options, batch=False)
             t4 = time.perf_counter()
             if index >= len(images):  # the first round warms up

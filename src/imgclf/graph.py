@@ -44,8 +44,14 @@ def probe_images(image_size: int) -> np.ndarray:
     return rng.integers(0, 256, shape, dtype=np.uint8)
 
 
+def _numpy(values) -> np.ndarray:
+    if hasattr(values, "detach"):  # a CPU tensor
+        values = values.detach().cpu().numpy()
+    return np.asarray(values)
+
+
 def softmax(logits) -> np.ndarray:
-    values = np.asarray(logits, dtype=np.float64)
+    values = _numpy(logits).astype(np.float64)
     values = values - values.max(axis=1, keepdims=True)
     exp = np.exp(values)
     return exp / exp.sum(axis=1, keepdims=True)
@@ -54,7 +60,7 @@ def softmax(logits) -> np.ndarray:
 def parity_problem(reference, candidate) -> str | None:
     """Why `candidate` logits do not stand in for `reference` logits (same top-1, every
     probability within PARITY_ATOL), or None when they do. Arrays or CPU tensors."""
-    reference, candidate = np.asarray(reference), np.asarray(candidate)
+    reference, candidate = _numpy(reference), _numpy(candidate)
     if candidate.shape != reference.shape:
         return f"output shape {tuple(candidate.shape)} instead of {tuple(reference.shape)}"
     ref, cand = softmax(reference), softmax(candidate)

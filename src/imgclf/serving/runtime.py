@@ -22,7 +22,9 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from imgclf import graph as artifact_graph
 from imgclf.contract import CPU_RUNTIME_ENV
@@ -44,14 +46,22 @@ PROBE_BATCH = artifact_graph.PROBE_IMAGES  # images in the parity probe
 
 @dataclass(frozen=True)
 class Forward:
-    """A network ready to run: NCHW batch on the CPU (float32, or uint8 when built with
-    `normalize`) → logits, float32 on the CPU."""
+    """A network ready to run: NCHW batch on the CPU, a NumPy array or a CPU tensor (float32,
+    or uint8 when built with `normalize`) → logits, a float32 NumPy array. NumPy on both sides,
+    so a worker serving an ONNX graph never imports torch."""
 
     runtime: str
-    run: Callable[[torch.Tensor], torch.Tensor]
+    run: Callable[[Any], np.ndarray]
 
-    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+    def __call__(self, batch) -> np.ndarray:
         return self.run(batch)
+
+
+def _array(batch) -> np.ndarray:
+    """A CPU tensor or an array → a C-contiguous NumPy array (no copy when it is one)."""
+    if hasattr(batch, "detach"):
+        batch = batch.detach().cpu().numpy()
+    return np.ascontiguousarray(batch)
 
 
 def onnxruntime_installed() -> bool:
@@ -73,12 +83,13 @@ def check_choice(choice: str, *, onnxruntime_available: bool) -> None:
         )
 
 
-def resolve(choice: str, device: torch.device, *, onnxruntime_available: bool) -> str:
+def resolve(choice: str, device: torch.device | str, *, onnxruntime_available: bool) -> str:
     """Which runtime serves: `choice` is auto | torch | onnxruntime (CPU_RUNTIME_ENV).
-    GPU endpoints keep torch on the GPU; `auto` means ONNX Runtime on CPU when installed."""
+    GPU endpoints keep torch on the GPU; `auto` means ONNX Runtime on CPU when installed.
+    `device`: a torch.device, or its type ("cpu")."""
     if choice not in RUNTIMES:
         check_choice(choice, onnxruntime_available=onnxruntime_available)
-    if device.type != "cpu" or choice == TORCH:
+    if getattr(device, "type", device) != "cpu" or choice == TORCH:
         return TORCH
     check_choice(choice, onnxruntime_available=onnxruntime_available)
     return ONNXRUNTIME if onnxruntime_available else TORCH
@@ -92,9 +103,9 @@ def torch_forward(model: torch.nn.Module, device: torch.device) -> Forward:
     model = model.to(memory_format=torch.channels_last)
 
     @torch.inference_mode()
-    def run(batch: torch.Tensor) -> torch.Tensor:
-        batch = batch.to(device).contiguous(memory_format=torch.channels_last)
-        return model(batch).float().cpu()
+    def run(batch) -> np.ndarray:
+        batch = torch.as_tensor(batch).to(device).contiguous(memory_format=torch.channels_last)
+        return model(batch).float().cpu().numpy()
 
     return Forward(TORCH, run)
 
@@ -102,14 +113,12 @@ def torch_forward(model: torch.nn.Module, device: torch.device) -> Forward:
 def onnxruntime_forward(graph: bytes, threads: int) -> Forward:
     """An ONNX Runtime CPU session over `graph` with `threads` intra-op threads."""
     import onnxruntime as ort
-    import torch
 
     session = artifact_graph.new_session(ort, graph, threads)
     name = session.get_inputs()[0].name
 
-    def run(batch: torch.Tensor) -> torch.Tensor:
-        array = batch.detach().cpu().contiguous().numpy()
-        return torch.from_numpy(session.run(None, {name: array})[0])
+    def run(batch) -> np.ndarray:
+        return session.run(None, {name: _array(batch)})[0]
 
     return Forward(ONNXRUNTIME, run)
 
@@ -136,7 +145,6 @@ def prebuilt_forward(
     """(ONNX Runtime over the artifact's own graph, None) when it is current for model.pt
     (imgclf.graph.current_graph) and agrees on this CPU with the eager logits its record holds;
     else (None, why not)."""
-    import torch
 
     found = artifact_graph.current_graph(model_dir, config)
     if isinstance(found, str):
@@ -144,7 +152,7 @@ def prebuilt_forward(
     graph, reference = found
     try:
         candidate = onnxruntime_forward(graph, threads)
-        probe = torch.from_numpy(artifact_graph.probe_images(config["preprocess"]["image_size"]))
+        probe = artifact_graph.probe_images(config["preprocess"]["image_size"])
         problem = parity_problem(reference, candidate(probe))
     except Exception as exc:  # ONNX Runtime refused the graph: say why, export as without one
         problem = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
