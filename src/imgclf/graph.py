@@ -221,11 +221,19 @@ def _read_bounded(path: Path, limit: int) -> bytes:
 
 
 def graph_record_problem(model_dir: Path, config: dict[str, Any]) -> str | None:
-    """Why the artifact's graph record does not describe this model_config.json (or is
-    missing, a link, unreadable), else None: the cheap part of `current_graph`, without
-    hashing (serve's preflight; each worker checks the rest)."""
-    found = _record(Path(model_dir), config)
-    return found if isinstance(found, str) else None
+    """Why the artifact's graph record does not name this model_config.json and model.pt (or
+    is missing, a link, unreadable), else None: the part of `current_graph` that vouches for
+    model.pt (serve's preflight; each worker checks the graph itself)."""
+    model_dir = Path(model_dir)
+    record = _record(model_dir, config)
+    if isinstance(record, str):
+        return record
+    try:
+        if record.get("model_sha256") != file_sha256(model_dir / MODEL_FILE):
+            return f"the graph was made from another {MODEL_FILE}"
+    except OSError as exc:
+        return f"{MODEL_FILE} cannot be read ({reason(exc)})"
+    return None
 
 
 def _record(model_dir: Path, config: dict[str, Any]) -> dict[str, Any] | str:

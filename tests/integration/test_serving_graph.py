@@ -57,6 +57,8 @@ def test_serve_uses_the_graph_only_while_it_is_current(home, tmp_path, stale):
     assert np.array_equal(served.argmax(1), expected.argmax(1))
     assert np.abs(served - expected).max() <= 1e-3
     assert ("serving the artifact's own ONNX graph" in log) is not stale
-    if stale:
-        assert "the graph was made from another model.pt" in log
-    assert "an ONNX graph recorded for it (preflight done" in log
+    if stale:  # the preflight loads model.pt itself, and the worker exports its own graph
+        assert "preflight on eager PyTorch (the graph was made from another model.pt)" in log
+        assert "exporting the network to ONNX here: the graph was made from another" in log
+    else:
+        assert "an ONNX graph recorded for it (preflight done" in log

@@ -50,18 +50,21 @@ def preflight(model_dir: Path, *, cpu_runtime: str = "auto") -> None:
     """Check the model in this process before MMS starts: a broken artifact (or an unknown
     runtime) fails the endpoint's creation instead of answering 500s.
 
-    An artifact that carries an ONNX graph recorded for its model_config.json (imgclf.graph) is
-    checked here without torch: model_config.json and labels.json, and the graph's record.
-    Each worker then checks the rest (the record's hashes those of model.pt and model.onnx, no
-    external data), loads the graph, checks it on the recorded probe on this CPU and predicts
-    once; with a stale or failing graph it exports its own from model.pt or serves eager
-    PyTorch, as without one; and a worker that cannot load the model at all fails the start at
-    once with its reason (ModelServer.start). This is what took a ResNet-50's cold start from
-    17 s to the figure in benchmarks/README.md (startup.py): no torch import nor load in serve,
-    no export in the worker, each file hashed once. Otherwise the network is loaded and predicts
-    once here, as before: on eager PyTorch under `auto` (the worker exports and probes the ONNX
-    graph itself, falling back to PyTorch as it would here), exported under an explicit
-    `onnxruntime`, so a model that cannot run on it fails the start with the reason."""
+    An artifact that carries an ONNX graph recorded for its model_config.json and model.pt
+    (imgclf.graph) is checked here without torch: model_config.json and labels.json, the
+    graph's record, and model.pt's sha256 against it (the weights the graph was made and
+    checked from, so a damaged model.pt is caught here, as on the eager path). Each worker then
+    checks the graph itself (its hash, no external data), loads it, checks it on the recorded
+    probe on this CPU and predicts once; with a graph that fails there it exports its own from
+    model.pt or serves eager PyTorch, as without one; a worker that cannot load the model at
+    all fails the start at once with its reason (ModelServer.start). This is what took a
+    ResNet-50's cold start from 17 s to the figure in benchmarks/README.md (startup.py): no
+    torch import nor load in serve, no torch nor export in the worker.
+
+    Otherwise the network is loaded and predicts once here, as before: on eager PyTorch under
+    `auto` (the worker exports and probes the ONNX graph itself, falling back to PyTorch as it
+    would here), exported under an explicit `onnxruntime`, so a model that cannot run on it
+    fails the start with the reason."""
     from imgclf import artifacts, graph
     from imgclf.serving import runtime
 
@@ -74,7 +77,7 @@ def preflight(model_dir: Path, *, cpu_runtime: str = "auto") -> None:
         if problem is None:
             log.info(
                 "model at %s: %d classes, an ONNX graph recorded for it (preflight done; each "
-                "worker checks the graph against model.pt and on this CPU)",
+                "worker checks the graph and its parity on this CPU)",
                 model_dir,
                 len(labels),
             )
