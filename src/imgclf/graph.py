@@ -106,12 +106,14 @@ def graph_record(
     }
 
 
-def write_graph(model_dir: Path) -> str | None:
-    """Export the artifact in `model_dir` to model.onnx and write its record: None when written,
-    else why not (a missing `onnx`, an export or parity failure: the endpoint then exports or
-    serves eager PyTorch, as without a graph). Checked with ONNX Runtime here when it is
-    installed; every endpoint checks again on its own CPU against the recorded logits."""
+def write_graph(model_dir: Path, *, into: Path | None = None) -> str | None:
+    """Export the artifact in `model_dir` to model.onnx and write its record (in `model_dir`, or
+    in the folder `into`): None when written, else why not (a missing `onnx`, an export or
+    parity failure: the endpoint then exports or serves eager PyTorch, as without a graph).
+    Checked with ONNX Runtime here when it is installed; every endpoint checks again on its
+    own CPU against the recorded logits."""
     model_dir = Path(model_dir)
+    out = Path(into) if into is not None else model_dir
     try:
         import torch
 
@@ -145,9 +147,9 @@ def write_graph(model_dir: Path) -> str | None:
     from imgclf.artifacts import atomic_write_bytes
 
     # The record last: until it names this graph, a reader finds a stale pair and ignores it.
-    atomic_write_bytes(model_dir / GRAPH_FILE, lambda handle: handle.write(graph))
+    atomic_write_bytes(out / GRAPH_FILE, lambda handle: handle.write(graph))
     atomic_write_bytes(
-        model_dir / GRAPH_RECORD_FILE, lambda handle: handle.write(json.dumps(record).encode())
+        out / GRAPH_RECORD_FILE, lambda handle: handle.write(json.dumps(record).encode())
     )
     return None
 
