@@ -93,7 +93,7 @@ class HandlerService:
             raise
 
     def _initialize(self, context) -> None:
-        # Python, MMS's worker and our imports (torch: 1.8 s on 2 CPUs) come before this.
+        # Python, MMS's worker and our imports come before this (no torch for a graph).
         started, began = _process_age_s(), time.perf_counter()
         self.settings = read_settings(os.environ)
         workers = int(os.environ.get(MMS_WORKERS_ENV, "1"))
