@@ -107,7 +107,7 @@ def main() -> None:
 
     diffs, times = {}, {f.runtime: [] for f in candidates}
     for forward in candidates:
-        probs = torch.softmax(forward(batch).float(), 1)
+        probs = torch.softmax(torch.as_tensor(forward(batch)).float(), 1)
         diffs[forward.runtime] = float((probs - reference).abs().max())
         forward(batch)
     for _ in range(args.rounds):

@@ -243,11 +243,11 @@ def stage_times(model_dir: Path, images: list[bytes], cpu_runtime: str, rounds: 
             t0 = time.perf_counter()
             decoded = inference.input_fn(body, "image/jpeg", draft=loaded.preprocess.resize_size)
             t1 = time.perf_counter()
-            batch = torch.stack([loaded.transform(image) for image in decoded])
+            batch = inference.prepare(decoded, loaded)
             t2 = time.perf_counter()
             logits = loaded.forward(batch)
             t3 = time.perf_counter()
-            probs = torch.softmax(logits, dim=1)
+            probs = inference.softmax(logits)
             inference.output_fn(probs, loaded.labels, accept=None, options=options, batch=False)
             t4 = time.perf_counter()
             if index >= len(images):  # the first round warms up

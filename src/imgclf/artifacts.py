@@ -1,5 +1,7 @@
-"""The model artifact (model.pt, labels.json, model_config.json, metrics.json) and atomic
-training checkpoints. Everything is loadable with `torch.load(weights_only=True)`."""
+"""The model artifact (model.pt, labels.json, model_config.json, metrics.json; model.onnx and
+its record from imgclf.graph) and atomic training checkpoints. Everything is loadable with
+`torch.load(weights_only=True)`. torch is imported where tensors are read or written, so the
+description's checks (`read_description`) cost an endpoint no torch import."""
 
 from __future__ import annotations
 
@@ -8,10 +10,9 @@ import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from imgclf import __version__
 from imgclf.config import ARCHITECTURES
@@ -20,6 +21,9 @@ from imgclf.contract import MODEL_CONFIG_FILE as CONFIG_FILE
 from imgclf.data.transforms import Preprocess
 from imgclf.errors import UserError, reason
 from imgclf.util import atomic_write, write_json
+
+if TYPE_CHECKING:
+    import torch
 
 ARTIFACT_FORMAT = 1
 # Readable by any user: SageMaker tars model/ with its modes, and whoever serves the unpacked
@@ -35,6 +39,8 @@ def atomic_write_bytes(path: Path, write) -> None:
 
 
 def atomic_save(obj: Any, path: Path) -> None:
+    import torch
+
     atomic_write_bytes(path, lambda handle: torch.save(obj, handle))
 
 
@@ -104,6 +110,17 @@ def load_artifact(model_dir: Path) -> ModelArtifact:
     names, shapes and dtypes. Any refusal is one UserError line naming the file, the key and
     what is accepted."""
     model_dir = Path(model_dir)
+    config, labels = read_description(model_dir)
+    where = f"model artifact {model_dir}"
+    state = _load_state(model_dir / MODEL_FILE, config["arch"], len(labels), where)
+    return ModelArtifact(state, labels, config)
+
+
+def read_description(model_dir: Path) -> tuple[dict[str, Any], list[str]]:
+    """(model_config.json, the labels in order), checked as load_artifact checks them (its
+    three files present, sizes, check_config, check_labels, the count agreeing); model.pt's
+    tensors are not read. No torch."""
+    model_dir = Path(model_dir)
     for name in (MODEL_FILE, LABELS_FILE, CONFIG_FILE):
         if not (model_dir / name).is_file():
             raise UserError(
@@ -121,8 +138,7 @@ def load_artifact(model_dir: Path) -> ModelArtifact:
             f"{where}: {LABELS_FILE} names {len(labels)} labels but {CONFIG_FILE} says "
             f"num_classes {config['num_classes']}; they must agree"
         )
-    state = _load_state(model_dir / MODEL_FILE, config["arch"], len(labels), where)
-    return ModelArtifact(state, labels, config)
+    return config, labels
 
 
 class ArtifactProblem(ValueError):
@@ -250,6 +266,8 @@ def _shown(value: Any, limit: int = 40) -> str:
 def _load_state(path: Path, arch: str, num_classes: int, where: str) -> dict[str, torch.Tensor]:
     """model.pt, refused by its size before it is read and by its tensors before any model
     is built from them."""
+    import torch
+
     from imgclf import models  # torchvision: only where an artifact is loaded
 
     layout = models.state_layout(arch, num_classes)
@@ -278,6 +296,8 @@ def _load_state(path: Path, arch: str, num_classes: int, where: str) -> dict[str
 
 
 def rng_state() -> dict[str, Any]:
+    import torch
+
     np_state = np.random.get_state()
     state = {
         "torch": torch.get_rng_state(),
@@ -295,6 +315,8 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    import torch
+
     torch.set_rng_state(state["torch"])
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
@@ -322,6 +344,8 @@ def load_checkpoint(checkpoint_dir: Path) -> dict[str, Any] | None:
     path = Path(checkpoint_dir) / CHECKPOINT_FILE
     if not path.is_file():
         return None
+    import torch
+
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:

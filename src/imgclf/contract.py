@@ -124,6 +124,12 @@ MODEL_FILE = "model.pt"  # the state_dict
 LABELS_FILE = "labels.json"  # {"0": label, ...}
 MODEL_CONFIG_FILE = "model_config.json"  # architecture, classes, preprocessing, calibration
 METRICS_FILE = "metrics.json"  # the job's summary (test metrics); also `evaluate`'s
+# The network as an ONNX graph (a protobuf, no pickles) and its record (which model.pt and
+# preprocessing it was exported from, its parity probe): made once with the artifact so an
+# endpoint need not export it at every start (imgclf.graph). Optional: without them, or when
+# they do not match model.pt, the endpoint exports the graph itself or serves eager PyTorch.
+GRAPH_FILE = "model.onnx"
+GRAPH_RECORD_FILE = "model_onnx.json"
 CHECKPOINT_FILE = "checkpoint.pt"  # in checkpoints/: what a resumed job starts from
 # output/data/:
 HISTORY_FILE = "history.json"  # one row per epoch

@@ -20,9 +20,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from imgclf import artifacts, engine, features, incremental, metrics, models, scores
+from imgclf import artifacts, engine, features, graph, incremental, metrics, models, scores
 from imgclf.config import TrainConfig, debug_stop_rules, parse_hyperparameters
 from imgclf.contract import (
+    GRAPH_FILE,
     NO_REPORT_ENV,
     SCAN_CACHE_ENV,
     TrainingContract,
@@ -798,6 +799,12 @@ class TrainingRun:
             config=model_config,
             metrics=summary,
         )
+        # The ONNX graph an endpoint serves, made once here rather than at every start.
+        why_not = graph.write_graph(layout.model_dir)
+        if why_not is None:
+            log.info("ONNX graph written beside the model (%s)", GRAPH_FILE)
+        else:
+            log.warning("no ONNX graph in the artifact (endpoints export it at start): %s", why_not)
         write_json(layout.history_file, self.state.history)
         write_json(layout.run_config_file, cfg.to_dict())
         write_json(

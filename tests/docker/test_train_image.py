@@ -23,8 +23,10 @@ def test_the_job_leaves_the_artifact_and_the_report(trained_job):
     assert sorted(p.name for p in model.iterdir()) == [
         "labels.json",
         "metrics.json",
+        "model.onnx",  # the ONNX graph an endpoint serves, made once (imgclf.graph)
         "model.pt",
         "model_config.json",
+        "model_onnx.json",
     ]
     # Readable by whoever serves the unpacked model.tar.gz.
     assert {stat.S_IMODE(p.stat().st_mode) for p in model.iterdir()} == {0o644}

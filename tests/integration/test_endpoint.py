@@ -55,6 +55,7 @@ def _jpeg_of(path: Path) -> bytes:
 
 def test_answers_match_predict_fn(endpoint, model_dir, tiny_digits):
     loaded = inference.model_fn(model_dir, device=torch.device("cpu"))
+    assert loaded.model is None  # training left its ONNX graph: served as it is, no export
     files = sorted((tiny_digits / "test").rglob("*.png"))[:3]
     payloads = [("image/png", f.read_bytes()) for f in files[:2]] + [
         ("image/jpeg", _jpeg_of(files[2]))

@@ -48,7 +48,7 @@ def test_features_are_computed_once_and_the_saved_model_serves_what_was_measured
     loaded = model_fn(tmp_path / "jobs" / "second" / "model", torch.device("cpu"))
     scan = scan_split("test", tiny_digits / "test")
     images = [open_image(path) for path, _ in scan.samples]
-    predicted = predict_fn(images, loaded).argmax(dim=1)
+    predicted = torch.from_numpy(predict_fn(images, loaded).argmax(axis=1))
     targets = torch.tensor([t for _, t in scan.samples])
     correct = int((predicted == targets).sum())
     assert correct == round(second["test_acc"] * second["test_images"]), correct

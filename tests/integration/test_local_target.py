@@ -116,8 +116,10 @@ def test_two_processes_under_torchrun_write_one_artifact(tmp_path, tiny_digits):
     assert sorted(p.name for p in model.iterdir()) == [
         "labels.json",
         "metrics.json",
+        "model.onnx",  # the ONNX graph an endpoint serves, made once (imgclf.graph)
         "model.pt",
         "model_config.json",
+        "model_onnx.json",
     ]
     metrics = json.loads((model / "metrics.json").read_text())
     assert metrics["test_images"] == 40  # every test image counted once across both ranks

@@ -32,8 +32,9 @@ def test_the_light_verbs_import_no_torch(tmp_path):
         assert "torch" not in imported, f"launch.py {verb} imports torch"
         if verb == "tune --status":
             assert "0.30000" in proc.stdout and "lr=0.003" in proc.stdout, proc.stdout
-    # The check sees torch when it is imported (the model artifact's module needs it).
-    _, imported = imported_by("-c", "import imgclf.artifacts")
+    # The check sees torch when it is imported (the network's module needs it; the artifact's
+    # own no longer does: imgclf.artifacts imports torch where tensors are read or written).
+    _, imported = imported_by("-c", "import imgclf.models")
     assert "torch" in imported
 
 

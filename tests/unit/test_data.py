@@ -1,3 +1,5 @@
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +17,7 @@ from imgclf.data.loaders import (
     class_weights,
 )
 from imgclf.data.scan import image_problem, label_name, list_split, scan_dataset, scan_split
-from imgclf.data.transforms import Preprocess, eval_transform, train_transform
+from imgclf.data.transforms import Preprocess, eval_crop, eval_transform, train_transform
 from imgclf.errors import DataError
 from tests.conftest import write_odd_images
 
@@ -312,3 +314,34 @@ def test_training_reads_no_image_over_the_bound(tmp_path):
     assert dataset[0] == ((20, 20), 0)
     with pytest.raises(DataError, match=r"deep16.png could not be read .* over the bound of 1000"):
         dataset[1]
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic", "nearest"])
+@pytest.mark.parametrize("size", [(40, 40), (300, 197), (97, 512), (224, 256), (1001, 3)])
+def test_the_torch_free_eval_crop_is_torchvisions_resize_and_center_crop(interpolation, size):
+    from torchvision import transforms as tvt
+
+    pre = Preprocess(224, 256, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), interpolation)
+    rng = np.random.default_rng(sum(size))
+    image = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    reference = tvt.Compose(
+        [
+            tvt.Resize(pre.resize_size, interpolation=pre.mode, antialias=True),
+            tvt.CenterCrop(pre.image_size),
+            tvt.PILToTensor(),
+        ]
+    )(image)
+    ours = eval_crop(pre)(image)
+    assert ours.dtype == np.uint8 and ours.shape == (3, 224, 224)
+    assert np.array_equal(ours, reference.numpy())
+
+
+def test_the_endpoints_preprocessing_imports_no_torch():
+    code = (
+        "import sys; from PIL import Image; from imgclf.data.transforms import Preprocess, "
+        "eval_crop; pre = Preprocess(32, 36, (0.5,) * 3, (0.25,) * 3); "
+        "eval_crop(pre)(Image.new('RGB', (50, 40))); "
+        "print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -36,6 +36,8 @@ LAYERS = {
             "metrics",
             "scores",
             "incremental",
+            "graph",
+            "export",
         ],
         2,
     ),

@@ -69,22 +69,34 @@ def test_the_private_store_holds_the_artifacts_files_and_nothing_else(tmp_path):
     (model / "MAR-INF").mkdir()
     (model / "MAR-INF" / "MANIFEST.json").write_text('{"model": {"handler": "evil"}}')
     (model / "handler.py").write_text("raise SystemExit\n")
-    for name, text in (("model.pt", "w"), ("labels.json", "{}"), ("model_config.json", "{}")):
-        (model / name).write_text(text)
+    (model / "model.onnx.data").write_text("external weights: never copied")
+    for name in mms.ARTIFACT_FILES:  # model.onnx and model_onnx.json included
+        (model / name).write_text("{}" if name.endswith(".json") else "w")
     copy = mms.private_store(model, tmp_path / "store")
     assert copy == tmp_path / "store" / mms.MODEL_NAME
     assert sorted(p.name for p in copy.iterdir()) == sorted(mms.ARTIFACT_FILES)
     assert (copy / "labels.json").read_text() == "{}" and not (copy / "model.pt").is_symlink()
 
 
-def test_the_private_store_never_follows_a_link(tmp_path):
+@pytest.mark.parametrize("name", ["labels.json", "model.onnx", "model_onnx.json"])
+def test_the_private_store_never_follows_a_link(tmp_path, name):
     model = tmp_path / "model"
     model.mkdir()
     secret = tmp_path / "secret"
     secret.write_text("password")
-    (model / "labels.json").symlink_to(secret)
-    with pytest.raises(ValueError, match="labels.json.*not links"):
+    (model / name).symlink_to(secret)
+    with pytest.raises(ValueError, match=f"{name}.*not links"):
         mms.private_store(model, tmp_path / "store")
+
+
+def test_the_private_store_leaves_out_an_artifact_without_a_graph(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    for name in ("model.pt", "labels.json", "model_config.json"):
+        (model / name).write_text("x")
+    copy = mms.private_store(model, tmp_path / "store")
+    names = sorted(p.name for p in copy.iterdir())
+    assert names == ["labels.json", "model.pt", "model_config.json"]
 
 
 def test_mms_answers_say_what_happened():

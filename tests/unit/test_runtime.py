@@ -104,8 +104,8 @@ def test_onnxruntime_gives_eager_pytorchs_answers_on_every_test_image(digits_mod
     chunks = [images[:1]] + [
         images[i : i + inference.MAX_IMAGES] for i in range(1, len(images), inference.MAX_IMAGES)
     ]
-    reference = torch.cat([inference.predict_fn(chunk, eager) for chunk in chunks])
-    candidate = torch.cat([inference.predict_fn(chunk, onnx) for chunk in chunks])
+    reference = torch.cat([torch.from_numpy(inference.predict_fn(c, eager)) for c in chunks])
+    candidate = torch.cat([torch.from_numpy(inference.predict_fn(c, onnx)) for c in chunks])
 
     labelled = torch.tensor([label is not None for _, _, label in cases])
     targets = torch.tensor([label or 0 for _, _, label in cases])
@@ -161,7 +161,7 @@ def test_a_network_onnxruntime_cannot_run_falls_back_to_torch_or_fails_when_aske
     assert "ONNX Runtime path not used" in caplog.text
     batch = runtime.probe_batch(8)
     with torch.inference_mode():
-        assert torch.allclose(forward(batch), net(batch))
+        assert torch.allclose(torch.from_numpy(forward(batch)), net(batch))
     with pytest.raises(UserError, match="cannot run on ONNX Runtime.*IMGCLF_CPU_RUNTIME=torch"):
         runtime.build_forward(net, cpu, choice="onnxruntime", image_size=8)
 

@@ -10,7 +10,12 @@ import pytest
 
 from imgclf import archives
 from imgclf.errors import UserError
-from imgclf.targets.sagemaker.s3 import download_archive, download_job_output, downloaded
+from imgclf.targets.sagemaker.s3 import (
+    download_archive,
+    download_job_output,
+    downloaded,
+    pack_model,
+)
 from tests.unit.test_archives import _Zeros, add_file, add_link
 
 BUCKET = "imgclf-test"
@@ -98,3 +103,27 @@ def test_a_sagemaker_jobs_hostile_model_archive_is_refused_in_one_line(
     assert "\n" not in str(exc.value)
     assert not (dest / "model").exists()
     assert list(dest.iterdir()) == []  # nothing half-unpacked, no temporary file
+
+
+def test_a_packed_model_carries_its_onnx_graph_made_once_and_the_folder_is_left_alone(tmp_path):
+    from imgclf import artifacts, graph
+    from tests.conftest import random_model
+
+    model = random_model(tmp_path / "model", ["001.cat", "002.dog"])
+    before = sorted(p.name for p in model.iterdir())
+    archive = tmp_path / "model.tar.gz"
+    archive.write_bytes(pack_model(model))
+    assert sorted(p.name for p in model.iterdir()) == before  # nothing written there
+    unpacked = tmp_path / "unpacked"
+    with tarfile.open(archive) as tar:
+        tar.extractall(unpacked, filter="data")
+    assert {"model.onnx", "model_onnx.json"} <= {p.name for p in unpacked.iterdir()}
+    config, _ = artifacts.read_description(unpacked)
+    assert not isinstance(graph.current_graph(unpacked, config), str)
+    # A folder whose graph is current is packed as it is (no second export).
+    assert graph.write_graph(model) is None
+    again = tmp_path / "again.tar.gz"
+    again.write_bytes(pack_model(model))
+    with tarfile.open(again) as tar:
+        packed = tar.extractfile("model.onnx").read()
+    assert packed == (model / "model.onnx").read_bytes()

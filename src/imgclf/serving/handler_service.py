@@ -14,11 +14,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from imgclf import processes, util
 from imgclf.contract import (
@@ -29,6 +30,17 @@ from imgclf.serving import inference, protocol, runtime
 from imgclf.serving.settings import Settings, read_settings
 
 log = logging.getLogger("imgclf.serving")
+
+
+def _process_age_s() -> float:
+    """Seconds since this process started (psutil's create time; 0 when unknown)."""
+    import psutil
+
+    try:
+        return max(0.0, time.time() - psutil.Process().create_time())
+    except psutil.Error:
+        return 0.0
+
 
 _INTERNAL = protocol.error_body(
     "internal error while predicting", "the endpoint's log has the details"
@@ -81,29 +93,38 @@ class HandlerService:
             raise
 
     def _initialize(self, context) -> None:
+        # Python, MMS's worker and our imports come before this (no torch for a graph).
+        started, began = _process_age_s(), time.perf_counter()
         self.settings = read_settings(os.environ)
         workers = int(os.environ.get(MMS_WORKERS_ENV, "1"))
         threads = inference.torch_threads(workers)
-        torch.set_num_threads(threads)
         if threads > 1:
             # At most `threads` requests' decoded images are held at once (one each).
             self._pool = ThreadPoolExecutor(threads, thread_name_prefix="decode")
         model_dir = context.system_properties.get("model_dir")
         gpu = context.system_properties.get("gpu_id")
-        device = (
-            torch.device("cuda", int(gpu))
-            if gpu is not None and torch.cuda.is_available()
-            else torch.device("cpu")
-        )
+        device = "cpu"  # decided without torch: MMS names a GPU only where there is one
+        if gpu is not None:
+            import torch
+
+            if torch.cuda.is_available():
+                device = torch.device("cuda", int(gpu))
         self.loaded = inference.model_fn(
-            model_dir, device=device, cpu_runtime=self.settings.cpu_runtime
+            model_dir, device=device, cpu_runtime=self.settings.cpu_runtime, threads=threads
         )
-        if self.loaded.forward.runtime == runtime.ONNXRUNTIME:
-            # ONNX Runtime has its own threads; what is left for torch (stacking crops,
-            # softmax, top-k) is tiny, and idle OpenMP threads spinning would take CPU from it.
-            torch.set_num_threads(1)
+        if self.loaded.forward.runtime == runtime.ONNXRUNTIME and "torch" in sys.modules:
+            # ONNX Runtime has its own threads; idle OpenMP threads of a torch loaded for an
+            # export would spin and take CPU from it.
+            sys.modules["torch"].set_num_threads(1)
         inference.check_prediction(self.loaded)  # as serve's preflight does
-        log.info("model loaded from %s on %s (%s)", model_dir, device, self.loaded.forward.runtime)
+        log.info(
+            "model loaded from %s on %s (%s): worker up %.2f s, model %.2f s",
+            model_dir,
+            device,
+            self.loaded.forward.runtime,
+            started,
+            time.perf_counter() - began,
+        )
         mark_loaded(os.environ.get(WORKER_LOADED_DIR_ENV), context.model_name)
 
     def handle(self, data, context):
@@ -137,7 +158,7 @@ class HandlerService:
         read = time.perf_counter()
         if work:
             try:
-                crops = work[0][1] if len(work) == 1 else torch.cat([w[1] for w in work])
+                crops = work[0][1] if len(work) == 1 else np.concatenate([w[1] for w in work])
                 probs = inference.predict_batch(crops, loaded)
                 predicted = time.perf_counter()
                 start = 0

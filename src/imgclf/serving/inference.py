@@ -1,6 +1,8 @@
 """The endpoint's four functions, pure and testable alone: model_fn (artifact → model),
 input_fn (request body → images), predict_fn (images → probabilities), output_fn
 (probabilities → response body). Bad input raises RequestError (a 4xx with a hint).
+Crops, logits and probabilities are NumPy arrays: a worker serving the artifact's ONNX graph
+imports no torch (1.8 s of its start on 2 CPUs); torch is imported where a network is built.
 
 Work per request is bounded before anything is decoded: the pixels every image will decode to
 (after the JPEG draft) and the pixels the eval transform's resize will produce are counted from
@@ -16,13 +18,14 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+import numpy as np
 from PIL import Image
 
-from imgclf import artifacts, models
+from imgclf import artifacts
 from imgclf.data.decode import PIXEL_WEIGHT, open_image
-from imgclf.data.transforms import Preprocess, eval_transform
+from imgclf.data.transforms import Preprocess, eval_crop
 from imgclf.errors import UserError
 from imgclf.serving import runtime
 from imgclf.serving.protocol import (
@@ -47,16 +50,21 @@ from imgclf.serving.protocol import (
 )
 from imgclf.util import cpu_count, parse_bool
 
+if TYPE_CHECKING:
+    import torch
+
 log = logging.getLogger("imgclf.serving")
 
 
 @dataclass(frozen=True)
 class LoadedModel:
-    model: torch.nn.Module  # the eager network (what `forward` was built from and checked on)
+    # the eager network (what `forward` was built from and checked on); None when `forward` is
+    # the artifact's own ONNX graph (checked against the eager logits its record holds)
+    model: torch.nn.Module | None
     labels: list[str]
     preprocess: Preprocess
-    transform: object  # image → uint8 CHW crop (training's eval transform, before Normalize)
-    device: torch.device
+    transform: object  # image → uint8 CHW array (training's eval transform, before Normalize)
+    device: torch.device | str  # "cpu" where no torch was needed
     forward: runtime.Forward  # uint8 batch → logits (normalises inside), on the chosen runtime
     temperature: float = 1.0  # the logits are divided by it (fitted on the validation split)
     thresholds: tuple[float, ...] | None = None  # each class's min_confidence=auto threshold
@@ -78,13 +86,53 @@ class Options:
 
 def model_fn(
     model_dir: str | Path,
-    device: torch.device | None = None,
+    device: torch.device | str | None = None,
     *,
     cpu_runtime: str = runtime.AUTO,
+    threads: int | None = None,
 ) -> LoadedModel:
-    """Load the artifact (weights_only), build the network it describes and ready it on the
-    runtime `cpu_runtime` resolves to (see imgclf.serving.runtime; GPUs always run torch)."""
-    art = artifacts.load_artifact(Path(model_dir))  # checked whole before anything is built
+    """Load the artifact and ready its network on the runtime `cpu_runtime` resolves to (see
+    imgclf.serving.runtime; GPUs always run torch). On ONNX Runtime, the artifact's own graph
+    when it is current (no network is built, nothing exported: imgclf.graph); otherwise the
+    weights (weights_only) are built into the network it describes and exported here.
+    `device`: None for the GPU when there is one; "cpu" decides without importing torch.
+    `threads`: the runtime's threads (torch's and ONNX Runtime's; None: torch's default)."""
+    model_dir = Path(model_dir)
+    config, labels = artifacts.read_description(model_dir)  # checked before anything is built
+    pre = Preprocess.from_dict(config["preprocess"])
+    if device is None:
+        import torch
+
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    transform = eval_crop(pre)
+    thresholds = config.get("thresholds")
+    thresholds = tuple(float(t) for t in thresholds) if thresholds is not None else None
+    temperature = float(config.get("temperature", 1.0))
+    chosen = runtime.resolve(
+        cpu_runtime, device, onnxruntime_available=runtime.onnxruntime_installed()
+    )
+    if chosen == runtime.ONNXRUNTIME:
+        forward, why = runtime.prebuilt_forward(model_dir, config, threads=threads or cpu_count())
+        if forward is not None:
+            log.info("serving the artifact's own ONNX graph")
+            return LoadedModel(
+                None, labels, pre, transform, device, forward, temperature, thresholds
+            )
+        log.info("exporting the network to ONNX here: %s", why)
+    return _eager(model_dir, device, cpu_runtime, transform, threads)
+
+
+def _eager(model_dir: Path, device, cpu_runtime: str, transform, threads) -> LoadedModel:
+    """The network built from model.pt, on `device`, on the runtime `cpu_runtime` resolves to
+    (an ONNX graph exported from it, checked against it)."""
+    import torch
+
+    from imgclf import models  # torchvision: only where a network is built
+
+    device = torch.device(device)
+    if threads:
+        torch.set_num_threads(threads)
+    art = artifacts.load_artifact(model_dir)
     arch, pre = art.arch, art.preprocess
     model = models.build_model(arch, len(art.labels))
     try:
@@ -95,16 +143,15 @@ def model_fn(
             f"model artifact {model_dir}: model.pt does not fit {arch} with "
             f"{len(art.labels)} classes ({first})"
         ) from None
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device).eval()
     forward = runtime.build_forward(
         model,
         device,
         choice=cpu_runtime,
         image_size=pre.image_size,
+        threads=threads,
         normalize=(pre.mean, pre.std),
     )
-    transform = eval_transform(pre, normalize=False)
     thresholds = tuple(art.thresholds) if art.thresholds is not None else None
     return LoadedModel(
         model, art.labels, pre, transform, device, forward, art.temperature, thresholds
@@ -333,24 +380,30 @@ def parse_options(
     return Options(min(topk, num_classes), full, fmt, floor)
 
 
-def prepare(images: list[Image.Image], loaded: LoadedModel) -> torch.Tensor:
+def prepare(images: list[Image.Image], loaded: LoadedModel) -> np.ndarray:
     """Images → the model's uint8 input batch [N, 3, size, size] (small: the decoded images
     can be dropped as soon as this returns)."""
-    return torch.stack([loaded.transform(image) for image in images])
+    return np.stack([loaded.transform(image) for image in images])
 
 
-@torch.inference_mode()
-def predict_batch(batch: torch.Tensor, loaded: LoadedModel) -> torch.Tensor:
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax in float32 (what torch.softmax computes, to float32 rounding)."""
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    exp = np.exp(shifted, dtype=np.float32)
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+def predict_batch(batch: np.ndarray, loaded: LoadedModel) -> np.ndarray:
     """Forward passes of at most MAX_IMAGES images (one pass for one request's images; MMS
     batches of several requests stay within the memory one full JSON request takes):
-    softmax probabilities [N, classes], float32 on CPU."""
-    logits = [loaded.forward(part) for part in batch.split(MAX_IMAGES)]
-    joined = logits[0] if len(logits) == 1 else torch.cat(logits)
-    return torch.softmax(joined / loaded.temperature, dim=1)
+    softmax probabilities [N, classes], float32."""
+    logits = [loaded.forward(batch[i : i + MAX_IMAGES]) for i in range(0, len(batch), MAX_IMAGES)]
+    joined = logits[0] if len(logits) == 1 else np.concatenate(logits)
+    return softmax(np.asarray(joined, dtype=np.float32) / np.float32(loaded.temperature))
 
 
-def predict_fn(images: list[Image.Image], loaded: LoadedModel) -> torch.Tensor:
-    """Probabilities [N, classes] of the images, float32 on CPU."""
+def predict_fn(images: list[Image.Image], loaded: LoadedModel) -> np.ndarray:
+    """Probabilities [N, classes] of the images, float32."""
     return predict_batch(prepare(images, loaded), loaded)
 
 
@@ -359,12 +412,12 @@ def check_prediction(loaded: LoadedModel) -> None:
     the model's classes (what `serve` checks before it serves a model, at start or in a swap)."""
     size = loaded.preprocess.resize_size
     probs = predict_fn([Image.new("RGB", (size, size))], loaded)
-    if probs.shape != (1, loaded.num_classes) or not bool(probs.isfinite().all()):
+    if probs.shape != (1, loaded.num_classes) or not bool(np.isfinite(probs).all()):
         raise RuntimeError(f"the model's output is {tuple(probs.shape)} or not finite")
 
 
 def confident(
-    probs: torch.Tensor, options: Options, thresholds: tuple[float, ...] | None
+    probs: np.ndarray, options: Options, thresholds: tuple[float, ...] | None
 ) -> tuple[bool, float]:
     """Whether one image's best class reaches the threshold that applies to it (the request's
     probability, or the class's own with `auto`), and that threshold."""
@@ -376,13 +429,21 @@ def confident(
     return float(probs[best]) >= threshold, threshold
 
 
+def top_k(probs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k largest probabilities of one row, largest first (a tie: the lower index first),
+    and their indices."""
+    indices = np.argsort(-probs, kind="stable")[:k]
+    return probs[indices], indices
+
+
 def prediction(
-    probs: torch.Tensor,
+    probs: np.ndarray,
     labels: list[str],
     options: Options,
     thresholds: tuple[float, ...] | None = None,
 ) -> dict:
-    values, indices = probs.topk(options.topk)
+    probs = np.asarray(probs)
+    values, indices = top_k(probs, options.topk)
     out: dict = {
         "predictions": [
             {"label": labels[i], "index": int(i), "probability": round(float(p), 6)}
@@ -401,10 +462,11 @@ def prediction(
 
 
 def vector(
-    probs: torch.Tensor, options: Options, thresholds: tuple[float, ...] | None = None
+    probs: np.ndarray, options: Options, thresholds: tuple[float, ...] | None = None
 ) -> list[float]:
     """One image's row in label order; with min_confidence, one more entry at index N (one past
     the last label): 1.0 when there is no confident label (so an argmax lands on it), else 0."""
+    probs = np.asarray(probs)
     row = [round(float(p), 6) for p in probs.tolist()]
     if options.min_confidence is not None:
         row.append(0.0 if confident(probs, options, thresholds)[0] else 1.0)
@@ -412,7 +474,7 @@ def vector(
 
 
 def output_fn(
-    probs: torch.Tensor,
+    probs: np.ndarray,
     labels: list[str],
     *,
     accept: str | None,
@@ -425,8 +487,10 @@ def output_fn(
     list of lists (what `np.argmax(np.asarray(json.loads(body)), 1)` reads). With
     `Accept: application/jsonlines`: one line per image instead (its object, or its row).
     With `options.min_confidence`, an image whose best class is below its threshold says so:
-    `"label": null, "confident": false` beside its top-k, or index N of its vector."""
+    `"label": null, "confident": false` beside its top-k, or index N of its vector.
+    `probs`: an array (or a CPU tensor)."""
     check_accept(accept)
+    probs = np.asarray(probs)
     if options.format == "vectors":
         rows: list = [vector(row, options, thresholds) for row in probs]
     else:

@@ -48,8 +48,16 @@ from pathlib import Path
 
 import h11
 
-from imgclf.artifacts import CONFIG_FILE, LABELS_FILE, MODEL_FILE
-from imgclf.contract import MMS_WORKERS_ENV, RESPONSE_FORMAT_ENV, WORKER_LOADED_DIR_ENV
+from imgclf.contract import (
+    GRAPH_FILE,
+    GRAPH_RECORD_FILE,
+    LABELS_FILE,
+    MMS_WORKERS_ENV,
+    MODEL_FILE,
+    RESPONSE_FORMAT_ENV,
+    WORKER_LOADED_DIR_ENV,
+)
+from imgclf.contract import MODEL_CONFIG_FILE as CONFIG_FILE
 from imgclf.processes import cmdline, group_members, process_start
 from imgclf.serving.protocol import MAX_BODY_BYTES, RequestError, error_body, is_error_body
 from imgclf.serving.settings import HANDLER, Settings
@@ -58,8 +66,9 @@ log = logging.getLogger("imgclf.serve")
 
 MODEL_NAME = "model"
 PREDICT_PATH = f"/predictions/{MODEL_NAME}"  # a registered (not start-up) model's path
-# The artifact's own files: all that MMS's model store ever holds.
-ARTIFACT_FILES = (MODEL_FILE, LABELS_FILE, CONFIG_FILE)
+# The artifact's own files: all that MMS's model store ever holds (the ONNX graph and its record
+# when the artifact carries them).
+ARTIFACT_FILES = (MODEL_FILE, LABELS_FILE, CONFIG_FILE, GRAPH_FILE, GRAPH_RECORD_FILE)
 MAX_ARTIFACT_FILE_BYTES = 4 * 1024**3
 # Headroom over the body limit for the framing of a request that is exactly at the limit.
 FRAME_HEADROOM = 64 * 1024

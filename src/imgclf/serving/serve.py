@@ -47,20 +47,45 @@ BACKEND_GRACE_S = 3.0  # MMS's worker parent gone this long: restart MMS
 
 
 def preflight(model_dir: Path, *, cpu_runtime: str = "auto") -> None:
-    """Load the model and predict once on a blank image, in this process, before MMS starts:
-    a broken artifact (or an unknown runtime) fails the endpoint's creation instead of
-    answering 500s. With `auto` the network runs on eager PyTorch here: the ONNX export and
-    its parity probe are made once, by each worker (a failed one falls back to PyTorch there,
-    as it would here), instead of once more in this process (imports and preflight went from
-    11.6 s to 4.8 s for a ResNet-50 on 2 busy CPUs, benchmarks/startup.py). An explicit
-    `onnxruntime` is exported here too, so a model that cannot run on it fails the start with
-    the reason."""
-    from imgclf.serving import inference, runtime
+    """Check the model in this process before MMS starts: a broken artifact (or an unknown
+    runtime) fails the endpoint's creation instead of answering 500s.
+
+    An artifact that carries an ONNX graph recorded for its model_config.json and model.pt
+    (imgclf.graph) is checked here without torch: model_config.json and labels.json, the
+    graph's record, and model.pt's sha256 against it (the weights the graph was made and
+    checked from, so a damaged model.pt is caught here, as on the eager path). Each worker then
+    checks the graph itself (its hash, no external data), loads it, checks it on the recorded
+    probe on this CPU and predicts once; with a graph that fails there it exports its own from
+    model.pt or serves eager PyTorch, as without one; a worker that cannot load the model at
+    all fails the start at once with its reason (ModelServer.start). This is what took a
+    ResNet-50's cold start from 17 s to the figure in benchmarks/README.md (startup.py): no
+    torch import nor load in serve, no torch nor export in the worker.
+
+    Otherwise the network is loaded and predicts once here, as before: on eager PyTorch under
+    `auto` (the worker exports and probes the ONNX graph itself, falling back to PyTorch as it
+    would here), exported under an explicit `onnxruntime`, so a model that cannot run on it
+    fails the start with the reason."""
+    from imgclf import artifacts, graph
+    from imgclf.serving import runtime
 
     # The choice is checked (an unknown one, or onnxruntime not installed) before any load.
-    chosen = runtime.resolve(
-        cpu_runtime, torch_device(), onnxruntime_available=runtime.onnxruntime_installed()
-    )
+    installed = runtime.onnxruntime_installed()
+    runtime.check_choice(cpu_runtime, onnxruntime_available=installed)
+    if cpu_runtime != runtime.TORCH and installed:
+        config, labels = artifacts.read_description(model_dir)
+        problem = graph.graph_record_problem(model_dir, config)
+        if problem is None:
+            log.info(
+                "model at %s: %d classes, an ONNX graph recorded for it (preflight done; each "
+                "worker checks the graph and its parity on this CPU)",
+                model_dir,
+                len(labels),
+            )
+            return
+        log.info("preflight on eager PyTorch (%s)", problem)
+    from imgclf.serving import inference
+
+    chosen = runtime.resolve(cpu_runtime, torch_device(), onnxruntime_available=installed)
     if cpu_runtime == runtime.AUTO and chosen == runtime.ONNXRUNTIME:
         cpu_runtime = runtime.TORCH
     loaded = inference.model_fn(model_dir, cpu_runtime=cpu_runtime)

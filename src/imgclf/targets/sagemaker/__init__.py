@@ -47,6 +47,7 @@ from imgclf.targets.sagemaker.requests import (
     backlog_policy_request,
     encode_hyperparameters,
     endpoint_config_request,
+    gpu_instance,
     instance_workers,
     invocations_policy_request,
     model_request,
@@ -307,6 +308,21 @@ def describe_endpoint(c: Clients, name: str) -> dict | None:
         raise  # unreachable: aws_errors converts
 
 
+def carries_graph(model: str) -> bool:
+    """Whether --model is a local model folder whose ONNX graph is recorded for its
+    model_config.json and model.pt (imgclf.graph; no torch): its endpoint serves the graph."""
+    from imgclf import artifacts, graph
+
+    path = Path(model)
+    if model.startswith("s3://") or not path.is_dir():
+        return False
+    try:
+        config, _ = artifacts.read_description(path)
+    except UserError:
+        return False
+    return graph.graph_record_problem(path, config) is None
+
+
 def model_size(c: Clients, model_s3: str) -> int | None:
     """The model.tar.gz's size in bytes (None where S3 does not say)."""
     from botocore.exceptions import ClientError
@@ -402,7 +418,10 @@ def deploy(
     if previous and previous["desired"]:
         instance_count = max(instance_count, previous["desired"])  # the traffic it takes now
     model_s3 = resolve_model_s3(c, options, model, name)
-    health_s, download_s = startup_timeouts(model_size(c, model_s3))
+    graph_served = not serverless_memory_mb and not gpu_instance(instance_type)
+    health_s, download_s = startup_timeouts(
+        model_size(c, model_s3), graph=graph_served and carries_graph(model)
+    )
     now = datetime.now(UTC)
     # Unique per deploy (two within a second: an update right after a create), within 63.
     suffix = f"{now:%Y%m%d-%H%M%S}-{now.microsecond // 1000:03d}"

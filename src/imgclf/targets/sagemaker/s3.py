@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import logging
 import os
 import shutil
 import sys
@@ -20,6 +21,8 @@ from imgclf.contract import MODEL_FILE, Layout
 from imgclf.errors import UserError
 from imgclf.targets.sagemaker.aws import Clients, aws_errors
 from imgclf.util import plain_dir
+
+log = logging.getLogger("imgclf.sagemaker")
 
 MULTIPART_BYTES = 64 * 1024 * 1024  # upload part size; also how the ETag is computed
 
@@ -107,16 +110,43 @@ def upload_tree(
     return UploadResult(f"s3://{bucket}/{prefix}/", len(todo), len(files) - len(todo), total)
 
 
-def pack_model(model_dir: Path) -> bytes:
-    """model.tar.gz of a local model dir (the layout SageMaker unpacks into /opt/ml/model)."""
+def pack_model(model_dir: Path, *, make_graph: bool = True) -> bytes:
+    """model.tar.gz of a local model dir (the layout SageMaker unpacks into /opt/ml/model).
+    A folder without an ONNX graph recorded for its model.pt (made before graphs were, or by
+    a job whose image lacked `onnx`) gets one in the archive, made here once (imgclf.graph;
+    torch, seconds) rather than by every endpoint at every start; the folder is not changed.
+    Where it cannot be made, the archive goes without it (the endpoint then exports it)."""
     if not (model_dir / MODEL_FILE).is_file():
         raise UserError(f"{model_dir} is not a model dir (no {MODEL_FILE}); pass a job's model/")
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        for path in sorted(model_dir.iterdir()):
-            if path.is_file():
-                tar.add(path, arcname=path.name)
-    return buf.getvalue()
+    with tempfile.TemporaryDirectory(prefix="imgclf-graph-") as extra:
+        made = _graph_for(model_dir, Path(extra)) if make_graph else {}
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+            for path in sorted(model_dir.iterdir()):
+                if path.is_file() and path.name not in made:
+                    tar.add(path, arcname=path.name)
+            for name, path in sorted(made.items()):
+                tar.add(path, arcname=name)
+        return buf.getvalue()
+
+
+def _graph_for(model_dir: Path, extra: Path) -> dict[str, Path]:
+    """{name: file} of a graph and record made into `extra` for `model_dir`, or {} where the
+    folder's own are current (or none can be made: logged)."""
+    from imgclf import artifacts, graph
+    from imgclf.contract import GRAPH_FILE, GRAPH_RECORD_FILE
+
+    try:
+        config, _ = artifacts.read_description(model_dir)
+    except UserError:
+        return {}  # the endpoint's preflight names what is wrong with it
+    if graph.graph_record_problem(model_dir, config) is None:
+        return {}
+    why_not = graph.write_graph(model_dir, into=extra)
+    if why_not is not None:
+        log.warning("model.tar.gz without an ONNX graph (endpoints export it): %s", why_not)
+        return {}
+    return {name: extra / name for name in (GRAPH_FILE, GRAPH_RECORD_FILE)}
 
 
 @contextlib.contextmanager
