@@ -168,6 +168,15 @@ def test_json_lines_of_vectors_are_read_with_the_models_labels(model, home, sour
         assert (row["index"], row["label"]) == (str(best), labels[best])
 
 
+def _ctrl_c_default() -> None:
+    """SIGINT as a terminal delivers it: a test suite started in the background (`cmd &` in a
+    script) ignores SIGINT, and its children would inherit that (Python then installs no
+    KeyboardInterrupt handler)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_stops_the_server_keeps_every_answer_and_the_rerun_sends_the_rest(
     model, source, home, tmp_path
 ):
@@ -178,7 +187,10 @@ def test_ctrl_c_stops_the_server_keeps_every_answer_and_the_rerun_sends_the_rest
 
     from tests.conftest import LAUNCH, ROOT
 
-    out = tmp_path / "out"
+    out, many = tmp_path / "out", tmp_path / "in"
+    for n in range(8):  # enough files that the run is still sending when the signal comes
+        shutil.copytree(source, many / f"copy{n}")
+    source = many
     env = {**os.environ, "IMGCLF_HOME": str(home), "PYTHONUNBUFFERED": "1"}
     args = ["transform", "--model", str(model), "--input", str(source), "--output", str(out)]
     proc = subprocess.Popen(
@@ -188,11 +200,12 @@ def test_ctrl_c_stops_the_server_keeps_every_answer_and_the_rerun_sends_the_rest
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=_ctrl_c_default,
     )
     deadline = time.monotonic() + 300
     while len(list(out.rglob("*.out"))) < 5 and time.monotonic() < deadline:
         assert proc.poll() is None, proc.communicate()
-        time.sleep(0.05)
+        time.sleep(0.01)
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stdout + stderr
@@ -225,6 +238,7 @@ def test_ctrl_c_while_the_server_starts_leaves_nothing_running(model, source, ho
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=_ctrl_c_default,
     )
     record = home / "endpoints" / "tx-startup" / "endpoint.json"
     deadline = time.monotonic() + 120
